@@ -1,0 +1,94 @@
+"""The `wiremesh` command: a thin root group holding the global options."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from clustermesh import ConsulOptions
+from keys import WiremeshError
+
+from .. import __version__
+from .output import Ctx, stderr_console
+
+
+class RootGroup(click.Group):
+    """Prints expected errors as one line plus a hint; tracebacks only with -v."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except WiremeshError as e:
+            _fail(str(e), getattr(e, "hint", None), ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence of a CLI
+            verbose = getattr(ctx.obj, "verbose", 0) if ctx.obj else 0
+            if verbose:
+                traceback.print_exc()
+            _fail(f"unexpected error: {e.__class__.__name__}: {e}", "run with -v for the traceback" if not verbose else None, ctx)
+        return None
+
+
+def _fail(msg: str, hint: str | None, ctx: click.Context) -> None:
+    con = stderr_console()
+    con.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
+    if hint:
+        con.print(f"[dim]hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)
+    ctx.exit(1)
+
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="wiremesh")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug); tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              envvar="WIREMESH_OUTPUT", help="Data format on stdout.")
+@click.option("--consul", "consul_addr", envvar=["WIREMESH_CONSUL_HTTP_ADDR", "CONSUL_HTTP_ADDR"],
+              default="http://127.0.0.1:8500", show_default=True, metavar="URL",
+              help="Consul HTTP address [env: WIREMESH_CONSUL_HTTP_ADDR, CONSUL_HTTP_ADDR].")
+@click.option("--token", envvar="CONSUL_HTTP_TOKEN", default=None, metavar="TOKEN",
+              help="Consul ACL token [env: CONSUL_HTTP_TOKEN].")
+@click.option("--ca-file", envvar="CONSUL_CACERT", default=None, type=click.Path(dir_okay=False),
+              help="CA bundle for Consul over HTTPS [env: CONSUL_CACERT].")
+@click.option("--datacenter", envvar="CONSUL_DATACENTER", default=None, help="Consul datacenter to talk to.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr: str, token: str | None,
+        ca_file: str | None, datacenter: str | None) -> None:
+    """wiremesh: an encrypted WireGuard mesh for Linux hosts, coordinated through Consul.
+
+    \b
+    Common tasks:
+      wiremesh lab up --nodes 3          a whole mesh on this machine, in namespaces
+      wiremesh cluster init NAME ...     create a cluster's config in Consul
+      wiremesh agent --config FILE       run the node agent
+      wiremesh status                    nodes, endpoints, keys and (on a node) tunnels
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "pyroute2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.obj = Ctx(verbose=verbose, output=output,
+                  consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter))
+
+
+def _register() -> None:
+    from lab.cli import lab
+
+    from .agent_cmd import agent
+    from .cluster import cluster
+    from .keys_cmd import keys
+    from .status import status
+
+    for cmd in (agent, cluster, keys, status, lab):
+        cli.add_command(cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="wiremesh")

@@ -1,0 +1,89 @@
+"""`wiremesh status`: the cluster's nodes as Consul has them, and, on a node, its tunnels."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clustermesh import ConsulStore, layout, parse_cluster
+from keys import PublicKey, WiremeshError
+from tunnels import DeviceState, open_device
+
+from ..config import load_config
+from .output import Ctx, emit, info
+
+
+def _ago(ts: float, now: float) -> str:
+    if not ts:
+        return "never"
+    s = int(now - ts)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago"
+
+
+def _local_device(interface: str) -> DeviceState | None:
+    try:
+        dev = open_device(interface, "auto")
+        return dev.show() if dev.exists() else None
+    except WiremeshError:
+        return None
+
+
+@click.command()
+@click.option("--cluster", "cluster_name", default=None, help="Only this cluster (default: every cluster in Consul).")
+@click.option("-i", "--interface", default="wm0", show_default=True, help="Local WireGuard device to report on.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="WIREMESH_AGENT_CONFIG", help="Take cluster, interface and Consul from this agent.toml.")
+@click.pass_obj
+def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path | None) -> None:
+    """Nodes, endpoints, key fingerprints and liveness; on a node also each peer's handshake and rx/tx."""
+    consul = ctx.consul
+    if config_path:
+        cfg = load_config(config_path)
+        cluster_name, interface, consul = cfg.cluster, cfg.interface, cfg.consul
+    store = ConsulStore(consul)
+    _, items = store.list(f"{layout.ROOT}/clusters/")
+    clusters = sorted({k.split("/")[3] for k in items if k.count("/") >= 4})
+    if cluster_name:
+        clusters = [c for c in clusters if c == cluster_name]
+        if not clusters:
+            raise WiremeshError(f"cluster {cluster_name!r}: nothing in Consul under {layout.cluster_prefix(cluster_name)}")
+    device = _local_device(interface)
+    peers = device.peers if device else {}
+    now = time.time()
+    out: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
+    for c in clusters:
+        pfx = layout.cluster_prefix(c)
+        snap = parse_cluster(c, 0, {k: v for k, v in items.items() if k.startswith(pfx)})
+        for r in snap.rejected:
+            info(f"warning: skipped invalid record {r.key}: {r.reason}")
+        for name, rec in sorted(snap.nodes.items()):
+            item = items[layout.node_key(c, name)]
+            local = device is not None and device.public_key == rec.public_key
+            p = peers.get(rec.public_key)
+            d: dict[str, Any] = {
+                "cluster": c, "node": name, "endpoint": rec.endpoint, "pod_cidr": rec.pod_cidr,
+                "overlay_ip": rec.overlay_ip, "public_key": rec.public_key,
+                "fingerprint": PublicKey.from_base64(rec.public_key).fingerprint,
+                "alive": bool(item.session), "local": local, "agent_version": rec.agent_version,
+            }
+            if p is not None:
+                d.update(latest_handshake=p.latest_handshake, rx_bytes=p.rx_bytes, tx_bytes=p.tx_bytes,
+                         peer_endpoint=p.endpoint)
+            out.append(d)
+            tunnel = "self" if local else (
+                f"hs {_ago(p.latest_handshake, now)}, rx {p.rx_bytes} tx {p.tx_bytes}" if p else ("-" if device is None else "no peer"))
+            rows.append([c, name, rec.endpoint, rec.overlay_ip, d["fingerprint"], "alive" if d["alive"] else "stale", tunnel])
+    if device is not None:
+        known = {d["public_key"] for d in out}
+        for key, p in sorted(peers.items()):
+            if key not in known:
+                out.append({"node": None, "public_key": key, "peer_endpoint": p.endpoint, "orphan": True,
+                            "latest_handshake": p.latest_handshake, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes})
+                rows.append(["?", "(no record)", p.endpoint or "-", ",".join(sorted(p.allowed_ips)),
+                             PublicKey.from_base64(key).fingerprint, "orphan", f"hs {_ago(p.latest_handshake, now)}"])
+    emit(ctx, {"nodes": out, "device": device.name if device else None},
+         ["cluster", "node", "endpoint", "overlay", "key", "liveness", "tunnel"], rows)

@@ -1,0 +1,183 @@
+"""agent.toml: what one node's agent needs to know, strictly validated.
+
+Example::
+
+    node = "node1"
+    cluster = "lab"
+    underlay_address = "192.0.2.11"     # the address peers send WireGuard UDP to
+    listen_port = 51820                 # default: the cluster's wg_port
+    interface = "wm0"
+    key_file = "/var/lib/wiremesh/private.key"
+    backend = "auto"                    # auto | kernel | userspace
+    state_dir = "/var/lib/wiremesh"
+    health_address = "127.0.0.1:9477"   # /healthz and /metrics; "" turns it off
+    session_ttl = 10                    # seconds; Consul allows 10-86400
+    persistent_keepalive = 0
+
+    [consul]
+    address = "http://127.0.0.1:8500"
+    token_file = ""                     # or token = "..."
+    ca_file = ""
+    datacenter = ""
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clustermesh import ConsulOptions, InvalidRecord, check_cluster_name, check_node_name
+from tunnels import BACKENDS
+
+from .errors import ConfigError
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node: str
+    cluster: str
+    underlay_address: str
+    listen_port: int | None = None
+    interface: str = "wm0"
+    key_file: Path = Path("/var/lib/wiremesh/private.key")
+    backend: str = "auto"
+    state_dir: Path = Path("/var/lib/wiremesh")
+    health_address: str = "127.0.0.1:9477"
+    session_ttl: int = 10
+    persistent_keepalive: int = 0
+    resync_interval: float = 30.0
+    consul: ConsulOptions = field(default_factory=ConsulOptions)
+
+    @property
+    def health_bind(self) -> tuple[str, int] | None:
+        if not self.health_address:
+            return None
+        host, _, port = self.health_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+_TOP = {
+    "node", "cluster", "underlay_address", "listen_port", "interface", "key_file", "backend",
+    "state_dir", "health_address", "session_ttl", "persistent_keepalive", "resync_interval", "consul",
+}
+_CONSUL = {"address", "token", "token_file", "ca_file", "datacenter"}
+
+
+def _typed(src: str, d: dict[str, Any], name: str, typ: type, prefix: str = "") -> Any:
+    v = d[name]
+    ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        ok, v = True, float(v)
+    if not ok:
+        raise ConfigError(src, prefix + name, f"must be {typ.__name__}, not {type(v).__name__}")
+    return v
+
+
+def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
+    """Validate a parsed TOML document (pure; no file or network access)."""
+    for name in sorted(set(data) - _TOP):
+        raise ConfigError(src, name, "unknown field")
+    for name in ("node", "cluster", "underlay_address"):
+        if name not in data:
+            raise ConfigError(src, name, "is required")
+    kw: dict[str, Any] = {}
+    types: dict[str, type] = {
+        "node": str, "cluster": str, "underlay_address": str, "listen_port": int, "interface": str,
+        "key_file": str, "backend": str, "state_dir": str, "health_address": str, "session_ttl": int,
+        "persistent_keepalive": int, "resync_interval": float,
+    }
+    for name, typ in types.items():
+        if name in data:
+            kw[name] = _typed(src, data, name, typ)
+    try:
+        check_node_name(kw["node"], "node")
+        check_cluster_name(kw["cluster"], "cluster")
+    except InvalidRecord as e:
+        raise ConfigError(src, e.field, e.reason) from None
+    try:
+        ip = ipaddress.ip_address(kw["underlay_address"])
+    except ValueError:
+        raise ConfigError(src, "underlay_address", f"{kw['underlay_address']!r} is not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigError(src, "underlay_address", f"{ip} cannot receive WireGuard traffic")
+    kw["underlay_address"] = str(ip)
+    if "listen_port" in kw and not 1 <= kw["listen_port"] <= 65535:
+        raise ConfigError(src, "listen_port", f"{kw['listen_port']} is outside 1-65535")
+    if "interface" in kw and not _IFNAME.match(kw["interface"]):
+        raise ConfigError(src, "interface", f"{kw['interface']!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    if "backend" in kw and kw["backend"] not in BACKENDS:
+        raise ConfigError(src, "backend", f"{kw['backend']!r} is not one of {', '.join(BACKENDS)}")
+    for name in ("key_file", "state_dir"):
+        if name in kw:
+            if not kw[name]:
+                raise ConfigError(src, name, "must not be empty")
+            kw[name] = Path(kw[name])
+    if "health_address" in kw and kw["health_address"]:
+        host, sep, port = kw["health_address"].rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            ok = sep and port.isdigit() and 0 <= int(port) <= 65535
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(src, "health_address", f"{kw['health_address']!r} is not IP:port")
+    if "session_ttl" in kw and not 10 <= kw["session_ttl"] <= 86400:
+        raise ConfigError(src, "session_ttl", f"{kw['session_ttl']} is outside 10-86400 (Consul's range)")
+    if "persistent_keepalive" in kw and not 0 <= kw["persistent_keepalive"] <= 65535:
+        raise ConfigError(src, "persistent_keepalive", f"{kw['persistent_keepalive']} is outside 0-65535")
+    if "resync_interval" in kw and not 1 <= kw["resync_interval"] <= 3600:
+        raise ConfigError(src, "resync_interval", f"{kw['resync_interval']} is outside 1-3600")
+    kw["consul"] = _parse_consul(data.get("consul", {}), src)
+    return AgentConfig(**kw)
+
+
+def _parse_consul(d: Any, src: str) -> ConsulOptions:
+    if not isinstance(d, dict):
+        raise ConfigError(src, "consul", "must be a table")
+    for name in sorted(set(d) - _CONSUL):
+        raise ConfigError(src, f"consul.{name}", "unknown field")
+    for name in d:
+        _typed(src, d, name, str, "consul.")
+    env = os.environ
+    address = d.get("address") or env.get("WIREMESH_CONSUL_HTTP_ADDR") or env.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500"
+    token = d.get("token") or None
+    if d.get("token") and d.get("token_file"):
+        raise ConfigError(src, "consul.token_file", "set token or token_file, not both")
+    if d.get("token_file"):
+        try:
+            token = Path(d["token_file"]).read_text().strip()
+        except OSError as e:
+            raise ConfigError(src, "consul.token_file", f"cannot read {d['token_file']}: {e.strerror}") from None
+    token = token or env.get("CONSUL_HTTP_TOKEN") or None
+    ca = d.get("ca_file") or env.get("CONSUL_CACERT") or None
+    if ca and not Path(ca).is_file():
+        raise ConfigError(src, "consul.ca_file", f"{ca} is not a file")
+    opts = ConsulOptions(address=address, token=token, ca_file=ca, datacenter=d.get("datacenter") or None)
+    try:
+        opts.parsed()
+    except Exception as e:
+        raise ConfigError(src, "consul.address", str(e).split(": ", 1)[-1]) from None
+    return opts
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate agent.toml; any problem is one ConfigError naming the field."""
+    src = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(src, "file", e.strerror or str(e)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(src, "file", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(src, "syntax", str(e)) from None
+    return parse_config(data, src)

@@ -1,0 +1,374 @@
+"""The node agent: publish this node, watch the cluster, keep the dataplane in the desired state.
+
+Threads:
+- registration: keeps a Consul session (TTL, behavior=delete) alive and the node record
+  published under it; re-creates both when Consul lost them.
+- watch: blocking queries on the cluster's prefix; each answer becomes a validated snapshot.
+- reconcile: plans the desired state from the latest snapshot and applies the diff; also a
+  periodic full pass that repairs drift nobody announced.
+
+Nothing here removes a peer or route before the first full snapshot has arrived, and a Consul
+outage only stops updates: the last good state stays programmed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from clustermesh import (
+    ClusterConfig,
+    ClusterSnapshot,
+    ConsulError,
+    ConsulStore,
+    ConsulUnavailable,
+    NodeRecord,
+    SessionExpired,
+    layout,
+    lease_pod_cidr,
+    load_cluster_config,
+    overlay_address,
+    parse_cluster,
+)
+from keys import PrivateKey, WiremeshError, load_or_generate
+from tunnels import TunnelError, ensure_address, ensure_link_up, mtu_of_address, open_device
+
+from . import __version__
+from .config import AgentConfig
+from .errors import AgentError
+from .metrics import AgentMetrics, serve
+from .planner import DesiredState, plan
+from .reconciler import Reconciler
+
+log = logging.getLogger("wiremesh.agent")
+
+WATCH_WAIT_S = 30
+BACKOFF_MAX_S = 5.0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, store: ConsulStore | None = None) -> None:
+        self.cfg = cfg
+        self.store = store or ConsulStore(cfg.consul)
+        self.metrics = AgentMetrics()
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._republish = threading.Event()
+        self._lock = threading.Lock()
+        self._snapshot: ClusterSnapshot | None = None
+        self._first_sync = False
+        self._consul_ok = False
+        self._logged_rejects: dict[str, str] = {}
+        self._peers = (0, 0)  # desired, programmed: as of the last reconcile
+        self.session_id: str | None = None
+        self.key: PrivateKey | None = None
+        self.config: ClusterConfig | None = None
+        self.pod_cidr: str | None = None
+        self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
+        self.reconciler = Reconciler(self.device)
+        self._http = None
+        self._threads: list[threading.Thread] = []
+
+    # --- start-up -------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.cfg.state_dir / "state.json"
+
+    @property
+    def session_name(self) -> str:
+        return f"wiremesh-agent {self.cfg.cluster}/{self.cfg.node}"
+
+    @property
+    def listen_port(self) -> int:
+        assert self.config is not None
+        return self.cfg.listen_port or self.config.wg_port
+
+    def _load_cached(self) -> bool:
+        try:
+            d = json.loads(self.state_file.read_text())
+            if d.get("cluster") != self.cfg.cluster or d.get("node") != self.cfg.node:
+                return False
+            self.config = ClusterConfig.from_json(json.dumps(d["config"]))
+            self.pod_cidr = str(d["pod_cidr"])
+            return True
+        except (OSError, ValueError, KeyError, TypeError, WiremeshError):
+            return False
+
+    def _save_cached(self) -> None:
+        assert self.config is not None
+        d = {"cluster": self.cfg.cluster, "node": self.cfg.node, "pod_cidr": self.pod_cidr,
+             "config": json.loads(self.config.to_json())}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1) + "\n")
+        os.replace(tmp, self.state_file)
+
+    def _bootstrap_from_consul(self) -> None:
+        """Cluster config and pod-CIDR lease. Waits for Consul unless a cached copy lets us go on."""
+        delay = 0.2
+        cached = self._load_cached()
+        while not self.stop_event.is_set():
+            try:
+                self.config = load_cluster_config(self.store, self.cfg.cluster)
+                self.pod_cidr = lease_pod_cidr(self.store, self.config, self.cfg.node)
+                self._save_cached()
+                return
+            except ConsulUnavailable as e:
+                if cached:
+                    log.warning("Consul unreachable (%s); starting from the cached lease %s", e, self.pod_cidr)
+                    return
+                log.warning("waiting for Consul: %s (retry in %.1fs)", e, delay)
+            self.stop_event.wait(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
+        raise AgentError("stopped before Consul answered")
+
+    def _record(self) -> NodeRecord:
+        assert self.key and self.pod_cidr
+        host = self.cfg.underlay_address
+        endpoint = f"[{host}]:{self.listen_port}" if ":" in host else f"{host}:{self.listen_port}"
+        return NodeRecord(
+            name=self.cfg.node, cluster=self.cfg.cluster, endpoint=endpoint,
+            public_key=self.key.public_key().base64, pod_cidr=self.pod_cidr,
+            overlay_ip=overlay_address(self.pod_cidr),
+            key_epoch=0, agent_version=__version__,
+        )
+
+    def setup(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key, generated = load_or_generate(self.cfg.key_file)
+        log.info("%s key %s (public %s)", "generated" if generated else "loaded",
+                 self.cfg.key_file, self.key.public_key().fingerprint)
+        self._bootstrap_from_consul()
+        assert self.config
+        existed = self.device.exists()
+        self.device.create()
+        changed = self.device.configure(self.key, self.listen_port)
+        desired = plan(self.cfg.node, self.key.public_key().base64, self.config, {},
+                       local_pod_cidr=self.pod_cidr, underlay_mtu=mtu_of_address(self.cfg.underlay_address))
+        assert desired.address
+        ensure_address(self.cfg.interface, desired.address)
+        ensure_link_up(self.cfg.interface, desired.mtu)
+        log.info("device %s (%s backend) %s%s, overlay %s, listen port %d", self.cfg.interface, self.device.backend,
+                 "kept" if existed else "created", ", identity set" if changed else "", desired.address, self.listen_port)
+
+    # --- registration ---------------------------------------------------------------------
+    def _ensure_session(self) -> str:
+        if self.session_id:
+            return self.session_id
+        key = layout.node_key(self.cfg.cluster, self.cfg.node)
+        item = self.store.get(key)
+        if item and item.session:
+            info = self.store.session_info(item.session)
+            if info and info.get("Name") == self.session_name:
+                # Our previous run (killed, or restarted quickly) still holds the record: adopt its
+                # session, so the record never disappears and no peer drops this node's tunnel.
+                self.store.session_renew(item.session)
+                self.session_id = item.session
+                log.info("adopted session %s of a previous run", item.session[:8])
+                return item.session
+        self.session_id = self.store.session_create(self.session_name, self.cfg.session_ttl, behavior="delete")
+        log.info("created session %s (ttl %ds)", self.session_id[:8], self.cfg.session_ttl)
+        return self.session_id
+
+    def _publish(self) -> None:
+        session = self._ensure_session()
+        rec = self._record()
+        key = layout.node_key(self.cfg.cluster, self.cfg.node)
+        if not self.store.put(key, rec.to_json(), acquire=session):
+            item = self.store.get(key)
+            holder = item.session[:8] if item and item.session else "?"
+            raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")
+        self.metrics.registrations_total.inc()
+        log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
+
+    def _registration_loop(self) -> None:
+        delay = 0.2
+        published = False
+        interval = max(1.0, self.cfg.session_ttl / 3)
+        while not self.stop_event.is_set():
+            try:
+                if not published or self._republish.is_set():
+                    self._republish.clear()
+                    self._publish()
+                    published = True
+                else:
+                    assert self.session_id
+                    self.store.session_renew(self.session_id)
+                    self.metrics.session_renewals_total.inc()
+                delay = 0.2
+                self._republish.wait(interval)
+                continue
+            except SessionExpired:
+                log.warning("session %s expired; registering again", (self.session_id or "?")[:8])
+                self.session_id, published = None, False
+                delay = 0.0
+            except (ConsulError, AgentError) as e:
+                log.warning("registration: %s (retry in %.1fs)", e, delay)
+                published = False if not isinstance(e, ConsulUnavailable) else published
+                self.metrics.sync_errors_total.labels("register").inc()
+            if self.stop_event.wait(delay):
+                return
+            delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
+
+    # --- watch ----------------------------------------------------------------------------
+    def _watch_loop(self) -> None:
+        delay = 0.2
+        prefix = layout.cluster_prefix(self.cfg.cluster)
+        while not self.stop_event.is_set():
+            try:
+                for index, items in self.store.watch(prefix, self.stop_event, wait_s=WATCH_WAIT_S):
+                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config)
+                    self._take_snapshot(snap)
+                    delay = 0.2
+            except ConsulError as e:
+                if self._consul_ok:
+                    log.warning("lost Consul (%s): keeping the dataplane as it is", e)
+                self._consul_ok = False
+                self.metrics.consul_up.set(0)
+                self.metrics.sync_errors_total.labels("watch").inc()
+                self.stop_event.wait(delay)
+                delay = min(BACKOFF_MAX_S, delay * 2)
+
+    def _take_snapshot(self, snap: ClusterSnapshot) -> None:
+        if not self._consul_ok:
+            log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
+        self._consul_ok = True
+        self.metrics.consul_up.set(1)
+        rejected = {r.key: r.reason for r in snap.rejected}
+        for key, reason in rejected.items():
+            if self._logged_rejects.get(key) != reason:
+                log.warning("skipping invalid record %s: %s", key, reason)
+                self.metrics.invalid_records_total.labels(reason.split(":", 1)[0]).inc()
+        self._logged_rejects = rejected
+        self.metrics.invalid_records.set(len(rejected))
+        if snap.config is not None and snap.config != self.config:
+            if self.config is not None:
+                log.info("cluster config changed")
+            self.config = snap.config
+        mine = snap.nodes.get(self.cfg.node)
+        if self.session_id and (mine is None or mine.public_key != self.key.public_key().base64):  # type: ignore[union-attr]
+            self._republish.set()
+        with self._lock:
+            self._snapshot = snap
+            self._first_sync = True
+        self.metrics.synced()
+        self._wake.set()
+
+    # --- reconcile ------------------------------------------------------------------------
+    def desired(self) -> DesiredState | None:
+        with self._lock:
+            snap = self._snapshot
+        if snap is None or self.config is None or self.key is None:
+            return None
+        return plan(self.cfg.node, self.key.public_key().base64, self.config, snap.nodes,
+                    local_pod_cidr=self.pod_cidr, persistent_keepalive=self.cfg.persistent_keepalive)
+
+    def reconcile_once(self) -> None:
+        desired = self.desired()
+        if desired is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            res = self.reconciler.reconcile(desired, prune=self._first_sync)
+        except TunnelError as e:
+            self.metrics.sync_errors_total.labels("dataplane").inc()
+            log.warning("reconcile failed: %s", e)
+            return
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+        self._peers = (len(desired.peers), res.programmed)
+        self.metrics.peers_desired.set(len(desired.peers))
+        self.metrics.peers_programmed.set(res.programmed)
+        for op, n in (("add", res.added), ("update", res.updated), ("remove", res.removed)):
+            if n:
+                self.metrics.peer_changes_total.labels(op).inc(n)
+        if res.added or res.updated or res.removed or res.routes_added or res.routes_removed:
+            log.info("reconciled: +%d ~%d -%d peers, +%d -%d routes (%d/%d programmed)", res.added, res.updated,
+                     res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers))
+        if res.errors:
+            self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
+
+    def _reconcile_loop(self) -> None:
+        next_full = time.monotonic() + self.cfg.resync_interval
+        while not self.stop_event.is_set():
+            retry = self.reconciler.next_retry()
+            timeout = min(next_full, retry if retry else next_full) - time.monotonic()
+            self._wake.wait(max(0.0, timeout))
+            self._wake.clear()
+            if self.stop_event.is_set():
+                return
+            self.reconcile_once()
+            if time.monotonic() >= next_full:
+                next_full = time.monotonic() + self.cfg.resync_interval
+
+    # --- health ---------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        device_ok = False
+        try:
+            device_ok = self.device.exists()
+        except WiremeshError:
+            pass
+        detail = {
+            "node": self.cfg.node, "cluster": self.cfg.cluster, "device": device_ok,
+            "first_sync": self._first_sync, "consul": self._consul_ok,
+            "registered": self.session_id is not None,
+            "peers_desired": self._peers[0],
+            "peers_programmed": self._peers[1],
+        }
+        ok = device_ok and self._first_sync
+        detail["status"] = "ok" if ok and self._consul_ok else ("degraded" if ok else "starting")
+        return ok, detail
+
+    def peer_report(self) -> list[dict[str, Any]]:
+        desired = self.desired()
+        names = desired.peer_names if desired else {}
+        return [
+            {"node": names.get(key, ""), "public_key": key, "state": st.state, "message": st.message,
+             "programmed_at": st.done_at}
+            for key, st in sorted(self.reconciler.status.items(), key=lambda kv: names.get(kv[0], kv[0]))
+        ]
+
+    # --- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.setup()
+        if self.cfg.health_bind:
+            self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
+        for name, fn in (("register", self._registration_loop), ("watch", self._watch_loop),
+                         ("reconcile", self._reconcile_loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def shutdown(self, remove_record: bool = True) -> None:
+        """Stop the loops; with `remove_record`, end the session so the record goes at once."""
+        self.stop_event.set()
+        self._wake.set()
+        self._republish.set()
+        if remove_record and self.session_id:
+            try:
+                self.store.session_destroy(self.session_id)  # behavior=delete removes the record
+                log.info("removed the node record (session %s destroyed)", self.session_id[:8])
+            except ConsulError as e:
+                log.warning("could not remove the node record (%s); it expires with the session TTL", e)
+        if self._http:
+            self._http.shutdown()
+        for t in self._threads:
+            if t.name != "watch":  # the watch may sit in a blocking query; it is a daemon thread
+                t.join(timeout=2)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT. SIGHUP forces a full reconcile pass."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._wake.set())
+        self.start()
+        while not self.stop_event.wait(1.0):
+            pass
+        log.info("stopping")
+        self.shutdown(remove_record=True)
+        return 0

@@ -1,0 +1,94 @@
+"""The agent's Prometheus metrics and its /healthz + /metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.peers_desired = Gauge("wiremesh_peers_desired", "Peers the agent wants on its device", registry=r)
+        self.peers_programmed = Gauge("wiremesh_peers_programmed", "Desired peers programmed on the device", registry=r)
+        self.invalid_records = Gauge("wiremesh_records_invalid", "Records skipped as invalid in the last snapshot", registry=r)
+        self.invalid_records_total = Counter(
+            "wiremesh_invalid_records_total", "Invalid records seen (each key and reason once)", ["reason"], registry=r
+        )
+        self.sync_errors_total = Counter(
+            "wiremesh_sync_errors_total", "Failed syncs, by where they failed", ["stage"], registry=r
+        )
+        self.consul_up = Gauge("wiremesh_consul_up", "1 while the watch of Consul works", registry=r)
+        self.last_sync = Gauge("wiremesh_last_sync_timestamp_seconds", "Unix time of the last good snapshot", registry=r)
+        self.last_sync_age = Gauge("wiremesh_last_sync_age_seconds", "Seconds since the last good snapshot", registry=r)
+        self.reconcile_seconds = Histogram(
+            "wiremesh_reconcile_duration_seconds", "Time of one reconcile pass", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.peer_changes_total = Counter(
+            "wiremesh_peer_changes_total", "Peer changes applied", ["op"], registry=r
+        )
+        self.session_renewals_total = Counter("wiremesh_session_renewals_total", "Consul session renewals", registry=r)
+        self.registrations_total = Counter(
+            "wiremesh_registrations_total", "Times the node record was (re)published", registry=r
+        )
+        self._last_sync_mono: float | None = None
+        self.last_sync_age.set_function(self._age)
+
+    def _age(self) -> float:
+        return -1.0 if self._last_sync_mono is None else time.monotonic() - self._last_sync_mono
+
+    def synced(self) -> None:
+        self._last_sync_mono = time.monotonic()
+        self.last_sync.set(time.time())
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve(
+    address: tuple[str, int],
+    metrics: AgentMetrics,
+    health: Callable[[], tuple[bool, dict[str, Any]]],
+    peers: Callable[[], list[dict[str, Any]]],
+) -> ThreadingHTTPServer:
+    """Start the HTTP endpoint in a daemon thread and return the server (call .shutdown()).
+
+    /healthz: 200 once the device is up and the first snapshot is programmed, else 503.
+    /metrics: Prometheus text. /peers: each desired peer's programming status, as JSON.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path == "/metrics":
+                body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200
+            elif self.path in ("/healthz", "/health"):
+                ok, detail = health()
+                body, ctype, code = json.dumps(detail).encode() + b"\n", "application/json", 200 if ok else 503
+            elif self.path == "/peers":
+                body, ctype, code = json.dumps(peers()).encode() + b"\n", "application/json", 200
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
+            pass
+
+    server = ThreadingHTTPServer(address, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("health and metrics on http://%s:%d/", *server.server_address[:2])
+    return server

@@ -1,0 +1,50 @@
+"""The shared state: record schemas, the Consul store, IPAM and cluster snapshots."""
+
+from . import layout
+from .clusters import init_cluster, load_cluster_config
+from .errors import (
+    CASConflict,
+    ClusterMeshError,
+    ClusterNotFound,
+    ConsulError,
+    ConsulUnavailable,
+    InvalidRecord,
+    IPAMExhausted,
+    SessionExpired,
+)
+from .ipam import lease_pod_cidr, leases, release_pod_cidr
+from .records import MAX_RECORD_BYTES, ROUTING_MODES, ClusterConfig, NodeRecord, check_cluster_name, overlay_address, check_node_name, parse_endpoint
+from .snapshot import ClusterSnapshot, Rejected, parse_cluster
+from .store import DEFAULT_ADDR, ConsulOptions, ConsulStore, KVItem
+
+__all__ = [
+    "CASConflict",
+    "ClusterConfig",
+    "ClusterMeshError",
+    "ClusterNotFound",
+    "ClusterSnapshot",
+    "ConsulError",
+    "ConsulOptions",
+    "ConsulStore",
+    "ConsulUnavailable",
+    "DEFAULT_ADDR",
+    "IPAMExhausted",
+    "InvalidRecord",
+    "KVItem",
+    "MAX_RECORD_BYTES",
+    "NodeRecord",
+    "ROUTING_MODES",
+    "Rejected",
+    "SessionExpired",
+    "check_cluster_name",
+    "check_node_name",
+    "init_cluster",
+    "layout",
+    "lease_pod_cidr",
+    "leases",
+    "load_cluster_config",
+    "overlay_address",
+    "parse_cluster",
+    "parse_endpoint",
+    "release_pod_cidr",
+]

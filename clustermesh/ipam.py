@@ -1,0 +1,60 @@
+"""Pod-CIDR leases: each node gets one `node_prefix_len` block of the cluster's pod CIDR.
+
+A lease is a KV key per CIDR whose value is the node's name, created with check-and-set
+index 0 ("only if absent"), so two nodes can never hold the same CIDR however they race.
+Leases are not tied to a session: a node that restarts, or is away for a while, finds its
+lease again and gets the same CIDR back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+
+from . import layout
+from .errors import IPAMExhausted
+from .records import ClusterConfig
+from .store import ConsulStore
+
+log = logging.getLogger(__name__)
+
+
+def _subnets(config: ClusterConfig) -> Iterator[str]:
+    for net in config.pod_network.subnets(new_prefix=config.node_prefix_len):
+        yield str(net)
+
+
+def leases(store: ConsulStore, cluster: str) -> dict[str, str]:
+    """CIDR -> node name, as stored."""
+    _, items = store.list(layout.ipam_prefix(cluster))
+    return {layout.ipam_cidr(k): item.value.decode(errors="replace") for k, item in items.items()}
+
+
+def lease_pod_cidr(store: ConsulStore, config: ClusterConfig, node: str, max_attempts: int = 64) -> str:
+    """Return `node`'s pod CIDR, leasing the lowest free one if it has none yet."""
+    for _ in range(max_attempts):
+        held = leases(store, config.name)
+        for cidr, owner in sorted(held.items(), key=lambda kv: ipaddress.ip_network(kv[0])):
+            if owner == node and ipaddress.ip_network(cidr).subnet_of(config.pod_network):  # type: ignore[arg-type]
+                return cidr
+        free = next((c for c in _subnets(config) if c not in held), None)
+        if free is None:
+            raise IPAMExhausted(
+                f"cluster {config.name}: every /{config.node_prefix_len} of {config.pod_cidr} is leased"
+            )
+        if store.put(layout.ipam_key(config.name, free), node, cas=0):
+            log.info("leased pod CIDR %s for node %s", free, node)
+            return free
+        # Another node won this CIDR between our read and our write: read again.
+    raise IPAMExhausted(f"cluster {config.name}: gave up leasing a pod CIDR after {max_attempts} races")
+
+
+def release_pod_cidr(store: ConsulStore, cluster: str, node: str) -> list[str]:
+    """Give back every CIDR leased to `node` (used when a node is removed for good)."""
+    released = []
+    _, items = store.list(layout.ipam_prefix(cluster))
+    for key, item in items.items():
+        if item.value.decode(errors="replace") == node and store.delete(key, cas=item.modify_index):
+            released.append(layout.ipam_cidr(key))
+    return released

@@ -1,0 +1,34 @@
+"""The Consul KV layout (v1); the only place that spells key paths."""
+
+from __future__ import annotations
+
+ROOT = "wiremesh/v1"
+
+
+def cluster_prefix(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/"
+
+
+def config_key(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/config"
+
+
+def nodes_prefix(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/nodes/"
+
+
+def node_key(cluster: str, node: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/nodes/{node}"
+
+
+def ipam_prefix(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/ipam/"
+
+
+def ipam_key(cluster: str, cidr: str) -> str:
+    # A CIDR's "/" would make a sub-folder; Consul keys keep it readable with "_".
+    return f"{ROOT}/clusters/{cluster}/ipam/{cidr.replace('/', '_')}"
+
+
+def ipam_cidr(key: str) -> str:
+    return key.rsplit("/", 1)[1].replace("_", "/")

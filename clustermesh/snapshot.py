@@ -1,0 +1,105 @@
+"""Turn one raw snapshot of a cluster's keys into validated records (pure).
+
+A record that fails any check is skipped with its key and reason; the rest stand. The
+checks that need more than one record live here: a node's pod CIDR must be leased to that
+node in IPAM, and a public key may belong to one node only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import layout
+from .errors import InvalidRecord
+from .records import ClusterConfig, NodeRecord, check_node_name
+from .store import KVItem
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    cluster: str
+    index: int
+    config: ClusterConfig | None
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    leases: dict[str, str] = field(default_factory=dict)
+    rejected: tuple[Rejected, ...] = ()
+
+
+def parse_cluster(
+    cluster: str,
+    index: int,
+    items: Mapping[str, KVItem],
+    last_config: ClusterConfig | None = None,
+) -> ClusterSnapshot:
+    """Validate every key under the cluster's prefix.
+
+    A config that fails validation is reported and `last_config` (the last good one) is used
+    instead, so a bad write never changes what the agent programs.
+    """
+    rejected: list[Rejected] = []
+    config = last_config
+    ckey = layout.config_key(cluster)
+    if ckey in items:
+        try:
+            config = ClusterConfig.from_json(items[ckey].value, ckey)
+            if config.name != cluster:
+                raise InvalidRecord("name", f"{config.name!r} does not match the key's cluster {cluster!r}", ckey)
+        except InvalidRecord as e:
+            rejected.append(Rejected(ckey, str(e).removeprefix(f"{ckey}: ")))
+            config = last_config
+
+    leases: dict[str, str] = {}
+    ipfx = layout.ipam_prefix(cluster)
+    for key, item in items.items():
+        if key.startswith(ipfx):
+            try:
+                cidr = str(ipaddress.ip_network(layout.ipam_cidr(key)))
+                leases[cidr] = check_node_name(item.value.decode("utf-8", "replace"), "value", key)
+            except (ValueError, InvalidRecord) as e:
+                rejected.append(Rejected(key, f"bad IPAM lease ({e})"))
+
+    nodes: dict[str, NodeRecord] = {}
+    npfx = layout.nodes_prefix(cluster)
+    keys_seen: dict[str, str] = {}
+    for key in sorted(k for k in items if k.startswith(npfx)):
+        name = key[len(npfx):]
+        try:
+            rec = NodeRecord.from_json(items[key].value, key)
+            if rec.name != name:
+                raise InvalidRecord("name", f"{rec.name!r} does not match the key's node name {name!r}", key)
+            if rec.cluster != cluster:
+                raise InvalidRecord("cluster", f"{rec.cluster!r} is not this cluster ({cluster!r})", key)
+            if config is None:
+                raise InvalidRecord("pod_cidr", f"cluster {cluster!r} has no valid config to check it against", key)
+            pod = ipaddress.ip_network(rec.pod_cidr)
+            if pod.version != config.pod_network.version or not pod.subnet_of(config.pod_network):  # type: ignore[arg-type]
+                raise InvalidRecord("pod_cidr", f"{pod} is outside the cluster's pod CIDR {config.pod_cidr}", key)
+            if pod.prefixlen != config.node_prefix_len:
+                raise InvalidRecord("pod_cidr", f"{pod} is not a /{config.node_prefix_len}", key)
+            owner = leases.get(rec.pod_cidr)
+            if owner is None:
+                raise InvalidRecord("pod_cidr", f"{pod} has no IPAM lease", key)
+            if owner != name:
+                raise InvalidRecord("pod_cidr", f"{pod} is leased to node {owner!r}", key)
+            other = keys_seen.get(rec.public_key)
+            if other is not None:
+                raise InvalidRecord("public_key", f"already used by node {other!r}", key)
+        except InvalidRecord as e:
+            rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+            continue
+        keys_seen[rec.public_key] = name
+        nodes[name] = rec
+
+    for key in items:
+        if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",
+                                                layout.cluster_prefix(cluster) + "services/"))):
+            rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
+    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected))

@@ -1,0 +1,15 @@
+"""Key material: WireGuard X25519 key pairs and key files."""
+
+from .errors import KeyMaterialError, WiremeshError
+from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
+
+__all__ = [
+    "KEY_LEN",
+    "KeyMaterialError",
+    "PrivateKey",
+    "PublicKey",
+    "WiremeshError",
+    "load_or_generate",
+    "read_key_file",
+    "write_key_file",
+]

@@ -1,0 +1,168 @@
+"""`wiremesh lab`: run a whole mesh on this machine."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from typing import Any
+
+import click
+
+from .errors import LabError
+from .lab import Lab, list_labs
+
+
+def _say(msg: str) -> None:
+    click.echo(f"  {msg}", err=True)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, WireGuard devices)")
+
+
+name_option = click.option("-n", "--name", default="wm", show_default=True, envvar="WIREMESH_LAB",
+                           help="Lab name (lets several labs live side by side) [env: WIREMESH_LAB].")
+
+
+@click.group()
+def lab() -> None:
+    """A whole mesh on this machine: a real Consul and real agents, each node in its own namespaces."""
+
+
+@lab.command("up")
+@name_option
+@click.option("--nodes", type=click.IntRange(1, 200), default=3, show_default=True, help="Number of nodes.")
+@click.option("--cluster", default="lab", show_default=True, help="Cluster name.")
+@click.option("--pod-cidr", default="10.240.0.0/16", show_default=True)
+@click.option("--session-ttl", type=click.IntRange(10, 3600), default=10, show_default=True,
+              help="Consul session TTL of the agents, in seconds.")
+@click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
+@click.pass_obj
+def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, session_ttl: int, no_check: bool) -> None:
+    """Start a lab: Consul, NODES nodes with agents; then show every node pinging every other."""
+    _require_root()
+    lab_ = Lab(name)
+    click.echo(f"lab {name}: starting {nodes} nodes", err=True)
+    t0 = time.monotonic()
+    try:
+        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, session_ttl=session_ttl, progress=_say)
+    except LabError:
+        click.echo(f"lab {name}: start failed; 'wiremesh lab down -n {name}' removes what was made", err=True)
+        raise
+    click.echo(f"lab {name}: mesh converged in {time.monotonic() - t0:.1f}s", err=True)
+    if not no_check:
+        results = ping_matrix(lab_)
+        bad = [r for r in results if not r["ok"]]
+        for r in results:
+            click.echo(f"  ping {r['from']} -> {r['to']} ({r['address']}): {'ok' if r['ok'] else 'FAILED'}", err=True)
+        if bad:
+            raise LabError(f"{len(bad)} of {len(results)} pings failed")
+    _print_status(obj, lab_)
+    click.echo(f"next: wiremesh lab exec -n {name} node1 -- wg show   |   wiremesh lab down -n {name}", err=True)
+
+
+def ping_matrix(lab_: Lab) -> list[dict[str, Any]]:
+    """Ping every node's overlay address from every other node, once each."""
+    nodes = sorted(lab_.nodes)
+    addrs = {n: lab_.overlay_ip(n) for n in nodes}
+    out = []
+    for a, b in itertools.permutations(nodes, 2):
+        p = lab_.run(a, "ping", "-c", "1", "-W", "2", addrs[b])
+        out.append({"from": a, "to": b, "address": addrs[b], "ok": p.returncode == 0})
+    return out
+
+
+def _print_status(obj: Any, lab_: Lab) -> None:
+    from agent.cli.output import Ctx, emit
+
+    ctx = obj if obj is not None else Ctx()
+    rows, data = [], []
+    for n, node in lab_.nodes.items():
+        h = lab_.health(n) if node.pid else {"status": "stopped"}
+        d = {"node": n, "netns": node.netns, "underlay": node.underlay, "pid": node.pid,
+             "status": h.get("status"), "peers_programmed": h.get("peers_programmed"),
+             "peers_desired": h.get("peers_desired")}
+        data.append(d)
+        rows.append([n, node.netns, node.underlay, node.pid or "-", d["status"],
+                     f"{d['peers_programmed'] if d['peers_programmed'] is not None else '-'}/"
+                     f"{d['peers_desired'] if d['peers_desired'] is not None else '-'}"])
+    emit(ctx, {"lab": lab_.name, "consul": lab_.consul_address, "nodes": data},
+         ["node", "netns", "underlay", "agent pid", "status", "peers"], rows)
+
+
+@lab.command("status")
+@name_option
+@click.pass_obj
+def status(obj: Any, name: str) -> None:
+    """Nodes of the lab, their agents and how many peers each has programmed."""
+    _require_root()
+    lab_ = Lab(name).load()
+    _print_status(obj, lab_)
+
+
+@lab.command("list")
+@click.pass_obj
+def list_(obj: Any) -> None:
+    """Labs on this machine."""
+    from agent.cli.output import Ctx, emit
+
+    labs = list_labs()
+    emit(obj or Ctx(), labs, ["lab"], [[x] for x in labs])
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@name_option
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str, node: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside NODE's namespaces ('hub' is the underlay switch), e.g. lab exec node1 -- wg show."""
+    _require_root()
+    lab_ = Lab(name).load()
+    argv = lab_.exec_argv(node, list(command))
+    os.execvp(argv[0], argv)
+
+
+@lab.command("add")
+@name_option
+@click.argument("node", required=False)
+def add(name: str, node: str | None) -> None:
+    """Add a node (named NODE, or the next nodeN) and wait until the mesh has it."""
+    _require_root()
+    lab_ = Lab(name).load()
+    n = lab_.add_node(node, progress=_say)
+    click.echo(f"added {n.name} ({n.underlay})", err=True)
+
+
+@lab.command("stop")
+@name_option
+@click.argument("node")
+@click.option("--signal", "sig", type=click.Choice(["TERM", "KILL"]), default="TERM", show_default=True)
+def stop(name: str, node: str, sig: str) -> None:
+    """Stop NODE's agent (TERM removes its record; KILL leaves it to expire). Its tunnels stay up."""
+    _require_root()
+    Lab(name).load().stop_agent(node, getattr(signal, f"SIG{sig}"))
+
+
+@lab.command("start")
+@name_option
+@click.argument("node")
+def start(name: str, node: str) -> None:
+    """Start NODE's agent again."""
+    _require_root()
+    pid = Lab(name).load().start_agent(node)
+    click.echo(f"{node}: agent pid {pid}", err=True)
+
+
+@lab.command("down")
+@name_option
+@click.option("--all", "all_", is_flag=True, help="Every lab on this machine.")
+def down(name: str, all_: bool) -> None:
+    """Remove everything the lab made: processes, namespaces, files. Safe to run twice."""
+    _require_root()
+    names = list_labs() if all_ else [name]
+    for n in names:
+        removed = Lab(n).down(progress=_say)
+        click.echo(f"lab {n}: {'removed' if removed else 'nothing to remove'}", err=True)

@@ -1,0 +1,74 @@
+"""A real Consul server (one per cluster) running inside a lab namespace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from clustermesh import ConsulError, ConsulOptions, ConsulStore
+
+from .errors import LabError
+from .netns import NetnsExecutor, enter_cmd, pid_alive
+
+HTTP_PORT = 8500
+
+
+def consul_binary() -> str:
+    path = shutil.which("consul")
+    if path is None:
+        raise LabError("consul is not installed; run scripts/setup.sh (it installs Consul 1.8.7)")
+    return path
+
+
+def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str) -> None:
+    cfg = {
+        "datacenter": datacenter,
+        "node_name": node_name,
+        "server": True,
+        "bootstrap_expect": 1,
+        "data_dir": str(data_dir),
+        "bind_addr": bind,
+        "client_addr": f"{bind} 127.0.0.1",
+        "ports": {"http": HTTP_PORT, "dns": -1, "grpc": -1},
+        "performance": {"raft_multiplier": 1},
+        # Consul's own default (512 KiB) would refuse the oversized records the agent must
+        # survive; the lab lets them in so that the agent's own limit is what is tested.
+        "limits": {"kv_max_value_size": 2 * 1024 * 1024},
+        "disable_update_check": True,
+        "log_level": "warn",
+        "ui": False,
+        "leave_on_terminate": False,
+        "skip_leave_on_interrupt": True,
+    }
+    path.write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def start(netns: str, config: Path, log_file: Path) -> int:
+    """Start Consul detached inside `netns`; returns its pid."""
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(
+            enter_cmd(netns, None) + [consul_binary(), "agent", f"-config-file={config}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+        )
+    return proc.pid
+
+
+def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0) -> None:
+    """Wait until the server has elected itself leader and answers KV requests."""
+    store = ConsulStore(ConsulOptions(address=address, timeout=2.0), retries=False)
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            raise LabError(f"consul (pid {pid}) exited during start-up; see its log")
+        try:
+            if ex.call(store.leader):
+                ex.call(store.list, "wiremesh/")
+                return
+        except ConsulError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise LabError(f"consul at {address} not ready after {timeout:.0f}s: {last}")

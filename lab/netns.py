@@ -1,0 +1,198 @@
+"""Network and mount namespaces for lab nodes, and running code or commands inside them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import LabError
+
+T = TypeVar("T")
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*cmd: str, check: bool = True, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command; a failure raises LabError with its stderr."""
+    p = subprocess.run(list(cmd), capture_output=True, text=True, input=input, timeout=timeout)
+    if check and p.returncode != 0:
+        raise LabError(f"{' '.join(cmd)}: {p.stderr.strip() or p.stdout.strip() or f'exit {p.returncode}'}")
+    return p
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def netns_exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def netns_add(name: str) -> None:
+    if not netns_exists(name):
+        sh("ip", "netns", "add", name)
+    sh("ip", "-n", name, "link", "set", "lo", "up")
+
+
+def netns_del(name: str) -> None:
+    """Delete a network namespace; one already gone is fine."""
+    if netns_exists(name):
+        p = sh("ip", "netns", "del", name, check=False)
+        if p.returncode != 0 and netns_exists(name):
+            raise LabError(f"ip netns del {name}: {p.stderr.strip()}")
+
+
+def list_netns(prefix: str) -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def make_private_dir(path: Path) -> None:
+    """Make `path` a private bind mount, so namespace files can be bind-mounted under it.
+
+    `unshare --mount=FILE` refuses a FILE on a shared mount (systemd makes / shared).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if sh("findmnt", "-n", "--mountpoint", str(path), check=False).returncode != 0:
+        sh("mount", "--bind", str(path), str(path))
+    sh("mount", "--make-private", str(path))
+
+
+def mountns_add(file: Path) -> None:
+    """Create a persistent mount namespace, bound at `file`, with its own /run/wireguard.
+
+    wireguard-go puts its UAPI socket at /var/run/wireguard/<ifname>.sock in every network
+    namespace alike; a private tmpfs there per node keeps two nodes' wm0 apart.
+    """
+    if file.exists() and _is_mountpoint(file):
+        return
+    file.touch()
+    Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
+    sh("unshare", f"--mount={file}", "--propagation", "private", "--",
+       "mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "wiremesh-lab", "/run/wireguard")
+
+
+def _is_mountpoint(path: Path) -> bool:
+    return sh("findmnt", "-n", "--mountpoint", str(path), check=False).returncode == 0
+
+
+def umount(path: Path) -> None:
+    """Unmount (lazily); not mounted is fine."""
+    if _is_mountpoint(path):
+        sh("umount", "-l", str(path), check=False)
+
+
+def enter_cmd(netns: str, mountns: Path | None) -> list[str]:
+    """The nsenter prefix that runs a command inside a node (no fork: the pid is the command's)."""
+    cmd = ["nsenter", f"--net={netns_path(netns)}"]
+    if mountns is not None:
+        cmd.insert(1, f"--mount={mountns}")
+    return cmd + ["--"]
+
+
+def pids_in_netns(name: str) -> list[int]:
+    """Every process whose network namespace is `name`: what a node runs, whoever started it."""
+    try:
+        st = netns_path(name).stat()
+    except FileNotFoundError:
+        return []
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            s = (d / "ns" / "net").stat()
+        except OSError:
+            continue
+        if (s.st_ino, s.st_dev) == (st.st_ino, st.st_dev):
+            pids.append(int(d.name))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def terminate(pids: Sequence[int], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after `timeout`; reap our own children."""
+    live = [p for p in pids if pid_alive(p)]
+    for p in live:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        _reap()
+        live = [p for p in live if pid_alive(p)]
+        if live:
+            time.sleep(0.05)
+    for p in live:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _setns(name: str) -> None:
+    fd = os.open(netns_path(name), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns {name}: {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsExecutor:
+    """Runs Python callables in a thread that lives in another network namespace.
+
+    setns(CLONE_NEWNET) changes only the calling thread, so sockets opened by these calls
+    (Consul HTTP, health checks) belong to the namespace while the rest of the process stays.
+    """
+
+    def __init__(self, name: str, workers: int = 4) -> None:
+        if not netns_exists(name):
+            raise LabError(f"network namespace {name} does not exist")
+        self.name = name
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"ns-{name}", initializer=_setns, initargs=(name,))
+
+    def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return self._pool.submit(fn, *args, **kw).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kw: Any) -> "concurrent.futures.Future[T]":
+        return self._pool.submit(fn, *args, **kw)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+

@@ -1,0 +1,35 @@
+"""Everything that touches the kernel: WireGuard devices, links, addresses and routes."""
+
+from .device import BACKENDS, UserspaceDevice, WireGuardDevice, kernel_module_available, open_device
+from .diff import peer_changes
+from .errors import DeviceNotFound, KernelUnsupported, TunnelError, UAPIError
+from .links import RTPROT_WIREMESH, delete_link, ensure_address, ensure_link_up, link_exists, link_mtu, mtu_of_address, owned_routes, sync_routes
+from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
+
+__all__ = [
+    "BACKENDS",
+    "DeviceNotFound",
+    "DeviceState",
+    "KernelUnsupported",
+    "PeerChange",
+    "PeerConfig",
+    "PeerStatus",
+    "RTPROT_WIREMESH",
+    "TunnelError",
+    "UAPIError",
+    "UserspaceDevice",
+    "WireGuardDevice",
+    "delete_link",
+    "ensure_address",
+    "ensure_link_up",
+    "kernel_module_available",
+    "link_exists",
+    "link_mtu",
+    "mtu_of_address",
+    "normalize_cidr",
+    "open_device",
+    "owned_routes",
+    "peer_changes",
+    "split_endpoint",
+    "sync_routes",
+]

@@ -1,0 +1,69 @@
+"""Plain values describing WireGuard devices and peers, shared by both backends."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+def normalize_cidr(text: str) -> str:
+    """Canonical text of a network ('10.1.0.7/24' -> '10.1.0.0/24'; a bare address -> /32)."""
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """What a peer should look like on the device (public key in base64)."""
+
+    public_key: str
+    endpoint: str | None = None  # "ip:port" or "[v6]:port"
+    allowed_ips: frozenset[str] = frozenset()
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """A peer as the device reports it."""
+
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: frozenset[str] = frozenset()
+    persistent_keepalive: int = 0
+    latest_handshake: float = 0.0  # unix seconds, 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """The device as it is: its identity (public half only), port and peers by public key."""
+
+    name: str
+    public_key: str | None
+    listen_port: int
+    peers: dict[str, PeerStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChange:
+    """One peer's part of a device update: only the fields that must change are set.
+
+    `remove` deletes the peer; otherwise the peer is created or updated, `endpoint` is sent
+    only when it changed and `allowed_ips` (a full replacement) only when the set changed.
+    """
+
+    public_key: str
+    remove: bool = False
+    endpoint: str | None = None
+    allowed_ips: frozenset[str] | None = None
+    persistent_keepalive: int | None = None
+    update_only: bool = False
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """'1.2.3.4:51820' or '[fd00::1]:51820' -> (host, port)."""
+    if endpoint.startswith("["):
+        host, _, port = endpoint[1:].partition("]:")
+    else:
+        host, _, port = endpoint.rpartition(":")
+    return str(ipaddress.ip_address(host)), int(port)

@@ -1,0 +1,164 @@
+"""wireguard-go's cross-platform UAPI: a line protocol on a unix socket.
+
+`get=1` returns the device as key=value lines; `set=1` takes the same keys and answers
+`errno=N`. Keys travel in lowercase hex. See wireguard.com/xplatform.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from keys import PrivateKey, PublicKey
+
+from .errors import DeviceNotFound, TunnelError, UAPIError
+from .model import DeviceState, PeerChange, PeerStatus
+
+SOCKET_DIR = Path("/var/run/wireguard")
+
+
+def socket_path(ifname: str) -> Path:
+    return SOCKET_DIR / f"{ifname}.sock"
+
+
+def _b64_from_hex(text: str) -> str:
+    return PublicKey.from_hex(text).base64
+
+
+def parse_get(ifname: str, text: str) -> DeviceState:
+    """Parse a `get=1` answer. The private key line is turned into its public half at once."""
+    public_key: str | None = None
+    listen_port = 0
+    peers: dict[str, PeerStatus] = {}
+    cur: dict[str, object] | None = None
+    err = 0
+
+    def close_peer() -> None:
+        if cur is not None:
+            p = PeerStatus(
+                public_key=str(cur["public_key"]),
+                endpoint=cur.get("endpoint"),  # type: ignore[arg-type]
+                allowed_ips=frozenset(cur.get("allowed_ips", ())),  # type: ignore[arg-type]
+                persistent_keepalive=int(cur.get("keepalive", 0)),  # type: ignore[call-overload]
+                latest_handshake=float(cur.get("hs_sec", 0)) + float(cur.get("hs_nsec", 0)) / 1e9,  # type: ignore[arg-type]
+                rx_bytes=int(cur.get("rx", 0)),  # type: ignore[call-overload]
+                tx_bytes=int(cur.get("tx", 0)),  # type: ignore[call-overload]
+            )
+            peers[p.public_key] = p
+
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise TunnelError(f"{ifname}: malformed UAPI line {line[:40]!r}")
+        if key == "private_key":
+            public_key = PrivateKey(bytes.fromhex(value)).public_key().base64
+        elif key == "listen_port":
+            listen_port = int(value)
+        elif key == "public_key":
+            close_peer()
+            cur = {"public_key": _b64_from_hex(value), "allowed_ips": []}
+        elif key == "errno":
+            err = int(value)
+        elif cur is not None:
+            if key == "endpoint":
+                cur["endpoint"] = value
+            elif key == "allowed_ip":
+                cur["allowed_ips"].append(value)  # type: ignore[union-attr]
+            elif key == "persistent_keepalive_interval":
+                cur["keepalive"] = value
+            elif key == "last_handshake_time_sec":
+                cur["hs_sec"] = value
+            elif key == "last_handshake_time_nsec":
+                cur["hs_nsec"] = value
+            elif key == "rx_bytes":
+                cur["rx"] = value
+            elif key == "tx_bytes":
+                cur["tx"] = value
+    close_peer()
+    if err:
+        raise UAPIError(f"{ifname}: UAPI get failed with errno {err}", err)
+    return DeviceState(name=ifname, public_key=public_key, listen_port=listen_port, peers=peers)
+
+
+def format_set(
+    *,
+    private_key: PrivateKey | None = None,
+    listen_port: int | None = None,
+    changes: list[PeerChange] = [],  # noqa: B006 - read only
+) -> str:
+    """Build a `set=1` request body (pure)."""
+    lines = ["set=1"]
+    if private_key is not None:
+        lines.append(f"private_key={private_key.secret_hex()}")
+    if listen_port is not None:
+        lines.append(f"listen_port={listen_port}")
+    for ch in changes:
+        lines.append(f"public_key={PublicKey.from_base64(ch.public_key).hex}")
+        if ch.remove:
+            lines.append("remove=true")
+            continue
+        if ch.update_only:
+            lines.append("update_only=true")
+        if ch.endpoint is not None:
+            lines.append(f"endpoint={ch.endpoint}")
+        if ch.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={ch.persistent_keepalive}")
+        if ch.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines.extend(f"allowed_ip={cidr}" for cidr in sorted(ch.allowed_ips))
+    return "\n".join(lines) + "\n\n"
+
+
+class UAPIClient:
+    """Talks to one device's UAPI socket; one connection per request, as wg(8) does."""
+
+    def __init__(self, ifname: str, path: Path | None = None, timeout: float = 5.0) -> None:
+        self.ifname = ifname
+        self.path = path or socket_path(ifname)
+        self.timeout = timeout
+
+    def _request(self, body: str) -> str:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            try:
+                s.connect(str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise DeviceNotFound(f"{self.ifname}: no wireguard-go listening on {self.path}") from e
+            s.sendall(body.encode())
+            buf = b""
+            while not buf.endswith(b"\n\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.decode()
+        except OSError as e:
+            if isinstance(e, DeviceNotFound):
+                raise
+            raise TunnelError(f"{self.ifname}: UAPI socket error: {e.strerror or e}", e.errno) from e
+        finally:
+            s.close()
+
+    def alive(self) -> bool:
+        try:
+            self.get()
+            return True
+        except TunnelError:
+            return False
+
+    def get(self) -> DeviceState:
+        return parse_get(self.ifname, self._request("get=1\n\n"))
+
+    def set(self, body: str) -> None:
+        reply = self._request(body)
+        for line in reply.splitlines():
+            if line.startswith("errno="):
+                err = int(line[6:])
+                if err:
+                    # Never echo the request: it may hold the private key.
+                    raise UAPIError(f"{self.ifname}: UAPI set failed with errno {err}", err)
+                return
+        raise TunnelError(f"{self.ifname}: UAPI set got no errno in its reply")
