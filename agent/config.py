@@ -11,7 +11,10 @@ Example::
     backend = "auto"                    # auto | kernel | userspace
     state_dir = "/var/lib/wiremesh"
     health_address = "127.0.0.1:9477"   # /healthz and /metrics; "" turns it off
-    session_ttl = 10                    # seconds; Consul allows 10-86400
+    session_ttl = 20                    # seconds after a crash until peers drop this node
+                                        # (Consul is asked for half: it waits up to twice its
+                                        # TTL; a server's default session_ttl_min of 10s makes
+                                        # 20 the least it can honour)
     persistent_keepalive = 0
 
     [consul]
@@ -50,7 +53,7 @@ class AgentConfig:
     backend: str = "auto"
     state_dir: Path = Path("/var/lib/wiremesh")
     health_address: str = "127.0.0.1:9477"
-    session_ttl: int = 10
+    session_ttl: int = 20
     persistent_keepalive: int = 0
     resync_interval: float = 30.0
     consul: ConsulOptions = field(default_factory=ConsulOptions)
@@ -128,8 +131,8 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
             ok = False
         if not ok:
             raise ConfigError(src, "health_address", f"{kw['health_address']!r} is not IP:port")
-    if "session_ttl" in kw and not 10 <= kw["session_ttl"] <= 86400:
-        raise ConfigError(src, "session_ttl", f"{kw['session_ttl']} is outside 10-86400 (Consul's range)")
+    if "session_ttl" in kw and not 2 <= kw["session_ttl"] <= 86400:
+        raise ConfigError(src, "session_ttl", f"{kw['session_ttl']} is outside 2-86400")
     if "persistent_keepalive" in kw and not 0 <= kw["persistent_keepalive"] <= 65535:
         raise ConfigError(src, "persistent_keepalive", f"{kw['persistent_keepalive']} is outside 0-65535")
     if "resync_interval" in kw and not 1 <= kw["resync_interval"] <= 3600:

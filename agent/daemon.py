@@ -14,6 +14,7 @@ outage only stops updates: the last good state stays programmed.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ from .reconciler import Reconciler
 log = logging.getLogger("wiremesh.agent")
 
 WATCH_WAIT_S = 30
+CONSUL_TTL_MIN_DEFAULT = 10  # Consul's default session_ttl_min
 BACKOFF_MAX_S = 5.0
 
 
@@ -67,6 +69,9 @@ class Agent:
         self._logged_rejects: dict[str, str] = {}
         self._peers = (0, 0)  # desired, programmed: as of the last reconcile
         self.session_id: str | None = None
+        # Consul invalidates a session up to twice its TTL after the last renewal, so it is
+        # asked for half of session_ttl: a crashed node's record is gone within session_ttl.
+        self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
         self.key: PrivateKey | None = None
         self.config: ClusterConfig | None = None
         self.pod_cidr: str | None = None
@@ -171,8 +176,17 @@ class Agent:
                 self.session_id = item.session
                 log.info("adopted session %s of a previous run", item.session[:8])
                 return item.session
-        self.session_id = self.store.session_create(self.session_name, self.cfg.session_ttl, behavior="delete")
-        log.info("created session %s (ttl %ds)", self.session_id[:8], self.cfg.session_ttl)
+        try:
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+        except ConsulError as e:
+            if "Session TTL" not in str(e) or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
+                raise
+            log.warning("Consul refused a %ds session TTL (its session_ttl_min is higher); using %ds, so a "
+                        "crashed node's record lasts up to %ds", self.consul_ttl, CONSUL_TTL_MIN_DEFAULT,
+                        2 * CONSUL_TTL_MIN_DEFAULT)
+            self.consul_ttl = CONSUL_TTL_MIN_DEFAULT
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+        log.info("created session %s (consul ttl %ds)", self.session_id[:8], self.consul_ttl)
         return self.session_id
 
     def _publish(self) -> None:
@@ -189,7 +203,7 @@ class Agent:
     def _registration_loop(self) -> None:
         delay = 0.2
         published = False
-        interval = max(1.0, self.cfg.session_ttl / 3)
+        interval = max(0.5, self.consul_ttl / 3)
         while not self.stop_event.is_set():
             try:
                 if not published or self._republish.is_set():
@@ -211,6 +225,10 @@ class Agent:
                 log.warning("registration: %s (retry in %.1fs)", e, delay)
                 published = False if not isinstance(e, ConsulUnavailable) else published
                 self.metrics.sync_errors_total.labels("register").inc()
+            except Exception:  # noqa: BLE001 - a bug must not end the registration for good
+                log.exception("registration failed unexpectedly (retry in %.1fs)", delay)
+                published = False
+                self.metrics.sync_errors_total.labels("register").inc()
             if self.stop_event.wait(delay):
                 return
             delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
@@ -230,9 +248,11 @@ class Agent:
                     log.warning("lost Consul (%s): keeping the dataplane as it is", e)
                 self._consul_ok = False
                 self.metrics.consul_up.set(0)
-                self.metrics.sync_errors_total.labels("watch").inc()
-                self.stop_event.wait(delay)
-                delay = min(BACKOFF_MAX_S, delay * 2)
+            except Exception:  # noqa: BLE001 - keep watching whatever one snapshot did
+                log.exception("watch failed unexpectedly; the dataplane is kept as it is")
+            self.metrics.sync_errors_total.labels("watch").inc()
+            self.stop_event.wait(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
 
     def _take_snapshot(self, snap: ClusterSnapshot) -> None:
         if not self._consul_ok:
@@ -278,6 +298,10 @@ class Agent:
         except TunnelError as e:
             self.metrics.sync_errors_total.labels("dataplane").inc()
             log.warning("reconcile failed: %s", e)
+            return
+        except Exception:  # noqa: BLE001 - the next pass retries; the agent stays up
+            self.metrics.sync_errors_total.labels("dataplane").inc()
+            log.exception("reconcile failed unexpectedly")
             return
         finally:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)

@@ -8,6 +8,7 @@ watch loop owns its own backoff).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import urllib.parse
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import consul
+from consul.callback import CB
 import requests
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -158,9 +160,14 @@ class ConsulStore:
 
     # --- sessions -------------------------------------------------------------------------
     def session_create(self, name: str, ttl_s: int, behavior: str = "delete", lock_delay_s: int = 0) -> str:
+        """A session with a TTL. Sent by hand: py-consul refuses TTLs under 10 s, which a server
+        with a lower session_ttl_min accepts."""
+        body = json.dumps({"Name": name, "TTL": f"{ttl_s}s", "Behavior": behavior, "LockDelay": f"{lock_delay_s}s"})
+        params = [("dc", self.options.datacenter)] if self.options.datacenter else []
         return str(self._call(
             "create session",
-            lambda c: c.session.create(name=name, ttl=ttl_s, behavior=behavior, lock_delay=lock_delay_s),
+            lambda c: c.http.put(CB.json(is_id=True), "/v1/session/create", params=params,
+                                 headers=c.prepare_headers(None), data=body),
         ))
 
     def session_renew(self, session_id: str) -> None:

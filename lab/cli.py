@@ -37,8 +37,8 @@ def lab() -> None:
 @click.option("--nodes", type=click.IntRange(1, 200), default=3, show_default=True, help="Number of nodes.")
 @click.option("--cluster", default="lab", show_default=True, help="Cluster name.")
 @click.option("--pod-cidr", default="10.240.0.0/16", show_default=True)
-@click.option("--session-ttl", type=click.IntRange(10, 3600), default=10, show_default=True,
-              help="Consul session TTL of the agents, in seconds.")
+@click.option("--session-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
+              help="Seconds after an agent's crash until its peers drop it.")
 @click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
 @click.pass_obj
 def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, session_ttl: int, no_check: bool) -> None:

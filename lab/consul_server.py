@@ -37,6 +37,8 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
         # Consul's own default (512 KiB) would refuse the oversized records the agent must
         # survive; the lab lets them in so that the agent's own limit is what is tested.
         "limits": {"kv_max_value_size": 2 * 1024 * 1024},
+        # Lets agents ask for 5 s sessions, so a killed lab node is gone within 10 s.
+        "session_ttl_min": "1s",
         "disable_update_check": True,
         "log_level": "warn",
         "ui": False,

@@ -158,8 +158,8 @@ class Lab:
            session_ttl: int = 10, progress: Progress = _quiet, wait: bool = True) -> None:
         if self.exists():
             raise LabExists(f"lab {self.name!r} already exists ({self.dir})")
-        if not 1 <= nodes <= 200:
-            raise LabError(f"--nodes: {nodes} is outside 1-200")
+        if not 0 <= nodes <= 200:
+            raise LabError(f"--nodes: {nodes} is outside 0-200")
         consul_server.consul_binary()
         netns.make_private_dir(self.root)
         self.dir.mkdir(parents=True)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what it needs (scripts/setup.sh), then unit tests (no
+# root needed) and integration tests (root: namespaces, real Consul, real wireguard-go).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k mesh -x
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bash "$here/scripts/setup.sh"
+cd "$here"
+set +e
+.venv/bin/python -m pytest -ra "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
+[ "$rc" -eq 5 ] && echo "test.sh: pytest collected no tests" >&2
+exit "$rc"

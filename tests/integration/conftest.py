@@ -1,0 +1,67 @@
+"""Integration fixtures: real Consul, real wireguard-go, real namespaces. Root only."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lab import Lab
+
+TIMINGS: list[tuple[str, float]] = []
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    reason = None
+    if os.geteuid() != 0:
+        reason = "integration tests need root (network namespaces, WireGuard devices)"
+    else:
+        missing = [b for b in ("consul", "wireguard-go", "wg", "tcpdump", "nsenter", "unshare") if not shutil.which(b)]
+        if missing:
+            reason = f"missing {', '.join(missing)}: run scripts/setup.sh"
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if TIMINGS:
+        terminalreporter.section("measured (not asserted)")
+        for name, seconds in TIMINGS:
+            terminalreporter.write_line(f"{name}: {seconds * 1000:.0f} ms")
+
+
+@pytest.fixture
+def timing() -> Callable[[str, float], None]:
+    """Record a measured duration; printed at the end of the run, never asserted."""
+    return lambda name, seconds: TIMINGS.append((name, seconds))
+
+
+def new_lab_name() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="module")
+def lab3() -> Iterator[Lab]:
+    """A 3-node lab shared by a module's tests; removed even when they fail."""
+    lab = Lab(new_lab_name())
+    try:
+        lab.up(3)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def fresh_lab() -> Iterator[Lab]:
+    lab = Lab(new_lab_name())
+    try:
+        yield lab
+    finally:
+        lab.down()

@@ -1,0 +1,62 @@
+"""Helpers for integration tests: polling for real state, pings, wg dumps."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keys import read_key_file
+from lab import Lab
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> float:
+    """Poll `pred` until it is truthy; return the seconds it took. Fails the test on timeout."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ping_ok(lab: Lab, node: str, addr: str, wait_s: float = 1.0) -> bool:
+    return lab.run(node, "ping", "-c", "1", "-W", str(wait_s), addr).returncode == 0
+
+
+def wg_peers(lab: Lab, node: str) -> dict[str, dict[str, Any]]:
+    """`wg show wm0 dump` inside the node: public key -> endpoint, allowed IPs."""
+    out = lab.run(node, "wg", "show", "wm0", "dump", check=True).stdout.splitlines()
+    peers = {}
+    for line in out[1:]:
+        f = line.split("\t")
+        peers[f[0]] = {"endpoint": f[2], "allowed_ips": set(f[3].split(",")) if f[3] != "(none)" else set(),
+                       "latest_handshake": int(f[4])}
+    return peers
+
+
+def record_key(lab: Lab, node: str) -> str:
+    return read_key_file(Path(lab.node(node).dir) / "private.key").public_key().base64
+
+
+class Pinger:
+    """`ping -i INTERVAL` inside a node, in the background; `.stop()` returns (sent, received)."""
+
+    def __init__(self, lab: Lab, node: str, addr: str, interval: float = 0.05) -> None:
+        self.proc = lab.popen(node, "ping", "-n", "-i", str(interval), "-W", "1", addr,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> tuple[int, int]:
+        self.proc.send_signal(2)
+        out, _ = self.proc.communicate(timeout=10)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert m, out[-500:]
+        return int(m.group(1)), int(m.group(2))
+
+
