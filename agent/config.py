@@ -39,7 +39,7 @@ from tunnels import BACKENDS
 
 from .errors import ConfigError
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
     kw["underlay_address"] = str(ip)
     if "listen_port" in kw and not 1 <= kw["listen_port"] <= 65535:
         raise ConfigError(src, "listen_port", f"{kw['listen_port']} is outside 1-65535")
-    if "interface" in kw and not _IFNAME.match(kw["interface"]):
+    if "interface" in kw and not _IFNAME.fullmatch(kw["interface"]):
         raise ConfigError(src, "interface", f"{kw['interface']!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
     if "backend" in kw and kw["backend"] not in BACKENDS:
         raise ConfigError(src, "backend", f"{kw['backend']!r} is not one of {', '.join(BACKENDS)}")

@@ -21,14 +21,15 @@ MAX_RECORD_BYTES = 16 * 1024
 ROUTING_MODES = ("wireguard", "vxlan")
 
 # Cilium's cluster-name rule: lowercase letters, digits and dashes, at most 32.
-_CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 # Node names: a DNS label, optionally dotted, at most 63.
-_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def check_cluster_name(name: object, field: str = "name", key: str | None = None) -> str:
-    if not isinstance(name, str) or not _CLUSTER_NAME.match(name):
+    if not isinstance(name, str) or not _CLUSTER_NAME.fullmatch(name):
         raise InvalidRecord(
             field, f"{name!r} is not a cluster name (lowercase letters, digits, dashes; at most 32)", key
         )
@@ -36,7 +37,7 @@ def check_cluster_name(name: object, field: str = "name", key: str | None = None
 
 
 def check_node_name(name: object, field: str = "name", key: str | None = None) -> str:
-    if not isinstance(name, str) or not _NODE_NAME.match(name):
+    if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
         raise InvalidRecord(
             field, f"{name!r} is not a node name (lowercase letters, digits, '-' and '.'; at most 63)", key
         )
@@ -57,7 +58,7 @@ def parse_endpoint(value: object, field: str = "endpoint", key: str | None = Non
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise InvalidRecord(field, f"{host[:64]!r} is not an IP address", key) from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
         raise InvalidRecord(field, f"port {port[:16]!r} is not 1-65535", key)
     if ip.is_unspecified or ip.is_multicast:
         raise InvalidRecord(field, f"{ip} cannot be a peer's address", key)
@@ -100,13 +101,15 @@ def _str(d: dict[str, Any], name: str, key: str | None, default: str | None = No
 
 
 def _load(raw: bytes | str, key: str | None, allowed: set[str]) -> dict[str, Any]:
-    size = len(raw)
+    size = len(raw.encode()) if isinstance(raw, str) else len(raw)
     if size > MAX_RECORD_BYTES:
         raise InvalidRecord("value", f"{size} bytes is over the {MAX_RECORD_BYTES}-byte limit", key)
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRecord("value", f"not JSON ({e.__class__.__name__})", key) from None
+    except RecursionError:
+        raise InvalidRecord("value", "not JSON (nested too deeply)", key) from None
     if not isinstance(d, dict):
         raise InvalidRecord("value", "must be a JSON object", key)
     unknown = sorted(set(d) - allowed)
@@ -210,7 +213,7 @@ class NodeRecord:
             raise InvalidRecord("overlay_ip", f"{overlay} is not the first address of pod_cidr {pod}", key)
         epoch = _int(d, "key_epoch", 0, 2**53, key, default=0)
         mac = _str(d, "vtep_mac", key, default="")
-        if mac and not _MAC.match(mac):
+        if mac and not _MAC.fullmatch(mac):
             raise InvalidRecord("vtep_mac", f"{mac[:32]!r} is not a lowercase MAC address", key)
         version = _str(d, "agent_version", key, default="")
         if len(version) > 64:

@@ -69,7 +69,8 @@ def parse_cluster(
     nodes: dict[str, NodeRecord] = {}
     npfx = layout.nodes_prefix(cluster)
     keys_seen: dict[str, str] = {}
-    for key in sorted(k for k in items if k.startswith(npfx)):
+    # Oldest records first, so a newcomer that copies a key cannot push out the node holding it.
+    for key in sorted((k for k in items if k.startswith(npfx)), key=lambda k: (items[k].modify_index, k)):
         name = key[len(npfx):]
         try:
             rec = NodeRecord.from_json(items[key].value, key)
@@ -94,6 +95,9 @@ def parse_cluster(
                 raise InvalidRecord("public_key", f"already used by node {other!r}", key)
         except InvalidRecord as e:
             rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+            continue
+        except (ValueError, TypeError, RecursionError) as e:  # a validator bug must not sink the snapshot
+            rejected.append(Rejected(key, f"unexpected validation error: {e.__class__.__name__}"))
             continue
         keys_seen[rec.public_key] = name
         nodes[name] = rec

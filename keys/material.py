@@ -132,8 +132,11 @@ class PrivateKey:
 def write_key_file(path: Path, key: PrivateKey) -> None:
     """Write `key` in wg(8)'s base64 form, atomically, mode 0600 from the first byte."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise KeyMaterialError(f"key file {path}: {e.strerror or e}") from e
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -141,11 +144,13 @@ def write_key_file(path: Path, key: PrivateKey) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise KeyMaterialError(f"key file {path}: {e.strerror or e}") from e
         raise
 
 
@@ -154,7 +159,7 @@ def read_key_file(path: Path) -> PrivateKey:
     path = Path(path)
     try:
         st = path.stat()
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise KeyMaterialError(f"key file {path}: {e.strerror}") from e
     if not stat.S_ISREG(st.st_mode):
@@ -164,6 +169,10 @@ def read_key_file(path: Path) -> PrivateKey:
             f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
             "it must be 0600 (chmod 600)"
         )
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyMaterialError(f"key file {path}: not valid base64") from None
     return PrivateKey.from_base64(text, what=f"key file {path}")
 
 

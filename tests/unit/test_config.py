@@ -226,11 +226,6 @@ def test_missing_ca_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert error(minimal()).field == "consul.ca_file"
 
 
-@pytest.mark.xfail(
-    reason="BUG: agent.config's _IFNAME (and the node/cluster name regexes) end in '$', which accepts a "
-    "trailing newline; use re.fullmatch",
-    strict=True,
-)
 @pytest.mark.parametrize("over, field", [({"interface": "wm0\n"}, "interface"), ({"node": "node1\n"}, "node")])
 def test_trailing_newline_refused(over: dict[str, Any], field: str) -> None:
     assert error(minimal(**over)).field == field

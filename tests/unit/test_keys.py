@@ -252,11 +252,6 @@ def test_write_key_file_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch:
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: write_key_file lets OSError escape untranslated (KeyMaterialError promises 'cannot be "
-    "written safely'); `wiremesh keys generate` then prints 'unexpected error'",
-    strict=True,
-)
 def test_write_key_file_translates_os_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
@@ -336,11 +331,6 @@ def test_read_key_file_refuses_a_directory(tmp_path: Path) -> None:
     assert str(ei.value).startswith(f"key file {path}: ")
 
 
-@pytest.mark.xfail(
-    reason="BUG: read_key_file lets UnicodeDecodeError escape for a binary (e.g. raw 32-byte) key file "
-    "instead of a KeyMaterialError naming the file",
-    strict=True,
-)
 def test_read_key_file_binary_content_is_a_key_error(tmp_path: Path) -> None:
     path = tmp_path / "private.key"
     path.write_bytes(b"\xff" * 32)

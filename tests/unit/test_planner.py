@@ -68,7 +68,7 @@ def test_address_is_overlay_host_route(cluster_config: ClusterConfig, nodes: dic
     assert st.address == "10.240.1.1/32"
 
 
-def test_ipv6_address_is_slash_128(make_node: MakeNode) -> None:
+def test_ipv6_address_is_slash_128() -> None:
     cfg = ClusterConfig(name="v6", id=2, pod_cidr="fd00:240::/48", node_prefix_len=64, service_cidr="fd00:96::/108")
     st = plan("a", "x", cfg, {}, local_pod_cidr="fd00:240:0:1::/64")
     assert st.address == "fd00:240:0:1::1/128"

@@ -1,0 +1,133 @@
+"""Convergence of the mesh: from a new node's record landing in Consul to every agent having it.
+
+For each lab size (real Consul, real agents, real wireguard-go, one namespace per node) it
+writes a new node's record (with its IPAM lease, as an agent would) TRIALS times and reads,
+from every agent's /peers, when that agent programmed the peer. Printed per size:
+p50/p99/max of the time until the LAST agent had it, the same for a bare blocking-query
+watcher in the same run (the floor Consul itself sets; the ratio is wiremesh's cost on top),
+and the agents' RSS.
+
+    .venv/bin/python bench/convergence.py --nodes 10 30 --trials 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clustermesh import ConsulOptions, ConsulStore, NodeRecord, layout, overlay_address  # noqa: E402
+from keys import PrivateKey  # noqa: E402
+from lab import Lab  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bare_watcher(lab: Lab, prefix: str, seen: dict[str, float], stop: threading.Event) -> None:
+    """A plain blocking-query loop, no parsing: when does Consul tell a watcher at all?"""
+    store = ConsulStore(ConsulOptions(address=lab.consul_address, timeout=5))
+
+    def run() -> None:
+        for _, items in store.watch(prefix, stop, wait_s=5):
+            now = time.time()
+            for k in items:
+                seen.setdefault(k, now)
+    threading.Thread(target=lambda: lab.hub_executor().call(run), daemon=True).start()
+
+
+def measure(n: int, trials: int) -> dict[str, object]:
+    lab = Lab("bench" + secrets.token_hex(2))
+    try:
+        t0 = time.monotonic()
+        lab.up(n)
+        up_s = time.monotonic() - t0
+        cluster = lab.cluster
+        nodes = sorted(lab.nodes)
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        bare_watcher(lab, layout.nodes_prefix(cluster.name), seen, stop)
+        time.sleep(0.5)
+        agent_lat: list[float] = []
+        bare_lat: list[float] = []
+        free = [str(s) for s in cluster.pod_network.subnets(new_prefix=cluster.node_prefix_len)][200:]
+        for i in range(trials):
+            name, cidr = f"bench{i}", free[i]
+            pub = PrivateKey.generate().public_key().base64
+            rec = NodeRecord(name=name, cluster=cluster.name, endpoint=f"10.99.0.{250 - i % 5}:51820",
+                             public_key=pub, pod_cidr=cidr, overlay_ip=overlay_address(cidr))
+            key = layout.node_key(cluster.name, name)
+            lab.consul(lambda s: s.put(layout.ipam_key(cluster.name, cidr), name, cas=0))
+            time.sleep(0.05)  # let the lease's own update settle so it does not mask the record's
+            t_put = time.time()
+            lab.consul(lambda s: s.put(key, rec.to_json()))
+            done: dict[str, float] = {}
+            deadline = time.monotonic() + 20
+            while len(done) < len(nodes) and time.monotonic() < deadline:
+                futs = {nd: lab.hub_executor().submit(lab.peers, nd) for nd in nodes if nd not in done}
+                for nd, f in futs.items():
+                    for p in f.result():
+                        if p["public_key"] == pub and p["state"] == "done":
+                            done[nd] = p["programmed_at"]
+                time.sleep(0.01)
+            if len(done) < len(nodes):
+                raise SystemExit(f"trial {i}: only {len(done)}/{len(nodes)} agents programmed the new node")
+            agent_lat.append(max(done.values()) - t_put)
+            if key in seen:
+                bare_lat.append(seen[key] - t_put)
+            lab.consul(lambda s: (s.delete(key), s.delete(layout.ipam_key(cluster.name, cidr))))
+            time.sleep(0.2)
+        stop.set()
+        rss = [rss_kib(lab.node(nd).pid) / 1024 for nd in nodes]
+        return {
+            "nodes": n, "trials": trials, "lab_up_s": round(up_s, 1),
+            "agents_p50_ms": round(pct(agent_lat, 50) * 1000, 1),
+            "agents_p99_ms": round(pct(agent_lat, 99) * 1000, 1),
+            "agents_max_ms": round(max(agent_lat) * 1000, 1),
+            "bare_watch_p50_ms": round(pct(bare_lat, 50) * 1000, 1) if bare_lat else None,
+            "bare_watch_p99_ms": round(pct(bare_lat, 99) * 1000, 1) if bare_lat else None,
+            "ratio_p50_vs_bare_watch": round(pct(agent_lat, 50) / pct(bare_lat, 50), 1) if bare_lat else None,
+            "rss_mib_mean": round(statistics.mean(rss), 1), "rss_mib_max": round(max(rss), 1),
+        }
+    finally:
+        lab.down()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, nargs="+", default=[10, 30], help="lab sizes to measure")
+    ap.add_argument("--trials", type=int, default=30, help="new nodes per size")
+    ap.add_argument("--output", choices=["table", "json"], default="table")
+    args = ap.parse_args()
+    results = []
+    for n in args.nodes:
+        print(f"measuring {n} agents ({args.trials} trials)...", file=sys.stderr)
+        results.append(measure(n, args.trials))
+    if args.output == "json":
+        print(json.dumps(results, indent=2))
+        return
+    cols = ["nodes", "agents_p50_ms", "agents_p99_ms", "agents_max_ms", "bare_watch_p50_ms", "bare_watch_p99_ms",
+            "ratio_p50_vs_bare_watch", "rss_mib_mean", "rss_mib_max", "lab_up_s"]
+    print("  ".join(cols))
+    for r in results:
+        print("  ".join(str(r[c]).rjust(len(c)) for c in cols))
+
+
+if __name__ == "__main__":
+    main()
