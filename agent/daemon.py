@@ -354,7 +354,7 @@ class Agent:
         return [
             {"node": names.get(key, ""), "public_key": key, "state": st.state, "message": st.message,
              "programmed_at": st.done_at}
-            for key, st in sorted(self.reconciler.status.items(), key=lambda kv: names.get(kv[0], kv[0]))
+            for key, st in sorted(self.reconciler.snapshot().items(), key=lambda kv: names.get(kv[0], kv[0]))
         ]
 
     # --- life cycle -----------------------------------------------------------------------

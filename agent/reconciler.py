@@ -8,6 +8,7 @@ change to the desired peer clears its backoff.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -47,10 +48,21 @@ class Reconciler:
     def __init__(self, device: WireGuardDevice, clock: "callable[[], float]" = time.monotonic) -> None:  # type: ignore[valid-type]
         self.device = device
         self.status: dict[str, PeerStatusEntry] = {}
+        self.lock = threading.Lock()  # guards `status` against readers in other threads
         self._clock = clock
 
     def reconcile(self, desired: DesiredState, *, prune: bool) -> ReconcileResult:
         """One pass: read the device, diff, apply. Pruning only when `prune` (after first sync)."""
+        with self.lock:
+            return self._reconcile(desired, prune)
+
+    def snapshot(self) -> dict[str, PeerStatusEntry]:
+        """A copy of the per-peer status, safe to read from another thread."""
+        with self.lock:
+            return {k: PeerStatusEntry(v.state, v.message, v.attempts, v.retry_at, v.desired, v.done_at)
+                    for k, v in self.status.items()}
+
+    def _reconcile(self, desired: DesiredState, prune: bool) -> ReconcileResult:
         now = self._clock()
         res = ReconcileResult()
         actual = self.device.show().peers

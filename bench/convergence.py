@@ -13,6 +13,7 @@ and the agents' RSS.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import secrets
 import statistics
@@ -66,6 +67,7 @@ def measure(n: int, trials: int) -> dict[str, object]:
         time.sleep(0.5)
         agent_lat: list[float] = []
         bare_lat: list[float] = []
+        pool = concurrent.futures.ThreadPoolExecutor(8)  # lab.peers itself runs in the hub's executor
         free = [str(s) for s in cluster.pod_network.subnets(new_prefix=cluster.node_prefix_len)][200:]
         for i in range(trials):
             name, cidr = f"bench{i}", free[i]
@@ -80,7 +82,7 @@ def measure(n: int, trials: int) -> dict[str, object]:
             done: dict[str, float] = {}
             deadline = time.monotonic() + 20
             while len(done) < len(nodes) and time.monotonic() < deadline:
-                futs = {nd: lab.hub_executor().submit(lab.peers, nd) for nd in nodes if nd not in done}
+                futs = {nd: pool.submit(lab.peers, nd) for nd in nodes if nd not in done}
                 for nd, f in futs.items():
                     for p in f.result():
                         if p["public_key"] == pub and p["state"] == "done":
