@@ -62,6 +62,7 @@ class Agent:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self._republish = threading.Event()
+        self._full_pass = threading.Event()  # SIGHUP: re-read everything on the next pass
         self._lock = threading.Lock()
         self._snapshot: ClusterSnapshot | None = None
         self._first_sync = False
@@ -288,13 +289,13 @@ class Agent:
         return plan(self.cfg.node, self.key.public_key().base64, self.config, snap.nodes,
                     local_pod_cidr=self.pod_cidr, persistent_keepalive=self.cfg.persistent_keepalive)
 
-    def reconcile_once(self) -> None:
+    def reconcile_once(self, full: bool = False) -> None:
         desired = self.desired()
         if desired is None:
             return
         t0 = time.perf_counter()
         try:
-            res = self.reconciler.reconcile(desired, prune=self._first_sync)
+            res = self.reconciler.reconcile(desired, prune=self._first_sync, full=full)
         except TunnelError as e:
             self.metrics.sync_errors_total.labels("dataplane").inc()
             log.warning("reconcile failed: %s", e)
@@ -326,8 +327,10 @@ class Agent:
             self._wake.clear()
             if self.stop_event.is_set():
                 return
-            self.reconcile_once()
-            if time.monotonic() >= next_full:
+            full = self._full_pass.is_set() or time.monotonic() >= next_full
+            self._full_pass.clear()
+            self.reconcile_once(full=full)
+            if full:
                 next_full = time.monotonic() + self.cfg.resync_interval
 
     # --- health ---------------------------------------------------------------------------
@@ -389,7 +392,7 @@ class Agent:
         """Run until SIGTERM/SIGINT. SIGHUP forces a full reconcile pass."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._wake.set())
+        signal.signal(signal.SIGHUP, lambda *_: (self._full_pass.set(), self._wake.set()))
         self.start()
         while not self.stop_event.wait(1.0):
             pass

@@ -49,12 +49,17 @@ class Reconciler:
         self.device = device
         self.status: dict[str, PeerStatusEntry] = {}
         self.lock = threading.Lock()  # guards `status` against readers in other threads
+        self._routes_applied: frozenset[str] | None = None  # as of the last good route sync
         self._clock = clock
 
-    def reconcile(self, desired: DesiredState, *, prune: bool) -> ReconcileResult:
-        """One pass: read the device, diff, apply. Pruning only when `prune` (after first sync)."""
+    def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
+        """One pass: read the device, diff, apply. Pruning only when `prune` (after first sync).
+
+        Peers are always read back from the device (cheap); routes only when the desired set
+        changed or on a `full` pass, which catches drift nobody announced.
+        """
         with self.lock:
-            return self._reconcile(desired, prune)
+            return self._reconcile(desired, prune, full)
 
     def snapshot(self) -> dict[str, PeerStatusEntry]:
         """A copy of the per-peer status, safe to read from another thread."""
@@ -62,7 +67,7 @@ class Reconciler:
             return {k: PeerStatusEntry(v.state, v.message, v.attempts, v.retry_at, v.desired, v.done_at)
                     for k, v in self.status.items()}
 
-    def _reconcile(self, desired: DesiredState, prune: bool) -> ReconcileResult:
+    def _reconcile(self, desired: DesiredState, prune: bool, full: bool) -> ReconcileResult:
         now = self._clock()
         res = ReconcileResult()
         actual = self.device.show().peers
@@ -94,9 +99,14 @@ class Reconciler:
             if key in actual and key not in changed and st.state != "done":
                 st.state, st.message, st.done_at = "done", "", time.time()
         res.programmed = sum(1 for st in self.status.values() if st.state == "done")
+        routes_key = desired.routes if prune else None
+        if not full and routes_key is not None and routes_key == self._routes_applied:
+            return res
         try:
             res.routes_added, res.routes_removed = sync_routes(self.device.name, desired.routes, prune=prune)
+            self._routes_applied = routes_key
         except TunnelError as e:
+            self._routes_applied = None
             res.errors += 1
             res.failed.append(f"routes: {e}")
             log.warning("route sync on %s failed: %s", self.device.name, e)

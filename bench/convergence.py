@@ -76,7 +76,7 @@ def measure(n: int, trials: int) -> dict[str, object]:
                              public_key=pub, pod_cidr=cidr, overlay_ip=overlay_address(cidr))
             key = layout.node_key(cluster.name, name)
             lab.consul(lambda s: s.put(layout.ipam_key(cluster.name, cidr), name, cas=0))
-            time.sleep(0.05)  # let the lease's own update settle so it does not mask the record's
+            time.sleep(0.3)  # let the agents finish with the lease's own update first
             t_put = time.time()
             lab.consul(lambda s: s.put(key, rec.to_json()))
             done: dict[str, float] = {}
@@ -87,7 +87,7 @@ def measure(n: int, trials: int) -> dict[str, object]:
                     for p in f.result():
                         if p["public_key"] == pub and p["state"] == "done":
                             done[nd] = p["programmed_at"]
-                time.sleep(0.01)
+                time.sleep(0.1)  # agents stamp programmed_at themselves: polling slowly loses no precision
             if len(done) < len(nodes):
                 raise SystemExit(f"trial {i}: only {len(done)}/{len(nodes)} agents programmed the new node")
             agent_lat.append(max(done.values()) - t_put)

@@ -121,7 +121,10 @@ def exec_(name: str, node: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside NODE's namespaces ('hub' is the underlay switch), e.g. lab exec node1 -- wg show."""
     _require_root()
     lab_ = Lab(name).load()
-    argv = lab_.exec_argv(node, list(command))
+    cmd = list(command[1:] if command[0] == "--" else command)
+    if not cmd:
+        raise LabError("lab exec: give a command after NODE, e.g. lab exec node1 -- wg show")
+    argv = lab_.exec_argv(node, cmd)
     os.execvp(argv[0], argv)
 
 

@@ -91,21 +91,22 @@ class Route:
     ifname: str
 
 
-def owned_routes(ifname: str | None = None) -> set[Route]:
-    """Routes in the main table that wiremesh made (by protocol number)."""
+def _owned_routes(ipr: IPRoute, ifname: str, idx: int) -> set[Route]:
     out: set[Route] = set()
-    with IPRoute() as ipr:
-        names = {int(link["index"]): link.get("ifname") for link in ipr.link("dump")}
-        for family in (2, 10):
-            for r in ipr.route("dump", family=family, table=MAIN_TABLE):
-                if r["proto"] != RTPROT_WIREMESH:
-                    continue
-                dev = names.get(r.get("oif"))
-                if ifname is not None and dev != ifname:
-                    continue
-                dst = r.get("dst") or ("0.0.0.0" if family == 2 else "::")
-                out.add(Route(f"{dst}/{r['dst_len']}", str(dev)))
+    for family in (2, 10):
+        for r in ipr.route("dump", family=family, table=MAIN_TABLE):
+            if r["proto"] != RTPROT_WIREMESH or r.get("oif") != idx:
+                continue
+            dst = r.get("dst") or ("0.0.0.0" if family == 2 else "::")
+            out.add(Route(f"{dst}/{r['dst_len']}", ifname))
     return out
+
+
+def owned_routes(ifname: str) -> set[Route]:
+    """Routes via `ifname` in the main table that wiremesh made (by protocol number)."""
+    idx = link_index(ifname)
+    with IPRoute() as ipr:
+        return _owned_routes(ipr, ifname, idx)
 
 
 def sync_routes(ifname: str, desired: Iterable[str], *, prune: bool) -> tuple[int, int]:
@@ -114,10 +115,13 @@ def sync_routes(ifname: str, desired: Iterable[str], *, prune: bool) -> tuple[in
     Returns (added, removed). A route that already exists or is already gone is no error.
     """
     want = {Route(str(ipaddress.ip_network(d, strict=False)), ifname) for d in desired}
-    have = owned_routes(ifname)
-    idx = link_index(ifname)
     added = removed = 0
     with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise DeviceNotFound(f"{ifname}: no such interface")
+        idx = int(idx[0])
+        have = _owned_routes(ipr, ifname, idx)
         for r in sorted(want - have, key=lambda r: r.dst):
             try:
                 ipr.route("replace", dst=r.dst, oif=idx, proto=RTPROT_WIREMESH, table=MAIN_TABLE)

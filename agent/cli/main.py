@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -12,11 +14,34 @@ from clustermesh import ConsulOptions
 from keys import WiremeshError
 
 from .. import __version__
-from .output import Ctx, stderr_console
+from .output import Ctx
+
+
+# Command groups are imported only when used: `wiremesh agent` then never loads rich, the lab or
+# the status code, which keeps a long-running agent's memory down.
+COMMANDS = {
+    "agent": "agent.cli.agent_cmd:agent",
+    "cluster": "agent.cli.cluster:cluster",
+    "keys": "agent.cli.keys_cmd:keys",
+    "lab": "lab.cli:lab",
+    "status": "agent.cli.status:status",
+}
 
 
 class RootGroup(click.Group):
-    """Prints expected errors as one line plus a hint; tracebacks only with -v."""
+    """Loads command groups lazily; prints expected errors as one line plus a hint."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -34,10 +59,10 @@ class RootGroup(click.Group):
 
 
 def _fail(msg: str, hint: str | None, ctx: click.Context) -> None:
-    con = stderr_console()
-    con.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
+    color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+    click.echo(click.style("error:", fg="red", bold=True) + f" {msg}" if color else f"error: {msg}", err=True)
     if hint:
-        con.print(f"[dim]hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)
+        click.echo(f"hint: {hint}", err=True)
     ctx.exit(1)
 
 
@@ -73,21 +98,6 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = Ctx(verbose=verbose, output=output,
                   consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter))
-
-
-def _register() -> None:
-    from lab.cli import lab
-
-    from .agent_cmd import agent
-    from .cluster import cluster
-    from .keys_cmd import keys
-    from .status import status
-
-    for cmd in (agent, cluster, keys, status, lab):
-        cli.add_command(cmd)
-
-
-_register()
 
 
 def main() -> None:

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from clustermesh import ConsulOptions
 
@@ -25,10 +23,6 @@ class Ctx:
     @property
     def json(self) -> bool:
         return self.output == "json"
-
-
-def stderr_console() -> Console:
-    return Console(stderr=True, no_color="NO_COLOR" in os.environ, highlight=False)
 
 
 def info(msg: str) -> None:
@@ -46,6 +40,9 @@ def emit(ctx: Ctx, data: Any, columns: Sequence[str] | None = None, rows: Sequen
         click.echo(str(data))
         return
     if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
         t = Table(title=title, show_lines=False)
         for c in columns:
             t.add_column(c)
