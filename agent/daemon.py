@@ -38,7 +38,7 @@ from clustermesh import (
     parse_cluster,
 )
 from keys import PrivateKey, WiremeshError, load_or_generate
-from tunnels import TunnelError, ensure_address, ensure_link_up, mtu_of_address, open_device
+from tunnels import DeviceNotFound, TunnelError, ensure_address, ensure_link_up, mtu_of_address, open_device
 
 from . import __version__
 from .config import AgentConfig
@@ -76,6 +76,7 @@ class Agent:
         self.key: PrivateKey | None = None
         self.config: ClusterConfig | None = None
         self.pod_cidr: str | None = None
+        self.underlay_mtu: int | None = None
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
         self.reconciler = Reconciler(self.device)
         self._http = None
@@ -150,17 +151,31 @@ class Agent:
         log.info("%s key %s (public %s)", "generated" if generated else "loaded",
                  self.cfg.key_file, self.key.public_key().fingerprint)
         self._bootstrap_from_consul()
-        assert self.config
+        self.underlay_mtu = mtu_of_address(self.cfg.underlay_address)
+        if self.underlay_mtu is None:
+            log.warning("no interface holds underlay_address %s; peers will not reach this node",
+                        self.cfg.underlay_address)
+        self.ensure_device()
+
+    def ensure_device(self) -> None:
+        """Create the device if it is missing and give it identity, port, address, MTU and link up.
+
+        Each step reads first and changes only what differs, so running it on a healthy device
+        changes nothing (it runs on every full pass, and whenever the device went missing).
+        """
+        assert self.config and self.key
         existed = self.device.exists()
         self.device.create()
         changed = self.device.configure(self.key, self.listen_port)
         desired = plan(self.cfg.node, self.key.public_key().base64, self.config, {},
-                       local_pod_cidr=self.pod_cidr, underlay_mtu=mtu_of_address(self.cfg.underlay_address))
+                       local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu)
         assert desired.address
         ensure_address(self.cfg.interface, desired.address)
         ensure_link_up(self.cfg.interface, desired.mtu)
-        log.info("device %s (%s backend) %s%s, overlay %s, listen port %d", self.cfg.interface, self.device.backend,
-                 "kept" if existed else "created", ", identity set" if changed else "", desired.address, self.listen_port)
+        if not existed or changed:
+            log.info("device %s (%s backend) %s%s, overlay %s, listen port %d", self.cfg.interface,
+                     self.device.backend, "kept" if existed else "created", ", identity set" if changed else "",
+                     desired.address, self.listen_port)
 
     # --- registration ---------------------------------------------------------------------
     def _ensure_session(self) -> str:
@@ -268,9 +283,13 @@ class Agent:
         self._logged_rejects = rejected
         self.metrics.invalid_records.set(len(rejected))
         if snap.config is not None and snap.config != self.config:
+            old_port = self.listen_port if self.config else None
             if self.config is not None:
                 log.info("cluster config changed")
             self.config = snap.config
+            if old_port is not None and old_port != self.listen_port:
+                self._full_pass.set()  # the device's port follows on the next pass,
+                self._republish.set()  # and peers learn the new endpoint
         mine = snap.nodes.get(self.cfg.node)
         if self.session_id and (mine is None or mine.public_key != self.key.public_key().base64):  # type: ignore[union-attr]
             self._republish.set()
@@ -295,7 +314,14 @@ class Agent:
             return
         t0 = time.perf_counter()
         try:
-            res = self.reconciler.reconcile(desired, prune=self._first_sync, full=full)
+            if full:
+                self.ensure_device()
+            try:
+                res = self.reconciler.reconcile(desired, prune=self._first_sync, full=full)
+            except DeviceNotFound:
+                log.warning("device %s is gone; creating it again", self.cfg.interface)
+                self.ensure_device()
+                res = self.reconciler.reconcile(desired, prune=self._first_sync, full=True)
         except TunnelError as e:
             self.metrics.sync_errors_total.labels("dataplane").inc()
             log.warning("reconcile failed: %s", e)
@@ -362,9 +388,9 @@ class Agent:
 
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
-        self.setup()
-        if self.cfg.health_bind:
+        if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
             self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
+        self.setup()
         for name, fn in (("register", self._registration_loop), ("watch", self._watch_loop),
                          ("reconcile", self._reconcile_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)

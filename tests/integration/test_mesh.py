@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -167,11 +168,20 @@ def test_drift_is_repaired(lab3: Lab) -> None:
     key2 = record_key(lab3, "node2")
     lab3.run("node1", "wg", "set", "wm0", "peer", key2, "remove", check=True)
     assert key2 not in wg_peers(lab3, "node1")
-    import os
-
     os.kill(lab3.node("node1").pid, signal.SIGHUP)
     wait_until(lambda: key2 in wg_peers(lab3, "node1"), 10, what="node1 to restore the peer removed by hand")
     assert ping_ok(lab3, "node1", lab3.overlay_ip("node2"))
+
+
+def test_device_comes_back_when_wireguard_go_dies(lab3: Lab) -> None:
+    node = lab3.node("node3")
+    pid = int(Path(node.dir, "wireguard-go-wm0.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: lab3.run("node3", "ip", "link", "show", "wm0").returncode != 0, 10, what="wm0 to vanish")
+    os.kill(node.pid, signal.SIGHUP)  # or wait for the next periodic full pass
+    wait_until(lambda: ping_ok(lab3, "node1", lab3.overlay_ip("node3"), 0.5), 20, interval=0,
+               what="node1 to reach node3 over its new device")
+    assert set(wg_peers(lab3, "node3")) == {record_key(lab3, "node1"), record_key(lab3, "node2")}
 
 
 def test_agent_sigkill_and_restart_loses_no_packet(lab3: Lab, timing) -> None:  # type: ignore[no-untyped-def]
