@@ -38,7 +38,19 @@ from clustermesh import (
     parse_cluster,
 )
 from keys import PrivateKey, WiremeshError, load_or_generate
-from tunnels import DeviceNotFound, TunnelError, ensure_address, ensure_link_up, mtu_of_address, open_device
+from tunnels import (
+    DeviceNotFound,
+    TunnelError,
+    enable_forwarding,
+    ensure_address,
+    ensure_link_up,
+    mtu_of_address,
+    open_device,
+    vtep_mac,
+)
+from tunnels.pods import set_pod_mtu
+
+from .cni import CniState
 
 from . import __version__
 from .config import AgentConfig
@@ -78,7 +90,8 @@ class Agent:
         self.pod_cidr: str | None = None
         self.underlay_mtu: int | None = None
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
-        self.reconciler = Reconciler(self.device)
+        self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
+        self.pod_mtu: int | None = None
         self._http = None
         self._threads: list[threading.Thread] = []
 
@@ -103,6 +116,7 @@ class Agent:
                 return False
             self.config = ClusterConfig.from_json(json.dumps(d["config"]))
             self.pod_cidr = str(d["pod_cidr"])
+            self.pod_mtu = d.get("pod_mtu")
             return True
         except (OSError, ValueError, KeyError, TypeError, WiremeshError):
             return False
@@ -110,6 +124,7 @@ class Agent:
     def _save_cached(self) -> None:
         assert self.config is not None
         d = {"cluster": self.cfg.cluster, "node": self.cfg.node, "pod_cidr": self.pod_cidr,
+             "overlay_ip": overlay_address(self.pod_cidr) if self.pod_cidr else None, "pod_mtu": self.pod_mtu,
              "config": json.loads(self.config.to_json())}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(d, indent=1) + "\n")
@@ -142,7 +157,7 @@ class Agent:
             name=self.cfg.node, cluster=self.cfg.cluster, endpoint=endpoint,
             public_key=self.key.public_key().base64, pod_cidr=self.pod_cidr,
             overlay_ip=overlay_address(self.pod_cidr),
-            key_epoch=0, agent_version=__version__,
+            key_epoch=0, vtep_mac=vtep_mac(overlay_address(self.pod_cidr)), agent_version=__version__,
         )
 
     def setup(self) -> None:
@@ -155,7 +170,23 @@ class Agent:
         if self.underlay_mtu is None:
             log.warning("no interface holds underlay_address %s; peers will not reach this node",
                         self.cfg.underlay_address)
+        enable_forwarding()
         self.ensure_device()
+
+    def _apply_pod_mtu(self, mtu: int) -> None:
+        """Record the pod MTU for the CNI plugin and give it to every pod already on the node."""
+        if mtu != self.pod_mtu:
+            log.info("pod MTU %s -> %d", self.pod_mtu, mtu)
+            self.pod_mtu = mtu
+            self._save_cached()
+        changed = 0
+        for a in CniState(self.cfg.state_dir).attachments():
+            try:
+                changed += set_pod_mtu(a.netns, a.container_id, a.ifname, mtu)
+            except TunnelError as e:
+                log.warning("pod %s/%s: MTU %d not set: %s", a.container_id[:12], a.ifname, mtu, e)
+        if changed:
+            log.info("set MTU %d on %d pod interface(s)", mtu, changed)
 
     def ensure_device(self) -> None:
         """Create the device if it is missing and give it identity, port, address, MTU and link up.
@@ -306,7 +337,8 @@ class Agent:
         if snap is None or self.config is None or self.key is None:
             return None
         return plan(self.cfg.node, self.key.public_key().base64, self.config, snap.nodes,
-                    local_pod_cidr=self.pod_cidr, persistent_keepalive=self.cfg.persistent_keepalive)
+                    local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
+                    persistent_keepalive=self.cfg.persistent_keepalive)
 
     def reconcile_once(self, full: bool = False) -> None:
         desired = self.desired()
@@ -321,6 +353,7 @@ class Agent:
             except DeviceNotFound:
                 log.warning("device %s is gone; creating it again", self.cfg.interface)
                 self.ensure_device()
+                self.reconciler.forget_overlay()
                 res = self.reconciler.reconcile(desired, prune=self._first_sync, full=True)
         except TunnelError as e:
             self.metrics.sync_errors_total.labels("dataplane").inc()

@@ -1,4 +1,18 @@
-"""Records -> desired dataplane state. A pure function: no I/O, no clock, no randomness."""
+"""Records -> desired dataplane state. A pure function: no I/O, no clock, no randomness.
+
+Two routing modes (ClusterConfig.routing):
+
+- `wireguard`: a remote node's pod CIDR is routed into the WireGuard device, and is in that
+  peer's allowed IPs.
+- `vxlan`: a remote pod CIDR is routed into the VXLAN device, on-link via the remote node's
+  VXLAN gateway address (its pod CIDR's network address), whose MAC comes from a permanent
+  neighbour entry and whose VTEP from an FDB entry. Only the remote VTEP (its overlay
+  address, /32) is routed into WireGuard, so every VXLAN packet is encrypted.
+
+Allowed IPs are the peer's whole pod CIDR in both modes: switching modes then only moves
+routes (each replaced in one step), and a node that switched a moment before its peer is
+still accepted by it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from tunnels import PeerConfig
+from tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
 
-WIREGUARD_OVERHEAD = 80  # IPv6 outer header (40) + UDP (8) + WireGuard data header (16) + tag (16)
+WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+MIN_MTU = 1280
+
+
+@dataclass(frozen=True, slots=True)
+class Mtus:
+    wireguard: int | None  # the WireGuard device
+    pod: int | None  # VXLAN device and every pod veth
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,10 +39,35 @@ class DesiredState:
     """What the node's dataplane should hold."""
 
     peers: dict[str, PeerConfig] = field(default_factory=dict)  # by public key (base64)
-    routes: frozenset[str] = frozenset()  # CIDRs routed via the WireGuard device
+    routes: frozenset[Route] = frozenset()
     peer_names: dict[str, str] = field(default_factory=dict)  # public key -> node name, for logs
-    address: str | None = None  # the local overlay address, as CIDR on the device
-    mtu: int | None = None
+    address: str | None = None  # the local overlay address, as CIDR on the WireGuard device
+    mtu: int | None = None  # of the WireGuard device
+    pod_mtu: int | None = None
+    vxlan: VxlanSpec | None = None  # None: no VXLAN device (wireguard mode)
+    fdb: Mapping[str, str] = field(default_factory=dict)  # VTEP MAC -> remote overlay address
+    neighbours: Mapping[str, str] = field(default_factory=dict)  # remote VXLAN gateway -> MAC
+    skipped: tuple[str, ...] = ()  # nodes left out of the VXLAN overlay, with the reason
+
+
+def gateway_address(pod_cidr: str) -> str:
+    """A node's VXLAN gateway: the network address of its pod CIDR (as flannel does)."""
+    return str(ipaddress.ip_network(pod_cidr).network_address)
+
+
+def mtus(config: ClusterConfig, underlay_mtu: int | None) -> Mtus:
+    """WireGuard device and pod MTUs for the cluster's routing mode.
+
+    The cluster's `mtu`, when set, is what pods get; otherwise it is derived from the underlay:
+    WireGuard takes 80 bytes, VXLAN inside it 50 more.
+    """
+    extra = VXLAN_OVERHEAD if config.routing == "vxlan" else 0
+    if config.mtu:
+        return Mtus(config.mtu + extra, config.mtu)
+    if not underlay_mtu:
+        return Mtus(None, None)
+    wg = max(MIN_MTU + extra, underlay_mtu - WIREGUARD_OVERHEAD)
+    return Mtus(wg, wg - extra)
 
 
 def plan(
@@ -32,15 +79,21 @@ def plan(
     local_pod_cidr: str | None,
     underlay_mtu: int | None = None,
     persistent_keepalive: int = 0,
+    wg_device: str = "wm0",
+    vxlan_device: str = "wm-vxlan",
 ) -> DesiredState:
     """Every other node of the cluster becomes a peer whose allowed IPs are its pod CIDR.
 
     A record that carries the local node's own public key under another name is ignored
     (it would hijack our identity on every peer's device).
     """
+    vxlan_mode = config.routing == "vxlan"
     peers: dict[str, PeerConfig] = {}
     names: dict[str, str] = {}
-    routes: set[str] = set()
+    routes: set[Route] = set()
+    fdb: dict[str, str] = {}
+    neigh: dict[str, str] = {}
+    skipped: list[str] = []
     for name in sorted(nodes):
         rec = nodes[name]
         if name == local_node or rec.public_key == local_public_key:
@@ -52,24 +105,31 @@ def plan(
             persistent_keepalive=persistent_keepalive,
         )
         names[rec.public_key] = name
-        routes.add(rec.pod_cidr)
-    address = None
+        if vxlan_mode and rec.vtep_mac:
+            gw = gateway_address(rec.pod_cidr)
+            routes.add(Route(f"{rec.overlay_ip}/32", wg_device))
+            routes.add(Route(rec.pod_cidr, vxlan_device, gw))
+            fdb[rec.vtep_mac] = rec.overlay_ip
+            neigh[gw] = rec.vtep_mac
+        else:
+            if vxlan_mode:
+                skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
+            routes.add(Route(rec.pod_cidr, wg_device))
+    m = mtus(config, underlay_mtu)
+    address = vxlan = None
     if local_pod_cidr:
-        ip = ipaddress.ip_address(overlay_address(local_pod_cidr))
+        overlay = overlay_address(local_pod_cidr)
+        ip = ipaddress.ip_address(overlay)
         address = f"{ip}/{ip.max_prefixlen}"
+        if vxlan_mode:
+            vxlan = VxlanSpec(name=vxlan_device, vni=config.vni, local=overlay, mac=vtep_mac(overlay), mtu=m.pod,
+                              address=f"{gateway_address(local_pod_cidr)}/32")
     return DesiredState(
-        peers=peers,
-        routes=frozenset(routes),
-        peer_names=names,
-        address=address,
-        mtu=tunnel_mtu(config, underlay_mtu),
+        peers=peers, routes=frozenset(routes), peer_names=names, address=address, mtu=m.wireguard,
+        pod_mtu=m.pod, vxlan=vxlan, fdb=fdb, neighbours=neigh, skipped=tuple(skipped),
     )
 
 
 def tunnel_mtu(config: ClusterConfig, underlay_mtu: int | None) -> int | None:
-    """The cluster's MTU if set, else the underlay's minus WireGuard's worst-case overhead."""
-    if config.mtu:
-        return config.mtu
-    if underlay_mtu:
-        return max(1280, underlay_mtu - WIREGUARD_OVERHEAD)
-    return None
+    """The WireGuard device's MTU (kept for callers that need only that)."""
+    return mtus(config, underlay_mtu).wireguard

@@ -10,9 +10,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunnels import PeerChange, PeerConfig, TunnelError, WireGuardDevice, peer_changes, sync_routes
+from tunnels import (
+    PeerChange,
+    PeerConfig,
+    TunnelError,
+    WireGuardDevice,
+    delete_vxlan,
+    ensure_vxlan,
+    link_exists,
+    peer_changes,
+    set_mtu,
+    sync_fdb,
+    sync_neighbours,
+    sync_routes,
+)
 
 from .planner import DesiredState
 
@@ -45,11 +59,20 @@ class ReconcileResult:
 
 
 class Reconciler:
-    def __init__(self, device: WireGuardDevice, clock: "callable[[], float]" = time.monotonic) -> None:  # type: ignore[valid-type]
+    def __init__(
+        self,
+        device: WireGuardDevice,
+        clock: Callable[[], float] = time.monotonic,
+        on_pod_mtu: Callable[[int], object] | None = None,
+        vxlan_device: str = "wm-vxlan",
+    ) -> None:
         self.device = device
         self.status: dict[str, PeerStatusEntry] = {}
         self.lock = threading.Lock()  # guards `status` against readers in other threads
-        self._routes_applied: frozenset[str] | None = None  # as of the last good route sync
+        self._overlay_applied: object = None  # the desired overlay as of the last good sync
+        self._pod_mtu: int | None = None
+        self.on_pod_mtu = on_pod_mtu  # applies a new pod MTU to every pod on the node
+        self.vxlan_device = vxlan_device
         self._clock = clock
 
     def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
@@ -99,18 +122,50 @@ class Reconciler:
             if key in actual and key not in changed and st.state != "done":
                 st.state, st.message, st.done_at = "done", "", time.time()
         res.programmed = sum(1 for st in self.status.values() if st.state == "done")
-        routes_key = desired.routes if prune else None
-        if not full and routes_key is not None and routes_key == self._routes_applied:
+        # The overlay (routes, VXLAN, FDB, neighbours, MTUs) is re-read only when its desired
+        # state changed or on a full pass; peers above are compared on every pass (cheap).
+        key = _overlay_key(desired) if prune else None
+        if not full and key is not None and key == self._overlay_applied:
             return res
         try:
-            res.routes_added, res.routes_removed = sync_routes(self.device.name, desired.routes, prune=prune)
-            self._routes_applied = routes_key
+            self._sync_overlay(desired, prune, res)
+            self._overlay_applied = key
         except TunnelError as e:
-            self._routes_applied = None
+            self._overlay_applied = None
             res.errors += 1
-            res.failed.append(f"routes: {e}")
-            log.warning("route sync on %s failed: %s", self.device.name, e)
+            res.failed.append(f"overlay: {e}")
+            log.warning("overlay sync failed: %s", e)
         return res
+
+    def _sync_overlay(self, desired: DesiredState, prune: bool, res: ReconcileResult) -> None:
+        """Routes, VXLAN and MTUs, in the order that keeps packets flowing through a mode switch.
+
+        The VXLAN device and its entries come before the routes that use them and go after
+        the routes have left them; pod MTUs shrink before traffic moves into VXLAN and grow
+        only after it has left.
+        """
+        vx = desired.vxlan
+        if desired.mtu and link_exists(self.device.name):
+            set_mtu(self.device.name, desired.mtu)
+        if vx is not None:
+            ensure_vxlan(vx)
+            sync_fdb(vx.name, desired.fdb, prune=prune)
+            sync_neighbours(vx.name, desired.neighbours, prune=prune)
+        pod_mtu_first = (desired.pod_mtu is not None and self.on_pod_mtu is not None
+                         and (self._pod_mtu is None or desired.pod_mtu < self._pod_mtu))
+        if pod_mtu_first:
+            self._set_pod_mtu(desired.pod_mtu)  # type: ignore[arg-type]
+        res.routes_added, res.routes_removed = sync_routes(
+            desired.routes, devices=[self.device.name, self.vxlan_device], prune=prune)
+        if vx is None and prune and delete_vxlan(self.vxlan_device):
+            log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
+        if desired.pod_mtu is not None and not pod_mtu_first and self.on_pod_mtu is not None:
+            self._set_pod_mtu(desired.pod_mtu)
+
+    def _set_pod_mtu(self, mtu: int) -> None:
+        assert self.on_pod_mtu is not None
+        self.on_pod_mtu(mtu)
+        self._pod_mtu = mtu
 
     def _done(self, changes: list[PeerChange], res: ReconcileResult) -> None:
         for ch in changes:
@@ -138,6 +193,14 @@ class Reconciler:
         st.state, st.message, st.retry_at = "error", str(e), now + delay
         log.warning("programming peer %s failed (attempt %d, retry in %.1fs): %s", name, st.attempts, delay, e)
 
+    def forget_overlay(self) -> None:
+        """Make the next pass re-read the overlay (after the device was re-created)."""
+        self._overlay_applied = None
+
     def next_retry(self) -> float | None:
         times = [st.retry_at for st in self.status.values() if st.state == "error"]
         return min(times) if times else None
+
+
+def _overlay_key(d: DesiredState) -> object:
+    return (d.routes, d.vxlan, tuple(sorted(d.fdb.items())), tuple(sorted(d.neighbours.items())), d.mtu, d.pod_mtu)

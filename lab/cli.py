@@ -37,18 +37,21 @@ def lab() -> None:
 @click.option("--nodes", type=click.IntRange(1, 200), default=3, show_default=True, help="Number of nodes.")
 @click.option("--cluster", default="lab", show_default=True, help="Cluster name.")
 @click.option("--pod-cidr", default="10.240.0.0/16", show_default=True)
+@click.option("--routing", type=click.Choice(["wireguard", "vxlan"]), default="wireguard", show_default=True,
+              help="How pod traffic crosses nodes: routed into WireGuard, or VXLAN inside WireGuard.")
 @click.option("--session-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Seconds after an agent's crash until its peers drop it.")
 @click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
 @click.pass_obj
-def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, session_ttl: int, no_check: bool) -> None:
+def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, routing: str, session_ttl: int,
+       no_check: bool) -> None:
     """Start a lab: Consul, NODES nodes with agents; then show every node pinging every other."""
     _require_root()
     lab_ = Lab(name)
     click.echo(f"lab {name}: starting {nodes} nodes", err=True)
     t0 = time.monotonic()
     try:
-        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, session_ttl=session_ttl, progress=_say)
+        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, routing=routing, session_ttl=session_ttl, progress=_say)
     except LabError:
         click.echo(f"lab {name}: start failed; 'wiremesh lab down -n {name}' removes what was made", err=True)
         raise
@@ -118,7 +121,7 @@ def list_(obj: Any) -> None:
 @click.argument("node")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(name: str, node: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND inside NODE's namespaces ('hub' is the underlay switch), e.g. lab exec node1 -- wg show."""
+    """Run COMMAND inside a node, a pod, or 'hub' (the underlay switch), e.g. lab exec node1 -- wg show."""
     _require_root()
     lab_ = Lab(name).load()
     cmd = list(command[1:] if command[0] == "--" else command)
@@ -157,6 +160,55 @@ def start(name: str, node: str) -> None:
     _require_root()
     pid = Lab(name).load().start_agent(node)
     click.echo(f"{node}: agent pid {pid}", err=True)
+
+
+@lab.command("routing")
+@name_option
+@click.argument("mode", type=click.Choice(["wireguard", "vxlan"]))
+def routing_(name: str, mode: str) -> None:
+    """Switch the running cluster to routing MODE; agents move over without a restart."""
+    _require_root()
+    result = Lab(name).load().set_routing(mode)
+    click.echo(f"lab {name}: routing {mode} ({result})", err=True)
+
+
+@lab.group("pod")
+def pod() -> None:
+    """Pods: network namespaces wired up by the wiremesh CNI plugin, as a container runtime would."""
+
+
+@pod.command("add")
+@name_option
+@click.argument("pod_name", metavar="NAME")
+@click.option("--node", required=True, help="The node the pod runs on.")
+@click.pass_obj
+def pod_add(obj: Any, name: str, pod_name: str, node: str) -> None:
+    """Create pod NAME on NODE through the CNI plugin (CNI ADD)."""
+    _require_root()
+    p = Lab(name).load().add_pod(pod_name, node)
+    click.echo(f"pod {p.name} on {p.node}: {p.address}", err=True)
+
+
+@pod.command("del")
+@name_option
+@click.argument("pod_name", metavar="NAME")
+def pod_del(name: str, pod_name: str) -> None:
+    """Delete pod NAME (CNI DEL, then its namespace)."""
+    _require_root()
+    Lab(name).load().del_pod(pod_name)
+    click.echo(f"pod {pod_name}: deleted", err=True)
+
+
+@pod.command("list")
+@name_option
+@click.pass_obj
+def pod_list(obj: Any, name: str) -> None:
+    """Pods of the lab with their node and address."""
+    from agent.cli.output import Ctx, emit
+
+    pods = Lab(name).load().pods
+    emit(obj or Ctx(), [p.__dict__ for p in pods.values()], ["pod", "node", "address", "netns"],
+         [[p.name, p.node, p.address, p.netns] for p in pods.values()])
 
 
 @lab.command("down")

@@ -11,6 +11,7 @@ namespaces by name, so a crash half-way through `up` is still cleaned by `down`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clustermesh import ClusterConfig, ConsulOptions, ConsulStore, init_cluster, overlay_address
+from clustermesh import ClusterConfig, ConsulOptions, ConsulStore, init_cluster, load_cluster_config, overlay_address
 
-from . import consul_server, netns
+from . import consul_server, netns, pods
 from .errors import LabError, LabExists, LabNotFound
 
 T = TypeVar("T")
@@ -155,7 +156,8 @@ class Lab:
 
     # --- up -------------------------------------------------------------------------------
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
-           session_ttl: int = 10, progress: Progress = _quiet, wait: bool = True) -> None:
+           routing: str = "wireguard", session_ttl: int = 10, progress: Progress = _quiet,
+           wait: bool = True) -> None:
         if self.exists():
             raise LabExists(f"lab {self.name!r} already exists ({self.dir})")
         if not 0 <= nodes <= 200:
@@ -166,7 +168,8 @@ class Lab:
         (self.dir / "mnt").mkdir()
         self.state = {"name": self.name, "created": time.time(), "nodes": {}, "consul_pid": 0,
                       "session_ttl": session_ttl,
-                      "cluster": json.loads(ClusterConfig(name=cluster, id=1, pod_cidr=pod_cidr).to_json())}
+                      "cluster": json.loads(ClusterConfig(name=cluster, id=1, pod_cidr=pod_cidr,
+                                                          routing=routing).to_json())}
         self.save()
         progress(f"underlay switch {self.hub} ({HUB_IP}/24 on br0)")
         netns.netns_add(self.hub)
@@ -178,7 +181,7 @@ class Lab:
                                    data_dir=self.dir / "consul-data", bind=HUB_IP)
         self.start_consul()
         self.consul(lambda s: init_cluster(s, self.cluster))
-        progress(f"cluster {cluster!r}: pod CIDR {pod_cidr}")
+        progress(f"cluster {cluster!r}: pod CIDR {pod_cidr}, routing {routing}")
         for _ in range(nodes):
             self.add_node(progress=progress, wait=False)
         if wait:
@@ -291,10 +294,33 @@ class Lab:
             time.sleep(0.1)
         raise LabError(f"lab {self.name}: not converged after {timeout:.0f}s ({last})")
 
+    # --- cluster settings and pods ---------------------------------------------------------
+    def set_routing(self, mode: str) -> str:
+        """Switch the running cluster's routing mode (the agents follow it from Consul)."""
+        cfg = self.consul(lambda s: load_cluster_config(s, self.state["cluster"]["name"]))
+        result = self.consul(lambda s: init_cluster(s, dataclasses.replace(cfg, routing=mode), force=True))
+        self.state["cluster"]["routing"] = mode
+        self.save()
+        return result
+
+    def add_pod(self, name: str, node: str) -> "pods.Pod":
+        return pods.add_pod(self, name, node)
+
+    def del_pod(self, name: str) -> None:
+        pods.del_pod(self, name)
+
+    @property
+    def pods(self) -> dict[str, "pods.Pod"]:
+        return pods.pods(self)
+
     # --- exec -----------------------------------------------------------------------------
     def exec_argv(self, name: str, argv: list[str]) -> list[str]:
+        """The command line that runs ARGV in a node, a pod ("pod NAME" or just its name) or the hub."""
         if name == "hub":
             return netns.enter_cmd(self.hub, None) + argv
+        pod = self.state.get("pods", {}).get(name)
+        if pod is not None and name not in self.nodes:
+            return netns.enter_cmd(pod["netns"], None) + argv
         node = self.node(name)
         return netns.enter_cmd(node.netns, Path(node.mountns)) + argv
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+
+from tunnels.netns import NetnsExecutor as _TunnelsNetnsExecutor
 
 from .errors import LabError
 
-T = TypeVar("T")
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def sh(*cmd: str, check: bool = True, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -70,6 +66,8 @@ def make_private_dir(path: Path) -> None:
 def mountns_add(file: Path) -> None:
     """Create a persistent mount namespace, bound at `file`, with its own /run/wireguard.
 
+    Call it after the network namespace exists: /run/netns is made shared by `ip netns add`.
+
     wireguard-go puts its UAPI socket at /var/run/wireguard/<ifname>.sock in every network
     namespace alike; a private tmpfs there per node keeps two nodes' wm0 apart.
     """
@@ -77,7 +75,9 @@ def mountns_add(file: Path) -> None:
         return
     file.touch()
     Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
-    sh("unshare", f"--mount={file}", "--propagation", "private", "--",
+    # slave: the node still sees namespaces added later under /run/netns (pods, for the agent),
+    # while its own /run/wireguard never leaks back to the host.
+    sh("unshare", f"--mount={file}", "--propagation", "slave", "--",
        "mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "wiremesh-lab", "/run/wireguard")
 
 
@@ -163,36 +163,11 @@ def _reap() -> None:
             return
 
 
-def _setns(name: str) -> None:
-    fd = os.open(netns_path(name), os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"setns {name}: {os.strerror(e)}")
-    finally:
-        os.close(fd)
-
-
-class NetnsExecutor:
-    """Runs Python callables in a thread that lives in another network namespace.
-
-    setns(CLONE_NEWNET) changes only the calling thread, so sockets opened by these calls
-    (Consul HTTP, health checks) belong to the namespace while the rest of the process stays.
-    """
+class NetnsExecutor(_TunnelsNetnsExecutor):
+    """Runs Python callables in threads inside a lab namespace (by name)."""
 
     def __init__(self, name: str, workers: int = 4) -> None:
         if not netns_exists(name):
             raise LabError(f"network namespace {name} does not exist")
+        super().__init__(netns_path(name), workers)
         self.name = name
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"ns-{name}", initializer=_setns, initargs=(name,))
-
-    def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return self._pool.submit(fn, *args, **kw).result()
-
-    def submit(self, fn: Callable[..., T], *args: Any, **kw: Any) -> "concurrent.futures.Future[T]":
-        return self._pool.submit(fn, *args, **kw)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-

@@ -3,7 +3,21 @@
 from .device import BACKENDS, UserspaceDevice, WireGuardDevice, kernel_module_available, open_device
 from .diff import peer_changes
 from .errors import DeviceNotFound, KernelUnsupported, TunnelError, UAPIError
-from .links import RTPROT_WIREMESH, delete_link, ensure_address, ensure_link_up, link_exists, link_mtu, mtu_of_address, owned_routes, sync_routes
+from .links import (
+    RTPROT_WIREMESH,
+    Route,
+    delete_link,
+    enable_forwarding,
+    ensure_address,
+    ensure_link_up,
+    link_exists,
+    link_mtu,
+    mtu_of_address,
+    owned_routes,
+    set_mtu,
+    sync_routes,
+)
+from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, sync_fdb, sync_neighbours, vtep_mac
 from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 
 __all__ = [
@@ -15,6 +29,16 @@ __all__ = [
     "PeerConfig",
     "PeerStatus",
     "RTPROT_WIREMESH",
+    "Route",
+    "VXLAN_PORT",
+    "VxlanSpec",
+    "delete_vxlan",
+    "enable_forwarding",
+    "ensure_vxlan",
+    "set_mtu",
+    "sync_fdb",
+    "sync_neighbours",
+    "vtep_mac",
     "TunnelError",
     "UAPIError",
     "UserspaceDevice",

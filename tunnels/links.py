@@ -18,6 +18,7 @@ from .errors import DeviceNotFound, TunnelError
 
 RTPROT_WIREMESH = 87  # free in /etc/iproute2/rt_protos; ours by convention
 MAIN_TABLE = 254
+RTNH_F_ONLINK = 4
 
 
 def _nl_error(what: str, e: NetlinkError) -> TunnelError:
@@ -87,56 +88,106 @@ def ensure_address(ifname: str, cidr: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A route wiremesh owns: `dst` via device `ifname`, through `via` (on-link) if set."""
+
     dst: str  # canonical CIDR
     ifname: str
+    via: str | None = None
 
 
-def _owned_routes(ipr: IPRoute, ifname: str, idx: int) -> set[Route]:
-    out: set[Route] = set()
+def _owned_routes(ipr: IPRoute, names: dict[int, str]) -> dict[str, Route]:
+    out: dict[str, Route] = {}
     for family in (2, 10):
         for r in ipr.route("dump", family=family, table=MAIN_TABLE):
-            if r["proto"] != RTPROT_WIREMESH or r.get("oif") != idx:
+            if r["proto"] != RTPROT_WIREMESH or r.get("oif") not in names:
                 continue
             dst = r.get("dst") or ("0.0.0.0" if family == 2 else "::")
-            out.add(Route(f"{dst}/{r['dst_len']}", ifname))
+            cidr = f"{dst}/{r['dst_len']}"
+            out[cidr] = Route(cidr, names[r.get("oif")], r.get("gateway"))
     return out
 
 
-def owned_routes(ifname: str) -> set[Route]:
-    """Routes via `ifname` in the main table that wiremesh made (by protocol number)."""
-    idx = link_index(ifname)
+def _indexes(ipr: IPRoute, ifnames: Iterable[str]) -> dict[int, str]:
+    names = {}
+    for name in ifnames:
+        idx = ipr.link_lookup(ifname=name)
+        if idx:
+            names[int(idx[0])] = name
+    return names
+
+
+def owned_routes(ifnames: Iterable[str]) -> set[Route]:
+    """Routes via these devices in the main table that wiremesh made (by protocol number)."""
     with IPRoute() as ipr:
-        return _owned_routes(ipr, ifname, idx)
+        return set(_owned_routes(ipr, _indexes(ipr, ifnames)).values())
 
 
-def sync_routes(ifname: str, desired: Iterable[str], *, prune: bool) -> tuple[int, int]:
-    """Make the routes via `ifname` that wiremesh owns equal `desired` (CIDRs).
+def sync_routes(desired: Iterable[Route], *, devices: Iterable[str], prune: bool) -> tuple[int, int]:
+    """Make wiremesh's routes via `devices` equal `desired`, keyed by destination.
 
-    Returns (added, removed). A route that already exists or is already gone is no error.
+    A destination that moves to another device or gateway is replaced in one step (no gap);
+    with `prune`, owned routes to destinations no longer desired are deleted. Returns
+    (added or changed, removed). Already there, or already gone, is no error.
     """
-    want = {Route(str(ipaddress.ip_network(d, strict=False)), ifname) for d in desired}
+    want = {r.dst: r for r in (Route(str(ipaddress.ip_network(r.dst, strict=False)), r.ifname, r.via) for r in desired)}
     added = removed = 0
+    with IPRoute() as ipr:
+        names = _indexes(ipr, set(devices) | {r.ifname for r in want.values()})
+        index = {v: k for k, v in names.items()}
+        have = _owned_routes(ipr, names)
+        for dst, r in sorted(want.items()):
+            if have.get(dst) == r:
+                continue
+            if r.ifname not in index:
+                raise DeviceNotFound(f"{r.ifname}: no such interface (route {dst})")
+            kw: dict[str, object] = {"dst": dst, "oif": index[r.ifname], "proto": RTPROT_WIREMESH, "table": MAIN_TABLE}
+            if r.via:
+                kw.update(gateway=r.via, flags=RTNH_F_ONLINK)
+            try:
+                ipr.route("replace", **kw)
+                added += 1
+            except NetlinkError as e:
+                raise _nl_error(f"{r.ifname}: route {dst}{' via ' + r.via if r.via else ''}", e) from e
+        if prune:
+            for dst, r in sorted(have.items()):
+                if dst in want:
+                    continue
+                try:
+                    ipr.route("del", dst=dst, oif=index[r.ifname], proto=RTPROT_WIREMESH, table=MAIN_TABLE)
+                    removed += 1
+                except NetlinkError as e:
+                    if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
+                        raise _nl_error(f"{r.ifname}: delete route {dst}", e) from e
+    return added, removed
+
+
+def set_mtu(ifname: str, mtu: int) -> bool:
+    """Set an interface's MTU if it differs; True if it changed."""
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             raise DeviceNotFound(f"{ifname}: no such interface")
-        idx = int(idx[0])
-        have = _owned_routes(ipr, ifname, idx)
-        for r in sorted(want - have, key=lambda r: r.dst):
-            try:
-                ipr.route("replace", dst=r.dst, oif=idx, proto=RTPROT_WIREMESH, table=MAIN_TABLE)
-                added += 1
-            except NetlinkError as e:
-                raise _nl_error(f"{ifname}: add route {r.dst}", e) from e
-        if prune:
-            for r in sorted(have - want, key=lambda r: r.dst):
-                try:
-                    ipr.route("del", dst=r.dst, oif=idx, proto=RTPROT_WIREMESH, table=MAIN_TABLE)
-                    removed += 1
-                except NetlinkError as e:
-                    if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
-                        raise _nl_error(f"{ifname}: delete route {r.dst}", e) from e
-    return added, removed
+        (link,) = ipr.link("get", index=idx[0])
+        if link.get("mtu") == mtu:
+            return False
+        try:
+            ipr.link("set", index=idx[0], mtu=mtu)
+        except NetlinkError as e:
+            raise _nl_error(f"{ifname}: set mtu {mtu}", e) from e
+        return True
+
+
+def enable_forwarding() -> None:
+    """Let this network namespace route packets between pods and tunnels."""
+    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+        try:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError as e:
+            raise TunnelError(f"{path}: {e.strerror}", e.errno) from e
 
 
 def mtu_of_address(address: str) -> int | None:

@@ -6,9 +6,19 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.planner import WIREGUARD_OVERHEAD, DesiredState, plan, tunnel_mtu
+from agent.planner import (
+    MIN_MTU,
+    VXLAN_OVERHEAD,
+    WIREGUARD_OVERHEAD,
+    DesiredState,
+    Mtus,
+    gateway_address,
+    mtus,
+    plan,
+    tunnel_mtu,
+)
 from clustermesh import ClusterConfig, NodeRecord
-from tunnels import PeerConfig
+from tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
 
 MakeNode = Callable[..., NodeRecord]
 
@@ -32,7 +42,14 @@ def test_every_other_node_becomes_a_peer(cluster_config: ClusterConfig, nodes: d
             public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
             persistent_keepalive=0)
         assert st.peer_names[rec.public_key] == name
-    assert st.routes == frozenset({"10.240.2.0/24", "10.240.3.0/24"})
+    assert st.routes == frozenset({Route("10.240.2.0/24", "wm0"), Route("10.240.3.0/24", "wm0")})
+    # wireguard mode: no VXLAN device, no FDB, no neighbours, nothing skipped
+    assert st.vxlan is None and st.fdb == {} and st.neighbours == {} and st.skipped == ()
+
+
+def test_routes_use_the_given_wireguard_device(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
+    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24", wg_device="wg7")
+    assert {r.ifname for r in st.routes} == {"wg7"}
 
 
 def test_local_node_is_excluded(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
@@ -40,7 +57,8 @@ def test_local_node_is_excluded(cluster_config: ClusterConfig, nodes: dict[str, 
     st = plan("n2", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
     assert me.public_key not in st.peers
     assert "n2" not in st.peer_names.values()
-    assert me.pod_cidr not in st.routes
+    assert me.pod_cidr not in {r.dst for r in st.routes}
+    assert {r.dst for r in st.routes} == {"10.240.1.0/24", "10.240.3.0/24"}
 
 
 def test_local_node_excluded_by_name_even_with_another_key(cluster_config: ClusterConfig,
@@ -59,7 +77,7 @@ def test_record_with_local_public_key_under_another_name_is_ignored(
     st = plan("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
     assert me.public_key not in st.peers
     assert "impostor" not in st.peer_names.values()
-    assert "10.240.9.0/24" not in st.routes
+    assert "10.240.9.0/24" not in {r.dst for r in st.routes}
     assert len(st.peers) == 2
 
 

@@ -1,0 +1,180 @@
+"""The VXLAN overlay that runs inside WireGuard: device, FDB and neighbour entries, as diffs.
+
+The VTEP is the node's overlay address on the WireGuard device, so every VXLAN packet is
+routed into WireGuard and encrypted; VXLAN never touches the underlay in the clear. Entries
+are static (no learning, no flooding): each remote node has one FDB entry (its VTEP MAC ->
+its overlay address) and one permanent neighbour entry (its gateway address -> its MAC).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import states as nud_states
+
+from .errors import DeviceNotFound, TunnelError
+
+VXLAN_PORT = 4789
+NUD_PERMANENT = nud_states["permanent"]
+NTF_SELF = 0x02  # the entry belongs to the VXLAN device itself (as `bridge fdb ... self`)
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanSpec:
+    name: str
+    vni: int
+    local: str  # the node's overlay address (on the WireGuard device)
+    mac: str
+    mtu: int | None
+    address: str  # "a.b.c.d/32": the node's VXLAN gateway address (its pod CIDR's network address)
+    port: int = VXLAN_PORT
+
+
+def vtep_mac(overlay_ip: str) -> str:
+    """A stable, locally administered MAC for a node's VTEP: 0a:58 + its IPv4 overlay address."""
+    octets = [int(x) for x in overlay_ip.split(".")]
+    return "0a:58:" + ":".join(f"{o:02x}" for o in octets)
+
+
+def _err(what: str, e: NetlinkError) -> TunnelError:
+    return TunnelError(f"{what}: {e.args[1] if len(e.args) > 1 else e}", e.code)
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    idx = ipr.link_lookup(ifname=name)
+    return int(idx[0]) if idx else None
+
+
+def ensure_vxlan(spec: VxlanSpec) -> bool:
+    """Create or fix the VXLAN device; returns True if anything changed.
+
+    VNI, local address and port cannot change in place: a device that differs is replaced.
+    """
+    changed = False
+    with IPRoute() as ipr:
+        idx = _index(ipr, spec.name)
+        if idx is not None:
+            (link,) = ipr.link("get", index=idx)
+            data = (link.get_attr("IFLA_LINKINFO") or {}).get_attr("IFLA_INFO_DATA") if link.get_attr("IFLA_LINKINFO") else None
+            same = data is not None and (
+                data.get_attr("IFLA_VXLAN_ID") == spec.vni
+                and data.get_attr("IFLA_VXLAN_LOCAL") == spec.local
+                and data.get_attr("IFLA_VXLAN_PORT") == spec.port
+            )
+            if not same:
+                ipr.link("del", index=idx)
+                idx = None
+        if idx is None:
+            try:
+                ipr.link("add", ifname=spec.name, kind="vxlan", vxlan_id=spec.vni, vxlan_local=spec.local,
+                         vxlan_port=spec.port, vxlan_learning=0, address=spec.mac)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise _err(f"{spec.name}: create vxlan (vni {spec.vni})", e) from e
+            idx = _index(ipr, spec.name)
+            changed = True
+        assert idx is not None
+        (link,) = ipr.link("get", index=idx)
+        kw: dict[str, object] = {}
+        if link.get_attr("IFLA_ADDRESS") != spec.mac:
+            kw["address"] = spec.mac
+        if spec.mtu and link.get_attr("IFLA_MTU") != spec.mtu:
+            kw["mtu"] = spec.mtu
+        if not link["flags"] & 1:
+            kw["state"] = "up"
+        if kw:
+            try:
+                ipr.link("set", index=idx, **kw)
+            except NetlinkError as e:
+                raise _err(f"{spec.name}: set {sorted(kw)}", e) from e
+            changed = True
+        ip, _, plen = spec.address.partition("/")
+        if not any(a.get_attr("IFA_ADDRESS") == ip for a in ipr.addr("dump", index=idx)):
+            try:
+                ipr.addr("add", index=idx, address=ip, prefixlen=int(plen or 32))
+                changed = True
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise _err(f"{spec.name}: add address {spec.address}", e) from e
+    return changed
+
+
+def delete_vxlan(name: str) -> bool:
+    """Remove the VXLAN device (its FDB, neighbours and routes go with it); gone already is fine."""
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", ifname=name)
+            return True
+        except NetlinkError as e:
+            if e.code in (errno.ENODEV, errno.ENOENT):
+                return False
+            raise _err(f"{name}: delete", e) from e
+
+
+def sync_fdb(name: str, desired: Mapping[str, str], *, prune: bool) -> tuple[int, int]:
+    """Make the device's unicast FDB entries (MAC -> remote VTEP address) equal `desired`."""
+    added = removed = 0
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            raise DeviceNotFound(f"{name}: no such interface")
+        have: dict[str, str] = {}
+        for e in ipr.fdb("dump", ifindex=idx):
+            if e.get("ifindex") != idx:
+                continue
+            mac, dst = e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")
+            if mac and dst:
+                have[mac] = dst
+        for mac, dst in sorted(desired.items()):
+            if have.get(mac) == dst:
+                continue
+            try:
+                ipr.fdb("replace", ifindex=idx, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
+                added += 1
+            except NetlinkError as e:
+                raise _err(f"{name}: fdb {mac} dst {dst}", e) from e
+        if prune:
+            for mac, dst in sorted(have.items()):
+                if mac in desired:
+                    continue
+                try:
+                    ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst, flags=NTF_SELF)
+                    removed += 1
+                except NetlinkError as e:
+                    if e.code not in (errno.ENOENT, errno.ENODEV):
+                        raise _err(f"{name}: delete fdb {mac}", e) from e
+    return added, removed
+
+
+def sync_neighbours(name: str, desired: Mapping[str, str], *, prune: bool) -> tuple[int, int]:
+    """Make the device's permanent neighbour entries (IP -> MAC) equal `desired`."""
+    added = removed = 0
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            raise DeviceNotFound(f"{name}: no such interface")
+        have: dict[str, str] = {}
+        for n in ipr.neigh("dump", ifindex=idx):
+            if n.get("ifindex") == idx and n["state"] & NUD_PERMANENT:
+                have[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
+        for ip, mac in sorted(desired.items()):
+            if have.get(ip) == mac:
+                continue
+            try:
+                ipr.neigh("replace", ifindex=idx, dst=ip, lladdr=mac, state=NUD_PERMANENT)
+                added += 1
+            except NetlinkError as e:
+                raise _err(f"{name}: neighbour {ip} lladdr {mac}", e) from e
+        if prune:
+            for ip in sorted(set(have) - set(desired)):
+                try:
+                    ipr.neigh("del", ifindex=idx, dst=ip)
+                    removed += 1
+                except NetlinkError as e:
+                    if e.code not in (errno.ENOENT, errno.ENODEV):
+                        raise _err(f"{name}: delete neighbour {ip}", e) from e
+    return added, removed
