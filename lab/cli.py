@@ -37,21 +37,23 @@ def lab() -> None:
 @click.option("--nodes", type=click.IntRange(1, 200), default=3, show_default=True, help="Number of nodes.")
 @click.option("--cluster", default="lab", show_default=True, help="Cluster name.")
 @click.option("--pod-cidr", default="10.240.0.0/16", show_default=True)
+@click.option("--node-prefix-len", type=int, default=24, show_default=True, help="Size of each node's pod CIDR.")
 @click.option("--routing", type=click.Choice(["wireguard", "vxlan"]), default="wireguard", show_default=True,
               help="How pod traffic crosses nodes: routed into WireGuard, or VXLAN inside WireGuard.")
 @click.option("--session-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Seconds after an agent's crash until its peers drop it.")
 @click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
 @click.pass_obj
-def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, routing: str, session_ttl: int,
-       no_check: bool) -> None:
+def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, node_prefix_len: int, routing: str,
+       session_ttl: int, no_check: bool) -> None:
     """Start a lab: Consul, NODES nodes with agents; then show every node pinging every other."""
     _require_root()
     lab_ = Lab(name)
     click.echo(f"lab {name}: starting {nodes} nodes", err=True)
     t0 = time.monotonic()
     try:
-        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, routing=routing, session_ttl=session_ttl, progress=_say)
+        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len, routing=routing,
+                session_ttl=session_ttl, progress=_say)
     except LabError:
         click.echo(f"lab {name}: start failed; 'wiremesh lab down -n {name}' removes what was made", err=True)
         raise

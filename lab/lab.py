@@ -156,8 +156,8 @@ class Lab:
 
     # --- up -------------------------------------------------------------------------------
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
-           routing: str = "wireguard", session_ttl: int = 10, progress: Progress = _quiet,
-           wait: bool = True) -> None:
+           node_prefix_len: int = 24, routing: str = "wireguard", session_ttl: int = 10,
+           progress: Progress = _quiet, wait: bool = True) -> None:
         if self.exists():
             raise LabExists(f"lab {self.name!r} already exists ({self.dir})")
         if not 0 <= nodes <= 200:
@@ -169,6 +169,7 @@ class Lab:
         self.state = {"name": self.name, "created": time.time(), "nodes": {}, "consul_pid": 0,
                       "session_ttl": session_ttl,
                       "cluster": json.loads(ClusterConfig(name=cluster, id=1, pod_cidr=pod_cidr,
+                                                          node_prefix_len=node_prefix_len,
                                                           routing=routing).to_json())}
         self.save()
         progress(f"underlay switch {self.hub} ({HUB_IP}/24 on br0)")

@@ -41,7 +41,7 @@ def test_every_node_pings_every_other(lab3: Lab) -> None:
 
 def test_underlay_carries_only_wireguard(lab3: Lab, tmp_path: Path) -> None:
     pcap = tmp_path / "underlay.pcap"
-    cap = lab3.popen("hub", "tcpdump", "-i", "br0", "-nn", "-U", "-w", str(pcap),
+    cap = lab3.popen("hub", "tcpdump", "--immediate-mode", "-i", "br0", "-nn", "-U", "-w", str(pcap),
                      "ip and not host 10.99.0.1", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         assert cap.stderr is not None
