@@ -87,7 +87,8 @@ def plan(
     A record that carries the local node's own public key under another name is ignored
     (it would hijack our identity on every peer's device).
     """
-    vxlan_mode = config.routing == "vxlan"
+    # Without a pod CIDR of its own the node has no VTEP: it stays on plain WireGuard routes.
+    vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
     peers: dict[str, PeerConfig] = {}
     names: dict[str, str] = {}
     routes: set[Route] = set()

@@ -21,6 +21,7 @@ from tunnels import (
     delete_vxlan,
     ensure_vxlan,
     link_exists,
+    link_mtu,
     peer_changes,
     set_mtu,
     sync_fdb,
@@ -145,8 +146,11 @@ class Reconciler:
         only after it has left.
         """
         vx = desired.vxlan
-        if desired.mtu and link_exists(self.device.name):
-            set_mtu(self.device.name, desired.mtu)
+        # The WireGuard MTU grows before traffic moves into VXLAN (which needs the extra 50
+        # bytes) and shrinks only after traffic has left it.
+        wg_now = link_mtu(self.device.name) if desired.mtu and link_exists(self.device.name) else None
+        if wg_now is not None and desired.mtu > wg_now:  # type: ignore[operator]
+            set_mtu(self.device.name, desired.mtu)  # type: ignore[arg-type]
         if vx is not None:
             ensure_vxlan(vx)
             sync_fdb(vx.name, desired.fdb, prune=prune)
@@ -159,6 +163,8 @@ class Reconciler:
             desired.routes, devices=[self.device.name, self.vxlan_device], prune=prune)
         if vx is None and prune and delete_vxlan(self.vxlan_device):
             log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
+        if wg_now is not None and desired.mtu < wg_now:  # type: ignore[operator]
+            set_mtu(self.device.name, desired.mtu)  # type: ignore[arg-type]
         if desired.pod_mtu is not None and not pod_mtu_first and self.on_pod_mtu is not None:
             self._set_pod_mtu(desired.pod_mtu)
 

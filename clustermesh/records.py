@@ -147,6 +147,8 @@ class ClusterConfig:
             raise InvalidRecord("service_cidr", f"{svc} overlaps pod_cidr {pod}", key)
         if self.routing not in ROUTING_MODES:
             raise InvalidRecord("routing", f"{self.routing!r} is not one of {', '.join(ROUTING_MODES)}", key)
+        if self.routing == "vxlan" and pod.version != 4:
+            raise InvalidRecord("routing", "vxlan needs an IPv4 pod_cidr (its VTEPs are IPv4)", key)
         _int(d, "vni", 1, 2**24 - 1, key)
         _int(d, "wg_port", 1, 65535, key)
         if self.mtu != 0:

@@ -9,6 +9,8 @@ its overlay address) and one permanent neighbour entry (its gateway address -> i
 from __future__ import annotations
 
 import errno
+import hashlib
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,9 +37,14 @@ class VxlanSpec:
 
 
 def vtep_mac(overlay_ip: str) -> str:
-    """A stable, locally administered MAC for a node's VTEP: 0a:58 + its IPv4 overlay address."""
-    octets = [int(x) for x in overlay_ip.split(".")]
-    return "0a:58:" + ":".join(f"{o:02x}" for o in octets)
+    """A stable, locally administered MAC for a node's VTEP.
+
+    0a:58 and then the IPv4 overlay address itself (readable in `bridge fdb`); for IPv6, 4
+    bytes of a hash of the address, since its last 4 bytes repeat from node to node.
+    """
+    ip = ipaddress.ip_address(overlay_ip)
+    raw = ip.packed if ip.version == 4 else hashlib.sha256(ip.packed).digest()[:4]
+    return "0a:58:" + ":".join(f"{o:02x}" for o in raw)
 
 
 def _err(what: str, e: NetlinkError) -> TunnelError:

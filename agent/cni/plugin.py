@@ -210,6 +210,8 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, dict[str, Any] | None]:
         return 1, out
     except OSError as err:
         return 1, {"cniVersion": version, "code": IO_FAILURE, "msg": f"I/O failure: {err.strerror or err}"}
+    except Exception as err:  # noqa: BLE001 - a runtime must always get error JSON, never a traceback
+        return 1, {"cniVersion": version, "code": INTERNAL, "msg": f"{err.__class__.__name__}: {err}"}
 
 
 def main() -> NoReturn:

@@ -81,9 +81,12 @@ class CniState:
         net = ipaddress.ip_network(pod_cidr)
         owner = f"{container_id}/{ifname}"
         hosts = [ip for ip in net.hosts() if ip != net.network_address + 1]
+        self.ipam.mkdir(parents=True, exist_ok=True, mode=0o700)
         for f in self.ipam.iterdir():
             if f.name != "last" and f.read_text() == owner:
-                return f.name  # already leased to this attachment
+                if ipaddress.ip_address(f.name) in net:
+                    return f.name  # already leased to this attachment
+                f.unlink(missing_ok=True)  # a lease from a pod CIDR the node no longer has
         try:
             last = ipaddress.ip_address((self.ipam / "last").read_text().strip())
             start = hosts.index(last) + 1 if last in hosts else 0  # type: ignore[arg-type]
@@ -112,6 +115,7 @@ class CniState:
         return freed
 
     def save(self, a: Attachment) -> None:
+        self.attachments_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.attachments_dir / f"{self.attachment_id(a.container_id, a.ifname)}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(a)))
