@@ -61,6 +61,9 @@ def routing(lab: Lab, mode: str) -> None:
                    and len([l for l in lab.run(n, "ip", "route", "show", "proto", "87").stdout.splitlines()
                             if ("wm-vxlan" in l) == want_vxlan and "/24" in l]) == 2,
                    15, what=f"{node} to switch to {mode}")
+    mtu = 1370 if want_vxlan else 1420
+    for pod in lab.pods:
+        wait_until(lambda p=pod: pod_mtu(lab, p) == mtu, 15, what=f"pod {pod} to get MTU {mtu}")
 
 
 def pod_mtu(lab: Lab, pod: str) -> int:
