@@ -55,6 +55,7 @@ from .cni import CniState
 from . import __version__
 from .config import AgentConfig
 from .errors import AgentError
+from .federation import Federation
 from .metrics import AgentMetrics, serve
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
@@ -91,6 +92,7 @@ class Agent:
         self.underlay_mtu: int | None = None
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
+        self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics)
         self.pod_mtu: int | None = None
         self._http = None
         self._threads: list[threading.Thread] = []
@@ -336,9 +338,11 @@ class Agent:
             snap = self._snapshot
         if snap is None or self.config is None or self.key is None:
             return None
+        fed = self.federation.view()
         return plan(self.cfg.node, self.key.public_key().base64, self.config, snap.nodes,
                     local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
-                    persistent_keepalive=self.cfg.persistent_keepalive)
+                    persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
+                    keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced)
 
     def reconcile_once(self, full: bool = False) -> None:
         desired = self.desired()
@@ -405,6 +409,7 @@ class Agent:
             "registered": self.session_id is not None,
             "peers_desired": self._peers[0],
             "peers_programmed": self._peers[1],
+            "clusters": self.federation.status(),
         }
         ok = device_ok and self._first_sync
         detail["status"] = "ok" if ok and self._consul_ok else ("degraded" if ok else "starting")
@@ -424,6 +429,7 @@ class Agent:
         if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
             self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
         self.setup()
+        self.federation.start()
         for name, fn in (("register", self._registration_loop), ("watch", self._watch_loop),
                          ("reconcile", self._reconcile_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)

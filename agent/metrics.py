@@ -37,6 +37,8 @@ class AgentMetrics:
         self.peer_changes_total = Counter(
             "wiremesh_peer_changes_total", "Peer changes applied", ["op"], registry=r
         )
+        self.remote_up = Gauge("wiremesh_remote_cluster_up", "1 while a federated cluster can be read",
+                               ["cluster"], registry=r)
         self.session_renewals_total = Counter("wiremesh_session_renewals_total", "Consul session renewals", registry=r)
         self.registrations_total = Counter(
             "wiremesh_registrations_total", "Times the node record was (re)published", registry=r

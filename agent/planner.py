@@ -48,6 +48,23 @@ class DesiredState:
     fdb: Mapping[str, str] = field(default_factory=dict)  # VTEP MAC -> remote overlay address
     neighbours: Mapping[str, str] = field(default_factory=dict)  # remote VXLAN gateway -> MAC
     skipped: tuple[str, ...] = ()  # nodes left out of the VXLAN overlay, with the reason
+    # What pruning must leave alone: pod CIDRs of federated clusters not seen yet and, while
+    # the mesh membership itself is unknown, everything outside the local cluster's range.
+    keep_cidrs: frozenset[str] = frozenset()
+    keep_foreign: bool = False
+    local_range: str | None = None
+
+    def kept(self, cidr: str) -> bool:
+        """True if a peer or route for `cidr` must survive pruning although it is not desired."""
+        net = ipaddress.ip_network(cidr, strict=False)
+        for k in self.keep_cidrs:
+            kn = ipaddress.ip_network(k)
+            if kn.version == net.version and net.subnet_of(kn):  # type: ignore[arg-type]
+                return True
+        if self.keep_foreign and self.local_range:
+            local = ipaddress.ip_network(self.local_range)
+            return not (local.version == net.version and net.subnet_of(local))  # type: ignore[arg-type]
+        return False
 
 
 def gateway_address(pod_cidr: str) -> str:
@@ -81,11 +98,17 @@ def plan(
     persistent_keepalive: int = 0,
     wg_device: str = "wm0",
     vxlan_device: str = "wm-vxlan",
+    remotes: Mapping[str, Mapping[str, NodeRecord]] | None = None,
+    keep_cidrs: frozenset[str] = frozenset(),
+    keep_foreign: bool = False,
 ) -> DesiredState:
-    """Every other node of the cluster becomes a peer whose allowed IPs are its pod CIDR.
+    """Every other node of the cluster, and every node of every accepted federated cluster,
+    becomes a peer whose allowed IPs are its pod CIDR.
 
-    A record that carries the local node's own public key under another name is ignored
-    (it would hijack our identity on every peer's device).
+    Traffic to other clusters is always routed into WireGuard, whatever the routing mode:
+    VXLAN stays inside a cluster, whose nodes share its VNI. A record that carries a public
+    key already taken (the local node's, or a node's seen first) is ignored: it would hijack
+    that identity on the device.
     """
     # Without a pod CIDR of its own the node has no VTEP: it stays on plain WireGuard routes.
     vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
@@ -116,6 +139,19 @@ def plan(
             if vxlan_mode:
                 skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
             routes.add(Route(rec.pod_cidr, wg_device))
+    taken = {local_public_key, *peers}
+    for cluster in sorted(remotes or {}):
+        for name, rec in sorted((remotes or {})[cluster].items()):
+            if rec.public_key in taken:
+                skipped.append(f"{cluster}/{name}: its public key is already in use")
+                continue
+            taken.add(rec.public_key)
+            peers[rec.public_key] = PeerConfig(
+                public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
+                persistent_keepalive=persistent_keepalive,
+            )
+            names[rec.public_key] = f"{cluster}/{name}"
+            routes.add(Route(rec.pod_cidr, wg_device))
     m = mtus(config, underlay_mtu)
     address = vxlan = None
     if local_pod_cidr:
@@ -128,6 +164,7 @@ def plan(
     return DesiredState(
         peers=peers, routes=frozenset(routes), peer_names=names, address=address, mtu=m.wireguard,
         pod_mtu=m.pod, vxlan=vxlan, fdb=fdb, neighbours=neigh, skipped=tuple(skipped),
+        keep_cidrs=keep_cidrs, keep_foreign=keep_foreign, local_range=config.pod_cidr,
     )
 
 

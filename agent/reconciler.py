@@ -95,7 +95,8 @@ class Reconciler:
         now = self._clock()
         res = ReconcileResult()
         actual = self.device.show().peers
-        changes = peer_changes(actual, desired.peers, prune=prune)
+        changes = [c for c in peer_changes(actual, desired.peers, prune=prune)
+                   if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))]
         # Drop status of peers no longer desired; reset backoff of peers whose config changed.
         for key in list(self.status):
             if key not in desired.peers:
@@ -160,7 +161,7 @@ class Reconciler:
         if pod_mtu_first:
             self._set_pod_mtu(desired.pod_mtu)  # type: ignore[arg-type]
         res.routes_added, res.routes_removed = sync_routes(
-            desired.routes, devices=[self.device.name, self.vxlan_device], prune=prune)
+            desired.routes, devices=[self.device.name, self.vxlan_device], prune=prune, keep=desired.kept)
         if vx is None and prune and delete_vxlan(self.vxlan_device):
             log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
         if wg_now is not None and desired.mtu < wg_now:  # type: ignore[operator]
@@ -209,4 +210,5 @@ class Reconciler:
 
 
 def _overlay_key(d: DesiredState) -> object:
-    return (d.routes, d.vxlan, tuple(sorted(d.fdb.items())), tuple(sorted(d.neighbours.items())), d.mtu, d.pod_mtu)
+    return (d.routes, d.vxlan, tuple(sorted(d.fdb.items())), tuple(sorted(d.neighbours.items())), d.mtu, d.pod_mtu,
+            d.keep_cidrs, d.keep_foreign)

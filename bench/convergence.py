@@ -43,7 +43,7 @@ def rss_kib(pid: int) -> int:
 
 def bare_watcher(lab: Lab, prefix: str, seen: dict[str, float], stop: threading.Event) -> None:
     """A plain blocking-query loop, no parsing: when does Consul tell a watcher at all?"""
-    store = ConsulStore(ConsulOptions(address=lab.consul_address, timeout=5))
+    store = ConsulStore(ConsulOptions(address=lab.consul_address(), timeout=5))
 
     def run() -> None:
         for _, items in store.watch(prefix, stop, wait_s=5):

@@ -12,6 +12,7 @@ from .errors import (
     IPAMExhausted,
     SessionExpired,
 )
+from .federation import MeshMember, Membership, check_members, parse_mesh
 from .ipam import lease_pod_cidr, leases, release_pod_cidr
 from .records import MAX_RECORD_BYTES, ROUTING_MODES, ClusterConfig, NodeRecord, check_cluster_name, overlay_address, check_node_name, parse_endpoint
 from .snapshot import ClusterSnapshot, Rejected, parse_cluster
@@ -32,6 +33,10 @@ __all__ = [
     "InvalidRecord",
     "KVItem",
     "MAX_RECORD_BYTES",
+    "MeshMember",
+    "Membership",
+    "check_members",
+    "parse_mesh",
     "NodeRecord",
     "ROUTING_MODES",
     "Rejected",

@@ -32,3 +32,11 @@ def ipam_key(cluster: str, cidr: str) -> str:
 
 def ipam_cidr(key: str) -> str:
     return key.rsplit("/", 1)[1].replace("_", "/")
+
+
+def mesh_prefix() -> str:
+    return f"{ROOT}/mesh/"
+
+
+def mesh_key(cluster: str) -> str:
+    return f"{ROOT}/mesh/{cluster}"

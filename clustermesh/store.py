@@ -123,15 +123,16 @@ class ConsulStore:
         index, items = self._call(f"list {prefix}", lambda c: c.kv.get(prefix, recurse=True, dc=dc))
         return int(index), {i["Key"]: _item(i) for i in items or []}
 
-    def put(self, key: str, value: str | bytes, *, cas: int | None = None, acquire: str | None = None) -> bool:
+    def put(self, key: str, value: str | bytes, *, cas: int | None = None, acquire: str | None = None,
+            dc: str | None = None) -> bool:
         """Write a value. With `cas`, only if the key's ModifyIndex still equals it (0: only if absent).
 
         With `acquire`, only if no other session holds the key. Returns whether it was written.
         """
-        return bool(self._call(f"put {key}", lambda c: c.kv.put(key, value, cas=cas, acquire=acquire)))
+        return bool(self._call(f"put {key}", lambda c: c.kv.put(key, value, cas=cas, acquire=acquire, dc=dc)))
 
-    def delete(self, key: str, *, cas: int | None = None, recurse: bool = False) -> bool:
-        return bool(self._call(f"delete {key}", lambda c: c.kv.delete(key, cas=cas, recurse=recurse)))
+    def delete(self, key: str, *, cas: int | None = None, recurse: bool = False, dc: str | None = None) -> bool:
+        return bool(self._call(f"delete {key}", lambda c: c.kv.delete(key, cas=cas, recurse=recurse, dc=dc)))
 
     def blocking_list(self, prefix: str, index: int, wait_s: int, dc: str | None = None) -> tuple[int, dict[str, KVItem]]:
         """A blocking query: returns when anything under `prefix` changes after `index`, or after `wait_s`."""
@@ -189,6 +190,14 @@ class ConsulStore:
 
     def leader(self) -> str:
         return str(self._call("status leader", lambda c: c.status.leader()))
+
+    def datacenters(self) -> list[str]:
+        """Datacenters this Consul knows, through WAN federation (its own included)."""
+        return [str(d) for d in self._call("catalog datacenters", lambda c: c.catalog.datacenters())]
+
+    def local_datacenter(self) -> str:
+        info = self._call("agent self", lambda c: c.agent.self())
+        return str(info["Config"]["Datacenter"])
 
 
 def _item(raw: dict[str, Any]) -> KVItem:

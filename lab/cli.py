@@ -6,12 +6,14 @@ import itertools
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .errors import LabError
 from .lab import Lab, list_labs
+from .topology import DEFAULT_TOPOLOGY, load_topology
 
 
 def _say(msg: str) -> None:
@@ -34,7 +36,12 @@ def lab() -> None:
 
 @lab.command("up")
 @name_option
-@click.option("--nodes", type=click.IntRange(1, 200), default=3, show_default=True, help="Number of nodes.")
+@click.option("--nodes", type=click.IntRange(1, 200), default=None,
+              help="Nodes per cluster [default: 3 for one cluster, the topology's for several].")
+@click.option("--clusters", type=click.IntRange(1, 9), default=None,
+              help="Clusters (Consul datacenters, WAN-joined and connected by `wiremesh setup`).")
+@click.option("--topology", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A topology YAML (clusters, ids, pod CIDRs, nodes); the default ships as lab/topologies/default.yaml.")
 @click.option("--cluster", default="lab", show_default=True, help="Cluster name.")
 @click.option("--pod-cidr", default="10.240.0.0/16", show_default=True)
 @click.option("--node-prefix-len", type=int, default=24, show_default=True, help="Size of each node's pod CIDR.")
@@ -44,16 +51,28 @@ def lab() -> None:
               help="Seconds after an agent's crash until its peers drop it.")
 @click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
 @click.pass_obj
-def up(obj: Any, name: str, nodes: int, cluster: str, pod_cidr: str, node_prefix_len: int, routing: str,
-       session_ttl: int, no_check: bool) -> None:
-    """Start a lab: Consul, NODES nodes with agents; then show every node pinging every other."""
+def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: Path | None, cluster: str,
+       pod_cidr: str, node_prefix_len: int, routing: str, session_ttl: int, no_check: bool) -> None:
+    """Start a lab: Consul, nodes with real agents; then show every node pinging every other.
+
+    \b
+    One cluster:      wiremesh lab up --nodes 3
+    Several clusters: wiremesh lab up --clusters 2 --nodes 2   (or --topology FILE)
+    """
     _require_root()
     lab_ = Lab(name)
-    click.echo(f"lab {name}: starting {nodes} nodes", err=True)
+    specs = None
+    if topology is not None or (clusters or 1) > 1:
+        specs = load_topology(topology or DEFAULT_TOPOLOGY, clusters=clusters, nodes=nodes)
+        click.echo(f"lab {name}: starting {len(specs)} clusters ({', '.join(f'{s.name}: {s.nodes} nodes' for s in specs)})",
+                   err=True)
+    else:
+        nodes = 3 if nodes is None else nodes
+        click.echo(f"lab {name}: starting {nodes} nodes", err=True)
     t0 = time.monotonic()
     try:
-        lab_.up(nodes, cluster=cluster, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len, routing=routing,
-                session_ttl=session_ttl, progress=_say)
+        lab_.up(nodes or 0, cluster=cluster, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len, routing=routing,
+                session_ttl=session_ttl, topology=specs, progress=_say)
     except LabError:
         click.echo(f"lab {name}: start failed; 'wiremesh lab down -n {name}' removes what was made", err=True)
         raise
@@ -85,17 +104,17 @@ def _print_status(obj: Any, lab_: Lab) -> None:
 
     ctx = obj if obj is not None else Ctx()
     rows, data = [], []
-    for n, node in lab_.nodes.items():
+    for n, node in sorted(lab_.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].index)):
         h = lab_.health(n) if node.pid else {"status": "stopped"}
-        d = {"node": n, "netns": node.netns, "underlay": node.underlay, "pid": node.pid,
-             "status": h.get("status"), "peers_programmed": h.get("peers_programmed"),
+        d = {"node": n, "cluster": node.cluster or lab_.clusters[0], "netns": node.netns, "underlay": node.underlay,
+             "pid": node.pid, "status": h.get("status"), "peers_programmed": h.get("peers_programmed"),
              "peers_desired": h.get("peers_desired")}
         data.append(d)
-        rows.append([n, node.netns, node.underlay, node.pid or "-", d["status"],
+        rows.append([n, d["cluster"], node.underlay, node.pid or "-", d["status"],
                      f"{d['peers_programmed'] if d['peers_programmed'] is not None else '-'}/"
                      f"{d['peers_desired'] if d['peers_desired'] is not None else '-'}"])
-    emit(ctx, {"lab": lab_.name, "consul": lab_.consul_address, "nodes": data},
-         ["node", "netns", "underlay", "agent pid", "status", "peers"], rows)
+    emit(ctx, {"lab": lab_.name, "consul": {c: lab_.consul_address(c) for c in lab_.clusters}, "nodes": data},
+         ["node", "cluster", "underlay", "agent pid", "status", "peers"], rows)
 
 
 @lab.command("status")

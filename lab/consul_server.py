@@ -23,7 +23,8 @@ def consul_binary() -> str:
     return path
 
 
-def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str) -> None:
+def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
+                 join_wan: list[str] | None = None) -> None:
     cfg = {
         "datacenter": datacenter,
         "node_name": node_name,
@@ -45,6 +46,9 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
         "leave_on_terminate": False,
         "skip_leave_on_interrupt": True,
     }
+    if join_wan:
+        cfg["retry_join_wan"] = join_wan
+        cfg["retry_interval_wan"] = "1s"
     path.write_text(json.dumps(cfg, indent=1) + "\n")
 
 

@@ -1,9 +1,12 @@
-"""A whole mesh on one host: a Consul server and N nodes, each its own network and mount namespace.
+"""A whole mesh on one host: per cluster a Consul server and its nodes, each node its own
+network and mount namespace; several clusters are Consul datacenters joined over a "WAN".
 
-Layout (lab "wm"):
-    netns wmlab-wm-hub      the underlay "switch": bridge br0 (10.99.0.1/24) and the Consul server
-    netns wmlab-wm-node1    eth0 10.99.0.11/24 on br0, a real agent, its WireGuard device wm0
-    /run/wiremesh-lab/wm/   state.json, Consul's data, each node's agent.toml, key, logs, mount ns
+Layout (lab "wm", clusters numbered c = 0, 1, ...):
+    netns wmlab-wm-hub[-NAME]   cluster c's underlay switch and router: bridge br0 (10.99.c.1/24)
+                                and its Consul server (datacenter of the cluster)
+    netns wmlab-wm-NODE         eth0 10.99.c.1x/24 on br0, a real agent, its WireGuard device wm0
+    netns wmlab-wm-wan          (several clusters) the WAN: a bridge joining the hubs (10.98.0.c+1)
+    /run/wiremesh-lab/wm/       state.json, Consul's data, each node's agent.toml, key, logs, mount ns
 
 Everything `up` makes is written to state.json before it is made, and `down` also sweeps the
 namespaces by name, so a crash half-way through `up` is still cleaned by `down`.
@@ -29,12 +32,16 @@ from typing import Any, TypeVar
 
 from clustermesh import ClusterConfig, ConsulOptions, ConsulStore, init_cluster, load_cluster_config, overlay_address
 
+from clustermesh.wizard import ClusterAnswer, apply_setup, prepare
+
 from . import consul_server, netns, pods
+from .topology import ClusterSpec
 from .errors import LabError, LabExists, LabNotFound
 
 T = TypeVar("T")
 LAB_ROOT = Path(os.environ.get("WIREMESH_LAB_ROOT", "/run/wiremesh-lab"))
-UNDERLAY = ipaddress.ip_network("10.99.0.0/24")
+UNDERLAY = ipaddress.ip_network("10.99.0.0/16")  # cluster c: 10.99.c.0/24, its hub at 10.99.c.1
+WAN = ipaddress.ip_network("10.98.0.0/24")  # hub of cluster c: 10.98.0.(c+1)
 HUB_IP = "10.99.0.1"
 HEALTH_PORT = 9477
 Progress = Callable[[str], None]
@@ -58,6 +65,7 @@ class Node:
     underlay: str
     dir: str
     pid: int = 0
+    cluster: str = ""
 
     @property
     def health_url(self) -> str:
@@ -72,7 +80,7 @@ class Lab:
         self.root = root
         self.dir = root / name
         self.state: dict[str, Any] = {}
-        self._hub_ex: netns.NetnsExecutor | None = None
+        self._hub_ex: dict[str, netns.NetnsExecutor] = {}
 
     # --- state ----------------------------------------------------------------------------
     @property
@@ -112,105 +120,201 @@ class Lab:
         except KeyError:
             raise LabError(f"lab {self.name}: no node {name!r} (nodes: {', '.join(self.nodes) or 'none'})") from None
 
+    # --- clusters -------------------------------------------------------------------------
+    def cluster_state(self, cluster: str | None = None) -> dict[str, Any]:
+        clusters = self.state.get("clusters", [])
+        if not clusters:
+            raise LabError(f"lab {self.name}: no cluster yet")
+        if cluster is None:
+            return clusters[0]  # type: ignore[no-any-return]
+        for c in clusters:
+            if c["name"] == cluster:
+                return c  # type: ignore[no-any-return]
+        raise LabError(f"lab {self.name}: no cluster {cluster!r} ({', '.join(c['name'] for c in clusters)})")
+
     @property
-    def consul_address(self) -> str:
-        return f"http://{HUB_IP}:{consul_server.HTTP_PORT}"
+    def clusters(self) -> list[str]:
+        return [c["name"] for c in self.state.get("clusters", [])]
+
+    def cluster_config(self, cluster: str | None = None) -> ClusterConfig:
+        c = self.cluster_state(cluster)
+        return ClusterConfig(name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"], node_prefix_len=c["node_prefix_len"],
+                             routing=c["routing"], mtu=c.get("mtu", 0))
 
     @property
     def cluster(self) -> ClusterConfig:
-        return ClusterConfig(**self.state["cluster"])
+        return self.cluster_config()
 
-    # --- the hub: underlay switch and Consul ----------------------------------------------
-    def hub_executor(self) -> netns.NetnsExecutor:
-        if self._hub_ex is None:
-            self._hub_ex = netns.NetnsExecutor(self.hub, workers=8)
-        return self._hub_ex
+    def consul_address(self, cluster: str | None = None) -> str:
+        return f"http://{self.cluster_state(cluster)['hub_ip']}:{consul_server.HTTP_PORT}"
 
-    def consul(self, fn: Callable[[ConsulStore], T]) -> T:
-        """Run `fn(store)` against the lab's Consul, from inside the hub namespace."""
-        store = ConsulStore(ConsulOptions(address=self.consul_address, timeout=3.0))
-        return self.hub_executor().call(fn, store)
+    # --- hubs: underlay switch, router and Consul per cluster -----------------------------
+    def hub_executor(self, cluster: str | None = None) -> netns.NetnsExecutor:
+        hub = self.cluster_state(cluster)["hub"] if self.state.get("clusters") else self.hub
+        if hub not in self._hub_ex:
+            self._hub_ex[hub] = netns.NetnsExecutor(hub, workers=8)
+        return self._hub_ex[hub]
 
-    def http_get(self, url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    def consul(self, fn: Callable[[ConsulStore], T], cluster: str | None = None) -> T:
+        """Run `fn(store)` against a cluster's Consul, from inside that cluster's hub."""
+        store = ConsulStore(ConsulOptions(address=self.consul_address(cluster), timeout=3.0))
+        return self.hub_executor(cluster).call(fn, store)
+
+    def http_get(self, url: str, timeout: float = 2.0, cluster: str | None = None) -> tuple[int, bytes]:
         def get() -> tuple[int, bytes]:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as r:
                     return r.status, r.read()
             except urllib.error.HTTPError as e:
                 return e.code, e.read()
-        return self.hub_executor().call(get)
+        return self.hub_executor(cluster).call(get)
 
-    def start_consul(self) -> None:
-        pid = self.state.get("consul_pid", 0)
-        if pid and netns.pid_alive(pid):
+    def start_consul(self, cluster: str | None = None) -> None:
+        c = self.cluster_state(cluster)
+        if c.get("consul_pid") and netns.pid_alive(c["consul_pid"]):
             return
-        pid = consul_server.start(self.hub, self.dir / "consul.json", self.dir / "consul.log")
-        self.state["consul_pid"] = pid
+        c["consul_pid"] = consul_server.start(c["hub"], self.dir / f"consul-{c['name']}.json",
+                                              self.dir / f"consul-{c['name']}.log")
         self.save()
-        consul_server.wait_ready(self.hub_executor(), self.consul_address, pid)
+        consul_server.wait_ready(self.hub_executor(c["name"]), self.consul_address(c["name"]), c["consul_pid"])
 
-    def stop_consul(self) -> None:
-        pid = self.state.get("consul_pid", 0)
-        if pid:
-            netns.terminate([pid])
+    def stop_consul(self, cluster: str | None = None) -> None:
+        c = self.cluster_state(cluster)
+        if c.get("consul_pid"):
+            netns.terminate([c["consul_pid"]])
+
+    def cut_consul(self, cluster: str) -> None:
+        """Cut every other cluster off from `cluster`'s Consul (its nodes' tunnels stay reachable)."""
+        ip = self.cluster_state(cluster)["hub_ip"]
+        for c in self.state["clusters"]:
+            if c["name"] != cluster:
+                netns.sh("ip", "-n", c["hub"], "route", "replace", "blackhole", f"{ip}/32")
+
+    def restore_consul(self, cluster: str) -> None:
+        ip = self.cluster_state(cluster)["hub_ip"]
+        for c in self.state["clusters"]:
+            if c["name"] != cluster:
+                netns.sh("ip", "-n", c["hub"], "route", "del", "blackhole", f"{ip}/32", check=False)
+
+    def _add_hub(self, c: dict[str, Any], wan: bool) -> None:
+        hub = c["hub"]
+        netns.netns_add(hub)
+        netns.sh("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
+        netns.sh("ip", "-n", hub, "addr", "add", f"{c['hub_ip']}/24", "dev", "br0")
+        netns.sh("ip", "-n", hub, "link", "set", "br0", "up")
+        if wan:
+            i = c["index"]
+            netns.sh("ip", "-n", self.prefix + "wan", "link", "add", f"h{i}", "type", "veth", "peer", "name", "wan",
+                     "netns", hub)
+            netns.sh("ip", "-n", self.prefix + "wan", "link", "set", f"h{i}", "master", "br0", "up")
+            netns.sh("ip", "-n", hub, "addr", "add", f"{WAN.network_address + i + 1}/24", "dev", "wan")
+            netns.sh("ip", "-n", hub, "link", "set", "wan", "up")
+            netns.sh("ip", "netns", "exec", hub, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def _route_hubs(self) -> None:
+        for c in self.state["clusters"]:
+            for d in self.state["clusters"]:
+                if c is not d:
+                    netns.sh("ip", "-n", c["hub"], "route", "replace", f"10.99.{d['index']}.0/24",
+                             "via", str(WAN.network_address + d["index"] + 1))
 
     # --- up -------------------------------------------------------------------------------
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
            node_prefix_len: int = 24, routing: str = "wireguard", session_ttl: int = 10,
-           progress: Progress = _quiet, wait: bool = True) -> None:
+           topology: list[ClusterSpec] | None = None, progress: Progress = _quiet, wait: bool = True) -> None:
+        """Start the lab: one cluster from the arguments, or every cluster of `topology`."""
         if self.exists():
             raise LabExists(f"lab {self.name!r} already exists ({self.dir})")
-        if not 0 <= nodes <= 200:
-            raise LabError(f"--nodes: {nodes} is outside 0-200")
+        specs = topology or [ClusterSpec(name=cluster, id=1, datacenter="dc1", pod_cidr=pod_cidr, routing=routing,
+                                         nodes=nodes, node_prefix_len=node_prefix_len)]
+        if not 0 <= sum(s.nodes for s in specs) <= 200:
+            raise LabError("--nodes: a lab holds 0-200 nodes")
         consul_server.consul_binary()
         netns.make_private_dir(self.root)
         self.dir.mkdir(parents=True)
         (self.dir / "mnt").mkdir()
-        self.state = {"name": self.name, "created": time.time(), "nodes": {}, "consul_pid": 0,
-                      "session_ttl": session_ttl,
-                      "cluster": json.loads(ClusterConfig(name=cluster, id=1, pod_cidr=pod_cidr,
-                                                          node_prefix_len=node_prefix_len,
-                                                          routing=routing).to_json())}
+        multi = len(specs) > 1
+        self.state = {"name": self.name, "created": time.time(), "nodes": {}, "session_ttl": session_ttl,
+                      "multi": multi, "clusters": [
+                          {**dataclasses.asdict(s), "index": i, "hub": self.hub if i == 0 else f"{self.hub}-{s.name}",
+                           "hub_ip": f"10.99.{i}.1", "consul_pid": 0} for i, s in enumerate(specs)]}
         self.save()
-        progress(f"underlay switch {self.hub} ({HUB_IP}/24 on br0)")
-        netns.netns_add(self.hub)
-        netns.sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        netns.sh("ip", "-n", self.hub, "addr", "add", f"{HUB_IP}/{UNDERLAY.prefixlen}", "dev", "br0")
-        netns.sh("ip", "-n", self.hub, "link", "set", "br0", "up")
-        progress("Consul server (1.8.7) in the hub")
-        consul_server.write_config(self.dir / "consul.json", datacenter="dc1", node_name=f"consul-{self.name}",
-                                   data_dir=self.dir / "consul-data", bind=HUB_IP)
-        self.start_consul()
-        self.consul(lambda s: init_cluster(s, self.cluster))
-        progress(f"cluster {cluster!r}: pod CIDR {pod_cidr}, routing {routing}")
-        for _ in range(nodes):
-            self.add_node(progress=progress, wait=False)
+        if multi:
+            netns.netns_add(self.prefix + "wan")
+            netns.sh("ip", "-n", self.prefix + "wan", "link", "add", "br0", "type", "bridge")
+            netns.sh("ip", "-n", self.prefix + "wan", "link", "set", "br0", "up")
+        for c in self.state["clusters"]:
+            progress(f"cluster {c['name']}: switch {c['hub']} ({c['hub_ip']}/24 on br0)")
+            self._add_hub(c, multi)
+            others = [d["hub_ip"] for d in self.state["clusters"] if d is not c]
+            consul_server.write_config(self.dir / f"consul-{c['name']}.json", datacenter=c["datacenter"],
+                                       node_name=f"consul-{self.name}-{c['name']}",
+                                       data_dir=self.dir / f"consul-{c['name']}-data", bind=c["hub_ip"], join_wan=others)
+        if multi:
+            self._route_hubs()
+        for c in self.state["clusters"]:
+            progress(f"cluster {c['name']}: Consul server (datacenter {c['datacenter']})")
+            self.start_consul(c["name"])
+        if multi:
+            progress("connecting the clusters with `wiremesh setup` (non-interactive)")
+            self.connect_clusters(progress)
+        else:
+            self.consul(lambda s: init_cluster(s, self.cluster))
+            progress(f"cluster {cluster!r}: pod CIDR {pod_cidr}, routing {routing}")
+        for c in self.state["clusters"]:
+            for _ in range(c["nodes"]):
+                self.add_node(cluster=c["name"], progress=progress, wait=False)
         if wait:
             self.wait_converged(progress=progress)
 
-    def add_node(self, name: str | None = None, *, progress: Progress = _quiet, wait: bool = True,
-                 start: bool = True) -> Node:
-        used = {n.index for n in self.nodes.values()}
-        index = next(i for i in range(1, 240) if i not in used)
-        name = name or f"node{index}"
-        if name in self.nodes:
-            raise LabError(f"lab {self.name}: node {name!r} exists")
+    def setup_answers(self) -> list[ClusterAnswer]:
+        return [ClusterAnswer(consul=self.consul_address(c["name"]), name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"],
+                              datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
+                              node_prefix_len=c["node_prefix_len"]) for c in self.state["clusters"]]
+
+    def connect_clusters(self, progress: Progress = _quiet, timeout: float = 60) -> dict[str, str]:
+        """WAN federation in place, then the wizard's checks and apply, from the first hub."""
+        want = {c["datacenter"] for c in self.state["clusters"]}
+        deadline = time.monotonic() + timeout
+        for c in self.state["clusters"]:
+            while set(self.consul(lambda s: s.datacenters(), c["name"])) < want:
+                if time.monotonic() > deadline:
+                    raise LabError(f"Consul of {c['name']} is not WAN-joined with all of {sorted(want)}")
+                time.sleep(0.2)
+
+        def run() -> dict[str, str]:
+            plan, stores = prepare(self.setup_answers(), progress)
+            return apply_setup(plan, stores, progress)
+        return self.hub_executor().call(run)
+
+    def add_node(self, name: str | None = None, *, cluster: str | None = None, progress: Progress = _quiet,
+                 wait: bool = True, start: bool = True) -> Node:
+        """Add a node to a cluster (the first by default): namespaces, underlay, agent.toml, agent."""
+        c = self.cluster_state(cluster)
+        mine = [n for n in self.nodes.values() if (n.cluster or self.clusters[0]) == c["name"]]
+        k = next(i for i in range(1, 200) if f"10.99.{c['index']}.{10 + i}" not in {n.underlay for n in mine})
+        name = name or (f"{c['name']}-node{k}" if self.state.get("multi") else f"node{k}")
+        if name in self.nodes or name in self.state.get("pods", {}):
+            raise LabError(f"lab {self.name}: {name!r} is already taken")
+        index = next(i for i in range(1, 10000) if i not in {n.index for n in self.nodes.values()})
         node = Node(name=name, index=index, netns=self.prefix + name, mountns=str(self.dir / "mnt" / name),
-                    underlay=str(UNDERLAY.network_address + 10 + index), dir=str(self.dir / "nodes" / name))
-        self.state["nodes"][name] = node.__dict__
+                    underlay=f"10.99.{c['index']}.{10 + k}", dir=str(self.dir / "nodes" / name), cluster=c["name"])
+        self.state["nodes"][name] = dataclasses.asdict(node)
         self.save()
         netns.netns_add(node.netns)
         hub_if = f"n{index}"
-        if not netns.sh("ip", "-n", self.hub, "link", "show", hub_if, check=False).returncode == 0:
-            netns.sh("ip", "-n", self.hub, "link", "add", hub_if, "type", "veth", "peer", "name", "eth0",
+        if netns.sh("ip", "-n", c["hub"], "link", "show", hub_if, check=False).returncode != 0:
+            netns.sh("ip", "-n", c["hub"], "link", "add", hub_if, "type", "veth", "peer", "name", "eth0",
                      "netns", node.netns)
-        netns.sh("ip", "-n", self.hub, "link", "set", hub_if, "master", "br0", "up")
-        netns.sh("ip", "-n", node.netns, "addr", "replace", f"{node.underlay}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        netns.sh("ip", "-n", c["hub"], "link", "set", hub_if, "master", "br0", "up")
+        netns.sh("ip", "-n", node.netns, "addr", "replace", f"{node.underlay}/24", "dev", "eth0")
         netns.sh("ip", "-n", node.netns, "link", "set", "eth0", "up")
+        if self.state.get("multi"):
+            netns.sh("ip", "-n", node.netns, "route", "replace", str(UNDERLAY), "via", c["hub_ip"])
         netns.mountns_add(Path(node.mountns))
         Path(node.dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_agent_config(node)
-        progress(f"{name}: {node.netns}, underlay {node.underlay}")
+        progress(f"{name}: cluster {c['name']}, {node.netns}, underlay {node.underlay}")
         if start:
             self.start_agent(name)
         if wait:
@@ -218,12 +322,13 @@ class Lab:
         return self.node(name)
 
     def _write_agent_config(self, node: Node) -> None:
+        c = self.cluster_state(node.cluster or None)
         text = (
-            f'node = "{node.name}"\ncluster = "{self.state["cluster"]["name"]}"\n'
+            f'node = "{node.name}"\ncluster = "{c["name"]}"\n'
             f'underlay_address = "{node.underlay}"\ninterface = "wm0"\n'
             f'key_file = "{node.dir}/private.key"\nstate_dir = "{node.dir}"\n'
             f'health_address = "{node.underlay}:{HEALTH_PORT}"\nsession_ttl = {self.state["session_ttl"]}\n'
-            f'\n[consul]\naddress = "{self.consul_address}"\n'
+            f'\n[consul]\naddress = "{self.consul_address(c["name"])}"\n'
         )
         Path(node.dir, "agent.toml").write_text(text)
 
@@ -255,7 +360,8 @@ class Lab:
 
     def health(self, name: str) -> dict[str, Any]:
         try:
-            code, body = self.http_get(self.node(name).health_url + "/healthz", timeout=1.0)
+            node = self.node(name)
+            code, body = self.http_get(node.health_url + "/healthz", timeout=1.0, cluster=node.cluster or None)
             d = json.loads(body)
             d["http"] = code
             return d
@@ -271,7 +377,8 @@ class Lab:
             raise LabError(f"{name}: its agent has not leased a pod CIDR yet ({e})") from None
 
     def peers(self, name: str) -> list[dict[str, Any]]:
-        _, body = self.http_get(self.node(name).health_url + "/peers")
+        node = self.node(name)
+        _, body = self.http_get(node.health_url + "/peers", cluster=node.cluster or None)
         return json.loads(body)  # type: ignore[no-any-return]
 
     def wait_converged(self, timeout: float = 60.0, progress: Progress = _quiet) -> None:
@@ -296,11 +403,12 @@ class Lab:
         raise LabError(f"lab {self.name}: not converged after {timeout:.0f}s ({last})")
 
     # --- cluster settings and pods ---------------------------------------------------------
-    def set_routing(self, mode: str) -> str:
+    def set_routing(self, mode: str, cluster: str | None = None) -> str:
         """Switch the running cluster's routing mode (the agents follow it from Consul)."""
-        cfg = self.consul(lambda s: load_cluster_config(s, self.state["cluster"]["name"]))
-        result = self.consul(lambda s: init_cluster(s, dataclasses.replace(cfg, routing=mode), force=True))
-        self.state["cluster"]["routing"] = mode
+        c = self.cluster_state(cluster)
+        cfg = self.consul(lambda s: load_cluster_config(s, c["name"]), c["name"])
+        result = self.consul(lambda s: init_cluster(s, dataclasses.replace(cfg, routing=mode), force=True), c["name"])
+        c["routing"] = mode
         self.save()
         return result
 
@@ -316,9 +424,12 @@ class Lab:
 
     # --- exec -----------------------------------------------------------------------------
     def exec_argv(self, name: str, argv: list[str]) -> list[str]:
-        """The command line that runs ARGV in a node, a pod ("pod NAME" or just its name) or the hub."""
+        """The command line that runs ARGV in a node, a pod, or a hub ("hub": the first cluster's,
+        "hub-CLUSTER": that cluster's)."""
         if name == "hub":
             return netns.enter_cmd(self.hub, None) + argv
+        if name.startswith("hub-") and name[4:] in self.clusters:
+            return netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + argv
         pod = self.state.get("pods", {}).get(name)
         if pod is not None and name not in self.nodes:
             return netns.enter_cmd(pod["netns"], None) + argv
@@ -350,15 +461,16 @@ class Lab:
         for n in self.state.get("nodes", {}).values():
             if n.get("pid"):
                 pids.add(n["pid"])
-        if self.state.get("consul_pid"):
-            pids.add(self.state["consul_pid"])
+        for c in self.state.get("clusters", []):
+            if c.get("consul_pid"):
+                pids.add(c["consul_pid"])
         pids.discard(os.getpid())
         if pids:
             progress(f"stopping {len(pids)} processes")
             netns.terminate(sorted(pids))
-        if self._hub_ex:
-            self._hub_ex.close()
-            self._hub_ex = None
+        for ex in self._hub_ex.values():
+            ex.close()
+        self._hub_ex = {}
         for ns in sorted(names):
             netns.netns_del(ns)
             removed.append(f"netns {ns}")

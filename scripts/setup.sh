@@ -66,4 +66,7 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q -e "$here[test]" >&2
     touch "$stamp"
 fi
-log "ready: $venv/bin/wiremesh"
+# Container runtimes look for CNI plugins in /opt/cni/bin; the plugin's "type" is its file name.
+mkdir -p /opt/cni/bin
+ln -sfn "$venv/bin/wiremesh-cni" /opt/cni/bin/wiremesh-cni
+log "ready: $venv/bin/wiremesh (CNI plugin: /opt/cni/bin/wiremesh-cni)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -122,11 +122,13 @@ def owned_routes(ifnames: Iterable[str]) -> set[Route]:
         return set(_owned_routes(ipr, _indexes(ipr, ifnames)).values())
 
 
-def sync_routes(desired: Iterable[Route], *, devices: Iterable[str], prune: bool) -> tuple[int, int]:
+def sync_routes(desired: Iterable[Route], *, devices: Iterable[str], prune: bool,
+                keep: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """Make wiremesh's routes via `devices` equal `desired`, keyed by destination.
 
     A destination that moves to another device or gateway is replaced in one step (no gap);
-    with `prune`, owned routes to destinations no longer desired are deleted. Returns
+    with `prune`, owned routes to destinations no longer desired are deleted, except those
+    `keep(dst)` protects. Returns
     (added or changed, removed). Already there, or already gone, is no error.
     """
     want = {r.dst: r for r in (Route(str(ipaddress.ip_network(r.dst, strict=False)), r.ifname, r.via) for r in desired)}
@@ -150,7 +152,7 @@ def sync_routes(desired: Iterable[Route], *, devices: Iterable[str], prune: bool
                 raise _nl_error(f"{r.ifname}: route {dst}{' via ' + r.via if r.via else ''}", e) from e
         if prune:
             for dst, r in sorted(have.items()):
-                if dst in want:
+                if dst in want or (keep is not None and keep(dst)):
                     continue
                 try:
                     ipr.route("del", dst=dst, oif=index[r.ifname], proto=RTPROT_WIREMESH, table=MAIN_TABLE)

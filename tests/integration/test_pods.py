@@ -53,7 +53,7 @@ def podlab() -> Iterator[Lab]:
 
 
 def routing(lab: Lab, mode: str) -> None:
-    if lab.state["cluster"]["routing"] != mode:
+    if lab.cluster.routing != mode:
         lab.set_routing(mode)
     want_vxlan = mode == "vxlan"
     for node in lab.nodes:

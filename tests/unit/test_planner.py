@@ -105,7 +105,7 @@ def test_persistent_keepalive_passed_to_every_peer(cluster_config: ClusterConfig
 
 def test_alone_in_the_cluster(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
     st = plan("n1", nodes["n1"].public_key, cluster_config, {"n1": nodes["n1"]}, local_pod_cidr="10.240.1.0/24")
-    assert st == DesiredState(address="10.240.1.1/32", mtu=None)
+    assert st == DesiredState(address="10.240.1.1/32", mtu=None, local_range=cluster_config.pod_cidr)
 
 
 def test_plan_is_deterministic(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:

@@ -102,7 +102,8 @@ class Dataplane:
         if err is not None:
             raise err
 
-    def sync_routes(self, desired: Iterable[Route], *, devices: Iterable[str], prune: bool) -> tuple[int, int]:
+    def sync_routes(self, desired: Iterable[Route], *, devices: Iterable[str], prune: bool,
+                    keep: Any = None) -> tuple[int, int]:
         routes = frozenset(desired)
         self._call("sync_routes", routes, tuple(devices), prune)
         return len(routes), 0

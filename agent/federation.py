@@ -1,0 +1,197 @@
+"""The agent's view of federated clusters: membership from the local Consul, and one watch per
+remote cluster through it (`dc=<datacenter>`), each holding its last good snapshot.
+
+A remote cluster that cannot be reached keeps its last snapshot: its tunnels stay as they
+were until it answers again. A remote that was never seen since the agent started is
+"frozen": whatever the device has for its pod CIDR is left alone, as the local cluster's
+peers are before the first sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from clustermesh import (
+    ClusterSnapshot,
+    ConsulError,
+    ConsulStore,
+    Membership,
+    MeshMember,
+    NodeRecord,
+    layout,
+    parse_cluster,
+    parse_mesh,
+)
+
+from .metrics import AgentMetrics
+
+log = logging.getLogger("wiremesh.federation")
+WATCH_WAIT_S = 30
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class Remote:
+    member: MeshMember
+    stop: threading.Event = field(default_factory=threading.Event)
+    snapshot: ClusterSnapshot | None = None
+    up: bool = False
+    refused: str | None = None  # why its nodes are not programmed, if they are not
+
+
+@dataclass(frozen=True, slots=True)
+class FederationView:
+    """What the planner needs: accepted remote clusters' nodes, and what to leave alone."""
+
+    nodes: dict[str, dict[str, NodeRecord]]  # cluster -> node -> record
+    members: dict[str, MeshMember]
+    frozen_cidrs: frozenset[str]  # pod CIDRs of remotes not yet seen: never pruned
+    mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
+
+
+class Federation:
+    def __init__(self, store: ConsulStore, local: str, stop: threading.Event, on_change: Callable[[], None],
+                 metrics: AgentMetrics) -> None:
+        self.store = store
+        self.local = local
+        self.stop = stop
+        self.on_change = on_change
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.remotes: dict[str, Remote] = {}
+        self.membership: Membership | None = None
+        self._logged: dict[str, str] = {}
+
+    def start(self) -> None:
+        threading.Thread(target=self._mesh_loop, name="mesh-watch", daemon=True).start()
+
+    def view(self) -> FederationView:
+        with self.lock:
+            nodes, frozen = {}, set()
+            for name, r in self.remotes.items():
+                if r.refused:
+                    continue
+                if r.snapshot is None:
+                    frozen.add(r.member.pod_cidr)
+                else:
+                    nodes[name] = dict(r.snapshot.nodes)
+            members = dict(self.membership.members) if self.membership else {}
+            return FederationView(nodes, members, frozenset(frozen), self.membership is not None)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        with self.lock:
+            return {n: {"datacenter": r.member.datacenter, "id": r.member.id, "pod_cidr": r.member.pod_cidr,
+                        "reachable": r.up, "synced": r.snapshot is not None, "refused": r.refused,
+                        "nodes": len(r.snapshot.nodes) if r.snapshot else 0}
+                    for n, r in sorted(self.remotes.items())}
+
+    def _once(self, key: str, msg: str, level: int = logging.WARNING) -> None:
+        if self._logged.get(key) != msg:
+            self._logged[key] = msg
+            log.log(level, "%s", msg)
+
+    # --- membership -----------------------------------------------------------------------
+    def _mesh_loop(self) -> None:
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                for _, items in self.store.watch(layout.mesh_prefix(), self.stop, wait_s=WATCH_WAIT_S):
+                    self._take_membership(parse_mesh(items, self.local))
+                    delay = 0.2
+            except ConsulError as e:
+                self._once("mesh", f"mesh membership watch failed ({e}); federation kept as it is")
+            except Exception:  # noqa: BLE001 - keep watching whatever one snapshot did
+                log.exception("mesh membership watch failed unexpectedly")
+            self.stop.wait(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
+
+    def _take_membership(self, m: Membership) -> None:
+        for r in m.refused:
+            self._once(r.key, f"refusing cluster record {r.key}: {r.reason}")
+            self.metrics.invalid_records_total.labels("mesh").inc()
+        local_ok = not m.members or self.local in m.members
+        if not local_ok:
+            self._once("mesh-local", f"this cluster ({self.local}) is not a member of the mesh; no federation")
+        wanted = {n: mem for n, mem in m.members.items() if n != self.local} if local_ok else {}
+        with self.lock:
+            self.membership = m
+            for name in list(self.remotes):
+                r = self.remotes[name]
+                if name not in wanted or wanted[name] != r.member:
+                    r.stop.set()
+                    del self.remotes[name]
+                    log.info("cluster %s left the mesh (or changed); its tunnels go", name)
+            for name, mem in wanted.items():
+                if name not in self.remotes:
+                    r = Remote(mem)
+                    self.remotes[name] = r
+                    threading.Thread(target=self._remote_loop, args=(r,), name=f"watch-{name}", daemon=True).start()
+                    log.info("watching cluster %s (datacenter %s, id %d, pod CIDR %s)", name, mem.datacenter,
+                             mem.id, mem.pod_cidr)
+        self.on_change()
+
+    # --- one remote cluster ---------------------------------------------------------------
+    def _remote_loop(self, r: Remote) -> None:
+        name, dc = r.member.name, r.member.datacenter
+        delay = 0.2
+        last_config = None
+        stop = _Either(self.stop, r.stop)
+        while not stop.is_set():
+            try:
+                for index, items in self.store.watch(layout.cluster_prefix(name), stop, wait_s=WATCH_WAIT_S, dc=dc):
+                    snap = parse_cluster(name, index, items, last_config=last_config)
+                    last_config = snap.config
+                    self._take_remote(r, snap)
+                    delay = 0.2
+            except ConsulError as e:
+                if r.up or r.snapshot is None:
+                    self._once(f"remote-{name}", f"cluster {name} (datacenter {dc}) unreachable ({e}); "
+                                                 "its tunnels are kept as they are")
+                r.up = False
+                self.metrics.remote_up.labels(name).set(0)
+            except Exception:  # noqa: BLE001
+                log.exception("watch of cluster %s failed unexpectedly", name)
+            stop.wait(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
+
+    def _take_remote(self, r: Remote, snap: ClusterSnapshot) -> None:
+        name = r.member.name
+        refused = None
+        if snap.config is None:
+            refused = f"cluster {name} has no valid config in datacenter {r.member.datacenter}"
+        elif snap.config.pod_cidr != r.member.pod_cidr:
+            refused = (f"cluster {name}'s config says pod_cidr {snap.config.pod_cidr}, its mesh record "
+                       f"{r.member.pod_cidr}: refused until they agree")
+        for rej in snap.rejected:
+            self._once(rej.key, f"skipping invalid record {rej.key} (cluster {name}): {rej.reason}")
+        if refused:
+            self._once(f"refused-{name}", refused)
+        elif not r.up:
+            self._once(f"remote-{name}", f"cluster {name} is reachable ({len(snap.nodes)} nodes)", logging.INFO)
+        with self.lock:
+            if r.stop.is_set():
+                return
+            r.snapshot, r.up, r.refused = snap, True, refused
+        self.metrics.remote_up.labels(name).set(1)
+        self.on_change()
+
+
+class _Either:
+    """Set when either event is: a remote's watch ends with the agent or with its membership."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        step = 0.1
+        waited = 0.0
+        while waited < timeout and not self.is_set():
+            self.b.wait(min(step, timeout - waited))
+            waited += step
+        return self.is_set()

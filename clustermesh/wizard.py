@@ -1,0 +1,363 @@
+"""The logic of `wiremesh setup`: answers -> checks against the live Consuls -> an apply plan.
+
+Used alike by the interactive wizard (one question at a time, each checked as it is
+answered), by `wiremesh setup --answers FILE --yes`, and by the lab. Nothing is written until
+every check has passed; then each datacenter gets one Consul transaction (check-and-set on
+every key it writes), and a failure in a later datacenter rolls the earlier ones back, so a
+refused or failed setup leaves nothing half-applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .errors import ClusterMeshError, ConsulError, InvalidRecord
+from .federation import MeshMember
+from .records import ROUTING_MODES, ClusterConfig, check_cluster_name
+from .store import ConsulOptions, ConsulStore
+
+SUGGEST_FROM = ipaddress.ip_network("10.240.0.0/12")
+
+
+class SetupError(ClusterMeshError):
+    """A setup answer or check failed; `field` names the answer to change."""
+
+    def __init__(self, field: str, reason: str, hint: str | None = None) -> None:
+        self.field, self.reason = field, reason
+        self.hint = hint
+        super().__init__(f"{field}: {reason}")
+
+
+@dataclass
+class ClusterAnswer:
+    consul: str
+    name: str
+    id: int
+    pod_cidr: str
+    datacenter: str | None = None
+    token: str | None = None
+    ca_file: str | None = None
+    routing: str = "wireguard"
+    mtu: int = 0
+    node_prefix_len: int = 24
+
+    def options(self) -> ConsulOptions:
+        return ConsulOptions(address=self.consul, token=self.token or None, ca_file=self.ca_file or None)
+
+    def config(self) -> ClusterConfig:
+        return ClusterConfig(name=self.name, id=self.id, pod_cidr=self.pod_cidr, node_prefix_len=self.node_prefix_len,
+                             routing=self.routing, mtu=self.mtu)
+
+    def __repr__(self) -> str:  # never print the token
+        return f"ClusterAnswer(name={self.name!r}, consul={self.consul!r}, datacenter={self.datacenter!r})"
+
+
+_ANSWER_FIELDS = {"consul": str, "name": str, "id": int, "pod_cidr": str, "datacenter": str, "token": str,
+                  "ca_file": str, "routing": str, "mtu": int, "node_prefix_len": int}
+
+
+def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
+    """Validate an answers document: {"clusters": [{consul, name, id, pod_cidr, ...}, ...]}."""
+    if not isinstance(data, dict) or set(data) - {"clusters"}:
+        raise SetupError(src, "must be a mapping with one key, 'clusters'")
+    clusters = data.get("clusters")
+    if not isinstance(clusters, list) or not clusters:
+        raise SetupError(f"{src}: clusters", "must be a non-empty list")
+    out = []
+    for i, c in enumerate(clusters):
+        where = f"clusters[{i}]"
+        if not isinstance(c, dict):
+            raise SetupError(where, "must be a mapping")
+        for k in c:
+            if k not in _ANSWER_FIELDS:
+                raise SetupError(f"{where}.{k}", "unknown field")
+        for k in ("consul", "name", "id", "pod_cidr"):
+            if k not in c:
+                raise SetupError(f"{where}.{k}", "is required")
+        for k, v in c.items():
+            t = _ANSWER_FIELDS[k]
+            if v is None and k in ("datacenter", "token", "ca_file"):
+                continue
+            if not isinstance(v, t) or isinstance(v, bool):
+                raise SetupError(f"{where}.{k}", f"must be {t.__name__}, not {type(v).__name__}")
+        out.append(ClusterAnswer(**c))
+    for i, a in enumerate(out):
+        check_static(a, out[:i], f"clusters[{i}]")
+    return out
+
+
+def load_answers(path: Path) -> list[ClusterAnswer]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SetupError(str(path), e.strerror or str(e)) from None
+    except yaml.YAMLError as e:
+        raise SetupError(str(path), f"not YAML/JSON: {str(e).splitlines()[0]}") from None
+    return parse_answers(data, str(path))
+
+
+# --- checks that need no Consul ------------------------------------------------------------
+def check_name(name: str, earlier: Iterable[ClusterAnswer], field: str = "name") -> str:
+    try:
+        check_cluster_name(name, field)
+    except InvalidRecord as e:
+        raise SetupError(field, e.reason, "use lowercase letters, digits and dashes, at most 32") from None
+    if any(a.name == name for a in earlier):
+        raise SetupError(field, f"cluster {name!r} is already in this setup")
+    return name
+
+
+def check_id(cid: int, earlier: Iterable[ClusterAnswer], taken: dict[int, str] | None = None,
+             name: str | None = None, field: str = "id") -> int:
+    if not 1 <= cid <= 255:
+        raise SetupError(field, f"{cid} is outside 1-255")
+    for a in earlier:
+        if a.id == cid:
+            raise SetupError(field, f"id {cid} is already cluster {a.name!r}'s", f"try {suggest_id(earlier, taken)}")
+    owner = (taken or {}).get(cid)
+    if owner and owner != name:
+        raise SetupError(field, f"id {cid} is already cluster {owner!r}'s in the mesh", f"try {suggest_id(earlier, taken)}")
+    return cid
+
+
+def check_pod_cidr(cidr: str, earlier: Iterable[ClusterAnswer], field: str = "pod_cidr") -> str:
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as e:
+        raise SetupError(field, f"{cidr!r} is not a network CIDR ({e})") from None
+    for a in earlier:
+        other = ipaddress.ip_network(a.pod_cidr)
+        if other.version == net.version and other.overlaps(net):  # type: ignore[arg-type]
+            raise SetupError(field, f"{net} overlaps cluster {a.name!r}'s pod CIDR {other}",
+                             f"try {suggest_pod_cidr(earlier)}")
+    return str(net)
+
+
+def check_static(a: ClusterAnswer, earlier: list[ClusterAnswer], where: str) -> None:
+    check_name(a.name, earlier, f"{where}.name")
+    check_id(a.id, earlier, field=f"{where}.id")
+    check_pod_cidr(a.pod_cidr, earlier, f"{where}.pod_cidr")
+    if a.routing not in ROUTING_MODES:
+        raise SetupError(f"{where}.routing", f"{a.routing!r} is not one of {', '.join(ROUTING_MODES)}")
+    try:
+        a.config()
+    except InvalidRecord as e:
+        raise SetupError(f"{where}.{e.field}", e.reason) from None
+
+
+def suggest_id(earlier: Iterable[ClusterAnswer], taken: dict[int, str] | None = None) -> int:
+    used = {a.id for a in earlier} | set(taken or {})
+    return next(i for i in range(1, 256) if i not in used)
+
+
+def suggest_pod_cidr(earlier: Iterable[ClusterAnswer], taken: Iterable[str] = ()) -> str:
+    used = [ipaddress.ip_network(c) for c in [*(a.pod_cidr for a in earlier), *taken]]
+    for net in SUGGEST_FROM.subnets(new_prefix=16):
+        if not any(u.version == 4 and u.overlaps(net) for u in used):  # type: ignore[arg-type]
+            return str(net)
+    return "10.240.0.0/16"
+
+
+# --- checks against Consul -------------------------------------------------------------------
+@dataclass
+class ConsulFacts:
+    """What one cluster's Consul says: its datacenter, the datacenters it is federated with,
+    the mesh records it holds, its cluster config and how many pod-CIDR leases exist."""
+
+    datacenter: str
+    datacenters: list[str]
+    mesh: dict[str, MeshMember] = field(default_factory=dict)
+    config: ClusterConfig | None = None
+    config_index: int = 0
+    leases: int = 0
+    mesh_index: dict[str, int] = field(default_factory=dict)
+
+
+def probe(a: ClusterAnswer, where: str, store: ConsulStore | None = None) -> ConsulFacts:
+    """Reach the cluster's Consul and read what the setup needs; any failure is a SetupError."""
+    store = store or ConsulStore(a.options(), retries=False)
+    try:
+        store.leader()
+        dc = store.local_datacenter()
+        dcs = store.datacenters()
+    except ConsulError as e:
+        raise SetupError(f"{where}.consul", f"cannot reach Consul at {a.consul} ({e})",
+                         "check the address (http://HOST:8500), the token and that the server runs") from None
+    if a.datacenter and a.datacenter != dc:
+        raise SetupError(f"{where}.datacenter", f"Consul at {a.consul} is datacenter {dc!r}, not {a.datacenter!r}")
+    facts = ConsulFacts(dc, dcs)
+    _, items = store.list(layout.mesh_prefix())
+    for key, item in items.items():
+        try:
+            m = MeshMember.from_json(item.value, key)
+            facts.mesh[m.name] = m
+            facts.mesh_index[m.name] = item.modify_index
+        except InvalidRecord:
+            facts.mesh_index[key.rsplit("/", 1)[-1]] = item.modify_index
+    item = store.get(layout.config_key(a.name))
+    if item is not None:
+        facts.config_index = item.modify_index
+        try:
+            facts.config = ClusterConfig.from_json(item.value)
+        except InvalidRecord:
+            facts.config = None
+    _, leases = store.list(layout.ipam_prefix(a.name))
+    facts.leases = len(leases)
+    return facts
+
+
+def check_live(answers: list[ClusterAnswer], facts: list[ConsulFacts]) -> None:
+    """Checks that need every cluster's facts: datacenters, WAN federation, ids and CIDRs in use."""
+    seen_dc: dict[str, str] = {}
+    for i, (a, f) in enumerate(zip(answers, facts)):
+        a.datacenter = f.datacenter
+        if f.datacenter in seen_dc:
+            raise SetupError(f"clusters[{i}].consul", f"datacenter {f.datacenter!r} is already cluster "
+                             f"{seen_dc[f.datacenter]!r}'s: each cluster needs its own Consul datacenter")
+        seen_dc[f.datacenter] = a.name
+    names = {a.name for a in answers}
+    for i, (a, f) in enumerate(zip(answers, facts)):
+        missing = [b.datacenter for b in answers if b.datacenter not in f.datacenters]
+        if missing:
+            raise SetupError(f"clusters[{i}].consul", f"datacenter {f.datacenter!r} is not WAN-federated with "
+                             f"{', '.join(repr(m) for m in missing)}",
+                             "join the servers first: consul join -wan <address of a server in the other datacenter>")
+        for m in f.mesh.values():
+            if m.name in names:
+                continue
+            for j, b in enumerate(answers):
+                if m.id == b.id:
+                    raise SetupError(f"clusters[{j}].id", f"id {b.id} is already cluster {m.name!r}'s in the mesh")
+                if ipaddress.ip_network(m.pod_cidr).overlaps(ipaddress.ip_network(b.pod_cidr)):  # type: ignore[arg-type]
+                    raise SetupError(f"clusters[{j}].pod_cidr",
+                                     f"{b.pod_cidr} overlaps cluster {m.name!r}'s {m.pod_cidr} in the mesh")
+        if f.config is not None and f.leases and (f.config.pod_cidr, f.config.node_prefix_len) != (
+                a.pod_cidr, a.node_prefix_len):
+            raise SetupError(f"clusters[{i}].pod_cidr", f"cluster {a.name!r} uses {f.config.pod_cidr} "
+                             f"(/{f.config.node_prefix_len} per node) with {f.leases} node lease(s); it cannot change "
+                             "while nodes hold them")
+
+
+# --- the plan and its application ------------------------------------------------------------
+@dataclass
+class Write:
+    key: str
+    value: str | None  # None: delete
+    index: int  # check-and-set index: 0 = must not exist yet
+    old: str | None = None  # for rollback
+
+
+@dataclass
+class SetupPlan:
+    answers: list[ClusterAnswer]
+    facts: list[ConsulFacts]
+    writes: dict[str, list[Write]]  # datacenter -> writes (empty: nothing changes there)
+
+    @property
+    def changes(self) -> int:
+        return sum(len(w) for w in self.writes.values())
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for a, f in zip(self.answers, self.facts):
+            out.append({"cluster": a.name, "id": a.id, "datacenter": f.datacenter, "consul": a.consul,
+                        "pod_cidr": a.pod_cidr, "routing": a.routing, "mtu": a.mtu or "auto",
+                        "changes": len(self.writes.get(f.datacenter, []))})
+        return out
+
+
+def plan_setup(answers: list[ClusterAnswer], facts: list[ConsulFacts], stores: list[ConsulStore]) -> SetupPlan:
+    members = [MeshMember(a.name, a.id, f.datacenter, a.pod_cidr) for a, f in zip(answers, facts)]
+    writes: dict[str, list[Write]] = {}
+    for a, f, store in zip(answers, facts, stores):
+        w: list[Write] = []
+        cfg = a.config()
+        if f.config != cfg:
+            old = store.get(layout.config_key(a.name))
+            w.append(Write(layout.config_key(a.name), cfg.to_json(), f.config_index,
+                           old.value.decode() if old else None))
+        for m in members:
+            if f.mesh.get(m.name) != m:
+                key = layout.mesh_key(m.name)
+                old = store.get(key)
+                w.append(Write(key, m.to_json(), f.mesh_index.get(m.name, 0), old.value.decode() if old else None))
+        writes[f.datacenter] = w
+    return SetupPlan(answers, facts, writes)
+
+
+def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lambda _: None,
+            store_for: Callable[[ClusterAnswer], ConsulStore] | None = None) -> tuple[SetupPlan, list[ConsulStore]]:
+    """Every check, then the plan. Raises SetupError naming the answer to change."""
+    for i, a in enumerate(answers):
+        check_static(a, answers[:i], f"clusters[{i}]")
+    stores = [store_for(a) if store_for else ConsulStore(a.options(), retries=False) for a in answers]
+    facts = []
+    for i, (a, s) in enumerate(zip(answers, stores)):
+        progress(f"checking Consul of cluster {a.name} at {a.consul}")
+        facts.append(probe(a, f"clusters[{i}]", s))
+    check_live(answers, facts)
+    return plan_setup(answers, facts, stores), stores
+
+
+def _txn(store: ConsulStore, writes: list[Write], *, undo: bool = False) -> None:
+    ops = []
+    for w in writes:
+        value = w.old if undo else w.value
+        if value is None:
+            ops.append({"KV": {"Verb": "delete", "Key": w.key}})
+        elif undo:
+            ops.append({"KV": {"Verb": "set", "Key": w.key, "Value": base64.b64encode(value.encode()).decode()}})
+        else:
+            ops.append({"KV": {"Verb": "cas", "Key": w.key, "Index": w.index,
+                               "Value": base64.b64encode(value.encode()).decode()}})
+    result = store._call("transaction", lambda c: c.txn.put(ops), retry_it=False)  # noqa: SLF001
+    errors = (result or {}).get("Errors") if isinstance(result, dict) else None
+    if errors:
+        raise ConsulError(f"transaction refused: {json.dumps(errors)[:300]}")
+
+
+def apply_setup(plan: SetupPlan, stores: list[ConsulStore], progress: Callable[[str], None] = lambda _: None) -> dict[str, str]:
+    """Write the plan, one transaction per datacenter; undo the earlier ones if a later one fails."""
+    done: list[tuple[ConsulStore, list[Write]]] = []
+    result = {}
+    try:
+        for a, f, store in zip(plan.answers, plan.facts, stores):
+            w = plan.writes.get(f.datacenter, [])
+            if not w:
+                result[a.name] = "unchanged"
+                continue
+            progress(f"writing {len(w)} key(s) to datacenter {f.datacenter}")
+            _txn(store, w)
+            done.append((store, w))
+            result[a.name] = f"{len(w)} change(s)"
+    except ConsulError as e:
+        for store, w in reversed(done):
+            try:
+                _txn(store, w, undo=True)
+            except ConsulError:
+                pass
+        raise SetupError("apply", f"{e}; the datacenters written before were rolled back",
+                         "someone changed the same keys meanwhile, or Consul went away: run setup again") from None
+    return result
+
+
+def agent_toml(a: ClusterAnswer, datacenter: str) -> str:
+    """What each node's agent.toml needs for cluster `a` (node-specific fields as placeholders)."""
+    return (
+        f'# agent.toml for a node of cluster {a.name} (datacenter {datacenter})\n'
+        f'node = "NODE-NAME"\ncluster = "{a.name}"\nunderlay_address = "NODE-IP"\n'
+        f'\n[consul]\naddress = "{a.consul}"\n' + ('token_file = "/etc/wiremesh/consul-token"\n' if a.token else "")
+    )
+
+
+__all__ = ["ClusterAnswer", "SetupError", "SetupPlan", "apply_setup", "agent_toml", "asdict", "load_answers",
+           "parse_answers", "prepare"]
