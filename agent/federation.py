@@ -29,7 +29,7 @@ from clustermesh import (
 from .metrics import AgentMetrics
 
 log = logging.getLogger("wiremesh.federation")
-WATCH_WAIT_S = 30
+WATCH_WAIT_S = 10  # short: a cut WAN link is noticed within this, not after 30 s
 BACKOFF_MAX_S = 5.0
 
 

@@ -122,10 +122,10 @@ def check_id(cid: int, earlier: Iterable[ClusterAnswer], taken: dict[int, str] |
         raise SetupError(field, f"{cid} is outside 1-255")
     for a in earlier:
         if a.id == cid:
-            raise SetupError(field, f"id {cid} is already cluster {a.name!r}'s", f"try {suggest_id(earlier, taken)}")
+            raise SetupError(field, f"id {cid} is taken by cluster {a.name!r}", f"try {suggest_id(earlier, taken)}")
     owner = (taken or {}).get(cid)
     if owner and owner != name:
-        raise SetupError(field, f"id {cid} is already cluster {owner!r}'s in the mesh", f"try {suggest_id(earlier, taken)}")
+        raise SetupError(field, f"id {cid} is taken by cluster {owner!r} in the mesh", f"try {suggest_id(earlier, taken)}")
     return cid
 
 
@@ -221,8 +221,8 @@ def check_live(answers: list[ClusterAnswer], facts: list[ConsulFacts]) -> None:
     for i, (a, f) in enumerate(zip(answers, facts)):
         a.datacenter = f.datacenter
         if f.datacenter in seen_dc:
-            raise SetupError(f"clusters[{i}].consul", f"datacenter {f.datacenter!r} is already cluster "
-                             f"{seen_dc[f.datacenter]!r}'s: each cluster needs its own Consul datacenter")
+            raise SetupError(f"clusters[{i}].consul", f"datacenter {f.datacenter!r} is taken by cluster "
+                             f"{seen_dc[f.datacenter]!r}: each cluster needs its own Consul datacenter")
         seen_dc[f.datacenter] = a.name
     names = {a.name for a in answers}
     for i, (a, f) in enumerate(zip(answers, facts)):
@@ -236,7 +236,7 @@ def check_live(answers: list[ClusterAnswer], facts: list[ConsulFacts]) -> None:
                 continue
             for j, b in enumerate(answers):
                 if m.id == b.id:
-                    raise SetupError(f"clusters[{j}].id", f"id {b.id} is already cluster {m.name!r}'s in the mesh")
+                    raise SetupError(f"clusters[{j}].id", f"id {b.id} is taken by cluster {m.name!r} in the mesh")
                 if ipaddress.ip_network(m.pod_cidr).overlaps(ipaddress.ip_network(b.pod_cidr)):  # type: ignore[arg-type]
                     raise SetupError(f"clusters[{j}].pod_cidr",
                                      f"{b.pod_cidr} overlaps cluster {m.name!r}'s {m.pod_cidr} in the mesh")

@@ -221,8 +221,13 @@ class Lab:
     # --- up -------------------------------------------------------------------------------
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
            node_prefix_len: int = 24, routing: str = "wireguard", session_ttl: int = 10,
-           topology: list[ClusterSpec] | None = None, progress: Progress = _quiet, wait: bool = True) -> None:
-        """Start the lab: one cluster from the arguments, or every cluster of `topology`."""
+           topology: list[ClusterSpec] | None = None, connect: bool = True, progress: Progress = _quiet,
+           wait: bool = True) -> None:
+        """Start the lab: one cluster from the arguments, or every cluster of `topology`.
+
+        With several clusters, `connect=False` stops after the Consul servers are WAN-joined,
+        leaving `wiremesh setup` to the caller (and no nodes are added).
+        """
         if self.exists():
             raise LabExists(f"lab {self.name!r} already exists ({self.dir})")
         specs = topology or [ClusterSpec(name=cluster, id=1, datacenter="dc1", pod_cidr=pod_cidr, routing=routing,
@@ -255,6 +260,9 @@ class Lab:
         for c in self.state["clusters"]:
             progress(f"cluster {c['name']}: Consul server (datacenter {c['datacenter']})")
             self.start_consul(c["name"])
+        if multi and not connect:
+            self.wait_federated()
+            return
         if multi:
             progress("connecting the clusters with `wiremesh setup` (non-interactive)")
             self.connect_clusters(progress)
@@ -272,8 +280,8 @@ class Lab:
                               datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
                               node_prefix_len=c["node_prefix_len"]) for c in self.state["clusters"]]
 
-    def connect_clusters(self, progress: Progress = _quiet, timeout: float = 60) -> dict[str, str]:
-        """WAN federation in place, then the wizard's checks and apply, from the first hub."""
+    def wait_federated(self, timeout: float = 60) -> None:
+        """Wait until every cluster's Consul knows every other datacenter (WAN federation)."""
         want = {c["datacenter"] for c in self.state["clusters"]}
         deadline = time.monotonic() + timeout
         for c in self.state["clusters"]:
@@ -281,6 +289,10 @@ class Lab:
                 if time.monotonic() > deadline:
                     raise LabError(f"Consul of {c['name']} is not WAN-joined with all of {sorted(want)}")
                 time.sleep(0.2)
+
+    def connect_clusters(self, progress: Progress = _quiet) -> dict[str, str]:
+        """WAN federation in place, then the wizard's checks and apply, from the first hub."""
+        self.wait_federated()
 
         def run() -> dict[str, str]:
             plan, stores = prepare(self.setup_answers(), progress)

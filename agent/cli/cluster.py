@@ -7,6 +7,7 @@ import click
 from clustermesh import ROUTING_MODES, ClusterConfig, ConsulStore, InvalidRecord, init_cluster, load_cluster_config
 
 from .output import Ctx, emit, info
+from .view import collect
 
 
 @click.group()
@@ -55,3 +56,53 @@ def show(ctx: Ctx, name: str) -> None:
     cfg = load_cluster_config(ConsulStore(ctx.consul), name)
     d = _asdict(cfg)
     emit(ctx, d, ["field", "value"], [[k, v] for k, v in d.items()])
+
+
+@cluster.command("list")
+@click.pass_obj
+def list_(ctx: Ctx) -> None:
+    """Clusters known to the local Consul: its own and every member of the mesh."""
+    views, refused = collect(ConsulStore(ctx.consul))
+    rows, data = [], []
+    for v in views:
+        cfg = v.snapshot.config if v.snapshot else None
+        d = {"cluster": v.name, "id": (v.member.id if v.member else cfg.id if cfg else None),
+             "datacenter": v.member.datacenter if v.member else "local", "pod_cidr": (v.member or cfg).pod_cidr
+             if (v.member or cfg) else None, "routing": cfg.routing if cfg else None, "member": v.member is not None}
+        data.append(d)
+        rows.append([d["cluster"], d["id"] or "-", d["datacenter"], d["pod_cidr"] or "-", d["routing"] or "?",
+                     "yes" if d["member"] else "no"])
+    for r in refused:
+        info(f"warning: refused mesh record {r.key}: {r.reason}")
+    emit(ctx, {"clusters": data, "refused": [{"key": r.key, "reason": r.reason} for r in refused]},
+         ["cluster", "id", "datacenter", "pod cidr", "routing", "mesh member"], rows)
+
+
+@cluster.command("status")
+@click.option("-i", "--interface", default="wm0", show_default=True, help="Local WireGuard device, on a node.")
+@click.pass_obj
+def status_(ctx: Ctx, interface: str) -> None:
+    """Per cluster: id, pod CIDR, nodes, reachability and, on a node, tunnels up to its nodes."""
+    import time
+
+    from .status import _local_device
+
+    views, _ = collect(ConsulStore(ctx.consul))
+    device = _local_device(interface)
+    now = time.time()
+    rows, data = [], []
+    for v in views:
+        nodes = v.snapshot.nodes if v.snapshot else {}
+        keys = {r.public_key for r in nodes.values()} - {device.public_key if device else None}
+        up = None
+        if device is not None:
+            up = sum(1 for k, p in device.peers.items() if k in keys and p.latest_handshake and now - p.latest_handshake < 180)
+        d = {"cluster": v.name, "datacenter": v.member.datacenter if v.member else "local",
+             "id": v.member.id if v.member else (v.snapshot.config.id if v.snapshot and v.snapshot.config else None),
+             "pod_cidr": v.member.pod_cidr if v.member else (v.snapshot.config.pod_cidr if v.snapshot and v.snapshot.config else None),
+             "reachable": v.snapshot is not None, "error": v.error, "nodes": len(nodes),
+             "invalid_records": len(v.snapshot.rejected) if v.snapshot else None, "tunnels_up": up}
+        data.append(d)
+        rows.append([v.name, d["id"] or "-", d["datacenter"], d["pod_cidr"] or "-", "yes" if d["reachable"] else "NO",
+                     d["nodes"], "-" if up is None else f"{up}/{len(keys)}"])
+    emit(ctx, {"clusters": data}, ["cluster", "id", "datacenter", "pod cidr", "reachable", "nodes", "tunnels up"], rows)

@@ -24,6 +24,7 @@ COMMANDS = {
     "cluster": "agent.cli.cluster:cluster",
     "keys": "agent.cli.keys_cmd:keys",
     "lab": "lab.cli:lab",
+    "setup": "agent.cli.setup_cmd:setup",
     "status": "agent.cli.status:status",
 }
 

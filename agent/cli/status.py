@@ -8,12 +8,13 @@ from typing import Any
 
 import click
 
-from clustermesh import ConsulStore, layout, parse_cluster
+from clustermesh import ConsulStore, layout
 from keys import PublicKey, WiremeshError
 from tunnels import DeviceState, open_device
 
 from ..config import load_config
 from .output import Ctx, emit, info
+from .view import collect
 
 
 def _ago(ts: float, now: float) -> str:
@@ -35,38 +36,35 @@ def _local_device(interface: str) -> DeviceState | None:
 @click.option("--cluster", "cluster_name", default=None, help="Only this cluster (default: every cluster in Consul).")
 @click.option("-i", "--interface", default="wm0", show_default=True, help="Local WireGuard device to report on.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              envvar="WIREMESH_AGENT_CONFIG", help="Take cluster, interface and Consul from this agent.toml.")
+              envvar="WIREMESH_AGENT_CONFIG", help="Take the interface and Consul from this agent.toml.")
 @click.pass_obj
 def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path | None) -> None:
     """Nodes, endpoints, key fingerprints and liveness; on a node also each peer's handshake and rx/tx."""
     consul = ctx.consul
     if config_path:
         cfg = load_config(config_path)
-        cluster_name, interface, consul = cfg.cluster, cfg.interface, cfg.consul
-    store = ConsulStore(consul)
-    _, items = store.list(f"{layout.ROOT}/clusters/")
-    clusters = sorted({k.split("/")[3] for k in items if k.count("/") >= 4})
-    if cluster_name:
-        clusters = [c for c in clusters if c == cluster_name]
-        if not clusters:
-            raise WiremeshError(f"cluster {cluster_name!r}: nothing in Consul under {layout.cluster_prefix(cluster_name)}")
+        interface, consul = cfg.interface, cfg.consul
+    views, _ = collect(ConsulStore(consul), only=cluster_name)
+    if cluster_name and not views:
+        raise WiremeshError(f"cluster {cluster_name!r}: nothing in Consul under {layout.cluster_prefix(cluster_name)}")
     device = _local_device(interface)
     peers = device.peers if device else {}
     now = time.time()
     out: list[dict[str, Any]] = []
     rows: list[list[Any]] = []
-    for c in clusters:
-        pfx = layout.cluster_prefix(c)
-        snap = parse_cluster(c, 0, {k: v for k, v in items.items() if k.startswith(pfx)})
-        for r in snap.rejected:
+    for v in views:
+        if v.snapshot is None:
+            info(f"warning: cluster {v.name} (datacenter {v.datacenter}) unreachable: {v.error}")
+            continue
+        for r in v.snapshot.rejected:
             info(f"warning: skipped invalid record {r.key}: {r.reason}")
-        for name, rec in sorted(snap.nodes.items()):
-            item = items[layout.node_key(c, name)]
+        for name, rec in sorted(v.snapshot.nodes.items()):
+            item = v.items[layout.node_key(v.name, name)]
             local = device is not None and device.public_key == rec.public_key
             p = peers.get(rec.public_key)
             d: dict[str, Any] = {
-                "cluster": c, "node": name, "endpoint": rec.endpoint, "pod_cidr": rec.pod_cidr,
-                "overlay_ip": rec.overlay_ip, "public_key": rec.public_key,
+                "cluster": v.name, "datacenter": v.datacenter or "local", "node": name, "endpoint": rec.endpoint,
+                "pod_cidr": rec.pod_cidr, "overlay_ip": rec.overlay_ip, "public_key": rec.public_key,
                 "fingerprint": PublicKey.from_base64(rec.public_key).fingerprint,
                 "alive": bool(item.session), "local": local, "agent_version": rec.agent_version,
             }
@@ -76,7 +74,7 @@ def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path
             out.append(d)
             tunnel = "self" if local else (
                 f"hs {_ago(p.latest_handshake, now)}, rx {p.rx_bytes} tx {p.tx_bytes}" if p else ("-" if device is None else "no peer"))
-            rows.append([c, name, rec.endpoint, rec.overlay_ip, d["fingerprint"], "alive" if d["alive"] else "stale", tunnel])
+            rows.append([v.name, name, rec.endpoint, rec.overlay_ip, d["fingerprint"], "alive" if d["alive"] else "stale", tunnel])
     if device is not None:
         known = {d["public_key"] for d in out}
         for key, p in sorted(peers.items()):

@@ -1,0 +1,162 @@
+"""`wiremesh setup`: the multi-cluster setup wizard (interactive, or --answers FILE --yes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clustermesh import ConsulStore
+from clustermesh.wizard import (
+    ClusterAnswer,
+    SetupError,
+    agent_toml,
+    apply_setup,
+    check_id,
+    check_name,
+    check_pod_cidr,
+    load_answers,
+    prepare,
+    probe,
+    suggest_id,
+    suggest_pod_cidr,
+)
+
+from .output import Ctx, emit, info
+
+
+def _ask(prompt: str, check: Any, default: Any = None, type: Any = str, hide_input: bool = False) -> Any:  # noqa: A002
+    """Prompt until `check(value)` accepts; a refusal prints its reason and hint, then asks again."""
+    while True:
+        value = click.prompt(prompt, default=default, type=type, hide_input=hide_input, err=True,
+                             show_default=default not in (None, ""))
+        try:
+            return check(value)
+        except SetupError as e:
+            info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
+
+
+def _underlay_mtu() -> int | None:
+    try:
+        from tunnels import link_mtu
+
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[1] == "00000000":
+                return link_mtu(f[0])
+    except Exception:  # noqa: BLE001 - only a hint for the prompt
+        return None
+    return None
+
+
+def interview(ctx: Ctx) -> list[ClusterAnswer]:
+    info("wiremesh setup: connect clusters (one Consul datacenter each) into one mesh.\n")
+    count = click.prompt("How many clusters", type=click.IntRange(1, 32), default=2, err=True)
+    answers: list[ClusterAnswer] = []
+    taken: dict[int, str] = {}
+    taken_cidrs: list[str] = []
+    mtu = _underlay_mtu()
+    for i in range(count):
+        info(f"\nCluster {i + 1} of {count}")
+        default_consul = ctx.consul.address if i == 0 else None
+        facts_box: dict[str, Any] = {}
+
+        def reach(address: str, i: int = i) -> str:
+            token = facts_box.get("token")
+            a = ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
+                              ca_file=ctx.consul.ca_file)
+            facts_box["facts"] = probe(a, f"clusters[{i}]", ConsulStore(a.options(), retries=False))
+            return address
+
+        facts_box["token"] = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
+                                          show_default=False) or ctx.consul.token
+        address = _ask("  Consul HTTP address", reach, default=default_consul)
+        facts = facts_box["facts"]
+        info(f"  reached: datacenter {facts.datacenter!r}, WAN-federated with {', '.join(facts.datacenters)}")
+        for m in facts.mesh.values():
+            taken.setdefault(m.id, m.name)
+            taken_cidrs.append(m.pod_cidr)
+
+        def dc_ok(dc: str, facts: Any = facts) -> str:
+            if dc != facts.datacenter:
+                raise SetupError("datacenter", f"this Consul is datacenter {facts.datacenter!r}, not {dc!r}")
+            if any(a.datacenter == dc for a in answers):
+                raise SetupError("datacenter", f"datacenter {dc!r} is already in this setup",
+                                 "each cluster needs its own Consul datacenter")
+            return dc
+
+        dc = _ask("  Datacenter", dc_ok, default=facts.datacenter)
+        existing = facts.mesh.get(dc)
+        name = _ask("  Cluster name", lambda v: check_name(v, answers), default=existing.name if existing else dc)
+        known = facts.mesh.get(name)
+        cid = _ask("  Cluster id (1-255)", lambda v: check_id(v, answers, taken, name), type=int,
+                   default=known.id if known else suggest_id(answers, taken))
+        others = [c for c in taken_cidrs if not (known and c == known.pod_cidr)]
+
+        def cidr_ok(v: str) -> str:
+            cidr = check_pod_cidr(v, answers)
+            import ipaddress
+
+            for c in others:
+                if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):  # type: ignore[arg-type]
+                    raise SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
+                                     f"try {suggest_pod_cidr(answers, others)}")
+            return cidr
+
+        cidr = _ask("  Pod CIDR", cidr_ok, default=known.pod_cidr if known else suggest_pod_cidr(answers, others))
+        routing = click.prompt("  Routing mode", type=click.Choice(["wireguard", "vxlan"]), default="wireguard", err=True)
+        hint = f"detected underlay MTU {mtu}: pods get {mtu - 80 - (50 if routing == 'vxlan' else 0)}" if mtu else ""
+        pod_mtu = click.prompt(f"  Pod MTU (0: derive on each node{'; ' + hint if hint else ''})",
+                               type=click.IntRange(0, 9000), default=0, err=True)
+        answers.append(ClusterAnswer(consul=address, name=name, id=cid, pod_cidr=cidr, datacenter=dc,
+                                     token=facts_box["token"], ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
+    return answers
+
+
+@click.command()
+@click.option("--answers", "answers_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Answers as YAML/JSON ({clusters: [{consul, name, id, pod_cidr, ...}]}) instead of questions.")
+@click.option("-y", "--yes", is_flag=True, help="Apply without asking for confirmation.")
+@click.option("--dry-run", is_flag=True, help="Check and show the plan; write nothing.")
+@click.pass_obj
+def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool) -> None:
+    """Connect clusters into one mesh: checks every answer, then writes every datacenter.
+
+    \b
+    For each cluster it asks the Consul address, datacenter and token, the cluster's name and
+    id (suggesting the next free one), its pod CIDR (suggesting one that overlaps nothing),
+    routing mode and MTU. It checks as it goes: Consul reachable, WAN federation in place, no
+    overlapping CIDR, no duplicate id or name. It shows a summary to confirm, applies it to
+    every datacenter (all or nothing), and prints what each node's agent.toml needs.
+    Running it again changes only what changed; a pod CIDR that nodes already use cannot change.
+    """
+    answers = load_answers(answers_file) if answers_file else interview(ctx)
+    plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"))
+    summary = plan.summary()
+    if not ctx.json:
+        info("")
+        emit(ctx, summary, ["cluster", "id", "datacenter", "pod cidr", "routing", "mtu", "changes"],
+             [[s["cluster"], s["id"], s["datacenter"], s["pod_cidr"], s["routing"], s["mtu"], s["changes"]]
+              for s in summary])
+    if not plan.changes or dry_run:
+        info("nothing to change: every datacenter already has this setup" if not plan.changes
+             else f"dry run: {plan.changes} change(s) not written")
+        if ctx.json:
+            emit(ctx, {"clusters": summary, "changes": plan.changes, "applied": False})
+        return
+    if not yes and not click.confirm(f"Apply {plan.changes} change(s) to {len(plan.writes)} datacenter(s)?",
+                                     default=False, err=True):
+        info("nothing written")
+        raise SystemExit(1)
+    result = apply_setup(plan, stores, progress=lambda m: info(f"  {m}"))
+    if ctx.json:
+        emit(ctx, {"clusters": summary, "changes": plan.changes, "result": result, "applied": True})
+        return
+    info("applied: " + ", ".join(f"{k} ({v})" for k, v in result.items()))
+    info("\nEach node's agent.toml needs:")
+    for a, f in zip(plan.answers, plan.facts):
+        click.echo(agent_toml(a, f.datacenter))
+
+
+__all__ = ["setup"]
