@@ -60,19 +60,17 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
     for i in range(count):
         info(f"\nCluster {i + 1} of {count}")
         default_consul = ctx.consul.address if i == 0 else None
-        facts_box: dict[str, Any] = {}
-
-        def reach(address: str, i: int = i) -> str:
-            token = facts_box.get("token")
+        while True:
+            address = click.prompt("  Consul HTTP address", default=default_consul, err=True)
+            token = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
+                                 show_default=False) or ctx.consul.token
             a = ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
                               ca_file=ctx.consul.ca_file)
-            facts_box["facts"] = probe(a, f"clusters[{i}]", ConsulStore(a.options(), retries=False))
-            return address
-
-        facts_box["token"] = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
-                                          show_default=False) or ctx.consul.token
-        address = _ask("  Consul HTTP address", reach, default=default_consul)
-        facts = facts_box["facts"]
+            try:
+                facts = probe(a, f"clusters[{i}]", ConsulStore(a.options(), retries=False))
+                break
+            except SetupError as e:
+                info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
         info(f"  reached: datacenter {facts.datacenter!r}, WAN-federated with {', '.join(facts.datacenters)}")
         for m in facts.mesh.values():
             taken.setdefault(m.id, m.name)
@@ -110,7 +108,7 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
         pod_mtu = click.prompt(f"  Pod MTU (0: derive on each node{'; ' + hint if hint else ''})",
                                type=click.IntRange(0, 9000), default=0, err=True)
         answers.append(ClusterAnswer(consul=address, name=name, id=cid, pod_cidr=cidr, datacenter=dc,
-                                     token=facts_box["token"], ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
+                                     token=token, ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
     return answers
 
 
