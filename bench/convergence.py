@@ -1,4 +1,5 @@
-"""Convergence of the mesh: from a new node's record landing in Consul to every agent having it.
+"""Convergence of the mesh: from a new node's record landing in Consul to every agent having it,
+within one cluster and across two federated clusters (record in one, agents of the other).
 
 For each lab size (real Consul, real agents, real wireguard-go, one namespace per node) it
 writes a new node's record (with its IPAM lease, as an agent would) TRIALS times and reads,
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clustermesh import ConsulOptions, ConsulStore, NodeRecord, layout, overlay_address  # noqa: E402
 from keys import PrivateKey  # noqa: E402
 from lab import Lab  # noqa: E402
+from lab.topology import load_topology  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -41,29 +43,36 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def bare_watcher(lab: Lab, prefix: str, seen: dict[str, float], stop: threading.Event) -> None:
-    """A plain blocking-query loop, no parsing: when does Consul tell a watcher at all?"""
+def bare_watcher(lab: Lab, prefix: str, seen: dict[str, float], stop: threading.Event, dc: str | None = None) -> None:
+    """A plain blocking-query loop, no parsing: when does Consul tell a watcher at all?
+    Cross-cluster, it asks the first cluster's Consul with dc=, as the agents do."""
     store = ConsulStore(ConsulOptions(address=lab.consul_address(), timeout=5))
 
     def run() -> None:
-        for _, items in store.watch(prefix, stop, wait_s=5):
+        for _, items in store.watch(prefix, stop, wait_s=5, dc=dc):
             now = time.time()
             for k in items:
                 seen.setdefault(k, now)
     threading.Thread(target=lambda: lab.hub_executor().call(run), daemon=True).start()
 
 
-def measure(n: int, trials: int) -> dict[str, object]:
+def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
+    """`cross`: two clusters of n nodes; records land in the second, latency is the first's."""
     lab = Lab("bench" + secrets.token_hex(2))
     try:
         t0 = time.monotonic()
-        lab.up(n)
+        if cross:
+            lab.up(topology=load_topology(clusters=2, nodes=n))
+        else:
+            lab.up(n)
         up_s = time.monotonic() - t0
-        cluster = lab.cluster
-        nodes = sorted(lab.nodes)
+        target = lab.clusters[-1]
+        cluster = lab.cluster_config(target)
+        nodes = sorted(nd for nd in lab.nodes if lab.node(nd).cluster in ("", lab.clusters[0]))
         seen: dict[str, float] = {}
         stop = threading.Event()
-        bare_watcher(lab, layout.nodes_prefix(cluster.name), seen, stop)
+        bare_watcher(lab, layout.nodes_prefix(cluster.name), seen, stop, dc=lab.cluster_state(target)["datacenter"]
+                     if cross else None)
         time.sleep(0.5)
         agent_lat: list[float] = []
         bare_lat: list[float] = []
@@ -75,10 +84,10 @@ def measure(n: int, trials: int) -> dict[str, object]:
             rec = NodeRecord(name=name, cluster=cluster.name, endpoint=f"10.99.0.{250 - i % 5}:51820",
                              public_key=pub, pod_cidr=cidr, overlay_ip=overlay_address(cidr))
             key = layout.node_key(cluster.name, name)
-            lab.consul(lambda s: s.put(layout.ipam_key(cluster.name, cidr), name, cas=0))
+            lab.consul(lambda s: s.put(layout.ipam_key(cluster.name, cidr), name, cas=0), target)
             time.sleep(0.3)  # let the agents finish with the lease's own update first
             t_put = time.time()
-            lab.consul(lambda s: s.put(key, rec.to_json()))
+            lab.consul(lambda s: s.put(key, rec.to_json()), target)
             done: dict[str, float] = {}
             deadline = time.monotonic() + 20
             while len(done) < len(nodes) and time.monotonic() < deadline:
@@ -93,12 +102,12 @@ def measure(n: int, trials: int) -> dict[str, object]:
             agent_lat.append(max(done.values()) - t_put)
             if key in seen:
                 bare_lat.append(seen[key] - t_put)
-            lab.consul(lambda s: (s.delete(key), s.delete(layout.ipam_key(cluster.name, cidr))))
+            lab.consul(lambda s: (s.delete(key), s.delete(layout.ipam_key(cluster.name, cidr))), target)
             time.sleep(0.2)
         stop.set()
         rss = [rss_kib(lab.node(nd).pid) / 1024 for nd in nodes]
         return {
-            "nodes": n, "trials": trials, "lab_up_s": round(up_s, 1),
+            "nodes": f"2x{n} (cross)" if cross else n, "trials": trials, "lab_up_s": round(up_s, 1),
             "agents_p50_ms": round(pct(agent_lat, 50) * 1000, 1),
             "agents_p99_ms": round(pct(agent_lat, 99) * 1000, 1),
             "agents_max_ms": round(max(agent_lat) * 1000, 1),
@@ -115,12 +124,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, nargs="+", default=[10, 30], help="lab sizes to measure")
     ap.add_argument("--trials", type=int, default=30, help="new nodes per size")
+    ap.add_argument("--cross-cluster", type=int, nargs="*", default=[5], metavar="N",
+                    help="also two clusters of N nodes each: records land in one, latency measured in the other")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
     results = []
     for n in args.nodes:
         print(f"measuring {n} agents ({args.trials} trials)...", file=sys.stderr)
         results.append(measure(n, args.trials))
+    for n in args.cross_cluster:
+        print(f"measuring 2 clusters x {n} agents, cross-cluster ({args.trials} trials)...", file=sys.stderr)
+        results.append(measure(n, args.trials, cross=True))
     if args.output == "json":
         print(json.dumps(results, indent=2))
         return
