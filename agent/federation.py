@@ -162,7 +162,7 @@ class Federation:
         refused = None
         if snap.config is None:
             refused = f"cluster {name} has no valid config in datacenter {r.member.datacenter}"
-        elif snap.config.pod_cidr != r.member.pod_cidr:
+        elif snap.config.pod_network != r.member.pod_network:
             refused = (f"cluster {name}'s config says pod_cidr {snap.config.pod_cidr}, its mesh record "
                        f"{r.member.pod_cidr}: refused until they agree")
         for rej in snap.rejected:

@@ -134,6 +134,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        # One spelling per network ("FD00::/48" and "fd00::/48" are the same cluster range).
+        object.__setattr__(self, "pod_cidr", str(ipaddress.ip_network(self.pod_cidr)))
+        object.__setattr__(self, "service_cidr", str(ipaddress.ip_network(self.service_cidr)))
 
     def validate(self, key: str | None = None) -> None:
         check_cluster_name(self.name, "name", key)

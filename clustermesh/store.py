@@ -196,7 +196,9 @@ class ConsulStore:
         return [str(d) for d in self._call("catalog datacenters", lambda c: c.catalog.datacenters())]
 
     def local_datacenter(self) -> str:
-        info = self._call("agent self", lambda c: c.agent.self())
+        # py-consul's agent.self() sends no token; ACL-enabled agents need one (agent:read).
+        info = self._call("agent self", lambda c: c.http.get(CB.json(), "/v1/agent/self",
+                                                             headers=c.prepare_headers(None)))
         return str(info["Config"]["Datacenter"])
 
 

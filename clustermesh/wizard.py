@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from . import layout
 from .errors import ClusterMeshError, ConsulError, InvalidRecord
 from .federation import MeshMember
-from .records import ROUTING_MODES, ClusterConfig, check_cluster_name
+from .records import ROUTING_MODES, ClusterConfig, check_cluster_name, check_node_name
 from .store import ConsulOptions, ConsulStore
 
 SUGGEST_FROM = ipaddress.ip_network("10.240.0.0/12")
@@ -47,6 +48,7 @@ class ClusterAnswer:
     routing: str = "wireguard"
     mtu: int = 0
     node_prefix_len: int = 24
+    acl_nodes: list[str] = field(default_factory=list)  # create an ACL token for each of these nodes
 
     def options(self) -> ConsulOptions:
         return ConsulOptions(address=self.consul, token=self.token or None, ca_file=self.ca_file or None)
@@ -60,7 +62,7 @@ class ClusterAnswer:
 
 
 _ANSWER_FIELDS = {"consul": str, "name": str, "id": int, "pod_cidr": str, "datacenter": str, "token": str,
-                  "ca_file": str, "routing": str, "mtu": int, "node_prefix_len": int}
+                  "ca_file": str, "routing": str, "mtu": int, "node_prefix_len": int, "acl_nodes": list}
 
 
 def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
@@ -122,10 +124,10 @@ def check_id(cid: int, earlier: Iterable[ClusterAnswer], taken: dict[int, str] |
         raise SetupError(field, f"{cid} is outside 1-255")
     for a in earlier:
         if a.id == cid:
-            raise SetupError(field, f"id {cid} is taken by cluster {a.name!r}", f"try {suggest_id(earlier, taken)}")
+            raise SetupError(field, f"id {cid} is taken by cluster {a.name!r}", _try(suggest_id(earlier, taken)))
     owner = (taken or {}).get(cid)
     if owner and owner != name:
-        raise SetupError(field, f"id {cid} is taken by cluster {owner!r} in the mesh", f"try {suggest_id(earlier, taken)}")
+        raise SetupError(field, f"id {cid} is taken by cluster {owner!r} in the mesh", _try(suggest_id(earlier, taken)))
     return cid
 
 
@@ -138,14 +140,23 @@ def check_pod_cidr(cidr: str, earlier: Iterable[ClusterAnswer], field: str = "po
         other = ipaddress.ip_network(a.pod_cidr)
         if other.version == net.version and other.overlaps(net):  # type: ignore[arg-type]
             raise SetupError(field, f"{net} overlaps cluster {a.name!r}'s pod CIDR {other}",
-                             f"try {suggest_pod_cidr(earlier)}")
+                             _try(suggest_pod_cidr(earlier)))
     return str(net)
+
+
+def _try(suggestion: object) -> str | None:
+    return f"try {suggestion}" if suggestion is not None else None
 
 
 def check_static(a: ClusterAnswer, earlier: list[ClusterAnswer], where: str) -> None:
     check_name(a.name, earlier, f"{where}.name")
     check_id(a.id, earlier, field=f"{where}.id")
-    check_pod_cidr(a.pod_cidr, earlier, f"{where}.pod_cidr")
+    a.pod_cidr = check_pod_cidr(a.pod_cidr, earlier, f"{where}.pod_cidr")
+    for j, n in enumerate(a.acl_nodes):
+        try:
+            check_node_name(n, f"{where}.acl_nodes[{j}]")
+        except InvalidRecord as e:
+            raise SetupError(e.field, e.reason) from None
     if a.routing not in ROUTING_MODES:
         raise SetupError(f"{where}.routing", f"{a.routing!r} is not one of {', '.join(ROUTING_MODES)}")
     try:
@@ -154,17 +165,19 @@ def check_static(a: ClusterAnswer, earlier: list[ClusterAnswer], where: str) -> 
         raise SetupError(f"{where}.{e.field}", e.reason) from None
 
 
-def suggest_id(earlier: Iterable[ClusterAnswer], taken: dict[int, str] | None = None) -> int:
+def suggest_id(earlier: Iterable[ClusterAnswer], taken: dict[int, str] | None = None) -> int | None:
     used = {a.id for a in earlier} | set(taken or {})
-    return next(i for i in range(1, 256) if i not in used)
+    return next((i for i in range(1, 256) if i not in used), None)
 
 
-def suggest_pod_cidr(earlier: Iterable[ClusterAnswer], taken: Iterable[str] = ()) -> str:
+def suggest_pod_cidr(earlier: Iterable[ClusterAnswer], taken: Iterable[str] = ()) -> str | None:
+    """The first free /16 of 10.240.0.0/12, else of 10.0.0.0/8; None if every one is used."""
     used = [ipaddress.ip_network(c) for c in [*(a.pod_cidr for a in earlier), *taken]]
-    for net in SUGGEST_FROM.subnets(new_prefix=16):
-        if not any(u.version == 4 and u.overlaps(net) for u in used):  # type: ignore[arg-type]
-            return str(net)
-    return "10.240.0.0/16"
+    for space in (SUGGEST_FROM, ipaddress.ip_network("10.0.0.0/8")):
+        for net in space.subnets(new_prefix=16):
+            if not any(u.version == 4 and u.overlaps(net) for u in used):  # type: ignore[arg-type]
+                return str(net)
+    return None
 
 
 # --- checks against Consul -------------------------------------------------------------------
@@ -235,6 +248,10 @@ def check_live(answers: list[ClusterAnswer], facts: list[ConsulFacts]) -> None:
             if m.name in names:
                 continue
             for j, b in enumerate(answers):
+                if m.datacenter == b.datacenter:
+                    raise SetupError(f"clusters[{j}].consul", f"datacenter {b.datacenter!r} already belongs to cluster "
+                                     f"{m.name!r} in the mesh", f"remove the stale record {layout.mesh_key(m.name)} "
+                                     "if that cluster was renamed")
                 if m.id == b.id:
                     raise SetupError(f"clusters[{j}].id", f"id {b.id} is taken by cluster {m.name!r} in the mesh")
                 if ipaddress.ip_network(m.pod_cidr).overlaps(ipaddress.ip_network(b.pod_cidr)):  # type: ignore[arg-type]
@@ -276,7 +293,8 @@ class SetupPlan:
 
 
 def plan_setup(answers: list[ClusterAnswer], facts: list[ConsulFacts], stores: list[ConsulStore]) -> SetupPlan:
-    members = [MeshMember(a.name, a.id, f.datacenter, a.pod_cidr) for a, f in zip(answers, facts)]
+    members = [MeshMember(a.name, a.id, f.datacenter, str(ipaddress.ip_network(a.pod_cidr)))
+               for a, f in zip(answers, facts)]
     writes: dict[str, list[Write]] = {}
     for a, f, store in zip(answers, facts, stores):
         w: list[Write] = []
@@ -319,7 +337,11 @@ def _txn(store: ConsulStore, writes: list[Write], *, undo: bool = False) -> None
         else:
             ops.append({"KV": {"Verb": "cas", "Key": w.key, "Index": w.index,
                                "Value": base64.b64encode(value.encode()).decode()}})
-    result = store._call("transaction", lambda c: c.txn.put(ops), retry_it=False)  # noqa: SLF001
+    from consul.callback import CB
+
+    # Sent by hand: py-consul's txn.put() sends no ACL token.
+    result = store._call("transaction", lambda c: c.http.put(  # noqa: SLF001 - one family of errors
+        CB.json(), "/v1/txn", data=json.dumps(ops), headers=c.prepare_headers(None)), retry_it=False)
     errors = (result or {}).get("Errors") if isinstance(result, dict) else None
     if errors:
         raise ConsulError(f"transaction refused: {json.dumps(errors)[:300]}")
@@ -345,9 +367,34 @@ def apply_setup(plan: SetupPlan, stores: list[ConsulStore], progress: Callable[[
                 _txn(store, w, undo=True)
             except ConsulError:
                 pass
+        denied = "Permission denied" in str(e) or "permission denied" in str(e)
         raise SetupError("apply", f"{e}; the datacenters written before were rolled back",
+                         "the token lacks key:write on wiremesh/v1/" if denied else
                          "someone changed the same keys meanwhile, or Consul went away: run setup again") from None
     return result
+
+
+def create_agent_tokens(answers: list[ClusterAnswer], stores: list[ConsulStore], out_dir: Path,
+                        progress: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """One ACL policy and token per listed node; each token's secret goes to a 0600 file, never stdout."""
+    from .acl import ensure_agent_token
+
+    written = []
+    for i, (a, store) in enumerate(zip(answers, stores)):
+        for node in a.acl_nodes:
+            try:
+                tok = ensure_agent_token(store, a.name, node)
+            except ConsulError as e:
+                raise SetupError(f"clusters[{i}].acl_nodes", str(e),
+                                 "enable ACLs on the Consul servers, or leave acl_nodes out") from None
+            path = out_dir / a.name / f"{node}.token"
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                f.write(tok.secret_id + "\n")
+            progress(f"{'created' if tok.created else 'kept'} ACL token for {a.name}/{node} -> {path}")
+            written.append(path)
+    return written
 
 
 def agent_toml(a: ClusterAnswer, datacenter: str) -> str:
@@ -355,7 +402,9 @@ def agent_toml(a: ClusterAnswer, datacenter: str) -> str:
     return (
         f'# agent.toml for a node of cluster {a.name} (datacenter {datacenter})\n'
         f'node = "NODE-NAME"\ncluster = "{a.name}"\nunderlay_address = "NODE-IP"\n'
-        f'\n[consul]\naddress = "{a.consul}"\n' + ('token_file = "/etc/wiremesh/consul-token"\n' if a.token else "")
+        f'\n[consul]\naddress = "{a.consul}"\n'
+        + ('token_file = "/etc/wiremesh/consul-token"   # the node\'s token from --acl-out\n'
+           if a.token or a.acl_nodes else "")
     )
 
 

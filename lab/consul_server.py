@@ -24,7 +24,7 @@ def consul_binary() -> str:
 
 
 def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
-                 join_wan: list[str] | None = None) -> None:
+                 join_wan: list[str] | None = None, acl_master: str | None = None) -> None:
     cfg = {
         "datacenter": datacenter,
         "node_name": node_name,
@@ -32,7 +32,7 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
         "bootstrap_expect": 1,
         "data_dir": str(data_dir),
         "bind_addr": bind,
-        "client_addr": f"{bind} 127.0.0.1",
+        "client_addr": " ".join(dict.fromkeys([bind, "127.0.0.1"])),
         "ports": {"http": HTTP_PORT, "dns": -1, "grpc": -1},
         "performance": {"raft_multiplier": 1},
         # Consul's own default (512 KiB) would refuse the oversized records the agent must
@@ -46,6 +46,10 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
         "leave_on_terminate": False,
         "skip_leave_on_interrupt": True,
     }
+    if acl_master:
+        cfg["primary_datacenter"] = datacenter
+        cfg["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
+                      "tokens": {"master": acl_master}}
     if join_wan:
         cfg["retry_join_wan"] = join_wan
         cfg["retry_interval_wan"] = "1s"
@@ -62,9 +66,9 @@ def start(netns: str, config: Path, log_file: Path) -> int:
     return proc.pid
 
 
-def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0) -> None:
+def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0, token: str | None = None) -> None:
     """Wait until the server has elected itself leader and answers KV requests."""
-    store = ConsulStore(ConsulOptions(address=address, timeout=2.0), retries=False)
+    store = ConsulStore(ConsulOptions(address=address, timeout=2.0, token=token), retries=False)
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

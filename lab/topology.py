@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def parse_topology(data: Any, src: str) -> list[ClusterSpec]:
             if k not in c:
                 raise LabError(f"{where}.{k}: is required")
         spec = ClusterSpec(**{"datacenter": c["name"], **c})
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.datacenter):
+            raise LabError(f"{where}.datacenter: {spec.datacenter!r} is not a Consul datacenter name")
         try:
             spec.config()
         except InvalidRecord as e:
@@ -80,11 +83,22 @@ def load_topology(path: Path = DEFAULT_TOPOLOGY, clusters: int | None = None, no
         raise LabError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
     specs = parse_topology(data, str(path))
     if clusters is not None:
+        n = len(specs)
         while len(specs) < clusters:
-            n = len(specs) + 1
-            specs.append(ClusterSpec(name=f"cluster{n}", id=max(s.id for s in specs) + 1, datacenter=f"cluster{n}",
-                                     pod_cidr=f"10.{240 + n - 1}.0.0/16"))
+            n += 1
+            name = f"cluster{n}"
+            if any(name in (s.name, s.datacenter) for s in specs):
+                continue
+            used = [ipaddress.ip_network(s.pod_cidr) for s in specs]
+            cidr = next(str(c) for space in ("10.240.0.0/12", "10.0.0.0/8")
+                        for c in ipaddress.ip_network(space).subnets(new_prefix=16)
+                        if not any(u.version == 4 and u.overlaps(c) for u in used))  # type: ignore[arg-type]
+            cid = next(i for i in range(1, 256) if i not in {s.id for s in specs})
+            specs.append(ClusterSpec(name=name, id=cid, datacenter=name, pod_cidr=cidr))
         specs = specs[:clusters]
     if nodes is not None:
+        if not 0 <= nodes <= 50:
+            raise LabError(f"--nodes: {nodes} is outside 0-50 per cluster")
         specs = [dataclasses.replace(s, nodes=nodes) for s in specs]
-    return specs
+    # What the command line added or changed is checked like the file itself.
+    return parse_topology({"clusters": [dataclasses.asdict(s) for s in specs]}, str(path))

@@ -13,6 +13,7 @@ from clustermesh.wizard import (
     SetupError,
     agent_toml,
     apply_setup,
+    create_agent_tokens,
     check_id,
     check_name,
     check_pod_cidr,
@@ -99,7 +100,7 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
             for c in others:
                 if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):  # type: ignore[arg-type]
                     raise SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
-                                     f"try {suggest_pod_cidr(answers, others)}")
+                                     f"try {suggest_pod_cidr(answers, others) or 'another range'}")
             return cidr
 
         cidr = _ask("  Pod CIDR", cidr_ok, default=known.pod_cidr if known else suggest_pod_cidr(answers, others))
@@ -117,8 +118,10 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
               help="Answers as YAML/JSON ({clusters: [{consul, name, id, pod_cidr, ...}]}) instead of questions.")
 @click.option("-y", "--yes", is_flag=True, help="Apply without asking for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; write nothing.")
+@click.option("--acl-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With acl_nodes in the answers: write each node's new ACL token here (DIR/CLUSTER/NODE.token, 0600).")
 @click.pass_obj
-def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool) -> None:
+def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out: Path | None) -> None:
     """Connect clusters into one mesh: checks every answer, then writes every datacenter.
 
     \b
@@ -130,6 +133,11 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool) -> None
     Running it again changes only what changed; a pod CIDR that nodes already use cannot change.
     """
     answers = load_answers(answers_file) if answers_file else interview(ctx)
+    for a in answers:  # --token / CONSUL_HTTP_TOKEN and --ca-file stand in for answers that give none
+        a.token = a.token or ctx.consul.token
+        a.ca_file = a.ca_file or ctx.consul.ca_file
+    if any(a.acl_nodes for a in answers) and acl_out is None:
+        raise SetupError("--acl-out", "acl_nodes are listed: say where the tokens go (a directory)")
     plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"))
     summary = plan.summary()
     if not ctx.json:
@@ -140,6 +148,8 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool) -> None
     if not plan.changes or dry_run:
         info("nothing to change: every datacenter already has this setup" if not plan.changes
              else f"dry run: {plan.changes} change(s) not written")
+        if not dry_run and acl_out is not None:
+            create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
         if ctx.json:
             emit(ctx, {"clusters": summary, "changes": plan.changes, "applied": False})
         return
@@ -148,6 +158,8 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool) -> None
         info("nothing written")
         raise SystemExit(1)
     result = apply_setup(plan, stores, progress=lambda m: info(f"  {m}"))
+    if acl_out is not None:
+        create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
     if ctx.json:
         emit(ctx, {"clusters": summary, "changes": plan.changes, "result": result, "applied": True})
         return
