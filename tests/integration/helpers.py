@@ -46,7 +46,11 @@ def record_key(lab: Lab, node: str) -> str:
 
 
 class Pinger:
-    """`ping -i INTERVAL` inside a node, in the background; `.stop()` returns (sent, received)."""
+    """`ping -i INTERVAL` inside a node or pod, in the background; `.stop()` returns (sent, received).
+
+    The packet in flight when ping is stopped cannot have been answered yet: it is not counted
+    as sent, so a loss means a packet that had its full chance to come back.
+    """
 
     def __init__(self, lab: Lab, node: str, addr: str, interval: float = 0.05) -> None:
         self.proc = lab.popen(node, "ping", "-n", "-i", str(interval), "-W", "1", addr,
@@ -57,6 +61,8 @@ class Pinger:
         out, _ = self.proc.communicate(timeout=10)
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         assert m, out[-500:]
-        return int(m.group(1)), int(m.group(2))
-
-
+        sent, received = int(m.group(1)), int(m.group(2))
+        answered = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", out)}
+        if sent and sent not in answered:
+            sent -= 1  # the last one was still in flight
+        return sent, received
