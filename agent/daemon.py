@@ -1,8 +1,8 @@
 """The node agent: publish this node, watch the cluster, keep the dataplane in the desired state.
 
 Threads:
-- registration: keeps a Consul session (TTL, behavior=delete) alive and the node record
-  published under it; re-creates both when Consul lost them.
+- registration (agent.registration): keeps a Consul session (TTL, behavior=delete) alive and
+  the node record published under it; re-creates both when Consul lost them.
 - watch: blocking queries on the cluster's prefix; each answer becomes a validated snapshot.
 - reconcile: plans the desired state from the latest snapshot and applies the diff; also a
   periodic full pass that repairs drift nobody announced.
@@ -14,7 +14,6 @@ outage only stops updates: the last good state stays programmed.
 from __future__ import annotations
 
 import json
-import math
 import logging
 import os
 import signal
@@ -30,7 +29,6 @@ from clustermesh import (
     ConsulStore,
     ConsulUnavailable,
     NodeRecord,
-    SessionExpired,
     layout,
     lease_pod_cidr,
     load_cluster_config,
@@ -57,13 +55,13 @@ from .config import AgentConfig
 from .errors import AgentError
 from .federation import Federation
 from .metrics import AgentMetrics, serve
+from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
 
 log = logging.getLogger("wiremesh.agent")
 
 WATCH_WAIT_S = 30
-CONSUL_TTL_MIN_DEFAULT = 10  # Consul's default session_ttl_min
 BACKOFF_MAX_S = 5.0
 
 
@@ -74,7 +72,6 @@ class Agent:
         self.metrics = AgentMetrics()
         self.stop_event = threading.Event()
         self._wake = threading.Event()
-        self._republish = threading.Event()
         self._full_pass = threading.Event()  # SIGHUP: re-read everything on the next pass
         self._lock = threading.Lock()
         self._snapshot: ClusterSnapshot | None = None
@@ -82,15 +79,12 @@ class Agent:
         self._consul_ok = False
         self._logged_rejects: dict[str, str] = {}
         self._peers = (0, 0)  # desired, programmed: as of the last reconcile
-        self.session_id: str | None = None
-        # Consul invalidates a session up to twice its TTL after the last renewal, so it is
-        # asked for half of session_ttl: a crashed node's record is gone within session_ttl.
-        self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
         self.key: PrivateKey | None = None
         self.config: ClusterConfig | None = None
         self.pod_cidr: str | None = None
         self.underlay_mtu: int | None = None
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
+        self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics)
         self.pod_mtu: int | None = None
@@ -101,10 +95,6 @@ class Agent:
     @property
     def state_file(self) -> Path:
         return self.cfg.state_dir / "state.json"
-
-    @property
-    def session_name(self) -> str:
-        return f"wiremesh-agent {self.cfg.cluster}/{self.cfg.node}"
 
     @property
     def listen_port(self) -> int:
@@ -210,78 +200,6 @@ class Agent:
                      self.device.backend, "kept" if existed else "created", ", identity set" if changed else "",
                      desired.address, self.listen_port)
 
-    # --- registration ---------------------------------------------------------------------
-    def _ensure_session(self) -> str:
-        if self.session_id:
-            return self.session_id
-        key = layout.node_key(self.cfg.cluster, self.cfg.node)
-        item = self.store.get(key)
-        if item and item.session:
-            info = self.store.session_info(item.session)
-            if info and info.get("Name") == self.session_name:
-                # Our previous run (killed, or restarted quickly) still holds the record: adopt its
-                # session, so the record never disappears and no peer drops this node's tunnel.
-                self.store.session_renew(item.session)
-                self.session_id = item.session
-                log.info("adopted session %s of a previous run", item.session[:8])
-                return item.session
-        try:
-            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
-        except ConsulError as e:
-            if "Session TTL" not in str(e) or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
-                raise
-            log.warning("Consul refused a %ds session TTL (its session_ttl_min is higher); using %ds, so a "
-                        "crashed node's record lasts up to %ds", self.consul_ttl, CONSUL_TTL_MIN_DEFAULT,
-                        2 * CONSUL_TTL_MIN_DEFAULT)
-            self.consul_ttl = CONSUL_TTL_MIN_DEFAULT
-            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
-        log.info("created session %s (consul ttl %ds)", self.session_id[:8], self.consul_ttl)
-        return self.session_id
-
-    def _publish(self) -> None:
-        session = self._ensure_session()
-        rec = self._record()
-        key = layout.node_key(self.cfg.cluster, self.cfg.node)
-        if not self.store.put(key, rec.to_json(), acquire=session):
-            item = self.store.get(key)
-            holder = item.session[:8] if item and item.session else "?"
-            raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")
-        self.metrics.registrations_total.inc()
-        log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
-
-    def _registration_loop(self) -> None:
-        delay = 0.2
-        published = False
-        interval = max(0.5, self.consul_ttl / 3)
-        while not self.stop_event.is_set():
-            try:
-                if not published or self._republish.is_set():
-                    self._republish.clear()
-                    self._publish()
-                    published = True
-                else:
-                    assert self.session_id
-                    self.store.session_renew(self.session_id)
-                    self.metrics.session_renewals_total.inc()
-                delay = 0.2
-                self._republish.wait(interval)
-                continue
-            except SessionExpired:
-                log.warning("session %s expired; registering again", (self.session_id or "?")[:8])
-                self.session_id, published = None, False
-                delay = 0.0
-            except (ConsulError, AgentError) as e:
-                log.warning("registration: %s (retry in %.1fs)", e, delay)
-                published = False if not isinstance(e, ConsulUnavailable) else published
-                self.metrics.sync_errors_total.labels("register").inc()
-            except Exception:  # noqa: BLE001 - a bug must not end the registration for good
-                log.exception("registration failed unexpectedly (retry in %.1fs)", delay)
-                published = False
-                self.metrics.sync_errors_total.labels("register").inc()
-            if self.stop_event.wait(delay):
-                return
-            delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
-
     # --- watch ----------------------------------------------------------------------------
     def _watch_loop(self) -> None:
         delay = 0.2
@@ -322,10 +240,10 @@ class Agent:
             self.config = snap.config
             if old_port is not None and old_port != self.listen_port:
                 self._full_pass.set()  # the device's port follows on the next pass,
-                self._republish.set()  # and peers learn the new endpoint
+                self.registration.republish.set()  # and peers learn the new endpoint
         mine = snap.nodes.get(self.cfg.node)
-        if self.session_id and (mine is None or mine.public_key != self.key.public_key().base64):  # type: ignore[union-attr]
-            self._republish.set()
+        if self.registration.session_id and (mine is None or mine.public_key != self.key.public_key().base64):  # type: ignore[union-attr]
+            self.registration.republish.set()
         with self._lock:
             self._snapshot = snap
             self._first_sync = True
@@ -406,7 +324,7 @@ class Agent:
         detail = {
             "node": self.cfg.node, "cluster": self.cfg.cluster, "device": device_ok,
             "first_sync": self._first_sync, "consul": self._consul_ok,
-            "registered": self.session_id is not None,
+            "registered": self.registration.session_id is not None,
             "peers_desired": self._peers[0],
             "peers_programmed": self._peers[1],
             "clusters": self.federation.status(),
@@ -430,7 +348,7 @@ class Agent:
             self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
         self.setup()
         self.federation.start()
-        for name, fn in (("register", self._registration_loop), ("watch", self._watch_loop),
+        for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
                          ("reconcile", self._reconcile_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
@@ -440,13 +358,9 @@ class Agent:
         """Stop the loops; with `remove_record`, end the session so the record goes at once."""
         self.stop_event.set()
         self._wake.set()
-        self._republish.set()
-        if remove_record and self.session_id:
-            try:
-                self.store.session_destroy(self.session_id)  # behavior=delete removes the record
-                log.info("removed the node record (session %s destroyed)", self.session_id[:8])
-            except ConsulError as e:
-                log.warning("could not remove the node record (%s); it expires with the session TTL", e)
+        self.registration.republish.set()
+        if remove_record:
+            self.registration.remove()
         if self._http:
             self._http.shutdown()
         for t in self._threads:

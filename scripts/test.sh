@@ -6,6 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/setup.sh"
 cd "$here"
+# Undefined names and syntax errors fail fast, before the slow integration tests.
+.venv/bin/ruff check --select F,E9 --quiet agent tunnels keys clustermesh lab bench tests
 set +e
 .venv/bin/python -m pytest -ra "$@"
 rc=$?

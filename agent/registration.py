@@ -1,0 +1,123 @@
+"""Keeping this node's record in Consul: a session (TTL, behavior=delete) renewed by the agent,
+and the record written under it, again whenever Consul lost either.
+
+Consul invalidates a session up to twice its TTL after the last renewal, so it is asked for
+half of `session_ttl`: a crashed node's record is gone within session_ttl. A restarted agent
+adopts the session of its previous run if that still lives, so the record never disappears
+and no peer drops this node's tunnel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+
+from clustermesh import ConsulError, ConsulStore, ConsulUnavailable, NodeRecord, SessionExpired, layout
+
+from .config import AgentConfig
+from .errors import AgentError
+from .metrics import AgentMetrics
+
+log = logging.getLogger("wiremesh.agent")
+BACKOFF_MAX_S = 5.0
+CONSUL_TTL_MIN_DEFAULT = 10  # Consul's default session_ttl_min
+
+
+class Registration:
+    def __init__(self, store: ConsulStore, cfg: AgentConfig, record: Callable[[], NodeRecord],
+                 metrics: AgentMetrics, stop: threading.Event) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.record = record
+        self.metrics = metrics
+        self.stop = stop
+        self.republish = threading.Event()  # set: write the record again at once
+        self.session_id: str | None = None
+        self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
+
+    @property
+    def session_name(self) -> str:
+        return f"wiremesh-agent {self.cfg.cluster}/{self.cfg.node}"
+
+    def ensure_session(self) -> str:
+        if self.session_id:
+            return self.session_id
+        key = layout.node_key(self.cfg.cluster, self.cfg.node)
+        item = self.store.get(key)
+        if item and item.session:
+            info = self.store.session_info(item.session)
+            if info and info.get("Name") == self.session_name:
+                # Our previous run (killed, or restarted quickly) still holds the record: adopt its
+                # session, so the record never disappears and no peer drops this node's tunnel.
+                self.store.session_renew(item.session)
+                self.session_id = item.session
+                log.info("adopted session %s of a previous run", item.session[:8])
+                return item.session
+        try:
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+        except ConsulError as e:
+            if "Session TTL" not in str(e) or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
+                raise
+            log.warning("Consul refused a %ds session TTL (its session_ttl_min is higher); using %ds, so a "
+                        "crashed node's record lasts up to %ds", self.consul_ttl, CONSUL_TTL_MIN_DEFAULT,
+                        2 * CONSUL_TTL_MIN_DEFAULT)
+            self.consul_ttl = CONSUL_TTL_MIN_DEFAULT
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+        log.info("created session %s (consul ttl %ds)", self.session_id[:8], self.consul_ttl)
+        return self.session_id
+
+    def publish(self) -> None:
+        session = self.ensure_session()
+        rec = self.record()
+        key = layout.node_key(self.cfg.cluster, self.cfg.node)
+        if not self.store.put(key, rec.to_json(), acquire=session):
+            item = self.store.get(key)
+            holder = item.session[:8] if item and item.session else "?"
+            raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")
+        self.metrics.registrations_total.inc()
+        log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
+
+    def loop(self) -> None:
+        delay = 0.2
+        published = False
+        interval = max(0.5, self.consul_ttl / 3)
+        while not self.stop.is_set():
+            try:
+                if not published or self.republish.is_set():
+                    self.republish.clear()
+                    self.publish()
+                    published = True
+                else:
+                    assert self.session_id
+                    self.store.session_renew(self.session_id)
+                    self.metrics.session_renewals_total.inc()
+                delay = 0.2
+                self.republish.wait(interval)
+                continue
+            except SessionExpired:
+                log.warning("session %s expired; registering again", (self.session_id or "?")[:8])
+                self.session_id, published = None, False
+                delay = 0.0
+            except (ConsulError, AgentError) as e:
+                log.warning("registration: %s (retry in %.1fs)", e, delay)
+                published = False if not isinstance(e, ConsulUnavailable) else published
+                self.metrics.sync_errors_total.labels("register").inc()
+            except Exception:  # noqa: BLE001 - a bug must not end the registration for good
+                log.exception("registration failed unexpectedly (retry in %.1fs)", delay)
+                published = False
+                self.metrics.sync_errors_total.labels("register").inc()
+            if self.stop.wait(delay):
+                return
+            delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
+
+    def remove(self) -> None:
+        """End the session: behavior=delete removes the record, so peers drop this node at once."""
+        if not self.session_id:
+            return
+        try:
+            self.store.session_destroy(self.session_id)
+            log.info("removed the node record (session %s destroyed)", self.session_id[:8])
+        except ConsulError as e:
+            log.warning("could not remove the node record (%s); it expires with the session TTL", e)
