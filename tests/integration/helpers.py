@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,34 @@ def wg_peers(lab: Lab, node: str) -> dict[str, dict[str, Any]]:
 
 def record_key(lab: Lab, node: str) -> str:
     return read_key_file(Path(lab.node(node).dir) / "private.key").public_key().base64
+
+
+ECHO_PORT = 7777
+ECHO_SERVER = (
+    "import socket\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    f"s.bind(('0.0.0.0', {ECHO_PORT})); s.listen(64)\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(c.recv(1024)); c.close()\n"
+)
+ECHO_CLIENT = (
+    "import socket, sys\n"
+    f"c = socket.create_connection((sys.argv[1], {ECHO_PORT}), timeout=3); c.sendall(b'wiremesh')\n"
+    "assert c.recv(1024) == b'wiremesh'\n"
+)
+
+
+@contextlib.contextmanager
+def echo_servers(lab: Lab) -> Iterator[None]:
+    """A TCP echo server in every pod of the lab, for the whole `with` block."""
+    servers = [lab.popen(name, sys.executable, "-c", ECHO_SERVER, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL) for name in lab.pods]
+    try:
+        yield
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
 
 
 class Pinger:

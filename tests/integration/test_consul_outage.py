@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
-import pytest
 
 from clustermesh import layout
 from lab import Lab
 
-from .conftest import new_lab_name
 from .helpers import Pinger, ping_ok, wait_until, wg_peers
 
 OUTAGE_S = float(os.environ.get("WIREMESH_TEST_OUTAGE_S", "30"))
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(new_lab_name())
-    try:
-        lab.up(3)
-        yield lab
-    finally:
-        lab.down()
-
-
-def test_consul_outage_keeps_tunnels_and_recovers(lab: Lab, timing) -> None:  # type: ignore[no-untyped-def]
+def test_consul_outage_keeps_tunnels_and_recovers(lab3: Lab, timing) -> None:  # type: ignore[no-untyped-def]
+    lab = lab3
     peers_before = {n: set(wg_peers(lab, n)) for n in lab.nodes}
     pingers = [Pinger(lab, "node1", lab.overlay_ip("node2"), 0.05), Pinger(lab, "node3", lab.overlay_ip("node1"), 0.05)]
     try:

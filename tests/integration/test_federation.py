@@ -16,26 +16,19 @@ from lab import Lab
 from lab.topology import load_topology
 
 from .conftest import new_lab_name
-from .helpers import Pinger, ping_ok, record_key, wait_until, wg_peers
-from .test_pods import ECHO_CLIENT, ECHO_SERVER
+from .helpers import ECHO_CLIENT, Pinger, echo_servers, ping_ok, record_key, wait_until, wg_peers
 
 
 @pytest.fixture(scope="module")
 def fed() -> Iterator[Lab]:
     lab = Lab(new_lab_name())
-    servers: list[subprocess.Popen[bytes]] = []
     try:
         lab.up(topology=load_topology(clusters=2, nodes=2))
         for node in sorted(lab.nodes):
-            pod = "p-" + node
-            lab.add_pod(pod, node)
-            servers.append(lab.popen(pod, sys.executable, "-c", ECHO_SERVER,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        yield lab
+            lab.add_pod("p-" + node, node)
+        with echo_servers(lab):
+            yield lab
     finally:
-        for s in servers:
-            s.kill()
-            s.wait()
         lab.down()
 
 

@@ -15,40 +15,19 @@ import pytest
 from lab import Lab
 
 from .conftest import new_lab_name
-from .helpers import Pinger, wait_until
-
-ECHO_PORT = 7777
-ECHO_SERVER = (
-    "import socket\n"
-    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-    f"s.bind(('0.0.0.0', {ECHO_PORT})); s.listen(64)\n"
-    "while True:\n"
-    "    c, _ = s.accept(); c.sendall(c.recv(1024)); c.close()\n"
-)
-ECHO_CLIENT = (
-    "import socket, sys\n"
-    f"c = socket.create_connection((sys.argv[1], {ECHO_PORT}), timeout=3); c.sendall(b'wiremesh')\n"
-    "assert c.recv(1024) == b'wiremesh'\n"
-)
-
+from .helpers import ECHO_CLIENT, Pinger, echo_servers, wait_until
 
 @pytest.fixture(scope="module")
 def podlab() -> Iterator[Lab]:
     lab = Lab(new_lab_name())
-    servers: list[subprocess.Popen[bytes]] = []
     try:
         lab.up(3)
         for i, node in enumerate(sorted(lab.nodes), 1):
             for suffix in "ab":
                 lab.add_pod(f"p{i}{suffix}", node)
-        for name in lab.pods:
-            servers.append(lab.popen(name, sys.executable, "-c", ECHO_SERVER,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        yield lab
+        with echo_servers(lab):
+            yield lab
     finally:
-        for s in servers:
-            s.kill()
-            s.wait()
         lab.down()
 
 
