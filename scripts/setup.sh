@@ -13,7 +13,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || { log "must run as root (it installs apt packages)"; exit 1; }
 
-apt_pkgs=(iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux kmod ca-certificates iperf3)
+apt_pkgs=(python3 python3-venv iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux mount kmod ca-certificates iperf3)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -55,6 +55,8 @@ P
 fi
 log "consul: $(consul version | head -1)"
 
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    log "$py is $("$py" --version 2>&1); wiremesh needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 if [ ! -x "$venv/bin/python" ]; then
     log "creating virtual environment $venv"
     "$py" -m venv "$venv"
