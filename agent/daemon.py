@@ -273,6 +273,8 @@ class Agent:
             try:
                 res = self.reconciler.reconcile(desired, prune=self._first_sync, full=full)
             except DeviceNotFound:
+                if self.stop_event.is_set():
+                    return  # stopping: never start a new wireguard-go on the way out
                 log.warning("device %s is gone; creating it again", self.cfg.interface)
                 self.ensure_device()
                 self.reconciler.forget_overlay()

@@ -85,7 +85,8 @@ def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: P
         if bad:
             raise LabError(f"{len(bad)} of {len(results)} pings failed")
     _print_status(obj, lab_)
-    click.echo(f"next: wiremesh lab exec -n {name} node1 -- wg show   |   wiremesh lab down -n {name}", err=True)
+    first = min(lab_.nodes, key=lambda n: lab_.node(n).index, default="node1")
+    click.echo(f"next: wiremesh lab exec -n {name} {first} -- wg show   |   wiremesh lab down -n {name}", err=True)
 
 
 def ping_matrix(lab_: Lab) -> list[dict[str, Any]]:

@@ -467,12 +467,15 @@ class Lab:
             self.state = {}
         names = set(netns.list_netns(self.prefix))
         names |= {n["netns"] for n in self.state.get("nodes", {}).values()}
+        # Agents first: an agent still running could start a new wireguard-go for a device
+        # whose old one was just stopped. Then whatever is left in the namespaces, then Consul.
+        agents = [n["pid"] for n in self.state.get("nodes", {}).values() if n.get("pid")]
+        if agents:
+            progress(f"stopping {len(agents)} agents")
+            netns.terminate(agents)
         pids: set[int] = set()
         for ns in names:
             pids.update(netns.pids_in_netns(ns))
-        for n in self.state.get("nodes", {}).values():
-            if n.get("pid"):
-                pids.add(n["pid"])
         for c in self.state.get("clusters", []):
             if c.get("consul_pid"):
                 pids.add(c["consul_pid"])
@@ -480,6 +483,10 @@ class Lab:
         if pids:
             progress(f"stopping {len(pids)} processes")
             netns.terminate(sorted(pids))
+        for ns in names:  # nothing may outlive its namespace
+            left = [p for p in netns.pids_in_netns(ns) if p != os.getpid()]
+            if left:
+                netns.terminate(left, timeout=2)
         for ex in self._hub_ex.values():
             ex.close()
         self._hub_ex = {}
