@@ -65,3 +65,27 @@ def fresh_lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.down()
+
+
+def _our_daemons() -> set[int]:
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-x", "wireguard-go|consul"], capture_output=True, text=True).stdout
+    from lab.netns import pid_alive
+
+    return {int(p) for p in out.split() if pid_alive(int(p))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every wireguard-go and Consul a test started is gone when the tests are."""
+    before = _our_daemons()
+    yield
+    if os.geteuid() != 0:
+        return
+    import time
+
+    deadline = time.monotonic() + 5
+    while (left := _our_daemons() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes left running by the tests: {sorted(left)}"
