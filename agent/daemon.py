@@ -14,6 +14,7 @@ outage only stops updates: the last good state stays programmed.
 from __future__ import annotations
 
 import json
+from http.server import ThreadingHTTPServer
 import logging
 import os
 import signal
@@ -88,7 +89,7 @@ class Agent:
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics)
         self.pod_mtu: int | None = None
-        self._http = None
+        self._http: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
 
     # --- start-up -------------------------------------------------------------------------
@@ -373,7 +374,10 @@ class Agent:
         """Run until SIGTERM/SIGINT. SIGHUP forces a full reconcile pass."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGHUP, lambda *_: (self._full_pass.set(), self._wake.set()))
+        def hup(*_: object) -> None:
+            self._full_pass.set()
+            self._wake.set()
+        signal.signal(signal.SIGHUP, hup)
         self.start()
         while not self.stop_event.wait(1.0):
             pass

@@ -109,8 +109,8 @@ class Federation:
             delay = min(BACKOFF_MAX_S, delay * 2)
 
     def _take_membership(self, m: Membership) -> None:
-        for r in m.refused:
-            self._once(r.key, f"refusing cluster record {r.key}: {r.reason}")
+        for rej in m.refused:
+            self._once(rej.key, f"refusing cluster record {rej.key}: {rej.reason}")
             self.metrics.invalid_records_total.labels("mesh").inc()
         local_ok = not m.members or self.local in m.members
         if not local_ok:
@@ -134,7 +134,7 @@ class Federation:
         self.on_change()
 
     # --- one remote cluster ---------------------------------------------------------------
-    def _remote_loop(self, r: Remote) -> None:
+    def _remote_loop(self, r: Remote) -> None:  # noqa: C901 - one loop, its error cases
         name, dc = r.member.name, r.member.datacenter
         delay = 0.2
         last_config = None
@@ -179,19 +179,19 @@ class Federation:
         self.on_change()
 
 
-class _Either:
+class _Either(threading.Event):
     """Set when either event is: a remote's watch ends with the agent or with its membership."""
 
     def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        super().__init__()
         self.a, self.b = a, b
 
     def is_set(self) -> bool:
         return self.a.is_set() or self.b.is_set()
 
-    def wait(self, timeout: float) -> bool:
-        step = 0.1
-        waited = 0.0
-        while waited < timeout and not self.is_set():
-            self.b.wait(min(step, timeout - waited))
+    def wait(self, timeout: float | None = None) -> bool:
+        step, waited = 0.1, 0.0
+        while (timeout is None or waited < timeout) and not self.is_set():
+            self.b.wait(step if timeout is None else min(step, timeout - waited))
             waited += step
         return self.is_set()

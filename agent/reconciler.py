@@ -126,12 +126,12 @@ class Reconciler:
         res.programmed = sum(1 for st in self.status.values() if st.state == "done")
         # The overlay (routes, VXLAN, FDB, neighbours, MTUs) is re-read only when its desired
         # state changed or on a full pass; peers above are compared on every pass (cheap).
-        key = _overlay_key(desired) if prune else None
-        if not full and key is not None and key == self._overlay_applied:
+        overlay = _overlay_key(desired) if prune else None
+        if not full and overlay is not None and overlay == self._overlay_applied:
             return res
         try:
             self._sync_overlay(desired, prune, res)
-            self._overlay_applied = key
+            self._overlay_applied = overlay
         except TunnelError as e:
             self._overlay_applied = None
             res.errors += 1

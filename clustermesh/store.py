@@ -8,6 +8,7 @@ watch loop owns its own backoff).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import threading
@@ -191,7 +192,7 @@ class ConsulStore:
     def leader(self) -> str:
         return str(self._call("status leader", lambda c: c.status.leader()))
 
-    def datacenters(self) -> list[str]:
+    def datacenters(self) -> "builtins.list[str]":
         """Datacenters this Consul knows, through WAN federation (its own included)."""
         return [str(d) for d in self._call("catalog datacenters", lambda c: c.catalog.datacenters())]
 

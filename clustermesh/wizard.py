@@ -216,11 +216,11 @@ def probe(a: ClusterAnswer, where: str, store: ConsulStore | None = None) -> Con
             facts.mesh_index[m.name] = item.modify_index
         except InvalidRecord:
             facts.mesh_index[key.rsplit("/", 1)[-1]] = item.modify_index
-    item = store.get(layout.config_key(a.name))
-    if item is not None:
-        facts.config_index = item.modify_index
+    current = store.get(layout.config_key(a.name))
+    if current is not None:
+        facts.config_index = current.modify_index
         try:
-            facts.config = ClusterConfig.from_json(item.value)
+            facts.config = ClusterConfig.from_json(current.value)
         except InvalidRecord:
             facts.config = None
     _, leases = store.list(layout.ipam_prefix(a.name))
@@ -327,7 +327,7 @@ def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lamb
 
 
 def _txn(store: ConsulStore, writes: list[Write], *, undo: bool = False) -> None:
-    ops = []
+    ops: list[dict[str, Any]] = []
     for w in writes:
         value = w.old if undo else w.value
         if value is None:

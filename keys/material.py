@@ -125,7 +125,7 @@ class PrivateKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:  # keep it out of pickles sent anywhere by accident
+    def __reduce__(self) -> str | tuple[object, ...]:  # keep it out of pickles sent anywhere by accident
         raise TypeError("PrivateKey cannot be pickled")
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keys import PrivateKey, PublicKey
@@ -25,27 +26,34 @@ def _b64_from_hex(text: str) -> str:
     return PublicKey.from_hex(text).base64
 
 
+@dataclass
+class _Peer:
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: list[str] = field(default_factory=list)
+    keepalive: int = 0
+    hs_sec: int = 0
+    hs_nsec: int = 0
+    rx: int = 0
+    tx: int = 0
+
+    def status(self) -> PeerStatus:
+        return PeerStatus(public_key=self.public_key, endpoint=self.endpoint, allowed_ips=frozenset(self.allowed_ips),
+                          persistent_keepalive=self.keepalive, latest_handshake=self.hs_sec + self.hs_nsec / 1e9,
+                          rx_bytes=self.rx, tx_bytes=self.tx)
+
+
+_PEER_INTS = {"persistent_keepalive_interval": "keepalive", "last_handshake_time_sec": "hs_sec",
+              "last_handshake_time_nsec": "hs_nsec", "rx_bytes": "rx", "tx_bytes": "tx"}
+
+
 def parse_get(ifname: str, text: str) -> DeviceState:
     """Parse a `get=1` answer. The private key line is turned into its public half at once."""
     public_key: str | None = None
     listen_port = 0
     peers: dict[str, PeerStatus] = {}
-    cur: dict[str, object] | None = None
+    cur: _Peer | None = None
     err = 0
-
-    def close_peer() -> None:
-        if cur is not None:
-            p = PeerStatus(
-                public_key=str(cur["public_key"]),
-                endpoint=cur.get("endpoint"),  # type: ignore[arg-type]
-                allowed_ips=frozenset(cur.get("allowed_ips", ())),  # type: ignore[arg-type]
-                persistent_keepalive=int(cur.get("keepalive", 0)),  # type: ignore[call-overload]
-                latest_handshake=float(cur.get("hs_sec", 0)) + float(cur.get("hs_nsec", 0)) / 1e9,  # type: ignore[arg-type]
-                rx_bytes=int(cur.get("rx", 0)),  # type: ignore[call-overload]
-                tx_bytes=int(cur.get("tx", 0)),  # type: ignore[call-overload]
-            )
-            peers[p.public_key] = p
-
     for line in text.splitlines():
         if not line:
             continue
@@ -57,26 +65,20 @@ def parse_get(ifname: str, text: str) -> DeviceState:
         elif key == "listen_port":
             listen_port = int(value)
         elif key == "public_key":
-            close_peer()
-            cur = {"public_key": _b64_from_hex(value), "allowed_ips": []}
+            if cur is not None:
+                peers[cur.public_key] = cur.status()
+            cur = _Peer(_b64_from_hex(value))
         elif key == "errno":
             err = int(value)
         elif cur is not None:
             if key == "endpoint":
-                cur["endpoint"] = value
+                cur.endpoint = value
             elif key == "allowed_ip":
-                cur["allowed_ips"].append(value)  # type: ignore[union-attr]
-            elif key == "persistent_keepalive_interval":
-                cur["keepalive"] = value
-            elif key == "last_handshake_time_sec":
-                cur["hs_sec"] = value
-            elif key == "last_handshake_time_nsec":
-                cur["hs_nsec"] = value
-            elif key == "rx_bytes":
-                cur["rx"] = value
-            elif key == "tx_bytes":
-                cur["tx"] = value
-    close_peer()
+                cur.allowed_ips.append(value)
+            elif key in _PEER_INTS:
+                setattr(cur, _PEER_INTS[key], int(value))
+    if cur is not None:
+        peers[cur.public_key] = cur.status()
     if err:
         raise UAPIError(f"{ifname}: UAPI get failed with errno {err}", err)
     return DeviceState(name=ifname, public_key=public_key, listen_port=listen_port, peers=peers)

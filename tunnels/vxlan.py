@@ -68,7 +68,8 @@ def ensure_vxlan(spec: VxlanSpec) -> bool:
         idx = _index(ipr, spec.name)
         if idx is not None:
             (link,) = ipr.link("get", index=idx)
-            data = (link.get_attr("IFLA_LINKINFO") or {}).get_attr("IFLA_INFO_DATA") if link.get_attr("IFLA_LINKINFO") else None
+            info = link.get_attr("IFLA_LINKINFO")
+            data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
             same = data is not None and (
                 data.get_attr("IFLA_VXLAN_ID") == spec.vni
                 and data.get_attr("IFLA_VXLAN_LOCAL") == spec.local

@@ -66,9 +66,11 @@ def list_(ctx: Ctx) -> None:
     rows, data = [], []
     for v in views:
         cfg = v.snapshot.config if v.snapshot else None
-        d = {"cluster": v.name, "id": (v.member.id if v.member else cfg.id if cfg else None),
-             "datacenter": v.member.datacenter if v.member else "local", "pod_cidr": (v.member or cfg).pod_cidr
-             if (v.member or cfg) else None, "routing": cfg.routing if cfg else None, "member": v.member is not None}
+        source = v.member or cfg
+        d = {"cluster": v.name, "id": source.id if source else None,
+             "datacenter": v.member.datacenter if v.member else "local",
+             "pod_cidr": source.pod_cidr if source else None, "routing": cfg.routing if cfg else None,
+             "member": v.member is not None}
         data.append(d)
         rows.append([d["cluster"], d["id"] or "-", d["datacenter"], d["pod_cidr"] or "-", d["routing"] or "?",
                      "yes" if d["member"] else "no"])

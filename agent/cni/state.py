@@ -98,8 +98,8 @@ class CniState:
                 fd = os.open(self.ipam / ip, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(owner)
+            with os.fdopen(fd, "w") as lease:
+                lease.write(owner)
             (self.ipam / "last").write_text(ip)
             return ip
         raise NoFreeAddress(f"no free address in {pod_cidr} ({len(hosts)} in use)")
