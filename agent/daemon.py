@@ -348,7 +348,10 @@ class Agent:
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
-            self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
+            try:
+                self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
+            except OSError as e:
+                raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
         self.setup()
         self.federation.start()
         for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),

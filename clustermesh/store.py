@@ -63,9 +63,10 @@ class KVItem:
     session: str | None = None
 
 
-def _translate(e: Exception, what: str) -> ConsulError:
+def _translate(e: Exception, what: str, address: str = "") -> ConsulError:
     if isinstance(e, (requests.ConnectionError, requests.Timeout, consul.Timeout)):
-        return ConsulUnavailable(f"{what}: Consul unreachable ({e.__class__.__name__})")
+        kind = "timed out" if isinstance(e, (requests.Timeout, consul.Timeout)) else "unreachable"
+        return ConsulUnavailable(f"{what}: Consul at {address} {kind}" if address else f"{what}: Consul {kind}")
     if isinstance(e, consul.ACLPermissionDenied):
         return ConsulError(f"{what}: permission denied by Consul ACLs", 403)
     if isinstance(e, consul.NotFound):
@@ -109,7 +110,7 @@ class ConsulStore:
             try:
                 return fn(self._client())
             except (requests.RequestException, consul.ConsulException) as e:
-                raise _translate(e, what) from None
+                raise _translate(e, what, self.options.address) from None
 
         if retry_it and self._retries:
             return _retry(once)()

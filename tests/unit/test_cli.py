@@ -72,7 +72,7 @@ def test_status_without_consul_is_one_line_and_a_hint() -> None:
     result = run("--consul", "http://127.0.0.1:1", "status")
     assert_clean_failure(result)
     (line,) = error_lines(result)
-    assert "Consul unreachable" in line
+    assert "unreachable" in line
     assert any(line.startswith("hint:") and "CONSUL_HTTP_ADDR" in line for line in result.stderr.splitlines())
 
 
@@ -80,7 +80,7 @@ def test_status_consul_address_from_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://127.0.0.1:1")
     result = run("status")
     assert_clean_failure(result)
-    assert "Consul unreachable" in error_lines(result)[0]
+    assert "unreachable" in error_lines(result)[0]
 
 
 def test_status_with_bad_config_names_the_field(tmp_path: Path) -> None:
