@@ -29,6 +29,7 @@ from clustermesh import (
     ConsulError,
     ConsulStore,
     ConsulUnavailable,
+    InvalidRecord,
     NodeRecord,
     layout,
     lease_pod_cidr,
@@ -66,6 +67,29 @@ WATCH_WAIT_S = 30
 BACKOFF_MAX_S = 5.0
 
 
+class StoppedEarly(AgentError):
+    """SIGTERM arrived while the agent was still waiting for Consul: a clean exit."""
+
+
+def reject_label(reason: str) -> str:
+    """A metric label from a closed set: never the text a record's author chose."""
+    head = reason.split(":", 1)[0].strip()
+    if head in _REJECT_LABELS:
+        return head
+    if head.startswith("bad IPAM lease"):
+        return "lease"
+    if "unknown field" in reason:
+        return "unknown_field"
+    if "unknown key" in reason:
+        return "unknown_key"
+    return "other"
+
+
+_REJECT_LABELS = {"value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
+                  "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
+                  "node_prefix_len"}
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, store: ConsulStore | None = None) -> None:
         self.cfg = cfg
@@ -80,6 +104,8 @@ class Agent:
         self._consul_ok = False
         self._logged_rejects: dict[str, str] = {}
         self._peers = (0, 0)  # desired, programmed: as of the last reconcile
+        self._last_republish = 0.0
+        self._logged_once: dict[str, str] = {}
         self.key: PrivateKey | None = None
         self.config: ClusterConfig | None = None
         self.pod_cidr: str | None = None
@@ -87,7 +113,8 @@ class Agent:
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
-        self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics)
+        self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
+                                     local_pod_cidr=lambda: self.config.pod_cidr if self.config else None)
         self.pod_mtu: int | None = None
         self._http: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -133,14 +160,18 @@ class Agent:
                 self.pod_cidr = lease_pod_cidr(self.store, self.config, self.cfg.node)
                 self._save_cached()
                 return
-            except ConsulUnavailable as e:
+            except (ConsulError, InvalidRecord, ValueError) as e:
+                # Unreachable, refused, or holding something invalid: a node that has run before
+                # starts from what it cached, so a bad write in Consul never blocks a restart.
                 if cached:
-                    log.warning("Consul unreachable (%s); starting from the cached lease %s", e, self.pod_cidr)
+                    log.warning("Consul: %s; starting from the cached lease %s", e, self.pod_cidr)
                     return
+                if not isinstance(e, ConsulUnavailable):
+                    raise
                 log.warning("waiting for Consul: %s (retry in %.1fs)", e, delay)
             self.stop_event.wait(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
-        raise AgentError("stopped before Consul answered")
+        raise StoppedEarly("stopped before Consul answered")
 
     def _record(self) -> NodeRecord:
         assert self.key and self.pod_cidr
@@ -195,7 +226,9 @@ class Agent:
                        local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu)
         assert desired.address
         ensure_address(self.cfg.interface, desired.address)
-        ensure_link_up(self.cfg.interface, desired.mtu)
+        # The MTU is set here only on a new device: later changes go through the reconciler,
+        # which orders them around a routing-mode switch.
+        ensure_link_up(self.cfg.interface, desired.mtu if not existed else None)
         if not existed or changed:
             log.info("device %s (%s backend) %s%s, overlay %s, listen port %d", self.cfg.interface,
                      self.device.backend, "kept" if existed else "created", ", identity set" if changed else "",
@@ -231,7 +264,7 @@ class Agent:
         for key, reason in rejected.items():
             if self._logged_rejects.get(key) != reason:
                 log.warning("skipping invalid record %s: %s", key, reason)
-                self.metrics.invalid_records_total.labels(reason.split(":", 1)[0]).inc()
+                self.metrics.invalid_records_total.labels(reject_label(reason)).inc()
         self._logged_rejects = rejected
         self.metrics.invalid_records.set(len(rejected))
         if snap.config is not None and snap.config != self.config:
@@ -242,14 +275,30 @@ class Agent:
             if old_port is not None and old_port != self.listen_port:
                 self._full_pass.set()  # the device's port follows on the next pass,
                 self.registration.republish.set()  # and peers learn the new endpoint
+        own_key = layout.node_key(self.cfg.cluster, self.cfg.node)
         mine = snap.nodes.get(self.cfg.node)
-        if self.registration.session_id and (mine is None or mine.public_key != self.key.public_key().base64):  # type: ignore[union-attr]
-            self.registration.republish.set()
+        if own_key in rejected:
+            pass  # logged above; writing it again would not make it valid
+        elif self.registration.session_id and self.pod_cidr and mine != self._record():
+            # Gone (Consul lost it, someone deleted it) or overwritten: write ours again, at
+            # most once a second whatever the watch delivers.
+            now = time.monotonic()
+            if now - self._last_republish >= 1.0:
+                self._last_republish = now
+                self.registration.republish.set()
+        if self.pod_cidr and snap.leases and snap.leases.get(self.pod_cidr) not in (None, self.cfg.node):
+            self._once("lease", f"pod CIDR {self.pod_cidr} is now leased to {snap.leases[self.pod_cidr]!r} in "
+                                "Consul; this node's record will be refused until that is resolved")
         with self._lock:
             self._snapshot = snap
             self._first_sync = True
         self.metrics.synced()
         self._wake.set()
+
+    def _once(self, key: str, msg: str) -> None:
+        if self._logged_once.get(key) != msg:
+            self._logged_once[key] = msg
+            log.warning("%s", msg)
 
     # --- reconcile ------------------------------------------------------------------------
     def desired(self) -> DesiredState | None:
@@ -291,6 +340,8 @@ class Agent:
         finally:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
         self._peers = (len(desired.peers), res.programmed)
+        for s in desired.skipped:
+            self._once(f"skipped:{s.split(':', 1)[0]}", f"left out: {s}")
         self.metrics.peers_desired.set(len(desired.peers))
         self.metrics.peers_programmed.set(res.programmed)
         for op, n in (("add", res.added), ("update", res.updated), ("remove", res.removed)):
@@ -365,13 +416,14 @@ class Agent:
         self.stop_event.set()
         self._wake.set()
         self.registration.republish.set()
-        if remove_record:
+        for t in self._threads:
+            if t.name != "watch":  # the watch may sit in a blocking query; it is a daemon thread
+                t.join(timeout=5)
+        if remove_record:  # after the registration loop ended: nothing can re-create the record
             self.registration.remove()
         if self._http:
             self._http.shutdown()
-        for t in self._threads:
-            if t.name != "watch":  # the watch may sit in a blocking query; it is a daemon thread
-                t.join(timeout=2)
+            self._http.server_close()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT. SIGHUP forces a full reconcile pass."""
@@ -381,7 +433,11 @@ class Agent:
             self._full_pass.set()
             self._wake.set()
         signal.signal(signal.SIGHUP, hup)
-        self.start()
+        try:
+            self.start()
+        except StoppedEarly:
+            log.info("stopped before Consul answered")
+            return 0
         while not self.stop_event.wait(1.0):
             pass
         log.info("stopping")

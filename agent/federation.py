@@ -9,6 +9,7 @@ peers are before the first sync.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -39,7 +40,8 @@ class Remote:
     stop: threading.Event = field(default_factory=threading.Event)
     snapshot: ClusterSnapshot | None = None
     up: bool = False
-    refused: str | None = None  # why its nodes are not programmed, if they are not
+    refused: str | None = None  # why its nodes are not programmed (and pruned), if they are not
+    waiting: str | None = None  # why its state is frozen as it was (no valid config there yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,7 @@ class FederationView:
 
 class Federation:
     def __init__(self, store: ConsulStore, local: str, stop: threading.Event, on_change: Callable[[], None],
-                 metrics: AgentMetrics) -> None:
+                 metrics: AgentMetrics, local_pod_cidr: Callable[[], str | None] = lambda: None) -> None:
         self.store = store
         self.local = local
         self.stop = stop
@@ -63,6 +65,8 @@ class Federation:
         self.lock = threading.Lock()
         self.remotes: dict[str, Remote] = {}
         self.membership: Membership | None = None
+        self.local_pod_cidr = local_pod_cidr  # the local cluster's live config, to check its mesh record
+        self._last_good: dict[str, MeshMember] = {}
         self._logged: dict[str, str] = {}
 
     def start(self) -> None:
@@ -74,7 +78,7 @@ class Federation:
             for name, r in self.remotes.items():
                 if r.refused:
                     continue
-                if r.snapshot is None:
+                if r.snapshot is None or r.waiting:
                     frozen.add(r.member.pod_cidr)
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
@@ -85,6 +89,7 @@ class Federation:
         with self.lock:
             return {n: {"datacenter": r.member.datacenter, "id": r.member.id, "pod_cidr": r.member.pod_cidr,
                         "reachable": r.up, "synced": r.snapshot is not None, "refused": r.refused,
+                        "waiting": r.waiting,
                         "nodes": len(r.snapshot.nodes) if r.snapshot else 0}
                     for n, r in sorted(self.remotes.items())}
 
@@ -99,7 +104,9 @@ class Federation:
         while not self.stop.is_set():
             try:
                 for _, items in self.store.watch(layout.mesh_prefix(), self.stop, wait_s=WATCH_WAIT_S):
-                    self._take_membership(parse_mesh(items, self.local))
+                    m = parse_mesh(items, self.local, self._last_good)
+                    self._last_good = {layout.mesh_key(n): mem for n, mem in m.members.items()}
+                    self._take_membership(m)
                     delay = 0.2
             except ConsulError as e:
                 self._once("mesh", f"mesh membership watch failed ({e}); federation kept as it is")
@@ -115,6 +122,14 @@ class Federation:
         local_ok = not m.members or self.local in m.members
         if not local_ok:
             self._once("mesh-local", f"this cluster ({self.local}) is not a member of the mesh; no federation")
+        live = self.local_pod_cidr()
+        if local_ok and m.members and live is not None and self.local in m.members and \
+                m.members[self.local].pod_network != ipaddress.ip_network(live):
+            # The overlap checks ran against the mesh record: with a different live range they
+            # prove nothing, and a remote could take over local pod routes.
+            self._once("mesh-local", f"this cluster's mesh record says pod_cidr {m.members[self.local].pod_cidr}, "
+                                     f"its config {live}: no federation until they agree (run wiremesh setup)")
+            local_ok = False
         wanted = {n: mem for n, mem in m.members.items() if n != self.local} if local_ok else {}
         with self.lock:
             self.membership = m
@@ -159,9 +174,11 @@ class Federation:
 
     def _take_remote(self, r: Remote, snap: ClusterSnapshot) -> None:
         name = r.member.name
-        refused = None
+        refused = waiting = None
         if snap.config is None:
-            refused = f"cluster {name} has no valid config in datacenter {r.member.datacenter}"
+            waiting = (f"cluster {name} has no valid config in datacenter {r.member.datacenter}; "
+                       "its tunnels are kept as they are")
+            self._once(f"waiting-{name}", waiting)
         elif snap.config.pod_network != r.member.pod_network:
             refused = (f"cluster {name}'s config says pod_cidr {snap.config.pod_cidr}, its mesh record "
                        f"{r.member.pod_cidr}: refused until they agree")
@@ -174,7 +191,7 @@ class Federation:
         with self.lock:
             if r.stop.is_set():
                 return
-            r.snapshot, r.up, r.refused = snap, True, refused
+            r.snapshot, r.up, r.refused, r.waiting = snap, True, refused, waiting
         self.metrics.remote_up.labels(name).set(1)
         self.on_change()
 

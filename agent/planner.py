@@ -140,11 +140,18 @@ def plan(
                 skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
             routes.add(Route(rec.pod_cidr, wg_device))
     taken = {local_public_key, *peers}
+    local_range = config.pod_network
+    claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()]
     for cluster in sorted(remotes or {}):
         for name, rec in sorted((remotes or {})[cluster].items()):
             if rec.public_key in taken:
                 skipped.append(f"{cluster}/{name}: its public key is already in use")
                 continue
+            net = ipaddress.ip_network(rec.pod_cidr)
+            if any(net.version == c.version and net.overlaps(c) for c in [local_range, *claimed]):  # type: ignore[arg-type]
+                skipped.append(f"{cluster}/{name}: pod CIDR {rec.pod_cidr} overlaps one already routed here")
+                continue
+            claimed.append(net)
             taken.add(rec.public_key)
             peers[rec.public_key] = PeerConfig(
                 public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),

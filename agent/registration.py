@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from clustermesh import ConsulError, ConsulStore, ConsulUnavailable, NodeRecord, SessionExpired, layout
 
@@ -41,20 +43,39 @@ class Registration:
     def session_name(self) -> str:
         return f"wiremesh-agent {self.cfg.cluster}/{self.cfg.node}"
 
+    @property
+    def _session_file(self) -> Path:
+        return self.cfg.state_dir / "session"
+
+    def _saved_session(self) -> str | None:
+        try:
+            return self._session_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    def _save_session(self, session_id: str) -> None:
+        tmp = self._session_file.with_suffix(".tmp")
+        tmp.write_text(session_id + "\n")
+        os.replace(tmp, self._session_file)
+
     def ensure_session(self) -> str:
         if self.session_id:
             return self.session_id
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
         item = self.store.get(key)
-        if item and item.session:
-            info = self.store.session_info(item.session)
-            if info and info.get("Name") == self.session_name:
-                # Our previous run (killed, or restarted quickly) still holds the record: adopt its
-                # session, so the record never disappears and no peer drops this node's tunnel.
+        saved = self._saved_session()
+        if item and item.session and item.session == saved:
+            # Our previous run (killed, or restarted quickly) still holds the record: adopt its
+            # session, so the record never disappears and no peer drops this node's tunnel. Only
+            # the session this node wrote down: another agent misconfigured with the same node
+            # name must fail `acquire`, not share the record.
+            try:
                 self.store.session_renew(item.session)
                 self.session_id = item.session
                 log.info("adopted session %s of a previous run", item.session[:8])
                 return item.session
+            except SessionExpired:
+                pass
         try:
             self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
         except ConsulError as e:
@@ -66,6 +87,7 @@ class Registration:
             self.consul_ttl = CONSUL_TTL_MIN_DEFAULT
             self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
         log.info("created session %s (consul ttl %ds)", self.session_id[:8], self.consul_ttl)
+        self._save_session(self.session_id)
         return self.session_id
 
     def publish(self) -> None:
@@ -113,11 +135,16 @@ class Registration:
             delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
 
     def remove(self) -> None:
-        """End the session: behavior=delete removes the record, so peers drop this node at once."""
-        if not self.session_id:
+        """End the session: behavior=delete removes the record, so peers drop this node at once.
+
+        Call it after the loop has ended (so no new session can appear behind it).
+        """
+        session, self.session_id = self.session_id, None
+        if not session:
             return
         try:
-            self.store.session_destroy(self.session_id)
-            log.info("removed the node record (session %s destroyed)", self.session_id[:8])
+            self.store.session_destroy(session)
+            self._session_file.unlink(missing_ok=True)
+            log.info("removed the node record (session %s destroyed)", session[:8])
         except ConsulError as e:
             log.warning("could not remove the node record (%s); it expires with the session TTL", e)

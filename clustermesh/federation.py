@@ -6,7 +6,8 @@ them from its local Consul and each remote cluster's nodes through it with `dc=<
 
 A member is refused (reported, never programmed) when its record is invalid, its id is taken,
 or its pod CIDR overlaps one already accepted; members are taken in order of (id, name) with
-the local cluster first, so every node of every cluster decides the same way.
+the local cluster first: every node of one cluster decides the same way, and a cluster never
+refuses itself.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ class Membership:
     refused: tuple[Rejected, ...]
 
 
-def parse_mesh(items: Mapping[str, KVItem], local: str | None = None) -> Membership:
-    """Validate the membership records and decide which members are accepted (pure)."""
+def parse_mesh(items: Mapping[str, KVItem], local: str | None = None,
+               last_good: Mapping[str, MeshMember] | None = None) -> Membership:
+    """Validate the membership records and decide which members are accepted (pure).
+
+    A record that fails validation is reported; if `last_good` holds an earlier valid version
+    of it, that one stands in, so one bad write never drops a cluster from the mesh.
+    """
     refused: list[Rejected] = []
     found: list[tuple[str, MeshMember]] = []
     prefix = layout.mesh_prefix()
@@ -71,7 +77,11 @@ def parse_mesh(items: Mapping[str, KVItem], local: str | None = None) -> Members
                 raise InvalidRecord("name", f"{m.name!r} does not match the key's cluster name", key)
             found.append((key, m))
         except InvalidRecord as e:
-            refused.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+            kept = (last_good or {}).get(key)
+            refused.append(Rejected(key, str(e).removeprefix(f"{key}: ")
+                                    + ("; its last valid version is kept" if kept else "")))
+            if kept is not None:
+                found.append((key, kept))
     return check_members(found, local, refused)
 
 

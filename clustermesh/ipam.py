@@ -26,9 +26,16 @@ def _subnets(config: ClusterConfig) -> Iterator[str]:
 
 
 def leases(store: ConsulStore, cluster: str) -> dict[str, str]:
-    """CIDR -> node name, as stored."""
+    """CIDR (canonical) -> node name. A key that is not a CIDR is skipped (and logged): one bad
+    write must not stop every node from leasing or finding its own CIDR."""
     _, items = store.list(layout.ipam_prefix(cluster))
-    return {layout.ipam_cidr(k): item.value.decode(errors="replace") for k, item in items.items()}
+    out = {}
+    for key, item in items.items():
+        try:
+            out[str(ipaddress.ip_network(layout.ipam_cidr(key)))] = item.value.decode(errors="replace")
+        except ValueError:
+            log.warning("skipping IPAM key %s: not a CIDR", key)
+    return out
 
 
 def lease_pod_cidr(store: ConsulStore, config: ClusterConfig, node: str, max_attempts: int = 64) -> str:
@@ -38,7 +45,9 @@ def lease_pod_cidr(store: ConsulStore, config: ClusterConfig, node: str, max_att
         for cidr, owner in sorted(held.items(), key=lambda kv: ipaddress.ip_network(kv[0])):
             if owner == node and ipaddress.ip_network(cidr).subnet_of(config.pod_network):  # type: ignore[arg-type]
                 return cidr
-        free = next((c for c in _subnets(config) if c not in held), None)
+        taken = [ipaddress.ip_network(c) for c in held]
+        free = next((c for c in _subnets(config)
+                     if c not in held and not any(t.overlaps(ipaddress.ip_network(c)) for t in taken)), None)
         if free is None:
             raise IPAMExhausted(
                 f"cluster {config.name}: every /{config.node_prefix_len} of {config.pod_cidr} is leased"
