@@ -223,7 +223,7 @@ def test_snapshot_makes_a_remotes_nodes_visible(env: Env) -> None:
     assert env.changes == 2
     st = env.fed.status()["west"]
     assert st == {"datacenter": "dc-west", "id": 2, "pod_cidr": "10.241.0.0/16", "reachable": True, "synced": True,
-                  "refused": None, "nodes": 2}
+                  "refused": None, "waiting": None, "nodes": 2}
     assert env.fed.status()["north"]["synced"] is False
 
 
