@@ -13,8 +13,9 @@ import base64
 import ipaddress
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +198,8 @@ class ConsulFacts:
 
 def probe(a: ClusterAnswer, where: str, store: ConsulStore | None = None) -> ConsulFacts:
     """Reach the cluster's Consul and read what the setup needs; any failure is a SetupError."""
-    store = store or ConsulStore(a.options(), retries=False)
     try:
+        store = store or ConsulStore(a.options(), retries=False)
         store.leader()
         dc = store.local_datacenter()
         dcs = store.datacenters()
@@ -317,7 +318,12 @@ def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lamb
     """Every check, then the plan. Raises SetupError naming the answer to change."""
     for i, a in enumerate(answers):
         check_static(a, answers[:i], f"clusters[{i}]")
-    stores = [store_for(a) if store_for else ConsulStore(a.options(), retries=False) for a in answers]
+    stores = []
+    for i, a in enumerate(answers):
+        try:
+            stores.append(store_for(a) if store_for else ConsulStore(a.options(), retries=False))
+        except ConsulError as e:
+            raise SetupError(f"clusters[{i}].consul", str(e).split(": ", 1)[-1]) from None
     facts = []
     for i, (a, s) in enumerate(zip(answers, stores)):
         progress(f"checking Consul of cluster {a.name} at {a.consul}")
@@ -389,9 +395,12 @@ def create_agent_tokens(answers: list[ClusterAnswer], stores: list[ConsulStore],
                                  "enable ACLs on the Consul servers, or leave acl_nodes out") from None
             path = out_dir / a.name / f"{node}.token"
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "w") as f:
+            fd, tmp = tempfile.mkstemp(prefix=f".{node}.", dir=path.parent)  # 0600 from the first byte
+            with os.fdopen(fd, "w") as f:
                 f.write(tok.secret_id + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # replaces a symlink itself, never writes through it
             progress(f"{'created' if tok.created else 'kept'} ACL token for {a.name}/{node} -> {path}")
             written.append(path)
     return written
@@ -408,5 +417,5 @@ def agent_toml(a: ClusterAnswer, datacenter: str) -> str:
     )
 
 
-__all__ = ["ClusterAnswer", "SetupError", "SetupPlan", "apply_setup", "agent_toml", "asdict", "load_answers",
+__all__ = ["ClusterAnswer", "SetupError", "SetupPlan", "apply_setup", "agent_toml", "load_answers",
            "parse_answers", "prepare"]

@@ -158,17 +158,25 @@ def read_key_file(path: Path) -> PrivateKey:
     """Read a base64 private key file; refuse one that others can read."""
     path = Path(path)
     try:
-        st = path.stat()
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise KeyMaterialError(f"key file {path}: {e.strerror}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyMaterialError(f"key file {path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise KeyMaterialError(
-            f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
-            "it must be 0600 (chmod 600)"
-        )
+    try:
+        st = os.fstat(fd)  # checks and read on the same open file: nothing can swap it between
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyMaterialError(f"key file {path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyMaterialError(
+                f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
+                "it must be 0600 (chmod 600)"
+            )
+        if st.st_size > 1024:
+            raise KeyMaterialError(f"key file {path}: {st.st_size} bytes is too large for a key")
+        raw = os.read(fd, 1025)
+    except OSError as e:
+        raise KeyMaterialError(f"key file {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:

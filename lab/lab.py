@@ -30,7 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clustermesh import ClusterConfig, ConsulOptions, ConsulStore, init_cluster, load_cluster_config, overlay_address
+from clustermesh import (
+    ClusterConfig,
+    ConsulOptions,
+    ConsulStore,
+    InvalidRecord,
+    check_node_name,
+    init_cluster,
+    load_cluster_config,
+    overlay_address,
+)
 
 from clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 
@@ -171,7 +180,7 @@ class Lab:
 
     def start_consul(self, cluster: str | None = None) -> None:
         c = self.cluster_state(cluster)
-        if c.get("consul_pid") and netns.pid_alive(c["consul_pid"]):
+        if c.get("consul_pid") and netns.pid_alive(c["consul_pid"]) and netns.pid_in_netns(c["consul_pid"], c["hub"]):
             return
         c["consul_pid"] = consul_server.start(c["hub"], self.dir / f"consul-{c['name']}.json",
                                               self.dir / f"consul-{c['name']}.log")
@@ -180,7 +189,7 @@ class Lab:
 
     def stop_consul(self, cluster: str | None = None) -> None:
         c = self.cluster_state(cluster)
-        if c.get("consul_pid"):
+        if c.get("consul_pid") and netns.pid_in_netns(c["consul_pid"], c["hub"]):
             netns.terminate([c["consul_pid"]])
 
     def cut_consul(self, cluster: str) -> None:
@@ -304,8 +313,14 @@ class Lab:
         """Add a node to a cluster (the first by default): namespaces, underlay, agent.toml, agent."""
         c = self.cluster_state(cluster)
         mine = [n for n in self.nodes.values() if (n.cluster or self.clusters[0]) == c["name"]]
-        k = next(i for i in range(1, 200) if f"10.99.{c['index']}.{10 + i}" not in {n.underlay for n in mine})
+        k = next((i for i in range(1, 240) if f"10.99.{c['index']}.{10 + i}" not in {n.underlay for n in mine}), 0)
+        if not k:
+            raise LabError(f"cluster {c['name']}: no underlay address left (at most 239 nodes per cluster)")
         name = name or (f"{c['name']}-node{k}" if self.state.get("multi") else f"node{k}")
+        try:
+            check_node_name(name, "node")
+        except InvalidRecord as e:
+            raise LabError(f"node name: {e.reason}") from None
         if name in self.nodes or name in self.state.get("pods", {}):
             raise LabError(f"lab {self.name}: {name!r} is already taken")
         index = next(i for i in range(1, 10000) if i not in {n.index for n in self.nodes.values()})
@@ -347,7 +362,7 @@ class Lab:
     # --- agents ---------------------------------------------------------------------------
     def start_agent(self, name: str) -> int:
         node = self.node(name)
-        if node.pid and netns.pid_alive(node.pid):
+        if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
             return node.pid
         with open(Path(node.dir) / "agent.log", "ab") as out:
             proc = subprocess.Popen(
@@ -361,7 +376,7 @@ class Lab:
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
         node = self.node(name)
-        if node.pid and netns.pid_alive(node.pid):
+        if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
             os.kill(node.pid, sig)
             deadline = time.monotonic() + 10
             while wait and netns.pid_alive(node.pid) and time.monotonic() < deadline:
@@ -469,17 +484,15 @@ class Lab:
         names |= {n["netns"] for n in self.state.get("nodes", {}).values()}
         # Agents first: an agent still running could start a new wireguard-go for a device
         # whose old one was just stopped. Then whatever is left in the namespaces, then Consul.
-        agents = [n["pid"] for n in self.state.get("nodes", {}).values() if n.get("pid")]
+        agents = [n["pid"] for n in self.state.get("nodes", {}).values()
+                  if n.get("pid") and netns.pid_in_netns(n["pid"], n["netns"])]
         if agents:
             progress(f"stopping {len(agents)} agents")
             netns.terminate(agents)
         pids: set[int] = set()
         for ns in names:
             pids.update(netns.pids_in_netns(ns))
-        for c in self.state.get("clusters", []):
-            if c.get("consul_pid"):
-                pids.add(c["consul_pid"])
-        pids.discard(os.getpid())
+        pids.discard(os.getpid())  # Consul lives in its hub namespace: found above with the rest
         if pids:
             progress(f"stopping {len(pids)} processes")
             netns.terminate(sorted(pids))

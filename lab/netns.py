@@ -118,6 +118,16 @@ def pids_in_netns(name: str) -> list[int]:
     return pids
 
 
+def pid_in_netns(pid: int, name: str) -> bool:
+    """True if process `pid` lives in network namespace `name` (so it is the lab's, not a reused pid)."""
+    try:
+        want = netns_path(name).stat()
+        have = Path(f"/proc/{pid}/ns/net").stat()
+    except OSError:
+        return False
+    return (want.st_ino, want.st_dev) == (have.st_ino, have.st_dev)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -76,12 +76,15 @@ class UserspaceDevice(WireGuardDevice):
         self.uapi = UAPIClient(name)
         self.state_dir = Path(state_dir) if state_dir else None
         self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid_file(self) -> Path | None:
         return self.state_dir / f"wireguard-go-{self.name}.pid" if self.state_dir else None
 
     def exists(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None  # ours exited (and is reaped now)
         return links.link_exists(self.name) and self.uapi.alive()
 
     def create(self) -> None:
@@ -112,8 +115,11 @@ class UserspaceDevice(WireGuardDevice):
                 raise TunnelError(f"{self.name}: wireguard-go exited with {proc.returncode} (see {logf})")
             if self.exists():
                 log.info("started wireguard-go for %s (pid %d)", self.name, proc.pid)
+                self._proc = proc  # kept so that its exit is reaped, never a zombie of the agent
                 return
             time.sleep(0.02)
+        proc.kill()
+        proc.wait()
         raise TunnelError(f"{self.name}: wireguard-go did not open {socket_path(self.name)} within 5 s")
 
     def show(self) -> DeviceState:

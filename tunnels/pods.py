@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -149,11 +150,21 @@ def set_pod_mtu(netns: str, container_id: str, ifname: str, mtu: int) -> bool:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
                 return False
-            (link,) = ipr.link("get", index=idx[0])
-            if link.get_attr("IFLA_MTU") != mtu:
-                ipr.link("set", index=idx[0], mtu=mtu)
+            try:
+                (link,) = ipr.link("get", index=idx[0])
+                if link.get_attr("IFLA_MTU") != mtu:
+                    ipr.link("set", index=idx[0], mtu=mtu)
+            except NetlinkError as e:
+                raise _err(f"{ifname} in the pod: set mtu {mtu}", e) from e
             return True
 
+    try:
+        return _set_pod_mtu(host, mtu, lambda: run_in_netns(netns, inside))
+    except NetlinkError as e:  # the pod went away meanwhile, or the kernel refused
+        raise _err(f"{host}: set mtu {mtu}", e) from e
+
+
+def _set_pod_mtu(host: str, mtu: int, inside: Callable[[], bool]) -> bool:
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=host)
         if not idx:
@@ -164,9 +175,9 @@ def set_pod_mtu(netns: str, container_id: str, ifname: str, mtu: int) -> bool:
         # The pod end first when lowering, the node end first when raising: neither end ever
         # sends frames larger than the other accepts.
         if mtu < link.get_attr("IFLA_MTU"):
-            run_in_netns(netns, inside)
+            inside()
             ipr.link("set", index=idx[0], mtu=mtu)
         else:
             ipr.link("set", index=idx[0], mtu=mtu)
-            run_in_netns(netns, inside)
+            inside()
     return True

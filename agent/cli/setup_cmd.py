@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from clustermesh import ConsulStore
 from clustermesh.wizard import (
     ClusterAnswer,
     SetupError,
@@ -68,7 +67,7 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
             a = ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
                               ca_file=ctx.consul.ca_file)
             try:
-                facts = probe(a, f"clusters[{i}]", ConsulStore(a.options(), retries=False))
+                facts = probe(a, f"clusters[{i}]")
                 break
             except SetupError as e:
                 info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
@@ -86,7 +85,7 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
             return dc
 
         dc = _ask("  Datacenter", dc_ok, default=facts.datacenter)
-        existing = facts.mesh.get(dc)
+        existing = next((m for m in facts.mesh.values() if m.datacenter == dc), None)
         name = _ask("  Cluster name", lambda v: check_name(v, answers), default=existing.name if existing else dc)
         known = facts.mesh.get(name)
         cid = _ask("  Cluster id (1-255)", lambda v: check_id(v, answers, taken, name), type=int,

@@ -115,6 +115,9 @@ def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
         raise CniError(TRY_AGAIN_LATER, f"the wiremesh agent has not leased this node's pod CIDR yet "
                                         f"(no {state.state_dir}/state.json)")
     cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
+    if ":" in node.pod_cidr:
+        raise CniError(INVALID_CONFIG, f"the node's pod CIDR {node.pod_cidr} is IPv6; wiremesh-cni gives IPv4 "
+                                       "pod addresses only")
     if not Path(netns).exists():
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {netns} does not exist")
     mtu = conf.get("mtu") or node.pod_mtu

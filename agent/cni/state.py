@@ -80,7 +80,8 @@ class CniState:
         """Lease a free address of `pod_cidr` (skipping the network, overlay and broadcast addresses)."""
         net = ipaddress.ip_network(pod_cidr)
         owner = f"{container_id}/{ifname}"
-        hosts = [ip for ip in net.hosts() if ip != net.network_address + 1]
+        first, last = int(net.network_address) + 2, int(net.broadcast_address) - 1  # skip .0, .1 (node), broadcast
+        count = max(0, last - first + 1)
         self.ipam.mkdir(parents=True, exist_ok=True, mode=0o700)
         for f in self.ipam.iterdir():
             if f.name != "last" and f.read_text() == owner:
@@ -88,12 +89,12 @@ class CniState:
                     return f.name  # already leased to this attachment
                 f.unlink(missing_ok=True)  # a lease from a pod CIDR the node no longer has
         try:
-            last = ipaddress.ip_address((self.ipam / "last").read_text().strip())
-            start = hosts.index(last) + 1 if last in hosts else 0  # type: ignore[arg-type]
+            prev = int(ipaddress.ip_address((self.ipam / "last").read_text().strip()))
+            start = prev + 1 - first if first <= prev <= last else 0
         except (OSError, ValueError):
             start = 0
-        for i in range(len(hosts)):
-            ip = str(hosts[(start + i) % len(hosts)])
+        for i in range(count):
+            ip = str(ipaddress.ip_address(first + (start + i) % count))
             try:
                 fd = os.open(self.ipam / ip, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
@@ -102,7 +103,7 @@ class CniState:
                 lease.write(owner)
             (self.ipam / "last").write_text(ip)
             return ip
-        raise NoFreeAddress(f"no free address in {pod_cidr} ({len(hosts)} in use)")
+        raise NoFreeAddress(f"no free address in {pod_cidr} ({count} in use)")
 
     def release(self, container_id: str, ifname: str) -> list[str]:
         owner = f"{container_id}/{ifname}"
