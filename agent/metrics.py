@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -89,7 +90,14 @@ def serve(
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
             pass
 
-    server = ThreadingHTTPServer(address, Handler)
+    cls = ThreadingHTTPServer
+    if ":" in address[0]:  # an IPv6 health address
+
+        class V6Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+
+        cls = V6Server
+    server = cls(address, Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("health and metrics on http://%s:%d/", *server.server_address[:2])
