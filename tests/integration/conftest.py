@@ -70,10 +70,13 @@ def fresh_lab() -> Iterator[Lab]:
 def _our_daemons() -> set[int]:
     import subprocess
 
-    out = subprocess.run(["pgrep", "-x", "wireguard-go|consul"], capture_output=True, text=True).stdout
     from lab.netns import pid_alive
 
-    return {int(p) for p in out.split() if pid_alive(int(p))}
+    pids = set()
+    for name in ("wireguard-go", "consul"):  # one pgrep each: a pattern over 15 characters matches nothing
+        out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+        pids |= {int(p) for p in out.split() if pid_alive(int(p))}
+    return pids
 
 
 @pytest.fixture(scope="session", autouse=True)
