@@ -104,3 +104,31 @@ def status_(ctx: Ctx, interface: str) -> None:
         rows.append([v.name, d["id"] or "-", d["datacenter"], d["pod_cidr"] or "-", "yes" if d["reachable"] else "NO",
                      d["nodes"], "-" if up is None else f"{up}/{len(keys)}"])
     emit(ctx, {"clusters": data}, ["cluster", "id", "datacenter", "pod cidr", "reachable", "nodes", "tunnels up"], rows)
+
+
+@cluster.command("release")
+@click.argument("name")
+@click.argument("node")
+@click.option("--force", is_flag=True, help="Release even while the node's record is live (it will be refused).")
+@click.pass_obj
+def release(ctx: Ctx, name: str, node: str, force: bool) -> None:
+    """Give back NODE's pod-CIDR lease in cluster NAME, for a node removed for good.
+
+    A node keeps its lease across restarts and absences; this frees it for another node.
+    Refused while NODE still has a live record, unless --force.
+    """
+    from clustermesh import check_node_name, layout, release_pod_cidr
+
+    try:
+        check_node_name(node, "NODE")
+    except InvalidRecord as e:
+        raise click.BadParameter(e.reason, param_hint="NODE") from None
+    store = ConsulStore(ctx.consul)
+    live = store.get(layout.node_key(name, node))
+    if live is not None and live.session and not force:
+        raise InvalidRecord("NODE", f"{node} is still registered in cluster {name} (its agent runs); stop it "
+                                    "first, or pass --force")
+    released = release_pod_cidr(store, name, node)
+    info(f"{node}: {'released ' + ', '.join(released) if released else 'held no lease'}")
+    emit(ctx, {"cluster": name, "node": node, "released": released}, ["cluster", "node", "released"],
+         [[name, node, ", ".join(released) or "-"]])

@@ -26,3 +26,25 @@ def test_ten_agents_at_once_lease_ten_cidrs(fresh_lab: Lab) -> None:
     _, leases = lab.consul(lambda s: s.list(layout.ipam_prefix("lab")))
     owners = {item.value.decode() for item in leases.values()}
     assert len(leases) == 10 and owners == set(lab.nodes)
+
+
+def test_release_gives_a_lease_back_only_when_the_node_is_gone(fresh_lab: Lab) -> None:
+    import subprocess
+    import sys
+
+    from lab.netns import enter_cmd
+
+    lab = fresh_lab
+    lab.up(2)
+    wm = [str(Path(sys.executable).with_name("wiremesh")), "--consul", lab.consul_address()]
+    pod = json.loads(Path(lab.node("node2").dir, "state.json").read_text())["pod_cidr"]
+    live = subprocess.run(enter_cmd(lab.hub, None) + wm + ["cluster", "release", "lab", "node2"],
+                          capture_output=True, text=True)
+    assert live.returncode == 1 and "still registered" in live.stderr, live.stderr
+    lab.stop_agent("node2")  # SIGTERM: its record goes at once
+    done = subprocess.run(enter_cmd(lab.hub, None) + wm + ["-o", "json", "cluster", "release", "lab", "node2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["released"] == [pod]
+    _, leases = lab.consul(lambda s: s.list(layout.ipam_prefix("lab")))
+    assert {item.value.decode() for item in leases.values()} == {"node1"}
