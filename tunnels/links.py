@@ -61,14 +61,19 @@ def ensure_link_up(ifname: str, mtu: int | None = None) -> None:
                 raise _nl_error(f"{ifname}: set link {kw}", e) from e
 
 
-def delete_link(ifname: str) -> None:
-    """Delete an interface; one that is already gone is fine."""
+def delete_link(ifname: str) -> bool:
+    """Delete an interface (a veth takes its peer along); one already gone is fine.
+
+    Returns whether there was one to delete.
+    """
     with IPRoute() as ipr:
         try:
             ipr.link("del", ifname=ifname)
+            return True
         except NetlinkError as e:
             if e.code not in (errno.ENODEV, errno.ENOENT):
                 raise _nl_error(f"{ifname}: delete", e) from e
+            return False
 
 
 def ensure_address(ifname: str, cidr: str) -> None:

@@ -8,7 +8,6 @@ through the node's routing table, where WireGuard and VXLAN routes live.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import DeviceNotFound, TunnelError
-from .links import RTNH_F_ONLINK
+from .links import RTNH_F_ONLINK, delete_link
 from .netns import run_in_netns
 
 RTPROT_WIREMESH_CNI = 88  # pod routes, kept apart from the agent's own (87)
@@ -93,15 +92,7 @@ def add_pod_interface(netns: str, container_id: str, ifname: str, address: str, 
 
 def del_pod_interface(container_id: str, ifname: str) -> bool:
     """Delete the pod's veth pair from the node side; already gone is fine."""
-    host = host_ifname(container_id, ifname)
-    with IPRoute() as ipr:
-        try:
-            ipr.link("del", ifname=host)
-            return True
-        except NetlinkError as e:
-            if e.code in (errno.ENODEV, errno.ENOENT):
-                return False
-            raise _err(f"delete {host}", e) from e
+    return delete_link(host_ifname(container_id, ifname))
 
 
 def _inspect_container(ifname: str) -> dict[str, object]:

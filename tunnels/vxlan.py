@@ -19,6 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 
 from .errors import DeviceNotFound, TunnelError
+from .links import delete_link
 
 VXLAN_PORT = 4789
 NUD_PERMANENT = nud_states["permanent"]
@@ -115,14 +116,7 @@ def ensure_vxlan(spec: VxlanSpec) -> bool:
 
 def delete_vxlan(name: str) -> bool:
     """Remove the VXLAN device (its FDB, neighbours and routes go with it); gone already is fine."""
-    with IPRoute() as ipr:
-        try:
-            ipr.link("del", ifname=name)
-            return True
-        except NetlinkError as e:
-            if e.code in (errno.ENODEV, errno.ENOENT):
-                return False
-            raise _err(f"{name}: delete", e) from e
+    return delete_link(name)
 
 
 def sync_fdb(name: str, desired: Mapping[str, str], *, prune: bool) -> tuple[int, int]:
