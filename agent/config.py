@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh import ConsulOptions, InvalidRecord, check_cluster_name, check_node_name
-from tunnels import BACKENDS
+from wiremesh.clustermesh import ConsulOptions, InvalidRecord, check_cluster_name, check_node_name
+from wiremesh.tunnels import BACKENDS
 
 from .errors import ConfigError
 

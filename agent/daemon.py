@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clustermesh import (
+from wiremesh.clustermesh import (
     ClusterConfig,
     ClusterSnapshot,
     ConsulError,
@@ -37,8 +37,9 @@ from clustermesh import (
     overlay_address,
     parse_cluster,
 )
-from keys import PrivateKey, WiremeshError, load_or_generate
-from tunnels import (
+from wiremesh.keys import PrivateKey, load_or_generate
+from wiremesh.errors import WiremeshError
+from wiremesh.tunnels import (
     DeviceNotFound,
     TunnelError,
     enable_forwarding,
@@ -48,7 +49,7 @@ from tunnels import (
     open_device,
     vtep_mac,
 )
-from tunnels.pods import set_pod_mtu
+from wiremesh.tunnels.pods import set_pod_mtu
 
 from .cni import CniState
 

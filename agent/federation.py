@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from clustermesh import (
+from wiremesh.clustermesh import (
     ClusterSnapshot,
     ConsulError,
     ConsulStore,

@@ -20,8 +20,8 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
 
 WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14

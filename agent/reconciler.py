@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunnels import (
+from wiremesh.tunnels import (
     PeerChange,
     PeerConfig,
     TunnelError,

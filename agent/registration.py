@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from clustermesh import ConsulError, ConsulStore, ConsulUnavailable, NodeRecord, SessionExpired, layout
+from wiremesh.clustermesh import ConsulError, ConsulStore, ConsulUnavailable, NodeRecord, SessionExpired, layout
 
 from .config import AgentConfig
 from .errors import AgentError

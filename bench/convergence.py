@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clustermesh import ConsulOptions, ConsulStore, NodeRecord, layout, overlay_address  # noqa: E402
-from keys import PrivateKey  # noqa: E402
-from lab import Lab  # noqa: E402
-from lab.topology import load_topology  # noqa: E402
+from wiremesh.clustermesh import ConsulOptions, ConsulStore, NodeRecord, layout, overlay_address  # noqa: E402
+from wiremesh.keys import PrivateKey  # noqa: E402
+from wiremesh.lab import Lab  # noqa: E402
+from wiremesh.lab.topology import load_topology  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:

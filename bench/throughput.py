@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab import Lab  # noqa: E402
+from wiremesh.lab import Lab  # noqa: E402
 
 
 def iperf(lab: Lab, client: str, server_ip: str, seconds: int) -> float:

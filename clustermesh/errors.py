@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keys import WiremeshError
+from wiremesh.errors import WiremeshError
 
 
 class ClusterMeshError(WiremeshError):

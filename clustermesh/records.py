@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from keys import KeyMaterialError, PublicKey
+from wiremesh.keys import KeyMaterialError, PublicKey
 
 from .errors import InvalidRecord
 

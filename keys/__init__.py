@@ -1,6 +1,6 @@
 """Key material: WireGuard X25519 key pairs and key files."""
 
-from .errors import KeyMaterialError, WiremeshError
+from .errors import KeyMaterialError
 from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
 
 __all__ = [
@@ -8,7 +8,6 @@ __all__ = [
     "KeyMaterialError",
     "PrivateKey",
     "PublicKey",
-    "WiremeshError",
     "load_or_generate",
     "read_key_file",
     "write_key_file",

@@ -101,7 +101,7 @@ def ping_matrix(lab_: Lab) -> list[dict[str, Any]]:
 
 
 def _print_status(obj: Any, lab_: Lab) -> None:
-    from agent.cli.output import Ctx, emit
+    from wiremesh.agent.cli.output import Ctx, emit
 
     ctx = obj if obj is not None else Ctx()
     rows, data = [], []
@@ -132,7 +132,7 @@ def status(obj: Any, name: str) -> None:
 @click.pass_obj
 def list_(obj: Any) -> None:
     """Labs on this machine."""
-    from agent.cli.output import Ctx, emit
+    from wiremesh.agent.cli.output import Ctx, emit
 
     labs = list_labs()
     emit(obj or Ctx(), labs, ["lab"], [[x] for x in labs])
@@ -226,7 +226,7 @@ def pod_del(name: str, pod_name: str) -> None:
 @click.pass_obj
 def pod_list(obj: Any, name: str) -> None:
     """Pods of the lab with their node and address."""
-    from agent.cli.output import Ctx, emit
+    from wiremesh.agent.cli.output import Ctx, emit
 
     pods = Lab(name).load().pods
     emit(obj or Ctx(), [p.__dict__ for p in pods.values()], ["pod", "node", "address", "netns"],

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from clustermesh import ConsulError, ConsulOptions, ConsulStore
+from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulStore
 
 from .errors import LabError
 from .netns import NetnsExecutor, enter_cmd, pid_alive

@@ -1,6 +1,6 @@
 """Errors of the lab."""
 
-from keys import WiremeshError
+from wiremesh.errors import WiremeshError
 
 
 class LabError(WiremeshError):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clustermesh import (
+from wiremesh.clustermesh import (
     ClusterConfig,
     ConsulOptions,
     ConsulStore,
@@ -41,7 +41,7 @@ from clustermesh import (
     overlay_address,
 )
 
-from clustermesh.wizard import ClusterAnswer, apply_setup, prepare
+from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 
 from . import consul_server, netns, pods
 from .topology import ClusterSpec

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tunnels.netns import NetnsExecutor as _TunnelsNetnsExecutor
+from wiremesh.tunnels.netns import NetnsExecutor as _TunnelsNetnsExecutor
 
 from .errors import LabError
 

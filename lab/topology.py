@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clustermesh import ClusterConfig, InvalidRecord
+from wiremesh.clustermesh import ClusterConfig, InvalidRecord
 
 from .errors import LabError
 

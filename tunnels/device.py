@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from keys import PrivateKey
+from wiremesh.keys import PrivateKey
 
 from . import links
 from .errors import DeviceNotFound, KernelUnsupported, TunnelError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from keys import WiremeshError
+from wiremesh.errors import WiremeshError
 
 
 class TunnelError(WiremeshError):

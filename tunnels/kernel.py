@@ -8,7 +8,7 @@ from typing import Any
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
-from keys import PrivateKey, PublicKey
+from wiremesh.keys import PrivateKey, PublicKey
 
 from . import links
 from .device import WireGuardDevice

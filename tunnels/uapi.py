@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keys import PrivateKey, PublicKey
+from wiremesh.keys import PrivateKey, PublicKey
 
 from .errors import DeviceNotFound, TunnelError, UAPIError
 from .model import DeviceState, PeerChange, PeerStatus

@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from clustermesh import ROUTING_MODES, ClusterConfig, ConsulStore, InvalidRecord, init_cluster, load_cluster_config
+from wiremesh.clustermesh import ROUTING_MODES, ClusterConfig, ConsulStore, InvalidRecord, init_cluster, load_cluster_config
 
 from .output import Ctx, emit, info
 from .view import collect
@@ -117,7 +117,7 @@ def release(ctx: Ctx, name: str, node: str, force: bool) -> None:
     A node keeps its lease across restarts and absences; this frees it for another node.
     Refused while NODE still has a live record, unless --force.
     """
-    from clustermesh import check_node_name, layout, release_pod_cidr
+    from wiremesh.clustermesh import check_node_name, layout, release_pod_cidr
 
     try:
         check_node_name(node, "NODE")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keys import load_or_generate, read_key_file
+from wiremesh.keys import load_or_generate, read_key_file
 
 from .output import Ctx, emit, info
 

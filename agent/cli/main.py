@@ -10,8 +10,8 @@ import traceback
 
 import click
 
-from clustermesh import ConsulOptions
-from keys import WiremeshError
+from wiremesh.clustermesh import ConsulOptions
+from wiremesh.errors import WiremeshError
 
 from .. import __version__
 from .output import Ctx
@@ -20,12 +20,12 @@ from .output import Ctx
 # Command groups are imported only when used: `wiremesh agent` then never loads rich, the lab or
 # the status code, which keeps a long-running agent's memory down.
 COMMANDS = {
-    "agent": "agent.cli.agent_cmd:agent",
-    "cluster": "agent.cli.cluster:cluster",
-    "keys": "agent.cli.keys_cmd:keys",
-    "lab": "lab.cli:lab",
-    "setup": "agent.cli.setup_cmd:setup",
-    "status": "agent.cli.status:status",
+    "agent": "wiremesh.agent.cli.agent_cmd:agent",
+    "cluster": "wiremesh.agent.cli.cluster:cluster",
+    "keys": "wiremesh.agent.cli.keys_cmd:keys",
+    "lab": "wiremesh.lab.cli:lab",
+    "setup": "wiremesh.agent.cli.setup_cmd:setup",
+    "status": "wiremesh.agent.cli.status:status",
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from clustermesh import ConsulOptions
+from wiremesh.clustermesh import ConsulOptions
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from clustermesh.wizard import (
+from wiremesh.clustermesh.wizard import (
     ClusterAnswer,
     SetupError,
     agent_toml,
@@ -39,7 +39,7 @@ def _ask(prompt: str, check: Any, default: Any = None, type: Any = str, hide_inp
 
 def _underlay_mtu() -> int | None:
     try:
-        from tunnels import link_mtu
+        from wiremesh.tunnels import link_mtu
 
         for line in Path("/proc/net/route").read_text().splitlines()[1:]:
             f = line.split()

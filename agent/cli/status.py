@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
-from clustermesh import ConsulStore, layout
-from keys import PublicKey, WiremeshError
-from tunnels import DeviceState, open_device
+from wiremesh.clustermesh import ConsulStore, layout
+from wiremesh.keys import PublicKey
+from wiremesh.errors import WiremeshError
+from wiremesh.tunnels import DeviceState, open_device
 
 from ..config import load_config
 from .output import Ctx, emit, info

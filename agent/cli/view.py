@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clustermesh import ClusterSnapshot, ConsulError, ConsulStore, MeshMember, Rejected, layout, parse_cluster, parse_mesh
-from clustermesh.store import KVItem
+from wiremesh.clustermesh import ClusterSnapshot, ConsulError, ConsulStore, MeshMember, Rejected, layout, parse_cluster, parse_mesh
+from wiremesh.clustermesh.store import KVItem
 
 
 @dataclass

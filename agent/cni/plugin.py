@@ -104,8 +104,8 @@ def _result(version: str, a: Any, iface: Any) -> dict[str, Any]:
 
 
 def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    from tunnels import TunnelError
-    from tunnels.pods import PodInterface, add_pod_interface, check_pod_interface, del_pod_interface
+    from wiremesh.tunnels import TunnelError
+    from wiremesh.tunnels.pods import PodInterface, add_pod_interface, check_pod_interface, del_pod_interface
 
     from .state import Attachment, CniState, NoFreeAddress
 
@@ -149,7 +149,7 @@ def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
 
 
 def cmd_del(conf: dict[str, Any], env: dict[str, str]) -> None:
-    from tunnels.pods import del_pod_interface
+    from wiremesh.tunnels.pods import del_pod_interface
 
     from .state import CniState
 
@@ -162,7 +162,7 @@ def cmd_del(conf: dict[str, Any], env: dict[str, str]) -> None:
 
 
 def cmd_check(conf: dict[str, Any], env: dict[str, str]) -> None:
-    from tunnels.pods import check_pod_interface
+    from wiremesh.tunnels.pods import check_pod_interface
 
     from .state import CniState
 

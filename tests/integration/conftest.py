@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from lab import Lab
+from wiremesh.lab import Lab
 
-TIMINGS: list[tuple[str, float]] = []
+# (what, value, unit): each figure says what it counts.
+FIGURES: list[tuple[str, float, str]] = []
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
@@ -31,16 +32,22 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if TIMINGS:
+    if FIGURES:
         terminalreporter.section("measured (not asserted)")
-        for name, seconds in TIMINGS:
-            terminalreporter.write_line(f"{name}: {seconds * 1000:.0f} ms")
+        for name, value, unit in FIGURES:
+            terminalreporter.write_line(f"{name}: {value:.0f} {unit}")
 
 
 @pytest.fixture
 def timing() -> Callable[[str, float], None]:
-    """Record a measured duration; printed at the end of the run, never asserted."""
-    return lambda name, seconds: TIMINGS.append((name, seconds))
+    """Record a measured duration in seconds; printed (in ms) at the end of the run, never asserted."""
+    return lambda name, seconds: FIGURES.append((name, seconds * 1000, "ms"))
+
+
+@pytest.fixture
+def counted() -> Callable[[str, float, str], None]:
+    """Record a measured count with its unit ("packets", ...); printed at the end, never asserted."""
+    return lambda name, value, unit: FIGURES.append((name, value, unit))
 
 
 def new_lab_name() -> str:
@@ -70,7 +77,7 @@ def fresh_lab() -> Iterator[Lab]:
 def _our_daemons() -> set[int]:
     import subprocess
 
-    from lab.netns import pid_alive
+    from wiremesh.lab.netns import pid_alive
 
     pids = set()
     for name in ("wireguard-go", "consul"):  # one pgrep each: a pattern over 15 characters matches nothing

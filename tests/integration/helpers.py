@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from keys import read_key_file
-from lab import Lab
+from wiremesh.keys import read_key_file
+from wiremesh.lab import Lab
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> float:

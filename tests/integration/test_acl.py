@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from clustermesh import ConsulError, ConsulOptions, ConsulStore, layout
-from lab import consul_server
-from lab.netns import NetnsExecutor, enter_cmd, netns_add, netns_del, terminate
+from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulStore, layout
+from wiremesh.lab import consul_server
+from wiremesh.lab.netns import NetnsExecutor, enter_cmd, netns_add, netns_del, terminate
 
 from .conftest import new_lab_name
 
@@ -71,7 +71,7 @@ def test_agent_token_writes_only_its_own_node(acl_consul: tuple[str, str, NetnsE
 
 
 def test_acl_nodes_without_acls_is_refused(tmp_path: Path) -> None:
-    from lab import Lab
+    from wiremesh.lab import Lab
 
     lab = Lab(new_lab_name())
     try:

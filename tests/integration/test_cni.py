@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab
-from lab.netns import netns_add, netns_del, netns_path
-from lab.pods import cni_config, run_cni
+from wiremesh.lab import Lab
+from wiremesh.lab.netns import netns_add, netns_del, netns_path
+from wiremesh.lab.pods import cni_config, run_cni
 
 from .conftest import new_lab_name
 
@@ -110,8 +110,8 @@ def test_bad_config_is_refused_and_leaves_nothing(cnilab: Lab, sandbox: str, con
     before = state(cnilab)
     import subprocess
 
-    from lab.netns import enter_cmd
-    from lab.pods import cni_binary
+    from wiremesh.lab.netns import enter_cmd
+    from wiremesh.lab.pods import cni_binary
 
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bad-conf",
            "CNI_NETNS": sandbox, "CNI_IFNAME": "eth0", "CNI_PATH": str(Path(cni_binary()).parent)}

@@ -7,8 +7,8 @@ import signal
 import time
 
 
-from clustermesh import layout
-from lab import Lab
+from wiremesh.clustermesh import layout
+from wiremesh.lab import Lab
 
 from .helpers import Pinger, ping_ok, wait_until, wg_peers
 

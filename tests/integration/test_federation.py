@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab
-from lab.topology import load_topology
+from wiremesh.lab import Lab
+from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
 from .helpers import ECHO_CLIENT, Pinger, echo_servers, ping_ok, record_key, wait_until, wg_peers

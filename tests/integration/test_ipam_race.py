@@ -6,8 +6,8 @@ import ipaddress
 import json
 from pathlib import Path
 
-from clustermesh import layout
-from lab import Lab
+from wiremesh.clustermesh import layout
+from wiremesh.lab import Lab
 
 
 
@@ -32,7 +32,7 @@ def test_release_gives_a_lease_back_only_when_the_node_is_gone(fresh_lab: Lab) -
     import subprocess
     import sys
 
-    from lab.netns import enter_cmd
+    from wiremesh.lab.netns import enter_cmd
 
     lab = fresh_lab
     lab.up(2)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tunnels import kernel_module_available, open_device
+from wiremesh.tunnels import kernel_module_available, open_device
 
 from .conftest import new_lab_name
 

@@ -8,9 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from lab import LAB_ROOT, Lab
-from lab.lab import wiremesh_binary
-from lab.netns import list_netns, pids_in_netns
+from wiremesh.lab import LAB_ROOT, Lab
+from wiremesh.lab.lab import wiremesh_binary
+from wiremesh.lab.netns import list_netns, pids_in_netns
 
 from .conftest import new_lab_name
 from .helpers import wait_until

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 
-from clustermesh import layout
-from keys import read_key_file
-from lab import Lab
+from wiremesh.clustermesh import layout
+from wiremesh.keys import read_key_file
+from wiremesh.lab import Lab
 
 from .helpers import Pinger, ping_ok, record_key, wait_until, wg_peers
 
@@ -107,7 +107,7 @@ def test_status_inside_a_node(lab3: Lab) -> None:
 
 
 def lab3_bin() -> str:
-    from lab.lab import wiremesh_binary
+    from wiremesh.lab.lab import wiremesh_binary
 
     return wiremesh_binary()
 

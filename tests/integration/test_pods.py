@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab
+from wiremesh.lab import Lab
 
 from .conftest import new_lab_name
 from .helpers import ECHO_CLIENT, Pinger, echo_servers, wait_until
@@ -112,7 +112,7 @@ def test_df_ping_at_exactly_the_pod_mtu(podlab: Lab, mode: str) -> None:
     assert "message too long" in too_big.stderr + too_big.stdout
 
 
-def test_switching_modes_under_a_running_ping(podlab: Lab, timing) -> None:  # type: ignore[no-untyped-def]
+def test_switching_modes_under_a_running_ping(podlab: Lab, counted) -> None:  # type: ignore[no-untyped-def]
     routing(podlab, "wireguard")
     pods = podlab.pods
     pinger = Pinger(podlab, "p1a", pods["p2b"].ip, interval=0.05)
@@ -125,5 +125,5 @@ def test_switching_modes_under_a_running_ping(podlab: Lab, timing) -> None:  # t
     finally:
         sent, received = pinger.stop()
     lost = sent - received
-    timing("packets lost across wireguard->vxlan->wireguard (20/s)", lost / 20)
+    counted("pings lost across wireguard->vxlan->wireguard (20/s)", lost, f"packets of {sent}")
     assert lost <= 20, f"lost {lost} of {sent} pings (more than 1 s at 20/s) across two switches"

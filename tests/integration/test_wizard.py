@@ -10,10 +10,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from clustermesh import layout
-from lab import Lab
-from lab.netns import enter_cmd
-from lab.topology import load_topology
+from wiremesh.clustermesh import layout
+from wiremesh.lab import Lab
+from wiremesh.lab.netns import enter_cmd
+from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
 

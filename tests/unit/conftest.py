@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from keys import PrivateKey
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.keys import PrivateKey
 
 # Environment variables the product reads as defaults; a developer's shell must not leak in.
 _ENV = (

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from agent.federation import Federation, Remote
-from agent.metrics import AgentMetrics
-from clustermesh import KVItem, Membership, MeshMember, layout, overlay_address, parse_cluster, parse_mesh
-from clustermesh.snapshot import ClusterSnapshot
-from keys import PrivateKey
+from wiremesh.agent.federation import Federation, Remote
+from wiremesh.agent.metrics import AgentMetrics
+from wiremesh.clustermesh import KVItem, Membership, MeshMember, layout, overlay_address, parse_cluster, parse_mesh
+from wiremesh.clustermesh.snapshot import ClusterSnapshot
+from wiremesh.keys import PrivateKey
 
 LOCAL = "east"
 

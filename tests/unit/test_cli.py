@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from agent.cli.main import cli
-from keys import PrivateKey, read_key_file, write_key_file
+from wiremesh.agent.cli.main import cli
+from wiremesh.keys import PrivateKey, read_key_file, write_key_file
 
 
 def run(*args: str) -> Result:

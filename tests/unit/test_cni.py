@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import tunnels.pods
-from agent.cni.plugin import (
+import wiremesh.tunnels.pods
+from wiremesh.agent.cni.plugin import (
     DECODE_FAILURE,
     INCOMPATIBLE_VERSION,
     INTERNAL,
@@ -32,8 +32,8 @@ from agent.cni.plugin import (
     parse_env,
     run,
 )
-from agent.cni.state import Attachment, CniState
-from tunnels import TunnelError
+from wiremesh.agent.cni.state import Attachment, CniState
+from wiremesh.tunnels import TunnelError
 
 CID = "c0ffee1234"
 NODE_STATE = {"pod_cidr": "10.240.1.0/24", "pod_mtu": 1420}
@@ -76,7 +76,7 @@ def pods(monkeypatch: pytest.MonkeyPatch) -> Pods:
     # The plugin imports these inside its functions, from tunnels.pods: patch the module's attributes.
     p = Pods()
     for name in ("del_pod_interface", "check_pod_interface", "add_pod_interface", "set_pod_mtu"):
-        monkeypatch.setattr(tunnels.pods, name, getattr(p, name))
+        monkeypatch.setattr(wiremesh.tunnels.pods, name, getattr(p, name))
     return p
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cni import Attachment, CniState, NodeInfo
-from agent.cni.state import NoFreeAddress
+from wiremesh.agent.cni import Attachment, CniState, NodeInfo
+from wiremesh.agent.cni.state import NoFreeAddress
 
 CIDR = "10.240.1.0/24"
 

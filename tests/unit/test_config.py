@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, load_config, parse_config
-from agent.errors import ConfigError
-from clustermesh import ConsulOptions
-from keys import WiremeshError
+from wiremesh.agent.config import AgentConfig, load_config, parse_config
+from wiremesh.agent.errors import ConfigError
+from wiremesh.clustermesh import ConsulOptions
+from wiremesh.errors import WiremeshError
 
 FULL_TOML = """\
 node = "node1"

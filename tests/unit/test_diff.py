@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from keys import PrivateKey
-from tunnels import PeerChange, PeerConfig, PeerStatus, peer_changes
+from wiremesh.keys import PrivateKey
+from wiremesh.tunnels import PeerChange, PeerConfig, PeerStatus, peer_changes
 
 
 def _key(seed: int) -> str:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-import tunnels.device
-from keys import PrivateKey
-from tunnels import BACKENDS, KernelUnsupported, PeerChange, TunnelError, UserspaceDevice, open_device
-from tunnels.kernel import KernelDevice, change_to_netlink, parse_device
+import wiremesh.tunnels.device
+from wiremesh.keys import PrivateKey
+from wiremesh.tunnels import BACKENDS, KernelUnsupported, PeerChange, TunnelError, UserspaceDevice, open_device
+from wiremesh.tunnels.kernel import KernelDevice, change_to_netlink, parse_device
 
 P1 = PrivateKey(b"\x11" * 32).public_key().base64
 
@@ -108,7 +108,7 @@ def module(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Set whether the kernel 'has' WireGuard."""
 
     def set_available(available: bool) -> None:
-        monkeypatch.setattr(tunnels.device, "kernel_module_available", lambda: available)
+        monkeypatch.setattr(wiremesh.tunnels.device, "kernel_module_available", lambda: available)
 
     return set_available
 

@@ -14,8 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-import keys.material
-from keys import KEY_LEN, KeyMaterialError, PrivateKey, PublicKey, WiremeshError, load_or_generate, read_key_file, write_key_file
+import wiremesh.keys.material
+from wiremesh.keys import KEY_LEN, KeyMaterialError, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
+from wiremesh.errors import WiremeshError
 
 # RFC 7748 section 6.1 (Alice).
 RFC7748_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -246,7 +247,7 @@ def test_write_key_file_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch:
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(keys.material.os, "replace", broken_replace)
+    monkeypatch.setattr(wiremesh.keys.material.os, "replace", broken_replace)
     with pytest.raises((OSError, KeyMaterialError)):
         write_key_file(tmp_path / "private.key", PrivateKey.generate())
     assert os.listdir(tmp_path) == []

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from clustermesh import InvalidRecord, KVItem, MeshMember, Rejected, check_members, layout, parse_mesh
+from wiremesh.clustermesh import InvalidRecord, KVItem, MeshMember, Rejected, check_members, layout, parse_mesh
 
 
 def member_json(name: str = "east", **over: Any) -> str:

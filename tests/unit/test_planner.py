@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.planner import (
+from wiremesh.agent.planner import (
     MIN_MTU,
     VXLAN_OVERHEAD,
     WIREGUARD_OVERHEAD,
@@ -17,8 +17,8 @@ from agent.planner import (
     plan,
     tunnel_mtu,
 )
-from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
 
 MakeNode = Callable[..., NodeRecord]
 

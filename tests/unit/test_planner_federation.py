@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.planner import DesiredState, plan
-from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from tunnels import PeerConfig, Route, vtep_mac
+from wiremesh.agent.planner import DesiredState, plan
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.tunnels import PeerConfig, Route, vtep_mac
 
 MakeNode = Callable[..., NodeRecord]
 

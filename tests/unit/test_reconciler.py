@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-import agent.reconciler
-from agent.planner import DesiredState, plan
-from agent.reconciler import BACKOFF_MIN, Reconciler
-from clustermesh import ClusterConfig, NodeRecord, overlay_address
-from keys import PrivateKey
-from tunnels import (
+import wiremesh.agent.reconciler
+from wiremesh.agent.planner import DesiredState, plan
+from wiremesh.agent.reconciler import BACKOFF_MIN, Reconciler
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.keys import PrivateKey
+from wiremesh.tunnels import (
     DeviceNotFound,
     DeviceState,
     PeerChange,
@@ -163,7 +163,7 @@ class Clock:
 def dp(monkeypatch: pytest.MonkeyPatch) -> Dataplane:
     d = Dataplane()
     for name in KERNEL_FUNCTIONS:
-        monkeypatch.setattr(agent.reconciler, name, getattr(d, name))
+        monkeypatch.setattr(wiremesh.agent.reconciler, name, getattr(d, name))
     return d
 
 
@@ -377,7 +377,7 @@ def overlay_only(d: DesiredState, **kw: Any) -> DesiredState:
 
 def test_every_kernel_function_of_the_reconciler_is_patched(dp: Dataplane) -> None:
     for name in KERNEL_FUNCTIONS:
-        assert getattr(agent.reconciler, name) == getattr(dp, name)
+        assert getattr(wiremesh.agent.reconciler, name) == getattr(dp, name)
 
 
 def test_vxlan_device_and_entries_before_routes(dp: Dataplane, clock: Clock,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-import agent.reconciler
-from agent.planner import DesiredState
-from agent.reconciler import Reconciler
+import wiremesh.agent.reconciler
+from wiremesh.agent.planner import DesiredState
+from wiremesh.agent.reconciler import Reconciler
 from tests.unit.test_reconciler import (
     K1,
     K2,
@@ -23,7 +23,7 @@ from tests.unit.test_reconciler import (
     desired,
     peer,
 )
-from tunnels import PeerStatus, Route
+from wiremesh.tunnels import PeerStatus, Route
 
 FOREIGN = _key(20)  # a peer of another cluster (10.241.0.0/16)
 FOREIGN2 = _key(21)  # a peer of a third cluster (10.242.0.0/16)
@@ -47,7 +47,7 @@ class KeepDataplane(Dataplane):
 def dp(monkeypatch: pytest.MonkeyPatch) -> KeepDataplane:
     d = KeepDataplane()
     for name in KERNEL_FUNCTIONS:
-        monkeypatch.setattr(agent.reconciler, name, getattr(d, name))
+        monkeypatch.setattr(wiremesh.agent.reconciler, name, getattr(d, name))
     return d
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from clustermesh import (
+from wiremesh.clustermesh import (
     MAX_RECORD_BYTES,
     ROUTING_MODES,
     ClusterConfig,
@@ -19,7 +19,8 @@ from clustermesh import (
     overlay_address,
     parse_endpoint,
 )
-from keys import PrivateKey, WiremeshError
+from wiremesh.keys import PrivateKey
+from wiremesh.errors import WiremeshError
 
 PUB = PrivateKey(bytes(range(32))).public_key().base64
 KEY = layout.node_key("lab", "node1")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from clustermesh import ClusterConfig, KVItem, Rejected, layout, overlay_address, parse_cluster
-from keys import PrivateKey
+from wiremesh.clustermesh import ClusterConfig, KVItem, Rejected, layout, overlay_address, parse_cluster
+from wiremesh.keys import PrivateKey
 
 CLUSTER = "lab"
 CKEY = layout.config_key(CLUSTER)

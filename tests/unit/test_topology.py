@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from clustermesh import ClusterConfig
-from lab.errors import LabError
-from lab.topology import DEFAULT_TOPOLOGY, ClusterSpec, load_topology, parse_topology
+from wiremesh.clustermesh import ClusterConfig
+from wiremesh.lab.errors import LabError
+from wiremesh.lab.topology import DEFAULT_TOPOLOGY, ClusterSpec, load_topology, parse_topology
 
 
 def c(name: str = "east", cid: int = 1, cidr: str = "10.240.0.0/16", **kw: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from keys import PrivateKey
-from tunnels import DeviceNotFound, PeerChange, TunnelError, UAPIError
-from tunnels.uapi import UAPIClient, format_set, parse_get, socket_path
+from wiremesh.keys import PrivateKey
+from wiremesh.tunnels import DeviceNotFound, PeerChange, TunnelError, UAPIError
+from wiremesh.tunnels.uapi import UAPIClient, format_set, parse_get, socket_path
 
 PRIV = PrivateKey(bytes(range(1, 33)))
 P1 = PrivateKey(b"\x11" * 32).public_key()

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from clustermesh import ClusterConfig, ConsulError, KVItem, MeshMember, layout
-from clustermesh.wizard import (
+from wiremesh.clustermesh import ClusterConfig, ConsulError, KVItem, MeshMember, layout
+from wiremesh.clustermesh.wizard import (
     ClusterAnswer,
     ConsulFacts,
     SetupError,
