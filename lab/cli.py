@@ -233,6 +233,17 @@ def pod_list(obj: Any, name: str) -> None:
          [[p.name, p.node, p.address, p.netns] for p in pods.values()])
 
 
+@pod.command("ip")
+@name_option
+@click.argument("pod_name", metavar="NAME")
+def pod_ip(name: str, pod_name: str) -> None:
+    """Print pod NAME's address, for scripts: lab exec web -- ping $(wiremesh lab pod ip db)."""
+    pods = Lab(name).load().pods
+    if pod_name not in pods:
+        raise LabError(f"pod {pod_name!r}: no such pod in lab {name} (pods: {', '.join(sorted(pods)) or 'none'})")
+    click.echo(pods[pod_name].ip)
+
+
 @lab.command("down")
 @name_option
 @click.option("--all", "all_", is_flag=True, help="Every lab on this machine.")

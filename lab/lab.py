@@ -60,6 +60,15 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _env(*assignments: str) -> list[str]:
+    """`env` with PATH led by the directory of the running wiremesh (a venv's bin is not on PATH)."""
+    bindir = str(Path(wiremesh_binary()).parent) if os.path.isabs(wiremesh_binary()) else ""
+    path = os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if bindir and bindir not in path.split(":"):
+        path = f"{bindir}:{path}"
+    return ["env", f"PATH={path}", *assignments]
+
+
 def wiremesh_binary() -> str:
     exe = Path(sys.executable).with_name("wiremesh")
     return str(exe) if exe.exists() else (shutil.which("wiremesh") or "wiremesh")
@@ -454,14 +463,18 @@ class Lab:
         """The command line that runs ARGV in a node, a pod, or a hub ("hub": the first cluster's,
         "hub-CLUSTER": that cluster's)."""
         if name == "hub":
-            return netns.enter_cmd(self.hub, None) + argv
+            return netns.enter_cmd(self.hub, None) + _env() + argv
         if name.startswith("hub-") and name[4:] in self.clusters:
-            return netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + argv
+            return netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + _env() + argv
         pod = self.state.get("pods", {}).get(name)
         if pod is not None and name not in self.nodes:
-            return netns.enter_cmd(pod["netns"], None) + argv
+            return netns.enter_cmd(pod["netns"], None) + _env() + argv
         node = self.node(name)
-        return netns.enter_cmd(node.netns, Path(node.mountns)) + argv
+        # Inside a node, `wiremesh` is the caller's own installation, finds the node's agent.toml
+        # by itself (WIREMESH_AGENT_CONFIG) and talks to its cluster's Consul, as on a real host.
+        config = f"WIREMESH_AGENT_CONFIG={Path(node.dir) / 'agent.toml'}"
+        consul = f"CONSUL_HTTP_ADDR={self.consul_address(node.cluster or None)}"
+        return netns.enter_cmd(node.netns, Path(node.mountns)) + _env(config, consul) + argv
 
     def run(self, name: str, *argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(self.exec_argv(name, list(argv)), capture_output=True, text=True, timeout=timeout)
