@@ -71,13 +71,17 @@ class Pods:
         raise AssertionError("set_pod_mtu called from the CNI plugin")
 
 
-@pytest.fixture(autouse=True)
-def pods(monkeypatch: pytest.MonkeyPatch) -> Pods:
+def patch_pods(monkeypatch: pytest.MonkeyPatch) -> Pods:
     # The plugin imports these inside its functions, from tunnels.pods: patch the module's attributes.
     p = Pods()
     for name in ("del_pod_interface", "check_pod_interface", "add_pod_interface", "set_pod_mtu"):
         monkeypatch.setattr(wiremesh.tunnels.pods, name, getattr(p, name))
     return p
+
+
+@pytest.fixture(autouse=True)
+def pods(monkeypatch: pytest.MonkeyPatch) -> Pods:
+    return patch_pods(monkeypatch)
 
 
 def conf(state_dir: Path, **kw: Any) -> dict[str, Any]:
@@ -123,12 +127,11 @@ def test_version(stdin: str) -> None:
     rc, out = run({"CNI_COMMAND": "VERSION"}, stdin)
     assert rc == 0
     assert out is not None
-    assert out["cniVersion"] == "1.0.0"
-    assert "1.0.0" in out["supportedVersions"]
-    assert set(out["supportedVersions"]) == set(SUPPORTED)
+    assert out["cniVersion"] == "1.1.0"
+    assert {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"} == set(out["supportedVersions"]) == set(SUPPORTED)
 
 
-@pytest.mark.parametrize("command", ["", "add", "GC", "STATUS", "UPGRADE"])
+@pytest.mark.parametrize("command", ["", "add", "gc", "status", "UPGRADE", "INIT", "FINALIZE"])
 def test_unknown_command_is_invalid_env(tmp_path: Path, command: str) -> None:
     e = env(command, tmp_path)
     assert_error(run(e, json.dumps(conf(tmp_path))), INVALID_ENV)
@@ -160,7 +163,7 @@ def test_required_fields(tmp_path: Path, field: str, bad: Any) -> None:
     assert field in out["msg"]
 
 
-@pytest.mark.parametrize("version", ["9.9.9", "0.2.0", "0.1.0", "1.1.0", "1.0"])
+@pytest.mark.parametrize("version", ["9.9.9", "0.2.0", "0.1.0", "1.2.0", "1.0"])
 def test_unsupported_cni_version(tmp_path: Path, version: str) -> None:
     out = assert_error(run(env("ADD", tmp_path), json.dumps(conf(tmp_path, cniVersion=version))), INCOMPATIBLE_VERSION)
     assert version in out["msg"]
@@ -191,6 +194,13 @@ def test_bad_network_name(tmp_path: Path, name: str) -> None:
 def test_parse_config_accepts_spec_fields(tmp_path: Path) -> None:
     c = conf(tmp_path, cniVersion="0.4.0", mtu=1400, args={"cni": {}}, capabilities={"portMappings": True},
              runtimeConfig={}, dns={"nameservers": ["10.96.0.10"]}, disableCheck=False)
+    assert parse_config(json.dumps(c)) == c
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_parse_config_accepts_1_1_fields(tmp_path: Path, version: str) -> None:
+    c = conf(tmp_path, cniVersion=version, cniVersions=["1.0.0", "1.1.0"], disableGC=False,
+             **{"cni.dev/valid-attachments": [], "cni.dev/attachments": []})
     assert parse_config(json.dumps(c)) == c
 
 
@@ -243,10 +253,11 @@ def test_parse_env_keeps_only_what_the_command_needs() -> None:
     assert e == {"CNI_CONTAINERID": CID, "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
 
 
-def test_error_echoes_the_config_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["0.4.0", "1.1.0"])
+def test_error_echoes_the_config_version(tmp_path: Path, version: str) -> None:
     e = env("ADD", tmp_path)
     del e["CNI_IFNAME"]
-    assert_error(run(e, json.dumps(conf(tmp_path, cniVersion="0.4.0"))), INVALID_ENV, version="0.4.0")
+    assert_error(run(e, json.dumps(conf(tmp_path, cniVersion=version))), INVALID_ENV, version=version)
 
 
 def test_cni_error_carries_code_and_details() -> None:
@@ -267,7 +278,8 @@ def test_add_before_the_agent_leased_a_cidr_is_try_again_later(tmp_path: Path, p
 
 def test_add_with_unreadable_node_state_is_try_again_later(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
-    assert_error(run(env("ADD", fake_netns(tmp_path)), json.dumps(conf(tmp_path))), TRY_AGAIN_LATER)
+    out = assert_error(run(env("ADD", fake_netns(tmp_path)), json.dumps(conf(tmp_path))), TRY_AGAIN_LATER)
+    assert "state.json is not JSON" in out["msg"]
 
 
 def test_add_into_a_missing_netns_is_unknown_container(tmp_path: Path, pods: Pods) -> None:
@@ -423,7 +435,7 @@ def test_main_version_ignores_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pyt
         main()
     assert exc.value.code == 0
     out = json.loads(capsys.readouterr().out)
-    assert "1.0.0" in out["supportedVersions"]
+    assert "1.0.0" in out["supportedVersions"] and "1.1.0" in out["supportedVersions"]
 
 
 def test_main_error_is_json_on_stdout_and_exit_1(monkeypatch: pytest.MonkeyPatch,

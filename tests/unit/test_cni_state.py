@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from wiremesh.agent.cni import Attachment, CniState, NodeInfo
-from wiremesh.agent.cni.state import NoFreeAddress
+from wiremesh.agent.cni.state import NodeStateUnavailable, NoFreeAddress
 
 CIDR = "10.240.1.0/24"
 
@@ -112,6 +112,25 @@ def test_exhaustion_message_names_the_cidr(state: CniState) -> None:
         state.allocate("10.240.1.0/29", "late", "eth0")
 
 
+def test_leases_name_their_owner(state: CniState) -> None:
+    a = state.allocate(CIDR, "c1", "eth0")
+    b = state.allocate(CIDR, "c2", "net1")
+    assert state.leases() == {a: "c1/eth0", b: "c2/net1"}  # "last" is not a lease
+    assert CniState(state.state_dir / "new").leases() == {}
+
+
+def test_free_addresses(state: CniState) -> None:
+    assert state.free_addresses("10.240.1.0/29") == 5  # .2-.6
+    state.allocate("10.240.1.0/29", "c1", "eth0")
+    state.allocate("10.240.1.0/29", "c2", "eth0")
+    (state.ipam / "10.99.0.2").write_text("old/eth0")  # a lease from a CIDR the node had before
+    assert state.free_addresses("10.240.1.0/29") == 3
+    for i in range(3, 6):
+        state.allocate("10.240.1.0/29", f"c{i}", "eth0")
+    assert state.free_addresses("10.240.1.0/29") == 0
+    assert CniState(state.state_dir / "new").free_addresses(CIDR) == 253
+
+
 # --- attachments -------------------------------------------------------------------------------
 
 
@@ -163,6 +182,17 @@ def test_attachment_id_is_stable_per_container_and_interface() -> None:
     assert len(a) == 32 and all(ch in "0123456789abcdef" for ch in a)
 
 
+def test_held_is_every_record_and_every_lease(state: CniState) -> None:
+    state.save(attachment("c1"))  # a record and a lease
+    state.allocate(CIDR, "c1", "eth0")
+    state.save(attachment("c2", address="10.240.1.3/32"))  # a record alone
+    state.allocate(CIDR, "c3", "net1")  # a lease alone
+    (state.ipam / "10.240.1.50").write_text("garbage")  # neither
+    (state.ipam / "10.240.1.51").write_text("/eth0")
+    (state.attachments_dir / "broken.json").write_text("{")
+    assert state.held() == {("c1", "eth0"), ("c2", "eth0"), ("c3", "net1")}
+
+
 def test_locked_creates_private_dirs(tmp_path: Path) -> None:
     s = CniState(tmp_path / "state")
     with s.locked():
@@ -193,3 +223,21 @@ def test_node_info_without_state_json(tmp_path: Path) -> None:
 def test_node_info_of_unusable_state_json(tmp_path: Path, content: str) -> None:
     (tmp_path / "state.json").write_text(content)
     assert CniState(tmp_path).node_info() is None
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{", "is not JSON"),
+    ("[]", "is not a JSON object"),
+    ('{"pod_cidr": 10}', "has no pod_cidr"),
+    ('{"pod_cidr": "10.240.1.1/24"}', "pod_cidr '10.240.1.1/24' is not a network CIDR"),
+    ('{"pod_cidr": "10.240.1.0/24", "pod_mtu": {}}', "is not a positive integer"),
+])
+def test_read_node_info_says_why(tmp_path: Path, content: str, why: str) -> None:
+    (tmp_path / "state.json").write_text(content)
+    with pytest.raises(NodeStateUnavailable, match=f"^{tmp_path}/state.json.*{why}"):
+        CniState(tmp_path).read_node_info()
+
+
+def test_read_node_info_of_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(NodeStateUnavailable, match="state.json does not exist"):
+        CniState(tmp_path).read_node_info()
