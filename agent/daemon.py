@@ -1,11 +1,14 @@
 """The node agent: publish this node, watch the cluster, keep the dataplane in the desired state.
 
-Threads:
+Threads (each started, tracked and joined by agent.supervisor):
 - registration (agent.registration): keeps a Consul session (TTL, behavior=delete) alive and
   the node record published under it; re-creates both when Consul lost them.
-- watch: blocking queries on the cluster's prefix; each answer becomes a validated snapshot.
-- reconcile: plans the desired state from the latest snapshot and applies the diff; also a
-  periodic full pass that repairs drift nobody announced.
+- watch: blocking queries on the cluster's prefix; each answer becomes a validated, immutable
+  snapshot handed to the reconcile loop through a mailbox. The watches never change the agent.
+- federation: one watch for the mesh membership and one per remote cluster (agent.federation).
+- reconcile: the one loop that owns the agent's state: takes the newest snapshot, follows the
+  cluster config, plans the desired state and applies the diff; wakes on a snapshot, a
+  federation change, an object's retry, SIGHUP, or the periodic full pass that repairs drift.
 
 Nothing here removes a peer or route before the first full snapshot has arrived, and a Consul
 outage only stops updates: the last good state stays programmed.
@@ -61,6 +64,7 @@ from .metrics import AgentMetrics, serve
 from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
+from .supervisor import Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
 
@@ -100,7 +104,11 @@ class Agent:
         self._wake = threading.Event()
         self._full_pass = threading.Event()  # SIGHUP: re-read everything on the next pass
         self._lock = threading.Lock()
-        self._snapshot: ClusterSnapshot | None = None
+        self._snapshot: ClusterSnapshot | None = None  # the newest snapshot the loop has taken
+        self._inbox: Mailbox[ClusterSnapshot] = Mailbox(self._wake)
+        self._desired: DesiredState | None = None  # as of the last pass (for the status endpoint)
+        self._passes = [0, 0]  # reconcile passes done: all, full (drift repair); for /healthz
+        self.supervisor = Supervisor()
         self._first_sync = False
         self._consul_ok = False
         self._logged_rejects: dict[str, str] = {}
@@ -115,10 +123,10 @@ class Agent:
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
-                                     local_pod_cidr=lambda: self.config.pod_cidr if self.config else None)
+                                     local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
+                                     spawn=self.supervisor.spawn)
         self.pod_mtu: int | None = None
         self._http: ThreadingHTTPServer | None = None
-        self._threads: list[threading.Thread] = []
 
     # --- start-up -------------------------------------------------------------------------
     @property
@@ -243,7 +251,11 @@ class Agent:
             try:
                 for index, items in self.store.watch(prefix, self.stop_event, wait_s=WATCH_WAIT_S):
                     snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config)
-                    self._take_snapshot(snap)
+                    if not self._consul_ok:
+                        log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
+                    self._consul_ok = True
+                    self.metrics.consul_up.set(1)
+                    self._inbox.put(snap)  # the reconcile loop takes it (and wakes for it)
                     delay = 0.2
             except ConsulError as e:
                 if self._consul_ok:
@@ -257,10 +269,7 @@ class Agent:
             delay = min(BACKOFF_MAX_S, delay * 2)
 
     def _take_snapshot(self, snap: ClusterSnapshot) -> None:
-        if not self._consul_ok:
-            log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
-        self._consul_ok = True
-        self.metrics.consul_up.set(1)
+        """Follow a new snapshot: log what it rejected, adopt its config. Only the loop calls this."""
         rejected = {r.key: r.reason for r in snap.rejected}
         for key, reason in rejected.items():
             if self._logged_rejects.get(key) != reason:
@@ -294,7 +303,6 @@ class Agent:
             self._snapshot = snap
             self._first_sync = True
         self.metrics.synced()
-        self._wake.set()
 
     def _once(self, key: str, msg: str) -> None:
         if self._logged_once.get(key) != msg:
@@ -314,9 +322,14 @@ class Agent:
                     keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced)
 
     def reconcile_once(self, full: bool = False) -> None:
+        """One pass of the loop: take the newest snapshot (if any), plan, apply."""
+        snap = self._inbox.take()
+        if snap is not None:
+            self._take_snapshot(snap)
         desired = self.desired()
         if desired is None:
             return
+        self._desired = desired
         t0 = time.perf_counter()
         try:
             if full:
@@ -341,6 +354,8 @@ class Agent:
         finally:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
         self._peers = (len(desired.peers), res.programmed)
+        self._passes[0] += 1
+        self._passes[1] += 1 if full else 0
         for s in desired.skipped:
             self._once(f"skipped:{s.split(':', 1)[0]}", f"left out: {s}")
         self.metrics.peers_desired.set(len(desired.peers))
@@ -353,10 +368,13 @@ class Agent:
                      res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers))
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
+        self.metrics.objects_in_error.set(sum(1 for o in self.reconciler.objects() if o.state == "error"))
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval
         while not self.stop_event.is_set():
+            # Sleep until something happens: a snapshot, a federation change, SIGHUP, stop, the
+            # earliest retry of an object that failed, or the next full pass.
             retry = self.reconciler.next_retry()
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
@@ -382,6 +400,7 @@ class Agent:
             "registered": self.registration.session_id is not None,
             "peers_desired": self._peers[0],
             "peers_programmed": self._peers[1],
+            "passes": self._passes[0], "full_passes": self._passes[1],
             "clusters": self.federation.status(),
         }
         ok = device_ok and self._first_sync
@@ -389,39 +408,58 @@ class Agent:
         return ok, detail
 
     def peer_report(self) -> list[dict[str, Any]]:
-        desired = self.desired()
-        names = desired.peer_names if desired else {}
+        """Each desired peer (by node) and its programming status: /peers."""
+        desired = self._desired
+        peers = desired.peers if desired else {}
         return [
-            {"node": names.get(key, ""), "public_key": key, "state": st.state, "message": st.message,
-             "programmed_at": st.done_at}
-            for key, st in sorted(self.reconciler.snapshot().items(), key=lambda kv: names.get(kv[0], kv[0]))
+            {"node": node, "public_key": peers[node].public_key if node in peers else None, "state": st.state,
+             "message": st.message, "programmed_at": st.done_at}
+            for node, st in sorted(self.reconciler.snapshot().items())
         ]
+
+    def object_report(self) -> dict[str, Any]:
+        """Every dataplane object's status, by kind (/status): what `wiremesh status` shows in error."""
+        objects = [o.as_dict() for o in self.reconciler.objects()]
+        kinds: dict[str, dict[str, int]] = {}
+        for o in objects:
+            kinds.setdefault(o["kind"], {"pending": 0, "done": 0, "error": 0})[o["state"]] += 1
+        return {"node": self.cfg.node, "cluster": self.cfg.cluster, "kinds": kinds,
+                "errors": [o for o in objects if o["state"] == "error"], "objects": objects,
+                "threads": self.supervisor.alive()}
 
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
             try:
-                self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report)
+                self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report,
+                                   self.object_report)
             except OSError as e:
                 raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
         self.setup()
         self.federation.start()
         for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
                          ("reconcile", self._reconcile_loop)):
-            t = threading.Thread(target=fn, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+            self.supervisor.spawn(name, fn)
 
     def shutdown(self, remove_record: bool = True) -> None:
-        """Stop the loops; with `remove_record`, end the session so the record goes at once."""
+        """Stop every loop; with `remove_record`, end the session so the record goes at once.
+
+        The record is removed only once the registration and reconcile loops have really ended
+        (nothing can then publish it again or touch the device). Watches may sit in a blocking
+        query for up to its wait: they hand nothing to anyone any more, and are daemon threads.
+        """
         self.stop_event.set()
         self._wake.set()
         self.registration.republish.set()
-        for t in self._threads:
-            if t.name != "watch":  # the watch may sit in a blocking query; it is a daemon thread
-                t.join(timeout=5)
-        if remove_record:  # after the registration loop ended: nothing can re-create the record
+        self.federation.close()
+        left = self.supervisor.join(["register", "reconcile"], timeout=10)
+        if left:
+            log.error("threads %s did not stop; the record is left to expire with its session", ", ".join(left))
+        elif remove_record:
             self.registration.remove()
+        watching = self.supervisor.join(timeout=1.0)
+        if watching:
+            log.debug("left in blocking queries at exit: %s", ", ".join(watching))
         if self._http:
             self._http.shutdown()
             self._http.server_close()
@@ -439,8 +477,7 @@ class Agent:
         except StoppedEarly:
             log.info("stopped before Consul answered")
             return 0
-        while not self.stop_event.wait(1.0):
-            pass
+        self.stop_event.wait()  # a signal handler sets it (lock waits are interruptible on POSIX)
         log.info("stopping")
         self.shutdown(remove_record=True)
         return 0

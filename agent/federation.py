@@ -9,6 +9,7 @@ peers are before the first sync.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -56,7 +57,8 @@ class FederationView:
 
 class Federation:
     def __init__(self, store: ConsulStore, local: str, stop: threading.Event, on_change: Callable[[], None],
-                 metrics: AgentMetrics, local_pod_cidr: Callable[[], str | None] = lambda: None) -> None:
+                 metrics: AgentMetrics, local_pod_cidr: Callable[[], str | None] = lambda: None,
+                 spawn: Callable[[str, Callable[[], object]], object] | None = None) -> None:
         self.store = store
         self.local = local
         self.stop = stop
@@ -68,9 +70,16 @@ class Federation:
         self.local_pod_cidr = local_pod_cidr  # the local cluster's live config, to check its mesh record
         self._last_good: dict[str, MeshMember] = {}
         self._logged: dict[str, str] = {}
+        self._spawn = spawn or _thread
 
     def start(self) -> None:
-        threading.Thread(target=self._mesh_loop, name="mesh-watch", daemon=True).start()
+        self._spawn("mesh-watch", self._mesh_loop)
+
+    def close(self) -> None:
+        """End every remote cluster's watch (with the agent's stop event, which ends the mesh watch)."""
+        with self.lock:
+            for r in self.remotes.values():
+                r.stop.set()
 
     def view(self) -> FederationView:
         with self.lock:
@@ -132,6 +141,8 @@ class Federation:
             local_ok = False
         wanted = {n: mem for n, mem in m.members.items() if n != self.local} if local_ok else {}
         with self.lock:
+            if self.stop.is_set():
+                return  # stopping: start no new watch
             self.membership = m
             for name in list(self.remotes):
                 r = self.remotes[name]
@@ -143,7 +154,7 @@ class Federation:
                 if name not in self.remotes:
                     r = Remote(mem)
                     self.remotes[name] = r
-                    threading.Thread(target=self._remote_loop, args=(r,), name=f"watch-{name}", daemon=True).start()
+                    self._spawn(f"watch-{name}", functools.partial(self._remote_loop, r))
                     log.info("watching cluster %s (datacenter %s, id %d, pod CIDR %s)", name, mem.datacenter,
                              mem.id, mem.pod_cidr)
         self.on_change()
@@ -153,7 +164,7 @@ class Federation:
         name, dc = r.member.name, r.member.datacenter
         delay = 0.2
         last_config = None
-        stop = _Either(self.stop, r.stop)
+        stop = r.stop  # set when the cluster leaves the mesh, and by close() when the agent stops
         while not stop.is_set():
             try:
                 for index, items in self.store.watch(layout.cluster_prefix(name), stop, wait_s=WATCH_WAIT_S, dc=dc):
@@ -196,19 +207,8 @@ class Federation:
         self.on_change()
 
 
-class _Either(threading.Event):
-    """Set when either event is: a remote's watch ends with the agent or with its membership."""
-
-    def __init__(self, a: threading.Event, b: threading.Event) -> None:
-        super().__init__()
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or self.b.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        step, waited = 0.1, 0.0
-        while (timeout is None or waited < timeout) and not self.is_set():
-            self.b.wait(step if timeout is None else min(step, timeout - waited))
-            waited += step
-        return self.is_set()
+def _thread(name: str, fn: Callable[[], object]) -> threading.Thread:
+    """Without a supervisor (unit tests): a plain daemon thread."""
+    t = threading.Thread(target=fn, name=name, daemon=True)
+    t.start()
+    return t

@@ -44,6 +44,8 @@ class AgentMetrics:
         self.registrations_total = Counter(
             "wiremesh_registrations_total", "Times the node record was (re)published", registry=r
         )
+        self.objects_in_error = Gauge("wiremesh_objects_in_error",
+                                      "Dataplane objects (peers, routes, ...) whose last programming failed", registry=r)
         self._last_sync_mono: float | None = None
         self.last_sync_age.set_function(self._age)
 
@@ -63,11 +65,14 @@ def serve(
     metrics: AgentMetrics,
     health: Callable[[], tuple[bool, dict[str, Any]]],
     peers: Callable[[], list[dict[str, Any]]],
+    objects: Callable[[], dict[str, Any]] | None = None,
 ) -> ThreadingHTTPServer:
     """Start the HTTP endpoint in a daemon thread and return the server (call .shutdown()).
 
     /healthz: 200 once the device is up and the first snapshot is programmed, else 503.
     /metrics: Prometheus text. /peers: each desired peer's programming status, as JSON.
+    /status: every dataplane object (peers, routes, VXLAN, FDB, neighbours, MTUs) with its
+    status, those in error listed apart, as JSON.
     """
 
     class Handler(BaseHTTPRequestHandler):
@@ -79,6 +84,8 @@ def serve(
                 body, ctype, code = json.dumps(detail).encode() + b"\n", "application/json", 200 if ok else 503
             elif self.path == "/peers":
                 body, ctype, code = json.dumps(peers()).encode() + b"\n", "application/json", 200
+            elif self.path == "/status" and objects is not None:
+                body, ctype, code = json.dumps(objects()).encode() + b"\n", "application/json", 200
             else:
                 body, ctype, code = b"not found\n", "text/plain", 404
             self.send_response(code)

@@ -38,9 +38,8 @@ class Mtus:
 class DesiredState:
     """What the node's dataplane should hold."""
 
-    peers: dict[str, PeerConfig] = field(default_factory=dict)  # by public key (base64)
+    peers: dict[str, PeerConfig] = field(default_factory=dict)  # by node ("cluster/node"); key is an attribute
     routes: frozenset[Route] = frozenset()
-    peer_names: dict[str, str] = field(default_factory=dict)  # public key -> node name, for logs
     address: str | None = None  # the local overlay address, as CIDR on the WireGuard device
     mtu: int | None = None  # of the WireGuard device
     pod_mtu: int | None = None
@@ -65,6 +64,11 @@ class DesiredState:
             local = ipaddress.ip_network(self.local_range)
             return not (local.version == net.version and net.subnet_of(local))  # type: ignore[arg-type]
         return False
+
+
+def node_id(cluster: str, node: str) -> str:
+    """A peer's identity: its cluster and node name. Its public key is an attribute that may change."""
+    return f"{cluster}/{node}"
 
 
 def gateway_address(pod_cidr: str) -> str:
@@ -113,7 +117,7 @@ def plan(
     # Without a pod CIDR of its own the node has no VTEP: it stays on plain WireGuard routes.
     vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
     peers: dict[str, PeerConfig] = {}
-    names: dict[str, str] = {}
+    taken = {local_public_key}
     routes: set[Route] = set()
     fdb: dict[str, str] = {}
     neigh: dict[str, str] = {}
@@ -122,13 +126,16 @@ def plan(
         rec = nodes[name]
         if name == local_node or rec.public_key == local_public_key:
             continue
-        peers[rec.public_key] = PeerConfig(
+        if rec.public_key in taken:
+            skipped.append(f"{config.name}/{name}: its public key is already in use")
+            continue
+        taken.add(rec.public_key)
+        peers[node_id(config.name, name)] = PeerConfig(
             public_key=rec.public_key,
             endpoint=rec.endpoint,
             allowed_ips=frozenset({rec.pod_cidr}),
             persistent_keepalive=persistent_keepalive,
         )
-        names[rec.public_key] = name
         if vxlan_mode and rec.vtep_mac:
             gw = gateway_address(rec.pod_cidr)
             routes.add(Route(f"{rec.overlay_ip}/32", wg_device))
@@ -139,7 +146,6 @@ def plan(
             if vxlan_mode:
                 skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
             routes.add(Route(rec.pod_cidr, wg_device))
-    taken = {local_public_key, *peers}
     local_range = config.pod_network
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()]
     for cluster in sorted(remotes or {}):
@@ -153,11 +159,10 @@ def plan(
                 continue
             claimed.append(net)
             taken.add(rec.public_key)
-            peers[rec.public_key] = PeerConfig(
+            peers[node_id(cluster, name)] = PeerConfig(
                 public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
                 persistent_keepalive=persistent_keepalive,
             )
-            names[rec.public_key] = f"{cluster}/{name}"
             routes.add(Route(rec.pod_cidr, wg_device))
     m = mtus(config, underlay_mtu)
     address = vxlan = None
@@ -169,7 +174,7 @@ def plan(
             vxlan = VxlanSpec(name=vxlan_device, vni=config.vni, local=overlay, mac=vtep_mac(overlay), mtu=m.pod,
                               address=f"{gateway_address(local_pod_cidr)}/32")
     return DesiredState(
-        peers=peers, routes=frozenset(routes), peer_names=names, address=address, mtu=m.wireguard,
+        peers=peers, routes=frozenset(routes), address=address, mtu=m.wireguard,
         pod_mtu=m.pod, vxlan=vxlan, fdb=fdb, neighbours=neigh, skipped=tuple(skipped),
         keep_cidrs=keep_cidrs, keep_foreign=keep_foreign, local_range=config.pod_cidr,
     )

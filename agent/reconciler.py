@@ -1,8 +1,12 @@
-"""Makes the WireGuard device and routes match a DesiredState, by the smallest diff.
+"""Makes the dataplane match a DesiredState, object by object, by the smallest diff.
 
-Status lives beside each desired peer (pending/done/error); only this module writes it. A
-peer whose update fails backs off on its own schedule while the others are programmed; a
-change to the desired peer clears its backoff.
+Every object kind is a target with update, delete and prune (see agent.objects): WireGuard
+peers (keyed by node: the public key is an attribute), routes, the VXLAN device, its FDB and
+neighbour entries, the WireGuard MTU and the pod MTU. Each object has its own status and
+backoff; one the kernel refuses never blocks the others, and its retry wakes the loop.
+
+Peers are compared against what this process last programmed on most passes (O(changes));
+the device itself is read on the first pass and on every full pass, which catches drift.
 """
 
 from __future__ import annotations
@@ -14,37 +18,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wiremesh.tunnels import (
+    CallbackTarget,
+    FdbTarget,
+    MtuTarget,
+    NeighbourTarget,
     PeerChange,
     PeerConfig,
+    PeerStatus,
+    RouteTarget,
     TunnelError,
+    VxlanSpec,
+    VxlanTarget,
     WireGuardDevice,
-    delete_vxlan,
-    ensure_vxlan,
+    as_status,
     link_exists,
     link_mtu,
     peer_changes,
-    set_mtu,
-    sync_fdb,
-    sync_neighbours,
-    sync_routes,
 )
 
+from .objects import BACKOFF_MAX, BACKOFF_MIN, ObjectStatus, StatusTable, sync
 from .planner import DesiredState
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN = 0.2
-BACKOFF_MAX = 30.0
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "ReconcileResult", "Reconciler"]
 
-
-@dataclass(slots=True)
-class PeerStatusEntry:
-    state: str = "pending"  # pending | done | error
-    message: str = ""
-    attempts: int = 0
-    retry_at: float = 0.0
-    desired: PeerConfig | None = None
-    done_at: float = 0.0  # wall-clock time the current desired config was programmed
+PEER = "peer"
+OVERLAY_KINDS = frozenset({"route", "fdb", "neighbour", "vxlan", "mtu", "pod-mtu"})
 
 
 @dataclass(slots=True)
@@ -68,145 +68,156 @@ class Reconciler:
         vxlan_device: str = "wm-vxlan",
     ) -> None:
         self.device = device
-        self.status: dict[str, PeerStatusEntry] = {}
-        self.lock = threading.Lock()  # guards `status` against readers in other threads
-        self._overlay_applied: object = None  # the desired overlay as of the last good sync
-        self._pod_mtu: int | None = None
-        self.on_pod_mtu = on_pod_mtu  # applies a new pod MTU to every pod on the node
+        self.table = StatusTable(clock)
+        self.lock = threading.Lock()  # one pass at a time
+        self.applied: dict[str, PeerConfig] = {}  # node -> the peer as this process last programmed it
+        self._device_read = False  # peers compared against the device itself at least once
+        self._overlay_applied: object = None  # the desired overlay as of the last clean sync
         self.vxlan_device = vxlan_device
+        self.routes = RouteTarget([device.name, vxlan_device])
+        self.vxlan = VxlanTarget(vxlan_device)
+        self.fdb = FdbTarget(vxlan_device)
+        self.neighbours = NeighbourTarget(vxlan_device)
+        self.mtu = MtuTarget([device.name])
+        self.pod_mtu: CallbackTarget[int] | None = CallbackTarget("pod-mtu", on_pod_mtu) if on_pod_mtu else None
         self._clock = clock
 
     def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
-        """One pass: read the device, diff, apply. Pruning only when `prune` (after first sync).
-
-        Peers are always read back from the device (cheap); routes only when the desired set
-        changed or on a `full` pass, which catches drift nobody announced.
-        """
+        """One pass. Pruning only when `prune` (after the first sync); `full` re-reads everything."""
         with self.lock:
-            return self._reconcile(desired, prune, full)
+            now = self._clock()
+            res = ReconcileResult()
+            self._peers(desired, prune, full, now, res)
+            overlay = _overlay_key(desired) if prune else None
+            if full or overlay is None or overlay != self._overlay_applied or \
+                    self.table.pending_retry(OVERLAY_KINDS, now):
+                errors = self._overlay(desired, prune, now, res)
+                self._overlay_applied = overlay if not errors else None
+            return res
 
-    def snapshot(self) -> dict[str, PeerStatusEntry]:
-        """A copy of the per-peer status, safe to read from another thread."""
-        with self.lock:
-            return {k: PeerStatusEntry(v.state, v.message, v.attempts, v.retry_at, v.desired, v.done_at)
-                    for k, v in self.status.items()}
-
-    def _reconcile(self, desired: DesiredState, prune: bool, full: bool) -> ReconcileResult:
-        now = self._clock()
-        res = ReconcileResult()
-        actual = self.device.show().peers
-        changes = [c for c in peer_changes(actual, desired.peers, prune=prune)
+    # --- peers ----------------------------------------------------------------------------
+    def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
+        actual: dict[str, PeerStatus]
+        if full or not self._device_read:
+            actual = dict(self.device.show().peers)
+            self._device_read = True
+        else:
+            actual = as_status(self.applied)
+        changes = [c for c in peer_changes(actual, desired.peers, prune=prune, applied=self.applied)
                    if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))]
-        # Drop status of peers no longer desired; reset backoff of peers whose config changed.
-        for key in list(self.status):
-            if key not in desired.peers:
-                del self.status[key]
-        for key, want in desired.peers.items():
-            st = self.status.setdefault(key, PeerStatusEntry())
-            if st.desired != want:
-                st.desired, st.attempts, st.retry_at = want, 0, 0.0
-                st.state = "pending"
-        ready = [c for c in changes if c.remove or self.status[c.public_key].retry_at <= now]
+        self.table.want(PEER, desired.peers)
+        for node in [n for n in self.applied if n not in desired.peers]:
+            if not any(c.remove and c.name == node for c in changes):
+                del self.applied[node]  # not desired, and kept (or already gone) on the device
+        ready = [c for c in changes if c.remove or self.table.due(PEER, c.name, now)]
         if ready:
             try:
                 self.device.apply(ready)
-                self._done(ready, res)
+                self._done(ready, desired, res)
             except TunnelError:
                 # Find the culprit(s): apply one by one so the good peers still land.
                 for ch in ready:
                     try:
                         self.device.apply([ch])
-                        self._done([ch], res)
+                        self._done([ch], desired, res)
                     except TunnelError as e:
-                        self._failed(ch, e, now, res, desired)
-        changed = {c.public_key for c in changes}
-        for key, st in self.status.items():
-            if key in actual and key not in changed and st.state != "done":
-                st.state, st.message, st.done_at = "done", "", time.time()
-        res.programmed = sum(1 for st in self.status.values() if st.state == "done")
-        # The overlay (routes, VXLAN, FDB, neighbours, MTUs) is re-read only when its desired
-        # state changed or on a full pass; peers above are compared on every pass (cheap).
-        overlay = _overlay_key(desired) if prune else None
-        if not full and overlay is not None and overlay == self._overlay_applied:
-            return res
-        try:
-            self._sync_overlay(desired, prune, res)
-            self._overlay_applied = overlay
-        except TunnelError as e:
-            self._overlay_applied = None
-            res.errors += 1
-            res.failed.append(f"overlay: {e}")
-            log.warning("overlay sync failed: %s", e)
-        return res
+                        self._failed(ch, e, now, res)
+        changed = {c.name for c in changes}
+        present = set(actual)
+        for node, want in desired.peers.items():
+            if node not in changed and want.public_key in present:
+                self.applied.setdefault(node, want)
+                self.table.done(PEER, node)
+        res.programmed = self.table.count(PEER, "done")
 
-    def _sync_overlay(self, desired: DesiredState, prune: bool, res: ReconcileResult) -> None:
-        """Routes, VXLAN and MTUs, in the order that keeps packets flowing through a mode switch.
-
-        The VXLAN device and its entries come before the routes that use them and go after
-        the routes have left them; pod MTUs shrink before traffic moves into VXLAN and grow
-        only after it has left.
-        """
-        vx = desired.vxlan
-        # The WireGuard MTU grows before traffic moves into VXLAN (which needs the extra 50
-        # bytes) and shrinks only after traffic has left it.
-        wg_now = link_mtu(self.device.name) if desired.mtu and link_exists(self.device.name) else None
-        if wg_now is not None and desired.mtu > wg_now:  # type: ignore[operator]
-            set_mtu(self.device.name, desired.mtu)  # type: ignore[arg-type]
-        if vx is not None:
-            ensure_vxlan(vx)
-            sync_fdb(vx.name, desired.fdb, prune=prune)
-            sync_neighbours(vx.name, desired.neighbours, prune=prune)
-        pod_mtu_first = (desired.pod_mtu is not None and self.on_pod_mtu is not None
-                         and (self._pod_mtu is None or desired.pod_mtu < self._pod_mtu))
-        if pod_mtu_first:
-            self._set_pod_mtu(desired.pod_mtu)  # type: ignore[arg-type]
-        res.routes_added, res.routes_removed = sync_routes(
-            desired.routes, devices=[self.device.name, self.vxlan_device], prune=prune, keep=desired.kept)
-        if vx is None and prune and delete_vxlan(self.vxlan_device):
-            log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
-        if wg_now is not None and desired.mtu < wg_now:  # type: ignore[operator]
-            set_mtu(self.device.name, desired.mtu)  # type: ignore[arg-type]
-        if desired.pod_mtu is not None and not pod_mtu_first and self.on_pod_mtu is not None:
-            self._set_pod_mtu(desired.pod_mtu)
-
-    def _set_pod_mtu(self, mtu: int) -> None:
-        assert self.on_pod_mtu is not None
-        self.on_pod_mtu(mtu)
-        self._pod_mtu = mtu
-
-    def _done(self, changes: list[PeerChange], res: ReconcileResult) -> None:
+    def _done(self, changes: list[PeerChange], desired: DesiredState, res: ReconcileResult) -> None:
         for ch in changes:
             if ch.remove:
                 res.removed += 1
+                if ch.name and self.applied.get(ch.name, None) is not None and \
+                        self.applied[ch.name].public_key == ch.public_key:
+                    del self.applied[ch.name]
                 continue
             if ch.update_only:
                 res.updated += 1
             else:
                 res.added += 1
-            st = self.status[ch.public_key]
-            st.state, st.message, st.attempts, st.retry_at = "done", "", 0, 0.0
-            st.done_at = time.time()
+            self.applied[ch.name] = desired.peers[ch.name]
+            self.table.done(PEER, ch.name)
 
-    def _failed(self, ch: PeerChange, e: TunnelError, now: float, res: ReconcileResult, desired: DesiredState) -> None:
+    def _failed(self, ch: PeerChange, e: TunnelError, now: float, res: ReconcileResult) -> None:
         res.errors += 1
-        name = desired.peer_names.get(ch.public_key, ch.public_key[:8])
+        name = ch.name or ch.public_key[:8]
         res.failed.append(f"{name}: {e}")
-        st = self.status.get(ch.public_key)
-        if st is None:  # a removal that failed: retried on the next pass
-            log.warning("removing peer %s failed: %s", name, e)
+        if ch.remove:
+            log.warning("removing peer %s failed: %s", name, e)  # retried on the next full pass
             return
-        st.attempts += 1
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (st.attempts - 1))
-        st.state, st.message, st.retry_at = "error", str(e), now + delay
-        log.warning("programming peer %s failed (attempt %d, retry in %.1fs): %s", name, st.attempts, delay, e)
+        self.applied.pop(ch.name, None)  # unknown state: compare against the device next time
+        self._device_read = False
+        delay = self.table.failed(PEER, ch.name, e, now)
+        st = self.table.get(PEER, ch.name)
+        log.warning("programming peer %s failed (attempt %d, retry in %.1fs): %s", name,
+                    st.attempts if st else 1, delay, e)
 
+    # --- overlay --------------------------------------------------------------------------
+    def _overlay(self, desired: DesiredState, prune: bool, now: float, res: ReconcileResult) -> int:
+        """Routes, VXLAN and MTUs, in the order that keeps packets flowing through a mode switch.
+
+        The WireGuard MTU grows before traffic moves into VXLAN (which needs 50 more bytes) and
+        shrinks only after it left; the VXLAN device and its entries come before the routes that
+        use them and go after the routes left; pod MTUs shrink first and grow last.
+        """
+        errors = 0
+        wg = self.device.name
+        wg_mtu = desired.mtu
+        wg_now = link_mtu(wg) if wg_mtu and link_exists(wg) else None
+        grow_wg_first = wg_now is not None and wg_mtu is not None and wg_mtu > wg_now
+        if grow_wg_first and wg_mtu is not None:
+            errors += sync(self.table, self.mtu, {wg: wg_mtu}, prune=False, now=now).errors
+        vx = desired.vxlan
+        if vx is not None:
+            errors += sync(self.table, self.vxlan, {vx.name: vx}, prune=False, now=now).errors
+            if link_exists(vx.name):
+                errors += sync(self.table, self.fdb, dict(desired.fdb), prune=prune, now=now).errors
+                errors += sync(self.table, self.neighbours, dict(desired.neighbours), prune=prune, now=now).errors
+        pods = self.pod_mtu
+        pod_first = pods is not None and desired.pod_mtu is not None and \
+            desired.pod_mtu < pods.applied.get("pods", desired.pod_mtu + 1)
+        if pods is not None and desired.pod_mtu is not None and pod_first:
+            errors += sync(self.table, pods, {"pods": desired.pod_mtu}, prune=False, now=now).errors
+        r = sync(self.table, self.routes, {rt.dst: rt for rt in desired.routes}, prune=prune, keep=desired.kept,
+                 now=now)
+        res.routes_added, res.routes_removed = r.changed, r.removed
+        errors += r.errors
+        if vx is None and prune:
+            none: dict[str, VxlanSpec] = {}
+            gone = sync(self.table, self.vxlan, none, prune=True, now=now)
+            errors += gone.errors
+            if gone.removed:
+                log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
+        if wg_now is not None and wg_mtu is not None and not grow_wg_first:
+            errors += sync(self.table, self.mtu, {wg: wg_mtu}, prune=False, now=now).errors
+        if pods is not None and desired.pod_mtu is not None and not pod_first:
+            errors += sync(self.table, pods, {"pods": desired.pod_mtu}, prune=False, now=now).errors
+        res.errors += errors
+        return errors
+
+    # --- for the loop and the status endpoint ---------------------------------------------
     def forget_overlay(self) -> None:
-        """Make the next pass re-read the overlay (after the device was re-created)."""
+        """Make the next pass re-read everything (after the device was re-created)."""
         self._overlay_applied = None
+        self._device_read = False
+        self.applied.clear()
 
     def next_retry(self) -> float | None:
-        times = [st.retry_at for st in self.status.values() if st.state == "error"]
-        return min(times) if times else None
+        return self.table.next_retry()
+
+    def objects(self) -> list[ObjectStatus]:
+        return self.table.snapshot()
+
+    def snapshot(self) -> dict[str, ObjectStatus]:
+        """Each desired peer's status, by node."""
+        return {st.key: st for st in self.table.snapshot() if st.kind == PEER}
 
 
 def _overlay_key(d: DesiredState) -> object:

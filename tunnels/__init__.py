@@ -1,7 +1,7 @@
 """Everything that touches the kernel: WireGuard devices, links, addresses and routes."""
 
 from .device import BACKENDS, UserspaceDevice, WireGuardDevice, kernel_module_available, open_device
-from .diff import peer_changes
+from .diff import as_status, peer_changes
 from .errors import DeviceNotFound, KernelUnsupported, TunnelError, UAPIError
 from .links import (
     RTPROT_WIREMESH,
@@ -17,10 +17,20 @@ from .links import (
     set_mtu,
     sync_routes,
 )
-from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, sync_fdb, sync_neighbours, vtep_mac
+from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, sync_fdb, sync_neighbours, vtep_mac
+from .targets import CallbackTarget, FdbTarget, MtuTarget, NeighbourTarget, RouteTarget, Target, VxlanTarget
 from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 
 __all__ = [
+    "CallbackTarget",
+    "FdbTarget",
+    "MtuTarget",
+    "NeighbourTarget",
+    "RouteTarget",
+    "Target",
+    "VxlanTarget",
+    "as_status",
+    "read_vxlan",
     "BACKENDS",
     "DeviceNotFound",
     "DeviceState",

@@ -111,9 +111,13 @@ class KernelDevice(WireGuardDevice):
                         private_key=private_key.secret_base64() if private_key else None,
                         listen_port=listen_port,
                     )
-                # pyroute2 sends one peer per message; each is its own small, atomic update.
+                # pyroute2 sends one peer per message; each is its own small, atomic update. A
+                # replacing peer comes first and takes the allowed IPs over (the kernel moves
+                # them), then the old key goes: no moment without a peer for those IPs.
                 for change in changes:
                     wg.set(self.name, peer=change_to_netlink(change))
+                    if change.replaces is not None:
+                        wg.set(self.name, peer={"public_key": change.replaces, "remove": True})
         except NetlinkError as e:
             raise TunnelError(f"{self.name}: configure device: errno {e.code}", e.code) from None
 

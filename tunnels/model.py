@@ -50,6 +50,7 @@ class PeerChange:
 
     `remove` deletes the peer; otherwise the peer is created or updated, `endpoint` is sent
     only when it changed and `allowed_ips` (a full replacement) only when the set changed.
+    With `replaces`, the peer is new and takes the place of the peer with that key.
     """
 
     public_key: str
@@ -58,6 +59,10 @@ class PeerChange:
     allowed_ips: frozenset[str] | None = None
     persistent_keepalive: int | None = None
     update_only: bool = False
+    # The peer's previous public key (a key rotation): it is removed in the same device update,
+    # right after this peer took over its allowed IPs, so traffic never lacks a peer.
+    replaces: str | None = None
+    name: str = ""  # who the peer is ("cluster/node"), for logs and status; backends ignore it
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:

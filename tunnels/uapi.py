@@ -110,6 +110,11 @@ def format_set(
         if ch.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines.extend(f"allowed_ip={cidr}" for cidr in sorted(ch.allowed_ips))
+        if ch.replaces is not None:
+            # After the new peer took the allowed IPs over (they move, never vanish): one request,
+            # applied by wireguard-go under one lock, so no packet finds no peer.
+            lines.append(f"public_key={PublicKey.from_base64(ch.replaces).hex}")
+            lines.append("remove=true")
     return "\n".join(lines) + "\n\n"
 
 

@@ -114,6 +114,30 @@ def ensure_vxlan(spec: VxlanSpec) -> bool:
     return changed
 
 
+def read_vxlan(name: str) -> VxlanSpec | None:
+    """The VXLAN device `name` as it is (None: absent, or not a VXLAN device).
+
+    Its address is the /32 it holds ("" if none): several are reported as the lowest. A device
+    that is down reports MTU 0, so that it never equals what is wanted.
+    """
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return None
+        (link,) = ipr.link("get", index=idx)
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+            return None
+        data = info.get_attr("IFLA_INFO_DATA")
+        addrs = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.addr("dump", index=idx)
+                       if a.get("family") == 2)
+        return VxlanSpec(
+            name=name, vni=int(data.get_attr("IFLA_VXLAN_ID") or 0), local=str(data.get_attr("IFLA_VXLAN_LOCAL") or ""),
+            mac=str(link.get_attr("IFLA_ADDRESS") or ""), mtu=int(link.get_attr("IFLA_MTU") or 0) if link["flags"] & 1 else 0,
+            address=addrs[0] if addrs else "", port=int(data.get_attr("IFLA_VXLAN_PORT") or 0),
+        ) if data is not None else None
+
+
 def delete_vxlan(name: str) -> bool:
     """Remove the VXLAN device (its FDB, neighbours and routes go with it); gone already is fine."""
     return delete_link(name)

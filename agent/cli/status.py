@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,20 @@ def _ago(ts: float, now: float) -> str:
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago"
 
 
+def _agent_status(bind: tuple[str, int] | None) -> dict[str, Any] | None:
+    """The local agent's /status (every dataplane object), or None if it does not answer."""
+    if bind is None:
+        return None
+    host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{bind[1]}/status", timeout=2) as r:  # noqa: S310 - our own agent
+            data = json.loads(r.read())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as e:
+        info(f"warning: the agent's status endpoint http://{host}:{bind[1]}/status did not answer ({e})")
+        return None
+
+
 def _local_device(interface: str) -> DeviceState | None:
     try:
         dev = open_device(interface, "auto")
@@ -42,9 +58,11 @@ def _local_device(interface: str) -> DeviceState | None:
 def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path | None) -> None:
     """Nodes, endpoints, key fingerprints and liveness; on a node also each peer's handshake and rx/tx."""
     consul = ctx.consul
+    agent: dict[str, Any] | None = None
     if config_path:
         cfg = load_config(config_path)
         interface, consul = cfg.interface, cfg.consul
+        agent = _agent_status(cfg.health_bind)
     views, _ = collect(ConsulStore(consul), only=cluster_name)
     if cluster_name and not views:
         raise WiremeshError(f"cluster {cluster_name!r}: nothing in Consul under {layout.cluster_prefix(cluster_name)}")
@@ -84,5 +102,9 @@ def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path
                             "latest_handshake": p.latest_handshake, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes})
                 rows.append(["?", "(no record)", p.endpoint or "-", ",".join(sorted(p.allowed_ips)),
                              PublicKey.from_base64(key).fingerprint, "orphan", f"hs {_ago(p.latest_handshake, now)}"])
-    emit(ctx, {"nodes": out, "device": device.name if device else None},
+    errors = agent.get("errors", []) if agent else []
+    emit(ctx, {"nodes": out, "device": device.name if device else None,
+               "agent": {"objects": agent.get("kinds"), "errors": errors} if agent else None},
          ["cluster", "node", "endpoint", "overlay", "key", "liveness", "tunnel"], rows)
+    for e in errors:  # what the agent could not program, each with the kernel's reason
+        info(f"error: {e['kind']} {e['key']}: {e['op']} failed {e['attempts']}x: {e['message']}")

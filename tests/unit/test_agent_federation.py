@@ -61,6 +61,7 @@ def env() -> Iterator[Env]:
     e = Env()
     yield e
     e.stop.set()
+    e.fed.close()
     started = [t for t in threading.enumerate() if t not in before and t.name.startswith(("watch-", "mesh-"))]
     for t in started:
         t.join(timeout=10)

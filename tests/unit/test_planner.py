@@ -35,13 +35,12 @@ def nodes(make_node: MakeNode) -> dict[str, NodeRecord]:
 def test_every_other_node_becomes_a_peer(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
     me = nodes["n1"]
     st = plan("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
-    assert set(st.peers) == {nodes["n2"].public_key, nodes["n3"].public_key}
+    assert set(st.peers) == {"lab/n2", "lab/n3"}  # peers are nodes; the public key is an attribute
     for name in ("n2", "n3"):
         rec = nodes[name]
-        assert st.peers[rec.public_key] == PeerConfig(
+        assert st.peers[f"lab/{name}"] == PeerConfig(
             public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
             persistent_keepalive=0)
-        assert st.peer_names[rec.public_key] == name
     assert st.routes == frozenset({Route("10.240.2.0/24", "wm0"), Route("10.240.3.0/24", "wm0")})
     # wireguard mode: no VXLAN device, no FDB, no neighbours, nothing skipped
     assert st.vxlan is None and st.fdb == {} and st.neighbours == {} and st.skipped == ()
@@ -55,8 +54,8 @@ def test_routes_use_the_given_wireguard_device(cluster_config: ClusterConfig, no
 def test_local_node_is_excluded(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
     me = nodes["n2"]
     st = plan("n2", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
-    assert me.public_key not in st.peers
-    assert "n2" not in st.peer_names.values()
+    assert me.public_key not in {p.public_key for p in st.peers.values()}
+    assert "lab/n2" not in st.peers
     assert me.pod_cidr not in {r.dst for r in st.routes}
     assert {r.dst for r in st.routes} == {"10.240.1.0/24", "10.240.3.0/24"}
 
@@ -66,7 +65,7 @@ def test_local_node_excluded_by_name_even_with_another_key(cluster_config: Clust
     # During rotation our record may still carry the old key: it is still us.
     st = plan("n1", "bmV3LWtleS1ub3QteWV0LXB1Ymxpc2hlZC0uLi4uLi4=", cluster_config, nodes,
               local_pod_cidr="10.240.1.0/24")
-    assert nodes["n1"].public_key not in st.peers
+    assert "lab/n1" not in st.peers
     assert len(st.peers) == 2
 
 
@@ -75,8 +74,8 @@ def test_record_with_local_public_key_under_another_name_is_ignored(
     me = nodes["n1"]
     nodes["impostor"] = make_node("impostor", "10.240.9.0/24", public_key=me.public_key)
     st = plan("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
-    assert me.public_key not in st.peers
-    assert "impostor" not in st.peer_names.values()
+    assert me.public_key not in {p.public_key for p in st.peers.values()}
+    assert "lab/impostor" not in st.peers
     assert "10.240.9.0/24" not in {r.dst for r in st.routes}
     assert len(st.peers) == 2
 
@@ -290,7 +289,7 @@ def test_node_without_vtep_mac_is_routed_over_wireguard(vx_nodes: dict[str, Node
     assert "10.240.4.1" not in st.fdb.values()
     assert "10.240.4.0" not in st.neighbours
     assert len(st.skipped) == 1 and st.skipped[0].startswith("n4:")
-    assert vx_nodes["n4"].public_key in st.peers
+    assert st.peers["lab/n4"].public_key == vx_nodes["n4"].public_key
 
 
 def test_missing_vtep_mac_is_not_skipped_in_wireguard_mode(cluster_config: ClusterConfig,
@@ -306,7 +305,7 @@ def test_allowed_ips_are_the_whole_pod_cidr_in_both_modes(vx_nodes: dict[str, No
     assert vx.peers == wg.peers
     for name in ("n2", "n3"):
         rec = vx_nodes[name]
-        assert vx.peers[rec.public_key].allowed_ips == frozenset({rec.pod_cidr})
+        assert vx.peers[f"lab/{name}"].allowed_ips == frozenset({rec.pod_cidr})
 
 
 def test_vxlan_plan_is_deterministic(vx_nodes: dict[str, NodeRecord]) -> None:
@@ -326,3 +325,13 @@ def test_no_route_into_a_vxlan_device_that_is_not_planned(vx_nodes: dict[str, No
     if any(r.ifname == "wm-vxlan" for r in st.routes):
         assert st.vxlan is not None
     assert not st.fdb and not st.neighbours or st.vxlan is not None
+
+
+def test_a_second_local_node_with_a_taken_key_is_skipped(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord],
+                                                         make_node: MakeNode) -> None:
+    n2 = nodes["n2"]
+    nodes["n9"] = make_node("n9", "10.240.9.0/24", public_key=n2.public_key)
+    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
+    assert st.peers["lab/n2"].allowed_ips == frozenset({n2.pod_cidr})
+    assert "lab/n9" not in st.peers
+    assert st.skipped == ("lab/n9: its public key is already in use",)

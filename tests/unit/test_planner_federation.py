@@ -45,9 +45,9 @@ def test_remote_nodes_become_peers_routed_into_wireguard(local_nodes: dict[str, 
     st = _plan(local_nodes, config, remotes=remotes, persistent_keepalive=25)
     for cluster, nodes in remotes.items():
         for name, rec in nodes.items():
-            assert st.peers[rec.public_key] == PeerConfig(public_key=rec.public_key, endpoint=rec.endpoint,
-                                                          allowed_ips=frozenset({rec.pod_cidr}), persistent_keepalive=25)
-            assert st.peer_names[rec.public_key] == f"{cluster}/{name}"
+            assert st.peers[f"{cluster}/{name}"] == PeerConfig(public_key=rec.public_key, endpoint=rec.endpoint,
+                                                               allowed_ips=frozenset({rec.pod_cidr}),
+                                                               persistent_keepalive=25)
             # Even in vxlan mode: VXLAN stays inside a cluster.
             assert Route(rec.pod_cidr, "wm0") in st.routes
             assert not [r for r in st.routes if r.dst == f"{rec.overlay_ip}/32"]
@@ -74,7 +74,7 @@ def test_remote_reusing_the_local_public_key_is_skipped(local_nodes: dict[str, N
     me = local_nodes["n1"]
     thief = make_node("w9", "10.241.9.0/24", cluster="west", public_key=me.public_key)
     st = _plan(local_nodes, remotes={"west": {"w9": thief}})
-    assert me.public_key not in st.peers
+    assert "west/w9" not in st.peers
     assert st.skipped == ("west/w9: its public key is already in use",)
     assert "10.241.9.0/24" not in {r.dst for r in st.routes}
 
@@ -84,8 +84,9 @@ def test_remote_reusing_a_local_peers_key_is_skipped(local_nodes: dict[str, Node
     thief = make_node("w9", "10.241.9.0/24", cluster="west", public_key=n2.public_key)
     st = _plan(local_nodes, remotes={"west": {"w9": thief}})
     # The local peer keeps its identity and its allowed IPs.
-    assert st.peers[n2.public_key].allowed_ips == frozenset({n2.pod_cidr})
-    assert st.peer_names[n2.public_key] == "n2"
+    assert st.peers["east/n2"].allowed_ips == frozenset({n2.pod_cidr})
+    assert st.peers["east/n2"].public_key == n2.public_key
+    assert "west/w9" not in st.peers
     assert st.skipped == ("west/w9: its public key is already in use",)
     assert "10.241.9.0/24" not in {r.dst for r in st.routes}
 
@@ -96,8 +97,9 @@ def test_two_remotes_with_one_key_first_cluster_by_name_wins(local_nodes: dict[s
     b = make_node("b1", "10.243.1.0/24", cluster="beta", public_key=a.public_key)
     for remotes in ({"alpha": {"a1": a}, "beta": {"b1": b}}, {"beta": {"b1": b}, "alpha": {"a1": a}}):
         st = _plan(local_nodes, remotes=remotes)
-        assert st.peer_names[a.public_key] == "alpha/a1"
-        assert st.peers[a.public_key].allowed_ips == frozenset({"10.242.1.0/24"})
+        assert st.peers["alpha/a1"].public_key == a.public_key
+        assert "beta/b1" not in st.peers
+        assert st.peers["alpha/a1"].allowed_ips == frozenset({"10.242.1.0/24"})
         assert st.skipped == ("beta/b1: its public key is already in use",)
 
 

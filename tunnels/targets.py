@@ -1,0 +1,213 @@
+"""Dataplane targets: one kind of kernel object each, read whole, changed one object at a time.
+
+A target is three operations (after cilium/statedb's reconciler): `read()` returns the objects
+the kernel holds, by key; `update(key, want)` creates or replaces one (idempotent);
+`delete(key, have)` removes one (already gone is fine). The agent's reconciler decides what to
+update and delete and keeps a status per object, so one object the kernel refuses never blocks
+the others. Each call opens its own netlink socket: cheap next to a route change, and a target
+holds no state between passes.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterable, Mapping
+from typing import Generic, Protocol, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import links, vxlan
+from .errors import DeviceNotFound, TunnelError
+from .links import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_WIREMESH, Route
+from .vxlan import NTF_SELF, NUD_PERMANENT, VxlanSpec
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Target(Protocol[K, V]):
+    kind: str
+
+    def read(self) -> Mapping[K, V]: ...
+
+    def update(self, key: K, want: V) -> None: ...
+
+    def delete(self, key: K, have: V) -> None: ...
+
+
+def _nl(what: str, e: NetlinkError) -> TunnelError:
+    return TunnelError(f"{what}: {e.args[1] if len(e.args) > 1 else e}", e.code)
+
+
+def _index(ipr: IPRoute, name: str) -> int:
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise DeviceNotFound(f"{name}: no such interface")
+    return int(idx[0])
+
+
+class RouteTarget:
+    """Routes wiremesh owns (protocol 87, main table) via `devices`, keyed by destination CIDR."""
+
+    kind = "route"
+
+    def __init__(self, devices: Iterable[str]) -> None:
+        self.devices = tuple(devices)
+
+    def read(self) -> dict[str, Route]:
+        with IPRoute() as ipr:
+            return links._owned_routes(ipr, links._indexes(ipr, self.devices))  # noqa: SLF001 - same package
+
+    def update(self, key: str, want: Route) -> None:
+        with IPRoute() as ipr:
+            kw: dict[str, object] = {"dst": key, "oif": _index(ipr, want.ifname), "proto": RTPROT_WIREMESH,
+                                     "table": MAIN_TABLE}
+            if want.via:
+                kw.update(gateway=want.via, flags=RTNH_F_ONLINK)
+            try:
+                ipr.route("replace", **kw)  # a destination that moves device or gateway: one step
+            except NetlinkError as e:
+                raise _nl(f"{want.ifname}: route {key}{' via ' + want.via if want.via else ''}", e) from e
+
+    def delete(self, key: str, have: Route) -> None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=have.ifname)
+            if not idx:
+                return  # the device went, and its routes with it
+            try:
+                ipr.route("del", dst=key, oif=idx[0], proto=RTPROT_WIREMESH, table=MAIN_TABLE)
+            except NetlinkError as e:
+                if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
+                    raise _nl(f"{have.ifname}: delete route {key}", e) from e
+
+
+class FdbTarget:
+    """A VXLAN device's unicast FDB entries: VTEP MAC -> remote VTEP address."""
+
+    kind = "fdb"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def read(self) -> dict[str, str]:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.device)
+            if not idx:
+                return {}
+            have: dict[str, str] = {}
+            for e in ipr.fdb("dump", ifindex=idx[0]):
+                mac, dst = e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")
+                if e.get("ifindex") == idx[0] and mac and dst:
+                    have[mac] = dst
+            return have
+
+    def update(self, key: str, want: str) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.fdb("replace", ifindex=_index(ipr, self.device), lladdr=key, dst=want, state=NUD_PERMANENT,
+                        flags=NTF_SELF)
+            except NetlinkError as e:
+                raise _nl(f"{self.device}: fdb {key} dst {want}", e) from e
+
+    def delete(self, key: str, have: str) -> None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.device)
+            if not idx:
+                return
+            try:
+                ipr.fdb("del", ifindex=idx[0], lladdr=key, dst=have, flags=NTF_SELF)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.ENODEV):
+                    raise _nl(f"{self.device}: delete fdb {key}", e) from e
+
+
+class NeighbourTarget:
+    """A VXLAN device's permanent neighbour entries: remote gateway address -> VTEP MAC."""
+
+    kind = "neighbour"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def read(self) -> dict[str, str]:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.device)
+            if not idx:
+                return {}
+            return {n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR") for n in ipr.neigh("dump", ifindex=idx[0])
+                    if n.get("ifindex") == idx[0] and n["state"] & NUD_PERMANENT}
+
+    def update(self, key: str, want: str) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.neigh("replace", ifindex=_index(ipr, self.device), dst=key, lladdr=want, state=NUD_PERMANENT)
+            except NetlinkError as e:
+                raise _nl(f"{self.device}: neighbour {key} lladdr {want}", e) from e
+
+    def delete(self, key: str, have: str) -> None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.device)
+            if not idx:
+                return
+            try:
+                ipr.neigh("del", ifindex=idx[0], dst=key)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.ENODEV):
+                    raise _nl(f"{self.device}: delete neighbour {key}", e) from e
+
+
+class VxlanTarget:
+    """The VXLAN device itself, keyed by name; `read` reports it as its spec, exactly as it is."""
+
+    kind = "vxlan"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def read(self) -> dict[str, VxlanSpec]:
+        spec = vxlan.read_vxlan(self.name)
+        return {self.name: spec} if spec is not None else {}
+
+    def update(self, key: str, want: VxlanSpec) -> None:
+        vxlan.ensure_vxlan(want)
+
+    def delete(self, key: str, have: VxlanSpec) -> None:
+        vxlan.delete_vxlan(key)
+
+
+class MtuTarget:
+    """Interface MTUs, keyed by interface name; interfaces that do not exist are not read."""
+
+    kind = "mtu"
+
+    def __init__(self, ifnames: Iterable[str]) -> None:
+        self.ifnames = tuple(ifnames)
+
+    def read(self) -> dict[str, int]:
+        return {n: links.link_mtu(n) for n in self.ifnames if links.link_exists(n)}
+
+    def update(self, key: str, want: int) -> None:
+        links.set_mtu(key, want)
+
+    def delete(self, key: str, have: int) -> None:
+        pass  # an MTU is never removed; an interface nobody wants goes with its own target
+
+
+class CallbackTarget(Generic[V]):
+    """One value applied through a function, remembered once applied (e.g. every pod's MTU)."""
+
+    def __init__(self, kind: str, apply: Callable[[V], object]) -> None:
+        self.kind = kind
+        self.apply = apply
+        self.applied: dict[str, V] = {}
+
+    def read(self) -> dict[str, V]:
+        return dict(self.applied)
+
+    def update(self, key: str, want: V) -> None:
+        self.apply(want)
+        self.applied[key] = want
+
+    def delete(self, key: str, have: V) -> None:
+        self.applied.pop(key, None)
