@@ -101,7 +101,7 @@ class StatusTable:
             if st is None or st.op != op:
                 st = self._entries[(kind, key)] = ObjectStatus(kind, key, op=op, desired=st.desired if st else None)
             st.attempts += 1
-            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (st.attempts - 1))
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** (st.attempts - 1))
             st.state, st.message, st.retry_at = "error", str(err), now + delay
             return delay
 

@@ -154,7 +154,7 @@ def plan(
                 skipped.append(f"{cluster}/{name}: its public key is already in use")
                 continue
             net = ipaddress.ip_network(rec.pod_cidr)
-            if any(net.version == c.version and net.overlaps(c) for c in [local_range, *claimed]):  # type: ignore[arg-type]
+            if any(net.version == c.version and net.overlaps(c) for c in [local_range, *claimed]):
                 skipped.append(f"{cluster}/{name}: pod CIDR {rec.pod_cidr} overlaps one already routed here")
                 continue
             claimed.append(net)

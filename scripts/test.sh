@@ -8,7 +8,7 @@ bash "$here/scripts/setup.sh"
 cd "$here"
 # Undefined names and syntax errors fail fast, before the slow integration tests.
 .venv/bin/ruff check --select F,E9 --quiet agent tunnels keys clustermesh lab wiremesh bench tests
-.venv/bin/mypy --ignore-missing-imports --no-error-summary -p wiremesh
+.venv/bin/mypy --strict --ignore-missing-imports --no-error-summary -p wiremesh
 set +e
 .venv/bin/python -m pytest -ra "$@"
 rc=$?

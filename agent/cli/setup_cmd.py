@@ -97,7 +97,7 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
             import ipaddress
 
             for c in others:
-                if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):  # type: ignore[arg-type]
+                if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):
                     raise SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
                                      f"try {suggest_pod_cidr(answers, others) or 'another range'}")
             return cidr

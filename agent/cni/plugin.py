@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from wiremesh.errors import WiremeshError
+
 if TYPE_CHECKING:
     from .state import CniState, NodeInfo
 
@@ -50,7 +52,9 @@ _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
-class CniError(Exception):
+class CniError(WiremeshError):
+    """An error as the CNI spec reports it: a code, a message and details (printed as JSON)."""
+
     def __init__(self, code: int, msg: str, details: str = "") -> None:
         super().__init__(msg)
         self.code, self.msg, self.details = code, msg, details

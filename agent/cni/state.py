@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-class NoFreeAddress(Exception):
-    pass
+from wiremesh.errors import WiremeshError
 
 
-class NodeStateUnavailable(Exception):
+class NoFreeAddress(WiremeshError):
+    """Every address of the node's pod CIDR is leased."""
+
+
+class NodeStateUnavailable(WiremeshError):
     """The agent's state.json is missing or unusable; the message names the file and says why."""
 
 
