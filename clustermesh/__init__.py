@@ -14,7 +14,20 @@ from .errors import (
 )
 from .federation import MeshMember, Membership, check_members, parse_mesh
 from .ipam import lease_pod_cidr, leases, release_pod_cidr
-from .records import MAX_RECORD_BYTES, ROUTING_MODES, ClusterConfig, NodeRecord, check_cluster_name, overlay_address, check_node_name, parse_endpoint
+from .records import (
+    MAX_RECORD_BYTES,
+    ROUTING_MODES,
+    SCHEMA,
+    SCHEMA_MAJOR,
+    ClusterConfig,
+    NodeRecord,
+    check_cluster_name,
+    check_node_name,
+    keep_unknown,
+    overlay_address,
+    parse_endpoint,
+    parse_schema,
+)
 from .snapshot import ClusterSnapshot, Rejected, parse_cluster
 from .store import DEFAULT_ADDR, ConsulOptions, ConsulStore, KVItem
 
@@ -40,10 +53,13 @@ __all__ = [
     "NodeRecord",
     "ROUTING_MODES",
     "Rejected",
+    "SCHEMA",
+    "SCHEMA_MAJOR",
     "SessionExpired",
     "check_cluster_name",
     "check_node_name",
     "init_cluster",
+    "keep_unknown",
     "layout",
     "lease_pod_cidr",
     "leases",
@@ -51,5 +67,6 @@ __all__ = [
     "overlay_address",
     "parse_cluster",
     "parse_endpoint",
+    "parse_schema",
     "release_pod_cidr",
 ]

@@ -13,13 +13,13 @@ refuses itself.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import layout
 from .errors import InvalidRecord
-from .records import _int, _load, _str, check_cluster_name, parse_network
+from .records import SCHEMA, SCHEMA_FIELD, _dump, _envelope, _int, _load, _str, check_cluster_name, parse_network
 from .snapshot import Rejected
 from .store import KVItem
 
@@ -28,28 +28,39 @@ _DC = __import__("re").compile(r"[A-Za-z0-9_-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class MeshMember:
+    """One cluster's membership record. Versioned like every record (see `records`): unknown
+    fields are kept in `extra` and written back, and do not count in equality."""
+
     name: str
     id: int
     datacenter: str
     pod_cidr: str
+    schema: str = field(default=SCHEMA, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _envelope(self, _MEMBER_FIELDS)
 
     @classmethod
     def from_json(cls, raw: bytes | str, key: str | None = None) -> "MeshMember":
-        d = _load(raw, key, set(cls.__dataclass_fields__))
+        d, schema, extra = _load(raw, key, _MEMBER_FIELDS)
         name = check_cluster_name(d.get("name"), "name", key)
         cid = _int(d, "id", 1, 255, key)
         dc = _str(d, "datacenter", key)
         if not _DC.fullmatch(dc):
             raise InvalidRecord("datacenter", f"{dc[:64]!r} is not a Consul datacenter name", key)
         pod = parse_network(_str(d, "pod_cidr", key), "pod_cidr", key)
-        return cls(name, cid, dc, str(pod))
+        return cls(name, cid, dc, str(pod), schema, extra)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return _dump({name: getattr(self, name) for name in _MEMBER_FIELDS}, self.schema, self.extra)
 
     @property
     def pod_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.pod_cidr)
+
+
+_MEMBER_FIELDS = frozenset(MeshMember.__dataclass_fields__) - {SCHEMA_FIELD, "extra"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +107,7 @@ def check_members(found: list[tuple[str, MeshMember]], local: str | None,
             refused.append(Rejected(key, f"cluster id {m.id} is already cluster {by_id[m.id]!r}'s"))
             continue
         clash = next((o for o in accepted.values() if o.pod_network.version == m.pod_network.version
-                      and o.pod_network.overlaps(m.pod_network)), None)  # type: ignore[arg-type]
+                      and o.pod_network.overlaps(m.pod_network)), None)
         if clash is not None:
             refused.append(Rejected(key, f"pod_cidr {m.pod_cidr} overlaps cluster {clash.name!r}'s {clash.pod_cidr}"))
             continue

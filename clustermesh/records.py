@@ -1,8 +1,28 @@
-"""Record schemas stored in Consul, with strict validation.
+"""Record schemas stored in Consul: strict about what this agent knows, tolerant of what it does not.
 
-Every value read from Consul is untrusted: `from_json` checks size, JSON, every field's type
-and range, and raises `InvalidRecord` naming the field and the reason. Unknown fields are
-refused too, so a typo never silently becomes a default.
+Every value read from Consul is untrusted: `from_json` checks size (16 KiB), JSON, and every
+known field's type and range, and raises `InvalidRecord` naming the field and the reason.
+
+Versions. Every record (ClusterConfig, NodeRecord, the federation's MeshMember) carries a schema
+version in its `"schema"` field: the text `"MAJOR.MINOR"` (an integer `MAJOR` is read as
+`MAJOR.0`). A minor bump only adds optional fields, which older agents ignore; a major bump
+changes the meaning of existing ones, so a record whose major is newer than `SCHEMA_MAJOR` is
+refused (`schema: schema version 2.0 is newer than this agent's 1.0; upgrade the agent`),
+before any other field is looked at. A record without the field is version 1.0: that is what
+agents wrote before versioning, and what this one writes for a 1.0 record. `to_json` leaves the
+field out at 1.0 because agents released before versioning refuse every field they do not know:
+writing `"schema": "1.0"` would make each of them drop this node's tunnel for the length of a
+rolling upgrade. Fields added since 1.0 (`NodeRecord.next_public_key`) are likewise written only
+when set.
+
+Unknown fields. A field this agent does not know is not an error: it is kept, unvalidated but
+bounded by the size limit (and JSON's own nesting limit), in the record's `extra` mapping, and
+`to_json` writes it back, so a record rewritten by this agent keeps what a newer agent (or
+another writer) added; `keep_unknown` carries them from the stored record to a rebuilt one.
+`schema` and `extra` are left out of equality and hashing: two records that differ only in
+what this agent cannot act on are the same record to it, and cause no change in the dataplane.
+One exception: a field whose name says it holds a private key refuses the record, because its
+writer has leaked that key into Consul.
 """
 
 from __future__ import annotations
@@ -10,8 +30,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 from wiremesh.keys import KeyMaterialError, PublicKey
 
@@ -19,6 +40,9 @@ from .errors import InvalidRecord
 
 MAX_RECORD_BYTES = 16 * 1024
 ROUTING_MODES = ("wireguard", "vxlan")
+SCHEMA_FIELD = "schema"
+SCHEMA_MAJOR = 1
+SCHEMA = "1.0"  # a record's version when it says none, and the version of the records this agent builds
 
 # Cilium's cluster-name rule: lowercase letters, digits and dashes, at most 32.
 _CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
@@ -26,6 +50,9 @@ _CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 _NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _PORT = re.compile(r"[0-9]{1,5}")
+_SCHEMA = re.compile(r"([0-9]{1,4})(?:\.([0-9]{1,4}))?")
+# A record never carries a private key: a field named like one means its writer leaked it.
+_PRIVATE_KEY_FIELD = re.compile(r"private[_-]?key|privkey", re.IGNORECASE)
 
 
 def check_cluster_name(name: object, field: str = "name", key: str | None = None) -> str:
@@ -100,7 +127,30 @@ def _str(d: dict[str, Any], name: str, key: str | None, default: str | None = No
     return v
 
 
-def _load(raw: bytes | str, key: str | None, allowed: set[str]) -> dict[str, Any]:
+def parse_schema(value: object, key: str | None = None) -> str:
+    """A record's schema version -> canonical 'MAJOR.MINOR'; a major newer than this agent's is refused."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**4:
+        major, minor = value, 0
+    elif isinstance(value, str) and (m := _SCHEMA.fullmatch(value)):
+        major, minor = int(m.group(1)), int(m.group(2) or 0)
+    else:
+        shown = repr(value)[:32] if isinstance(value, (str, int, float)) else type(value).__name__
+        raise InvalidRecord(SCHEMA_FIELD, f"{shown} is not a schema version ('MAJOR.MINOR', e.g. {SCHEMA!r})", key)
+    if major > SCHEMA_MAJOR:
+        raise InvalidRecord(SCHEMA_FIELD, f"schema version {major}.{minor} is newer than this agent's {SCHEMA}; "
+                                          "upgrade the agent", key)
+    if major < 1:
+        raise InvalidRecord(SCHEMA_FIELD, f"schema version {major}.{minor} does not exist (versions start at 1.0)", key)
+    return f"{major}.{minor}"
+
+
+def _schema_order(schema: str) -> tuple[int, int]:
+    major, _, minor = schema.partition(".")
+    return int(major), int(minor or 0)
+
+
+def _load(raw: bytes | str, key: str | None, known: frozenset[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The envelope every record shares -> (known fields, schema version, unknown fields)."""
     size = len(raw.encode()) if isinstance(raw, str) else len(raw)
     if size > MAX_RECORD_BYTES:
         raise InvalidRecord("value", f"{size} bytes is over the {MAX_RECORD_BYTES}-byte limit", key)
@@ -112,10 +162,55 @@ def _load(raw: bytes | str, key: str | None, allowed: set[str]) -> dict[str, Any
         raise InvalidRecord("value", "not JSON (nested too deeply)", key) from None
     if not isinstance(d, dict):
         raise InvalidRecord("value", "must be a JSON object", key)
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise InvalidRecord(unknown[0], "unknown field", key)
-    return d
+    # The version first: a newer major may have changed what the known fields mean.
+    schema = parse_schema(d[SCHEMA_FIELD], key) if SCHEMA_FIELD in d else SCHEMA
+    extra = {k: v for k, v in d.items() if k not in known and k != SCHEMA_FIELD}
+    _check_extra(extra, known, key)
+    return {k: v for k, v in d.items() if k in known}, schema, extra
+
+
+def _check_extra(extra: Mapping[str, Any], known: frozenset[str], key: str | None) -> None:
+    for name in extra:
+        if not isinstance(name, str) or name in known or name == SCHEMA_FIELD:
+            raise InvalidRecord("extra", f"{str(name)[:64]!r} is a known field, not an unknown one", key)
+        if _PRIVATE_KEY_FIELD.search(name):
+            raise InvalidRecord(name[:64], "a record never carries a private key (its writer has leaked it)", key)
+
+
+def _envelope(record: Any, known: frozenset[str]) -> None:
+    """Shared constructor checks: a valid schema, and unknown fields that are really unknown.
+
+    `extra` is copied, so the caller's dict never aliases a frozen record's."""
+    object.__setattr__(record, "schema", parse_schema(record.schema))
+    _check_extra(record.extra, known, None)
+    object.__setattr__(record, "extra", dict(record.extra))
+
+
+def _dump(known: dict[str, Any], schema: str, extra: Mapping[str, Any]) -> str:
+    d = {**extra, **known}
+    if schema != SCHEMA:
+        d[SCHEMA_FIELD] = schema
+    return json.dumps(d, sort_keys=True)
+
+
+class _Versioned(Protocol):
+    @property
+    def schema(self) -> str: ...
+    @property
+    def extra(self) -> Mapping[str, Any]: ...
+
+
+_R = TypeVar("_R", bound=_Versioned)
+
+
+def keep_unknown(new: _R, stored: _R | None) -> _R:
+    """`new` with the unknown fields (and the newer minor version) of `stored`, the version in Consul.
+
+    For a writer that rebuilds a record it owns: what a newer agent added survives the rewrite."""
+    if stored is None or (not stored.extra and stored.schema == new.schema):
+        return new
+    schema = max(new.schema, stored.schema, key=_schema_order)
+    return replace(new, schema=schema, extra={**stored.extra, **new.extra})  # type: ignore[type-var]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,22 +226,28 @@ class ClusterConfig:
     vni: int = 1
     wg_port: int = 51820
     mtu: int = 0  # 0: derive from the underlay (WireGuard's 80 bytes off)
+    schema: str = field(default=SCHEMA, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        _envelope(self, _CONFIG_FIELDS)
         self.validate()
         # One spelling per network ("FD00::/48" and "fd00::/48" are the same cluster range).
         object.__setattr__(self, "pod_cidr", str(ipaddress.ip_network(self.pod_cidr)))
         object.__setattr__(self, "service_cidr", str(ipaddress.ip_network(self.service_cidr)))
 
+    def _known(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _CONFIG_FIELDS}
+
     def validate(self, key: str | None = None) -> None:
         check_cluster_name(self.name, "name", key)
-        d = asdict(self)
+        d = self._known()
         _int(d, "id", 1, 255, key)
         pod = parse_network(self.pod_cidr, "pod_cidr", key)
         _int(d, "node_prefix_len", pod.prefixlen + 1 if pod.prefixlen < pod.max_prefixlen else pod.max_prefixlen,
              30 if pod.version == 4 else 126, key)
         svc = parse_network(self.service_cidr, "service_cidr", key)
-        if svc.version == pod.version and svc.overlaps(pod):  # type: ignore[arg-type]
+        if svc.version == pod.version and svc.overlaps(pod):
             raise InvalidRecord("service_cidr", f"{svc} overlaps pod_cidr {pod}", key)
         if self.routing not in ROUTING_MODES:
             raise InvalidRecord("routing", f"{self.routing!r} is not one of {', '.join(ROUTING_MODES)}", key)
@@ -163,8 +264,7 @@ class ClusterConfig:
 
     @classmethod
     def from_json(cls, raw: bytes | str, key: str | None = None) -> "ClusterConfig":
-        fields = set(cls.__dataclass_fields__)
-        d = _load(raw, key, fields)
+        d, schema, extra = _load(raw, key, _CONFIG_FIELDS)
         for name in ("name", "pod_cidr"):
             _str(d, name, key)
         for name in ("service_cidr", "routing"):
@@ -175,12 +275,15 @@ class ClusterConfig:
                 _int(d, name, -(2**31), 2**31, key)
         _int(d, "id", -(2**31), 2**31, key)
         try:
-            return cls(**d)
+            return cls(**d, schema=schema, extra=extra)
         except InvalidRecord as e:
             raise InvalidRecord(e.field, e.reason, key) from None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return _dump(self._known(), self.schema, self.extra)
+
+
+_CONFIG_FIELDS = frozenset(ClusterConfig.__dataclass_fields__) - {SCHEMA_FIELD, "extra"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,18 +299,21 @@ class NodeRecord:
     key_epoch: int = 0
     vtep_mac: str = ""
     agent_version: str = ""
+    # The key this node will switch to (key rotation announces it so peers can prepare); "" if none.
+    next_public_key: str = ""
+    schema: str = field(default=SCHEMA, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _envelope(self, _NODE_FIELDS)
 
     @classmethod
     def from_json(cls, raw: bytes | str, key: str | None = None) -> "NodeRecord":
-        d = _load(raw, key, set(cls.__dataclass_fields__))
+        d, schema, extra = _load(raw, key, _NODE_FIELDS)
         name = check_node_name(d.get("name"), "name", key)
         cluster = check_cluster_name(d.get("cluster"), "cluster", key)
         endpoint = parse_endpoint(d.get("endpoint"), "endpoint", key)
-        pk = _str(d, "public_key", key)
-        try:
-            public_key = PublicKey.from_base64(pk).base64
-        except KeyMaterialError as e:
-            raise InvalidRecord("public_key", str(e).split(": ", 1)[-1], key) from None
+        public_key = _public_key(d, "public_key", key)
         pod = parse_network(_str(d, "pod_cidr", key), "pod_cidr", key)
         ov = _str(d, "overlay_ip", key)
         try:
@@ -223,11 +329,26 @@ class NodeRecord:
         version = _str(d, "agent_version", key, default="")
         if len(version) > 64:
             raise InvalidRecord("agent_version", "longer than 64 characters", key)
-        return cls(name, cluster, endpoint, public_key, str(pod), str(overlay), epoch, mac, version)
+        next_key = _public_key(d, "next_public_key", key) if d.get("next_public_key", "") != "" else ""
+        return cls(name, cluster, endpoint, public_key, str(pod), str(overlay), epoch, mac, version, next_key,
+                   schema, extra)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        known = {name: getattr(self, name) for name in _NODE_FIELDS}
+        if not self.next_public_key:
+            del known["next_public_key"]  # agents released before it refuse fields they do not know
+        return _dump(known, self.schema, self.extra)
 
     @property
     def fingerprint(self) -> str:
         return PublicKey.from_base64(self.public_key).fingerprint
+
+
+_NODE_FIELDS = frozenset(NodeRecord.__dataclass_fields__) - {SCHEMA_FIELD, "extra"}
+
+
+def _public_key(d: dict[str, Any], name: str, key: str | None) -> str:
+    try:
+        return PublicKey.from_base64(_str(d, name, key)).base64
+    except KeyMaterialError as e:
+        raise InvalidRecord(name, str(e).split(": ", 1)[-1], key) from None

@@ -105,10 +105,29 @@ def test_bad_pod_cidr_is_refused(cidr: object) -> None:
     assert e.value.field == "pod_cidr"
 
 
-def test_unknown_field_is_refused() -> None:
+def test_unknown_field_is_ignored_and_kept() -> None:
+    m = MeshMember.from_json(member_json(vni=4, schema="1.2", signature={"by": "east"}))
+    assert m == MeshMember("east", 1, "east", "10.240.0.0/16")
+    assert (m.schema, m.extra) == ("1.2", {"vni": 4, "signature": {"by": "east"}})
+    assert json.loads(m.to_json()) == json.loads(member_json(vni=4, schema="1.2", signature={"by": "east"}))
+    assert "schema" not in json.loads(MeshMember("east", 1, "east", "10.240.0.0/16").to_json())
+
+
+def test_newer_major_version_is_refused() -> None:
     with pytest.raises(InvalidRecord) as e:
-        MeshMember.from_json(member_json(vni=4))
-    assert e.value.field == "vni" and e.value.reason == "unknown field"
+        MeshMember.from_json(member_json(schema="2.0"), key="k")
+    assert (e.value.field, e.value.reason) == ("schema", "schema version 2.0 is newer than this agent's 1.0; "
+                                                         "upgrade the agent")
+
+
+def test_parse_mesh_skips_a_newer_major_and_keeps_its_last_valid_version() -> None:
+    key, good = rec("west", id=2, pod_cidr="10.241.0.0/16")
+    last = {key: MeshMember.from_json(good.value)}
+    items = dict([rec("east"), rec("west", id=2, pod_cidr="10.241.0.0/16", schema="2.0")])
+    m = parse_mesh(items, "east", last_good=last)
+    assert sorted(m.members) == ["east", "west"]
+    assert m.refused == (Rejected(key, "schema: schema version 2.0 is newer than this agent's 1.0; upgrade the "
+                                       "agent; its last valid version is kept"),)
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[1]", b"\xff\xfe", b"x" * 20000])

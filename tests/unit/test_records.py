@@ -10,11 +10,13 @@ import pytest
 from wiremesh.clustermesh import (
     MAX_RECORD_BYTES,
     ROUTING_MODES,
+    SCHEMA,
     ClusterConfig,
     InvalidRecord,
     NodeRecord,
     check_cluster_name,
     check_node_name,
+    keep_unknown,
     layout,
     overlay_address,
     parse_endpoint,
@@ -122,8 +124,11 @@ def test_node_record_optional_fields_default() -> None:
 
 def test_node_record_never_holds_a_private_key_field() -> None:
     assert not any("private" in f for f in NodeRecord.__dataclass_fields__)
-    e = node_error(node_dict(private_key=PrivateKey.generate().secret_base64()))
-    assert_invalid(e, "private_key", "unknown field", KEY)
+    secret = PrivateKey.generate().secret_base64()
+    for name in ("private_key", "PrivateKey", "wg-private-key", "privkey"):
+        e = node_error(node_dict(**{name: secret}))
+        assert_invalid(e, name, "a record never carries a private key", KEY)
+        assert secret not in str(e)
 
 
 # --- envelope: size, JSON, object, unknown fields -------------------------------------------
@@ -172,14 +177,9 @@ def test_size_limit_counts_bytes_of_str_values() -> None:
     assert config_error(raw).field == "value"
 
 
-def test_unknown_field_named_in_error() -> None:
-    assert_invalid(node_error(node_dict(colour="blue")), "colour", "unknown field", KEY)
-    assert_invalid(config_error(config_dict(pod_cdir="10.0.0.0/16")), "pod_cdir", "unknown field", CKEY)
-
-
 def test_error_without_key_has_no_key_prefix() -> None:
-    e = node_error(node_dict(colour="blue"), key=None)
-    assert str(e) == "colour: unknown field"
+    e = node_error(node_dict(vtep_mac="blue"), key=None)
+    assert str(e) == "vtep_mac: 'blue' is not a lowercase MAC address"
 
 
 def test_invalid_record_is_a_wiremesh_error() -> None:
@@ -386,3 +386,141 @@ def test_cluster_config_constructor_validates_too() -> None:
 
 def test_routing_modes() -> None:
     assert ROUTING_MODES == ("wireguard", "vxlan")
+
+
+# --- versions and unknown fields (forward compatibility) ------------------------------------
+
+NEXT = PrivateKey(bytes(range(1, 33))).public_key().base64
+FUTURE = {"signature": "c2lnbmF0dXJl", "capabilities": {"lb": [1, 2, {"deep": None}]}, "extra": True}
+
+
+def test_no_version_is_version_1_0_and_none_is_written() -> None:
+    rec = NodeRecord.from_json(json.dumps(node_dict()))
+    cfg = ClusterConfig.from_json(json.dumps(config_dict()))
+    assert SCHEMA == "1.0"
+    assert rec.schema == cfg.schema == "1.0" and rec.extra == cfg.extra == {}
+    # Byte for byte what agents released before versioning wrote, so they can still read it.
+    assert rec.to_json() == json.dumps(node_dict(), sort_keys=True)
+    assert cfg.to_json() == json.dumps(config_dict(), sort_keys=True)
+
+
+@pytest.mark.parametrize("value, canonical", [("1.0", "1.0"), ("1", "1.0"), (1, "1.0"), ("1.12", "1.12"),
+                                              ("01.3", "1.3")])
+def test_version_1_spellings_accepted(value: object, canonical: str) -> None:
+    assert NodeRecord.from_json(json.dumps(node_dict(schema=value))).schema == canonical
+    assert ClusterConfig.from_json(json.dumps(config_dict(schema=value))).schema == canonical
+
+
+@pytest.mark.parametrize("value", ["2.0", "2", 2, "17.4"])
+def test_newer_major_refused_naming_the_version(value: object) -> None:
+    major = str(value).split(".")[0]
+    for error, d, key in ((node_error, node_dict, KEY), (config_error, config_dict, CKEY)):
+        e = error(d(schema=value))
+        assert_invalid(e, "schema", f"schema version {major}.", key)
+        assert e.reason.endswith(f"is newer than this agent's {SCHEMA}; upgrade the agent")
+
+
+def test_newer_major_refused_before_its_other_fields_are_read() -> None:
+    # A 2.x record may have renamed or retyped everything: the version is the only useful reason.
+    e = node_error({"schema": "2.0", "name": "NODE_1", "wg": {"key": 1}})
+    assert_invalid(e, "schema", "schema version 2.0 is newer than this agent's 1.0; upgrade the agent", KEY)
+    assert str(e) == f"{KEY}: schema: schema version 2.0 is newer than this agent's 1.0; upgrade the agent"
+
+
+@pytest.mark.parametrize("value", ["", "1.x", "v1", "1.0.0", "1.", " 1.0", "1.0\n", "99999", 1.5, True, None,
+                                   [1], {"major": 1}, "0.9", 0, -1])
+def test_malformed_version_refused(value: object) -> None:
+    assert node_error(node_dict(schema=value)).field == "schema"
+    assert config_error(config_dict(schema=value)).field == "schema"
+
+
+def test_unknown_fields_ignored_and_kept_through_to_json() -> None:
+    rec = NodeRecord.from_json(json.dumps(node_dict(**FUTURE)), KEY)
+    assert rec == NodeRecord(**node_dict())
+    assert rec.extra == FUTURE
+    assert json.loads(rec.to_json()) == node_dict(**FUTURE)
+    assert NodeRecord.from_json(rec.to_json()).extra == FUTURE
+
+    cfg = ClusterConfig.from_json(json.dumps(config_dict(pod_cdir="10.0.0.0/16", **FUTURE)), CKEY)
+    assert cfg == ClusterConfig(**config_dict())
+    assert json.loads(cfg.to_json()) == config_dict(pod_cdir="10.0.0.0/16", **FUTURE)
+
+
+def test_minor_bump_with_new_fields_accepted_and_written_back_at_its_version() -> None:
+    d = node_dict(schema="1.4", next_public_key=NEXT, signature="c2ln", cert={"expires": 1767225600})
+    rec = NodeRecord.from_json(json.dumps(d), KEY)
+    assert (rec.schema, rec.next_public_key) == ("1.4", NEXT)
+    assert rec.extra == {"signature": "c2ln", "cert": {"expires": 1767225600}}
+    assert json.loads(rec.to_json()) == d
+
+
+def test_known_fields_stay_strict_beside_unknown_ones() -> None:
+    assert_invalid(node_error(node_dict(colour="blue", key_epoch="3")), "key_epoch", "must be an integer", KEY)
+    assert_invalid(config_error(config_dict(schema="1.9", later=1, id=0)), "id", "0 is outside 1-255", CKEY)
+
+
+def test_unknown_fields_count_in_the_size_limit() -> None:
+    e = node_error(node_dict(signature="s" * MAX_RECORD_BYTES))
+    assert_invalid(e, "value", "byte limit", KEY)
+
+
+def test_unknown_fields_and_minor_version_do_not_count_in_equality() -> None:
+    plain = NodeRecord.from_json(json.dumps(node_dict()))
+    newer = NodeRecord.from_json(json.dumps(node_dict(schema="1.3", **FUTURE)))
+    other = NodeRecord.from_json(json.dumps(node_dict(schema="1.3", signature="different")))
+    assert plain == newer == other and hash(plain) == hash(newer) == hash(other)
+    assert len({plain, newer, other}) == 1
+    cfg = ClusterConfig(**config_dict())
+    assert ClusterConfig.from_json(json.dumps(config_dict(schema="1.1", rotate_every="30d"))) == cfg
+    # Known fields still do, the new optional one included.
+    assert NodeRecord.from_json(json.dumps(node_dict(next_public_key=NEXT))) != plain
+    assert NodeRecord.from_json(json.dumps(node_dict(key_epoch=4))) != plain
+
+
+def test_extra_is_not_in_repr() -> None:
+    rec = NodeRecord.from_json(json.dumps(node_dict(signature="s" * 1000)))
+    assert "sss" not in repr(rec)
+
+
+def test_next_public_key_optional_validated_and_canonical() -> None:
+    assert NodeRecord.from_json(json.dumps(node_dict(next_public_key=""))).next_public_key == ""
+    rec = NodeRecord.from_json(json.dumps(node_dict(next_public_key=NEXT)))
+    assert rec.next_public_key == NEXT and json.loads(rec.to_json())["next_public_key"] == NEXT
+    assert "next_public_key" not in json.loads(NodeRecord(**node_dict()).to_json())
+    assert_invalid(node_error(node_dict(next_public_key="AAAA")), "next_public_key", "must decode to 32 bytes", KEY)
+    assert_invalid(node_error(node_dict(next_public_key=7)), "next_public_key", "must be a string, not int", KEY)
+    assert_invalid(node_error(node_dict(next_public_key=None)), "next_public_key", "is required", KEY)
+
+
+def test_constructors_stay_compatible_and_check_extra() -> None:
+    rec = NodeRecord(**node_dict())
+    assert (rec.schema, rec.extra, rec.next_public_key) == (SCHEMA, {}, "")
+    source = {"signature": "x"}
+    rec = NodeRecord(**node_dict(), extra=source)
+    source["signature"] = "changed"
+    assert rec.extra == {"signature": "x"}  # copied: a frozen record never aliases its caller's dict
+    with pytest.raises(InvalidRecord) as ei:
+        NodeRecord(**node_dict(), extra={"endpoint": "192.0.2.9:1"})
+    assert ei.value.field == "extra"
+    with pytest.raises(InvalidRecord) as ei:
+        ClusterConfig(**config_dict(), extra={"private_key": "x"})
+    assert ei.value.field == "private_key"
+    with pytest.raises(InvalidRecord) as ei:
+        ClusterConfig(**config_dict(), schema="2.0")
+    assert ei.value.field == "schema"
+    assert ClusterConfig(**config_dict(), schema="1").schema == "1.0"
+
+
+def test_keep_unknown_carries_what_a_newer_writer_added() -> None:
+    stored = NodeRecord.from_json(json.dumps(node_dict(schema="1.2", signature="c2ln")))
+    rebuilt = NodeRecord(**node_dict(endpoint="192.0.2.99:51820"))
+    kept = keep_unknown(rebuilt, stored)
+    assert kept == rebuilt and kept.endpoint == "192.0.2.99:51820"
+    assert (kept.schema, kept.extra) == ("1.2", {"signature": "c2ln"})
+    assert json.loads(kept.to_json()) == node_dict(endpoint="192.0.2.99:51820", schema="1.2", signature="c2ln")
+    assert keep_unknown(rebuilt, None) is rebuilt
+    assert keep_unknown(rebuilt, NodeRecord(**node_dict())) is rebuilt
+    newer_self = NodeRecord(**node_dict(), schema="1.5")
+    assert keep_unknown(newer_self, stored).schema == "1.5"
+    cfg = ClusterConfig.from_json(json.dumps(config_dict(require_signed=True)))
+    assert keep_unknown(ClusterConfig(**config_dict(mtu=1300)), cfg).extra == {"require_signed": True}

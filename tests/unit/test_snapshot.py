@@ -233,3 +233,42 @@ def test_unexpected_validation_failure_rejects_only_that_record(value: str) -> N
     snap = parse_cluster(CLUSTER, 1, items)
     assert sorted(snap.nodes) == ["n1", "n2"]
     rejected_for(snap, bad_key)
+
+
+# --- forward compatibility ------------------------------------------------------------------
+
+
+def test_records_with_unknown_fields_are_used_and_equal_to_plain_ones() -> None:
+    plain = parse_cluster(CLUSTER, 5, base_items())
+    items = base_items()
+    items.update([node("n2", "10.240.2.0/24", seed=2, schema="1.3", next_public_key=_pub(9),
+                       signature="c2lnbmF0dXJl", cert={"not_after": 1767225600})])
+    items[CKEY] = kv(CKEY, config_json(schema="1.1", require_signed=True))
+    snap = parse_cluster(CLUSTER, 5, items)
+    assert snap.rejected == ()
+    assert snap.config == plain.config and snap.config is not None
+    assert snap.config.extra == {"require_signed": True}
+    n2 = snap.nodes["n2"]
+    assert n2.next_public_key == _pub(9) and n2.extra == {"signature": "c2lnbmF0dXJl", "cert": {"not_after": 1767225600}}
+    # Only the new known field makes it a different record; the unknown ones never do.
+    assert n2 != plain.nodes["n2"]
+    items.update([node("n2", "10.240.2.0/24", seed=2, schema="1.3", signature="other")])
+    assert parse_cluster(CLUSTER, 6, items).nodes == plain.nodes
+
+
+def test_newer_major_node_is_skipped_with_the_reason_and_the_rest_stand() -> None:
+    items = base_items()
+    items.update([lease("10.240.3.0/24", "n3"), node("n3", "10.240.3.0/24", seed=3, schema="2.0")])
+    snap = parse_cluster(CLUSTER, 5, items)
+    assert sorted(snap.nodes) == ["n1", "n2"]
+    assert snap.rejected == (Rejected(layout.node_key(CLUSTER, "n3"),
+                                      "schema: schema version 2.0 is newer than this agent's 1.0; upgrade the agent"),)
+
+
+def test_newer_major_config_falls_back_to_last_config() -> None:
+    last = ClusterConfig(name=CLUSTER, id=1, pod_cidr="10.240.0.0/16")
+    items = base_items()
+    items[CKEY] = kv(CKEY, config_json(schema="2.0", pod_cidr={"v4": "10.240.0.0/16"}))
+    snap = parse_cluster(CLUSTER, 5, items, last)
+    assert snap.config is last and sorted(snap.nodes) == ["n1", "n2"]
+    assert rejected_for(snap, CKEY).reason == "schema: schema version 2.0 is newer than this agent's 1.0; upgrade the agent"
