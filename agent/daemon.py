@@ -34,6 +34,7 @@ from wiremesh.clustermesh import (
     ConsulUnavailable,
     InvalidRecord,
     NodeRecord,
+    keep_unknown,
     layout,
     lease_pod_cidr,
     load_cluster_config,
@@ -90,7 +91,7 @@ def reject_label(reason: str) -> str:
     return "other"
 
 
-_REJECT_LABELS = {"value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
+_REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
                   "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
                   "node_prefix_len"}
 
@@ -105,6 +106,7 @@ class Agent:
         self._full_pass = threading.Event()  # SIGHUP: re-read everything on the next pass
         self._lock = threading.Lock()
         self._snapshot: ClusterSnapshot | None = None  # the newest snapshot the loop has taken
+        self._stored_own: NodeRecord | None = None  # this node's record as Consul has it
         self._inbox: Mailbox[ClusterSnapshot] = Mailbox(self._wake)
         self._desired: DesiredState | None = None  # as of the last pass (for the status endpoint)
         self._passes = [0, 0]  # reconcile passes done: all, full (drift repair); for /healthz
@@ -183,6 +185,10 @@ class Agent:
         raise StoppedEarly("stopped before Consul answered")
 
     def _record(self) -> NodeRecord:
+        """This node's record; fields a newer agent added to the stored one are kept in it."""
+        return keep_unknown(self._own_record(), self._stored_own)
+
+    def _own_record(self) -> NodeRecord:
         assert self.key and self.pod_cidr
         host = self.cfg.underlay_address
         endpoint = f"[{host}]:{self.listen_port}" if ":" in host else f"{host}:{self.listen_port}"
@@ -287,6 +293,8 @@ class Agent:
                 self.registration.republish.set()  # and peers learn the new endpoint
         own_key = layout.node_key(self.cfg.cluster, self.cfg.node)
         mine = snap.nodes.get(self.cfg.node)
+        if mine is not None:
+            self._stored_own = mine
         if own_key in rejected:
             pass  # logged above; writing it again would not make it valid
         elif self.registration.session_id and self.pod_cidr and mine != self._record():

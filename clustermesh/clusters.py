@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import layout
 from .errors import CASConflict, ClusterNotFound, InvalidRecord
-from .records import ClusterConfig
+from .records import ClusterConfig, keep_unknown
 from .store import ConsulStore
 
 
@@ -41,6 +41,7 @@ def init_cluster(store: ConsulStore, config: ClusterConfig, *, force: bool = Fal
         _, held = store.list(layout.ipam_prefix(config.name))
         if held:
             raise InvalidRecord("pod_cidr", f"{len(held)} node(s) hold leases in {current.pod_cidr}; it cannot change", key)
-    if not store.put(key, config.to_json(), cas=item.modify_index):
+    # What a newer agent added to the config (fields this one does not know) survives the update.
+    if not store.put(key, keep_unknown(config, current).to_json(), cas=item.modify_index):
         raise CASConflict(f"cluster {config.name!r}: changed by someone else meanwhile; run again")
     return "updated"

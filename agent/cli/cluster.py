@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
+
 
 import click
 
@@ -39,7 +40,7 @@ def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: i
         raise click.BadParameter(e.reason, param_hint=f"--{e.field.replace('_', '-')}" if e.field != "name" else "NAME") from None
     result = init_cluster(ConsulStore(ctx.consul), cfg, force=force)
     info(f"cluster {name}: {result}")
-    emit(ctx, {"result": result, "config": dataclasses.asdict(cfg)},
+    emit(ctx, {"result": result, "config": json.loads(cfg.to_json())},
          ["cluster", "id", "pod cidr", "node prefix", "routing", "result"],
          [[name, cluster_id, pod_cidr, f"/{node_prefix_len}", routing, result]])
 
@@ -50,7 +51,7 @@ def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: i
 def show(ctx: Ctx, name: str) -> None:
     """Print cluster NAME's config."""
     cfg = load_cluster_config(ConsulStore(ctx.consul), name)
-    d = dataclasses.asdict(cfg)
+    d = json.loads(cfg.to_json())  # what Consul holds (unknown fields of newer agents too)
     emit(ctx, d, ["field", "value"], [[k, v] for k, v in d.items()])
 
 
