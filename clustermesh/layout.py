@@ -34,6 +34,14 @@ def ipam_cidr(key: str) -> str:
     return key.rsplit("/", 1)[1].replace("_", "/")
 
 
+def services_prefix(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/services/"
+
+
+def service_key(cluster: str, name: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/services/{name}"
+
+
 def mesh_prefix() -> str:
     return f"{ROOT}/mesh/"
 

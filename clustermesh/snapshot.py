@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord, check_node_name
+from .services import ServiceDef, parse_services
 from .store import KVItem
 
 
@@ -31,6 +32,7 @@ class ClusterSnapshot:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     leases: dict[str, str] = field(default_factory=dict)
     rejected: tuple[Rejected, ...] = ()
+    services: dict[str, ServiceDef] = field(default_factory=dict)
 
 
 def parse_cluster(
@@ -102,8 +104,13 @@ def parse_cluster(
         keys_seen[rec.public_key] = name
         nodes[name] = rec
 
+    spfx = layout.services_prefix(cluster)
+    services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
+                                       config.service_cidr if config else None, spfx)
+    rejected.extend(Rejected(k, reason) for k, reason in refused)
+
     for key in items:
         if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",
                                                 layout.cluster_prefix(cluster) + "services/"))):
             rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
-    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected))
+    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services)
