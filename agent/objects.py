@@ -105,6 +105,18 @@ class StatusTable:
             st.state, st.message, st.retry_at = "error", str(err), now + delay
             return delay
 
+    def settle_deletes(self, kind: str, present: Mapping[str, Any]) -> None:
+        """Forget failed removals of `kind` whose object went by itself (nothing left to retry)."""
+        with self._lock:
+            for k in [k for k, st in self._entries.items() if k[0] == kind and st.op == "delete" and k[1] not in present]:
+                del self._entries[k]
+
+    def forget_kind(self, kind: str) -> None:
+        """Forget every entry of `kind` (its objects went with their device)."""
+        with self._lock:
+            for k in [k for k in self._entries if k[0] == kind]:
+                del self._entries[k]
+
     def forget(self, kind: str, key: str) -> None:
         with self._lock:
             self._entries.pop((kind, key), None)
@@ -142,6 +154,7 @@ def sync(table: StatusTable, target: Target[str, V], desired: Mapping[str, V], *
     table.want(kind, desired)
     counts = SyncCounts()
     actual = target.read()
+    table.settle_deletes(kind, actual)
     for key in sorted(desired):
         want = desired[key]
         if actual.get(key) == want:

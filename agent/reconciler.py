@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "ReconcileResult", "Reconciler"]
 
 PEER = "peer"
+_PEERS = frozenset({PEER})
 OVERLAY_KINDS = frozenset({"route", "fdb", "neighbour", "vxlan", "mtu", "pod-mtu"})
 
 
@@ -72,6 +73,7 @@ class Reconciler:
         self.lock = threading.Lock()  # one pass at a time
         self.applied: dict[str, PeerConfig] = {}  # node -> the peer as this process last programmed it
         self._device_read = False  # peers compared against the device itself at least once
+        self._pruning: object = None  # what pruning may touch, as of the last device read
         self._overlay_applied: object = None  # the desired overlay as of the last clean sync
         self.vxlan_device = vxlan_device
         self.routes = RouteTarget([device.name, vxlan_device])
@@ -98,7 +100,12 @@ class Reconciler:
     # --- peers ----------------------------------------------------------------------------
     def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
         actual: dict[str, PeerStatus]
-        if full or not self._device_read:
+        # The device is read on full passes and whenever memory cannot tell the whole truth: the
+        # first pass, when pruning starts or what it must keep changes (peers this process never
+        # programmed may now go), and when a failed peer is retried (its state is unknown).
+        pruning = (prune, desired.keep_cidrs, desired.keep_foreign)
+        if full or not self._device_read or pruning != self._pruning or self.table.pending_retry(_PEERS, now):
+            self._pruning = pruning
             actual = dict(self.device.show().peers)
             self._device_read = True
         else:
@@ -126,7 +133,7 @@ class Reconciler:
         present = set(actual)
         for node, want in desired.peers.items():
             if node not in changed and want.public_key in present:
-                self.applied.setdefault(node, want)
+                self.applied[node] = want
                 self.table.done(PEER, node)
         res.programmed = self.table.count(PEER, "done")
 
@@ -138,8 +145,8 @@ class Reconciler:
                         self.applied[ch.name].public_key == ch.public_key:
                     del self.applied[ch.name]
                 continue
-            if ch.update_only:
-                res.updated += 1
+            if ch.update_only or ch.replaces:
+                res.updated += 1  # a key change is an update of the node's peer
             else:
                 res.added += 1
             self.applied[ch.name] = desired.peers[ch.name]
@@ -183,18 +190,28 @@ class Reconciler:
         pods = self.pod_mtu
         pod_first = pods is not None and desired.pod_mtu is not None and \
             desired.pod_mtu < pods.applied.get("pods", desired.pod_mtu + 1)
+        if pods is not None:
+            pods.applied.clear()  # pods come and go: each overlay pass hands the MTU on to all of them
         if pods is not None and desired.pod_mtu is not None and pod_first:
             errors += sync(self.table, pods, {"pods": desired.pod_mtu}, prune=False, now=now).errors
         r = sync(self.table, self.routes, {rt.dst: rt for rt in desired.routes}, prune=prune, keep=desired.kept,
                  now=now)
         res.routes_added, res.routes_removed = r.changed, r.removed
         errors += r.errors
+        if r.errors:
+            # A route still where it was: keep what it may use (the VXLAN device, the larger MTUs)
+            # until it has moved; the retry of the route brings the rest along.
+            res.errors += errors
+            return errors
         if vx is None and prune:
             none: dict[str, VxlanSpec] = {}
             gone = sync(self.table, self.vxlan, none, prune=True, now=now)
             errors += gone.errors
             if gone.removed:
                 log.info("removed %s (routing mode is wireguard)", self.vxlan_device)
+            if not link_exists(self.vxlan_device):
+                self.table.forget_kind("fdb")  # they went with the device
+                self.table.forget_kind("neighbour")
         if wg_now is not None and wg_mtu is not None and not grow_wg_first:
             errors += sync(self.table, self.mtu, {wg: wg_mtu}, prune=False, now=now).errors
         if pods is not None and desired.pod_mtu is not None and not pod_first:

@@ -215,11 +215,12 @@ def test_unknown_keys_under_the_prefix_are_reported() -> None:
     junk = [pfx + "junk", pfx + "config/extra", pfx + "nodez/n1"]
     for k in junk:
         items[k] = kv(k, "x")
-    # Known sub-trees that this parser does not read are not "unknown".
+    # Known sub-trees are not "unknown" (a bad service definition is refused as a service).
     for k in (pfx + "rotations/n1", pfx + "services/web"):
         items[k] = kv(k, "{}")
     snap = parse_cluster(CLUSTER, 1, items)
-    assert sorted(r.key for r in snap.rejected) == sorted(junk)
+    assert sorted(r.key for r in snap.rejected) == sorted([*junk, pfx + "services/web"])
+    assert rejected_for(snap, pfx + "services/web").reason.startswith("name:")
     for k in junk:
         assert rejected_for(snap, k).reason == "unknown key in the cluster's prefix"
     assert sorted(snap.nodes) == ["n1", "n2"]
