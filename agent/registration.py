@@ -16,7 +16,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from wiremesh.clustermesh import ConsulError, ConsulStore, ConsulUnavailable, NodeRecord, SessionExpired, layout
+from wiremesh.clustermesh import (
+    ConsulError,
+    ConsulReason,
+    ConsulStore,
+    ConsulUnavailable,
+    NodeRecord,
+    SessionExpired,
+    layout,
+)
 
 from .config import AgentConfig
 from .errors import AgentError
@@ -79,7 +87,7 @@ class Registration:
         try:
             self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
         except ConsulError as e:
-            if "Session TTL" not in str(e) or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
+            if e.reason is not ConsulReason.SESSION_TTL or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
                 raise
             log.warning("Consul refused a %ds session TTL (its session_ttl_min is higher); using %ds, so a "
                         "crashed node's record lasts up to %ds", self.consul_ttl, CONSUL_TTL_MIN_DEFAULT,

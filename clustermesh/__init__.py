@@ -2,15 +2,29 @@
 
 from . import layout
 from .clusters import init_cluster, load_cluster_config
+from .consul_values import (
+    AclPolicy,
+    AclToken,
+    CatalogServices,
+    CheckStatus,
+    HealthCheck,
+    KVOp,
+    ServiceHealth,
+    ServiceInstance,
+    SkippedInstance,
+)
 from .errors import (
     CASConflict,
     ClusterMeshError,
     ClusterNotFound,
     ConsulError,
+    ConsulReason,
     ConsulUnavailable,
     InvalidRecord,
     IPAMExhausted,
     SessionExpired,
+    TransactionFailed,
+    TxnOpError,
 )
 from .federation import MeshMember, Membership, check_members, parse_mesh
 from .ipam import lease_pod_cidr, leases, release_pod_cidr
@@ -30,21 +44,30 @@ from .records import (
 )
 from .snapshot import ClusterSnapshot, Rejected, parse_cluster
 from .store import DEFAULT_ADDR, ConsulOptions, ConsulStore, KVItem
+from .watch import Endpoint
 
 __all__ = [
+    "AclPolicy",
+    "AclToken",
     "CASConflict",
+    "CatalogServices",
+    "CheckStatus",
     "ClusterConfig",
     "ClusterMeshError",
     "ClusterNotFound",
     "ClusterSnapshot",
     "ConsulError",
     "ConsulOptions",
+    "ConsulReason",
     "ConsulStore",
     "ConsulUnavailable",
     "DEFAULT_ADDR",
+    "Endpoint",
+    "HealthCheck",
     "IPAMExhausted",
     "InvalidRecord",
     "KVItem",
+    "KVOp",
     "MAX_RECORD_BYTES",
     "MeshMember",
     "Membership",
@@ -56,6 +79,11 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_MAJOR",
     "SessionExpired",
+    "ServiceHealth",
+    "ServiceInstance",
+    "SkippedInstance",
+    "TransactionFailed",
+    "TxnOpError",
     "check_cluster_name",
     "check_node_name",
     "init_cluster",

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout
-from .errors import ConsulError
+from .consul_values import AclPolicy
+from .errors import ConsulError, ConsulReason
 from .store import ConsulStore
 
 
 def agent_rules(cluster: str, node: str) -> dict[str, Any]:
-    """The agent's ACL rules, in Consul's JSON rule syntax (py-consul serialises them)."""
+    """The agent's ACL rules, in Consul's JSON rule syntax."""
     return {
         "key": {layout.node_key(cluster, node): {"policy": "write"}},
         "key_prefix": {layout.ipam_prefix(cluster): {"policy": "write"}, f"{layout.ROOT}/": {"policy": "read"}},
@@ -39,41 +40,29 @@ class AgentToken:
         return f"AgentToken({self.cluster}/{self.node}, accessor={self.accessor_id[:8]}, created={self.created})"
 
 
-def _acl(store: ConsulStore, what: str, fn: Any) -> Any:
+def _rules_of(policy: AclPolicy) -> Any:
     try:
-        return store._call(what, fn, retry_it=False)  # noqa: SLF001 - one family of errors
-    except ConsulError as e:
-        if "ACL support disabled" in str(e):
-            raise ConsulError(f"{what}: ACLs are not enabled on this Consul") from None
-        raise
-
-
-def _rules_of(policy: dict[str, Any]) -> Any:
-    try:
-        return json.loads(policy.get("Rules") or "{}")
+        return json.loads(policy.rules or "{}")
     except ValueError:  # HCL written by someone else: ours replaces it
         return None
 
 
 def ensure_agent_token(store: ConsulStore, cluster: str, node: str) -> AgentToken:
-    """Create (or find) node's policy and token; idempotent: running it again returns the same token."""
+    """Create (or find) node's policy and token; idempotent: running it again returns the same token.
+
+    On a Consul without ACLs this raises ConsulError with reason ACL_DISABLED.
+    """
     name = f"wiremesh-{cluster}-{node}".replace(".", "-")
     rules = agent_rules(cluster, node)
-    policies = _acl(store, "list ACL policies", lambda c: c.acl.policy.list())
-    existing = next((p for p in policies or [] if p.get("Name") == name), None)
-    if existing is None:
-        _acl(store, f"create ACL policy {name}", lambda c: c.acl.policy.create(name=name, rules=rules,
-                                                                              description=f"wiremesh agent {cluster}/{node}"))
-    elif _rules_of(_acl(store, f"read ACL policy {name}", lambda c: c.acl.policy.read(existing["ID"]))) != rules:
-        _acl(store, f"update ACL policy {name}",
-             lambda c: c.acl.policy.update(existing["ID"], name=name, rules=rules))
     description = f"wiremesh agent {cluster}/{node}"
-    tokens = _acl(store, "list ACL tokens", lambda c: c.acl.token.list())
-    tok = next((t for t in tokens or [] if t.get("Description") == description), None)
-    created = tok is None
-    if tok is None:
-        tok = _acl(store, f"create ACL token for {node}",
-                   lambda c: c.acl.token.create(description=description, policies_name=[name]))
-    else:
-        tok = _acl(store, f"read ACL token for {node}", lambda c: c.acl.token.read(tok["AccessorID"]))
-    return AgentToken(cluster, node, name, tok["AccessorID"], tok["SecretID"], created)
+    existing = next((p for p in store.acl_policy_list() if p.name == name), None)
+    if existing is None:
+        store.acl_policy_create(name, json.dumps(rules), description)
+    elif _rules_of(store.acl_policy_read(existing.policy_id)) != rules:
+        store.acl_policy_update(existing.policy_id, name, json.dumps(rules), description)
+    listed = next((t for t in store.acl_token_list() if t.description == description), None)
+    tok = store.acl_token_create(description, [name]) if listed is None else store.acl_token_read(listed.accessor_id)
+    if tok.secret_id is None:
+        raise ConsulError(f"read ACL token for {node}: Consul did not show its secret (that needs acl:write)",
+                          reason=ConsulReason.PERMISSION_DENIED)
+    return AgentToken(cluster, node, name, tok.accessor_id, tok.secret_id, listed is None)

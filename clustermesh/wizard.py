@@ -9,9 +9,7 @@ refused or failed setup leaves nothing half-applied.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -20,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
-from .errors import ClusterMeshError, ConsulError, InvalidRecord
+from .consul_values import KVOp
+from .errors import ClusterMeshError, ConsulError, ConsulReason, ConsulUnavailable, InvalidRecord
 from .federation import MeshMember
 from .records import ROUTING_MODES, ClusterConfig, check_cluster_name, check_node_name
 from .store import ConsulOptions, ConsulStore
@@ -139,7 +138,7 @@ def check_pod_cidr(cidr: str, earlier: Iterable[ClusterAnswer], field: str = "po
         raise SetupError(field, f"{cidr!r} is not a network CIDR ({e})") from None
     for a in earlier:
         other = ipaddress.ip_network(a.pod_cidr)
-        if other.version == net.version and other.overlaps(net):  # type: ignore[arg-type]
+        if other.version == net.version and other.overlaps(net):
             raise SetupError(field, f"{net} overlaps cluster {a.name!r}'s pod CIDR {other}",
                              _try(suggest_pod_cidr(earlier)))
     return str(net)
@@ -176,7 +175,7 @@ def suggest_pod_cidr(earlier: Iterable[ClusterAnswer], taken: Iterable[str] = ()
     used = [ipaddress.ip_network(c) for c in [*(a.pod_cidr for a in earlier), *taken]]
     for space in (SUGGEST_FROM, ipaddress.ip_network("10.0.0.0/8")):
         for net in space.subnets(new_prefix=16):
-            if not any(u.version == 4 and u.overlaps(net) for u in used):  # type: ignore[arg-type]
+            if not any(u.version == 4 and u.overlaps(net) for u in used):
                 return str(net)
     return None
 
@@ -203,9 +202,12 @@ def probe(a: ClusterAnswer, where: str, store: ConsulStore | None = None) -> Con
         store.leader()
         dc = store.local_datacenter()
         dcs = store.datacenters()
-    except ConsulError as e:
+    except ConsulUnavailable as e:
         raise SetupError(f"{where}.consul", f"cannot reach Consul at {a.consul} ({e})",
-                         "check the address (http://HOST:8500), the token and that the server runs") from None
+                         "check the address (http://HOST:8500), the token and that the server runs") from e
+    except ConsulError as e:  # it answered, and refused: the token, most likely
+        raise SetupError(f"{where}.consul", f"Consul at {a.consul} refused ({e})",
+                         e.hint or "check the token and the address (http://HOST:8500)") from e
     if a.datacenter and a.datacenter != dc:
         raise SetupError(f"{where}.datacenter", f"Consul at {a.consul} is datacenter {dc!r}, not {a.datacenter!r}")
     facts = ConsulFacts(dc, dcs)
@@ -255,7 +257,7 @@ def check_live(answers: list[ClusterAnswer], facts: list[ConsulFacts]) -> None:
                                      "if that cluster was renamed")
                 if m.id == b.id:
                     raise SetupError(f"clusters[{j}].id", f"id {b.id} is taken by cluster {m.name!r} in the mesh")
-                if ipaddress.ip_network(m.pod_cidr).overlaps(ipaddress.ip_network(b.pod_cidr)):  # type: ignore[arg-type]
+                if ipaddress.ip_network(m.pod_cidr).overlaps(ipaddress.ip_network(b.pod_cidr)):
                     raise SetupError(f"clusters[{j}].pod_cidr",
                                      f"{b.pod_cidr} overlaps cluster {m.name!r}'s {m.pod_cidr} in the mesh")
         if f.config is not None and f.leases and (f.config.pod_cidr, f.config.node_prefix_len) != (
@@ -323,7 +325,7 @@ def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lamb
         try:
             stores.append(store_for(a) if store_for else ConsulStore(a.options(), retries=False))
         except ConsulError as e:
-            raise SetupError(f"clusters[{i}].consul", str(e).split(": ", 1)[-1]) from None
+            raise SetupError(f"clusters[{i}].consul", str(e).split(": ", 1)[-1]) from e
     facts = []
     for i, (a, s) in enumerate(zip(answers, stores)):
         progress(f"checking Consul of cluster {a.name} at {a.consul}")
@@ -333,24 +335,23 @@ def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lamb
 
 
 def _txn(store: ConsulStore, writes: list[Write], *, undo: bool = False) -> None:
-    ops: list[dict[str, Any]] = []
+    ops: list[KVOp] = []
     for w in writes:
         value = w.old if undo else w.value
         if value is None:
-            ops.append({"KV": {"Verb": "delete", "Key": w.key}})
+            ops.append(KVOp.delete(w.key))
         elif undo:
-            ops.append({"KV": {"Verb": "set", "Key": w.key, "Value": base64.b64encode(value.encode()).decode()}})
+            ops.append(KVOp.set(w.key, value))
         else:
-            ops.append({"KV": {"Verb": "cas", "Key": w.key, "Index": w.index,
-                               "Value": base64.b64encode(value.encode()).decode()}})
-    from consul.callback import CB
+            ops.append(KVOp.cas(w.key, value, w.index))
+    store.txn(ops)
 
-    # Sent by hand: py-consul's txn.put() sends no ACL token.
-    result = store._call("transaction", lambda c: c.http.put(  # noqa: SLF001 - one family of errors
-        CB.json(), "/v1/txn", data=json.dumps(ops), headers=c.prepare_headers(None)), retry_it=False)
-    errors = (result or {}).get("Errors") if isinstance(result, dict) else None
-    if errors:
-        raise ConsulError(f"transaction refused: {json.dumps(errors)[:300]}")
+
+_APPLY_HINTS = {
+    ConsulReason.PERMISSION_DENIED: "the token lacks key:write on wiremesh/v1/",
+    ConsulReason.ACL_NOT_FOUND: "this Consul does not know the token: check --token / CONSUL_HTTP_TOKEN",
+    ConsulReason.CONFLICT: "someone changed the same keys meanwhile: run setup again",
+}
 
 
 def apply_setup(plan: SetupPlan, stores: list[ConsulStore], progress: Callable[[str], None] = lambda _: None) -> dict[str, str]:
@@ -373,10 +374,9 @@ def apply_setup(plan: SetupPlan, stores: list[ConsulStore], progress: Callable[[
                 _txn(store, w, undo=True)
             except ConsulError:
                 pass
-        denied = "Permission denied" in str(e) or "permission denied" in str(e)
-        raise SetupError("apply", f"{e}; the datacenters written before were rolled back",
-                         "the token lacks key:write on wiremesh/v1/" if denied else
-                         "someone changed the same keys meanwhile, or Consul went away: run setup again") from None
+        hint = _APPLY_HINTS.get(e.reason, "Consul went away, or someone changed the same keys meanwhile: "
+                                          "run setup again")
+        raise SetupError("apply", f"{e}; the datacenters written before were rolled back", hint) from e
     return result
 
 
@@ -391,8 +391,10 @@ def create_agent_tokens(answers: list[ClusterAnswer], stores: list[ConsulStore],
             try:
                 tok = ensure_agent_token(store, a.name, node)
             except ConsulError as e:
-                raise SetupError(f"clusters[{i}].acl_nodes", str(e),
-                                 "enable ACLs on the Consul servers, or leave acl_nodes out") from None
+                hint = {ConsulReason.ACL_DISABLED: "enable ACLs on the Consul servers, or leave acl_nodes out",
+                        ConsulReason.PERMISSION_DENIED: "the token needs acl:write to create agent tokens",
+                        }.get(e.reason, e.hint)
+                raise SetupError(f"clusters[{i}].acl_nodes", str(e), hint) from e
             path = out_dir / a.name / f"{node}.token"
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(prefix=f".{node}.", dir=path.parent)  # 0600 from the first byte

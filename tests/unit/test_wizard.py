@@ -9,7 +9,18 @@ from typing import Any
 
 import pytest
 
-from wiremesh.clustermesh import ClusterConfig, ConsulError, KVItem, MeshMember, layout
+from wiremesh.clustermesh import (
+    ClusterConfig,
+    ConsulError,
+    ConsulReason,
+    ConsulUnavailable,
+    KVItem,
+    KVOp,
+    MeshMember,
+    TransactionFailed,
+    TxnOpError,
+    layout,
+)
 from wiremesh.clustermesh.wizard import (
     ClusterAnswer,
     ConsulFacts,
@@ -340,40 +351,26 @@ def test_check_live_unchanged_pod_cidr_allowed_with_leases() -> None:
 
 
 class FakeStore:
-    """Just enough of a ConsulStore: `get` from a dict; `_call` records transactions."""
+    """Just enough of a ConsulStore: `get` from a dict; `txn` records transactions (as Consul's JSON)."""
 
     def __init__(self, items: dict[str, KVItem] | None = None, fail: bool | str = False) -> None:
         self.items = dict(items or {})
-        self.fail = fail  # True: Consul refuses the transaction; "raise": Consul is unreachable
+        self.fail = fail  # True: Consul refuses the transaction; "raise": Consul is unreachable; "denied": ACLs
         self.txns: list[list[dict[str, Any]]] = []
 
     def get(self, key: str) -> KVItem | None:
         return self.items.get(key)
 
-    def _call(self, what: str, fn: Any, retry_it: bool = True) -> Any:
-        assert what == "transaction" and retry_it is False
-        return fn(self)
-
-    @property
-    def txn(self) -> "FakeStore":
-        return self
-
-    @property
-    def http(self) -> "FakeStore":
-        return self
-
-    def prepare_headers(self, token: str | None) -> dict[str, str]:
-        return {}
-
-    def put(self, *args: Any, **kw: Any) -> Any:
-        """Both txn.put(ops) and http.put(callback, "/v1/txn", data=json, headers=...)."""
-        ops = args[0] if args and isinstance(args[0], list) else json.loads(kw["data"])
-        self.txns.append(ops)
+    def txn(self, ops: list[KVOp]) -> tuple[KVItem, ...]:
+        self.txns.append([op.to_json() for op in ops])
         if self.fail == "raise":
-            raise ConsulError("transaction: Consul unreachable")
+            raise ConsulUnavailable("transaction: Consul unreachable", None, ConsulReason.UNREACHABLE)
+        if self.fail == "denied":
+            raise TransactionFailed("transaction: permission denied", (TxnOpError(0, "Permission denied"),),
+                                    409, ConsulReason.PERMISSION_DENIED)
         if self.fail:
-            return {"Errors": [{"OpIndex": 0, "What": "cas failed"}], "Results": None}
-        return {"Results": [{} for _ in ops], "Errors": None}
+            raise TransactionFailed("transaction: conflict", (TxnOpError(0, "index is stale"),))
+        return ()
 
 
 def item(key: str, value: str, index: int) -> KVItem:
@@ -560,6 +557,20 @@ def test_failure_in_second_datacenter_rolls_back_the_first(failure: bool | str) 
     ]
 
 
+@pytest.mark.parametrize(("failure", "hint"), [
+    ("denied", "the token lacks key:write on wiremesh/v1/"),
+    (True, "someone changed the same keys meanwhile: run setup again"),
+    ("raise", "Consul went away, or someone changed the same keys meanwhile: run setup again"),
+])
+def test_apply_hint_follows_the_reason_not_the_text(failure: bool | str, hint: str) -> None:
+    p, stores = fresh_plan()
+    stores[1].fail = failure
+    with pytest.raises(SetupError) as e:
+        apply_setup(p, stores)  # type: ignore[arg-type]
+    assert e.value.hint == hint
+    assert isinstance(e.value.__cause__, ConsulError)  # the cause is kept
+
+
 def test_rollback_deletes_keys_that_did_not_exist() -> None:
     a = two()
     fs = [ConsulFacts("dc-east", ["dc-east", "dc-west"]), ConsulFacts("dc-west", ["dc-east", "dc-west"])]
@@ -584,16 +595,16 @@ def test_failed_rollback_still_raises_the_setup_error() -> None:
     stores[1].fail = True
 
     calls = {"n": 0}
-    orig = stores[0].put
+    orig = stores[0].txn
 
-    def put_then_fail(*args: Any, **kw: Any) -> Any:
+    def txn_then_fail(ops: list[KVOp]) -> tuple[KVItem, ...]:
         calls["n"] += 1
         if calls["n"] == 2:
-            stores[0].txns.append(args[0] if args and isinstance(args[0], list) else json.loads(kw["data"]))
+            stores[0].txns.append([op.to_json() for op in ops])
             raise ConsulError("gone")
-        return orig(*args, **kw)
+        return orig(ops)
 
-    stores[0].put = put_then_fail  # type: ignore[method-assign]
+    stores[0].txn = txn_then_fail  # type: ignore[method-assign]
     with pytest.raises(SetupError):
         apply_setup(p, stores)  # type: ignore[arg-type]
     assert len(stores[0].txns) == 2
