@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+
 from wiremesh.clustermesh import (
     ClusterConfig,
     ClusterSnapshot,
@@ -163,26 +165,35 @@ class Agent:
 
     def _bootstrap_from_consul(self) -> None:
         """Cluster config and pod-CIDR lease. Waits for Consul unless a cached copy lets us go on."""
-        delay = 0.2
         cached = self._load_cached()
-        while not self.stop_event.is_set():
+
+        def attempt() -> None:
             try:
                 self.config = load_cluster_config(self.store, self.cfg.cluster)
                 self.pod_cidr = lease_pod_cidr(self.store, self.config, self.cfg.node)
                 self._save_cached()
-                return
             except (ConsulError, InvalidRecord, ValueError) as e:
                 # Unreachable, refused, or holding something invalid: a node that has run before
                 # starts from what it cached, so a bad write in Consul never blocks a restart.
-                if cached:
-                    log.warning("Consul: %s; starting from the cached lease %s", e, self.pod_cidr)
-                    return
-                if not isinstance(e, ConsulUnavailable):
+                if not cached:
                     raise
-                log.warning("waiting for Consul: %s (retry in %.1fs)", e, delay)
-            self.stop_event.wait(delay)
-            delay = min(BACKOFF_MAX_S, delay * 2)
-        raise StoppedEarly("stopped before Consul answered")
+                log.warning("Consul: %s; starting from the cached lease %s", e, self.pod_cidr)
+
+        def waiting(state: RetryCallState) -> None:
+            log.warning("waiting for Consul: %s (retry in %.1fs)", state.outcome.exception() if state.outcome else "?",
+                        state.upcoming_sleep)
+
+        def sleep(seconds: float) -> None:
+            self.stop_event.wait(seconds)  # SIGTERM ends the wait at once
+
+        try:
+            Retrying(retry=retry_if_exception_type(ConsulUnavailable), wait=wait_exponential(0.2, max=BACKOFF_MAX_S),
+                     stop=lambda _: self.stop_event.is_set(), sleep=sleep, before_sleep=waiting,
+                     reraise=True)(attempt)
+        except ConsulUnavailable:
+            if self.stop_event.is_set():
+                raise StoppedEarly("stopped before Consul answered") from None
+            raise
 
     def _record(self) -> NodeRecord:
         """This node's record; fields a newer agent added to the stored one are kept in it."""
