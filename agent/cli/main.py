@@ -24,6 +24,7 @@ COMMANDS = {
     "cluster": "wiremesh.agent.cli.cluster:cluster",
     "keys": "wiremesh.agent.cli.keys_cmd:keys",
     "lab": "wiremesh.lab.cli:lab",
+    "service": "wiremesh.agent.cli.service_cmd:service",
     "setup": "wiremesh.agent.cli.setup_cmd:setup",
     "status": "wiremesh.agent.cli.status:status",
 }

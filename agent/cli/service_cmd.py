@@ -1,0 +1,197 @@
+"""`wiremesh service`: global services (a VIP whose backends are Consul catalog instances in any cluster)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, layout, load_cluster_config
+from wiremesh.clustermesh.services import (
+    AFFINITIES,
+    PROTOCOLS,
+    ClusterBackends,
+    ServiceDef,
+    ServicePort,
+    allocate_vip,
+    check_service_name,
+    check_vip,
+    select_backends,
+)
+from wiremesh.errors import WiremeshError
+
+from ..config import load_config
+from ..services import backends_of
+from .output import Ctx, emit, info
+from .view import collect
+
+CONFIG_OPTION = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="WIREMESH_AGENT_CONFIG", help="An agent.toml: its cluster and Consul are the defaults [env: WIREMESH_AGENT_CONFIG].")
+CLUSTER_OPTION = click.option("--cluster", "cluster_name", default=None,
+                              help="The cluster that defines the service (default: the agent.toml's).")
+
+
+def _target(ctx: Ctx, cluster_name: str | None, config_path: Path | None) -> tuple[ConsulStore, str]:
+    consul = ctx.consul
+    if config_path is not None:
+        cfg = load_config(config_path)
+        consul = cfg.consul if ctx.consul.address == type(ctx.consul)().address else ctx.consul
+        cluster_name = cluster_name or cfg.cluster
+    if not cluster_name:
+        raise click.UsageError("which cluster? give --cluster NAME (or -c agent.toml)")
+    return ConsulStore(consul), cluster_name
+
+
+def _port(text: str) -> ServicePort:
+    """'80', '80/tcp', '53/udp', '80:8080/tcp' (frontend:target)."""
+    spec, _, proto = text.partition("/")
+    front, _, target = spec.partition(":")
+    try:
+        p = ServicePort(int(front), proto or "tcp", int(target) if target else 0)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not PORT[:TARGET][/tcp|udp]", param_hint="--port") from None
+    if not 1 <= p.port <= 65535 or not 0 <= p.target_port <= 65535:
+        raise click.BadParameter(f"{text!r}: ports are 1-65535", param_hint="--port")
+    if p.protocol not in PROTOCOLS:
+        raise click.BadParameter(f"{text!r}: protocol must be one of {', '.join(PROTOCOLS)}", param_hint="--port")
+    return p
+
+
+@click.group()
+def service() -> None:
+    """Global services: a virtual IP whose connections go, chosen in the kernel at connect time, to the
+    healthy Consul catalog instances of the same name in any cluster of the mesh.
+
+    \b
+    wiremesh service create web --port 80 --affinity local --cluster east
+    wiremesh service list
+    wiremesh service inspect web     (on a node: what its eBPF maps hold)
+    """
+
+
+@service.command("create")
+@click.argument("name")
+@click.option("--port", "ports", multiple=True, required=True, metavar="PORT[:TARGET][/PROTO]",
+              help="A frontend port (repeatable): 80, 53/udp, 80:8080/tcp (TARGET: the backends' port; "
+                   "default: the port each instance registered in Consul).")
+@click.option("--vip", default=None, help="The virtual IP (default: the lowest free one of the cluster's service CIDR).")
+@click.option("--affinity", type=click.Choice(AFFINITIES), default="none", show_default=True,
+              help="local: remote backends only while no local one is healthy; remote: the mirror; none: all.")
+@click.option("--prefer", default="", metavar="C1,C2", help="Clusters in order of preference (overrides affinity).")
+@click.option("--force", is_flag=True, help="Replace an existing definition that differs.")
+@CLUSTER_OPTION
+@CONFIG_OPTION
+@click.pass_obj
+def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinity: str, prefer: str, force: bool,
+           cluster_name: str | None, config_path: Path | None) -> None:
+    """Define global service NAME in a cluster (idempotent: the same definition again changes nothing)."""
+    try:
+        check_service_name(name, "NAME")
+    except InvalidRecord as e:
+        raise click.BadParameter(e.reason, param_hint="NAME") from None
+    store, cluster_name = _target(ctx, cluster_name, config_path)
+    config = load_cluster_config(store, cluster_name)
+    _, items = store.list(layout.services_prefix(cluster_name))
+    key = layout.service_key(cluster_name, name)
+    current = items.get(key)
+    taken = {}
+    for k, item in items.items():
+        try:
+            if k != key:
+                taken[ServiceDef.from_json(item.value, k).vip] = k.rsplit("/", 1)[1]
+        except InvalidRecord:
+            continue
+    try:
+        if vip is None:
+            old = ServiceDef.from_json(current.value) if current else None
+            vip = old.vip if old and old.vip not in taken else allocate_vip(config.service_cidr, list(taken))
+        check_vip(vip, config.service_cidr)
+        if vip in taken:
+            raise InvalidRecord("vip", f"{vip} is already service {taken[vip]!r}'s")
+        svc = ServiceDef(name, cluster_name, vip, tuple(_port(p) for p in ports), affinity,
+                         tuple(c.strip() for c in prefer.split(",") if c.strip()))
+    except InvalidRecord as e:
+        raise click.BadParameter(e.reason, param_hint=f"--{e.field.split('[')[0].replace('_', '-')}") from None
+    if current is None:
+        written = store.put(key, svc.to_json(), cas=0)
+        result = "created" if written else "changed meanwhile"
+    elif ServiceDef.from_json(current.value) == svc:
+        result = "unchanged"
+    elif not force:
+        raise WiremeshError(f"service {name!r} exists in cluster {cluster_name} with another definition; "
+                            "pass --force to replace it")
+    else:
+        result = "updated" if store.put(key, svc.to_json(), cas=current.modify_index) else "changed meanwhile"
+    if result == "changed meanwhile":
+        raise WiremeshError(f"service {name!r}: written by someone else meanwhile; run again")
+    info(f"service {name}: {result} in cluster {cluster_name}, VIP {svc.vip}")
+    emit(ctx, {"result": result, "service": json.loads(svc.to_json())},
+         ["service", "cluster", "vip", "ports", "affinity", "result"],
+         [[name, cluster_name, svc.vip, _ports(svc), _policy(svc), result]])
+
+
+@service.command("delete")
+@click.argument("name")
+@CLUSTER_OPTION
+@CONFIG_OPTION
+@click.pass_obj
+def delete(ctx: Ctx, name: str, cluster_name: str | None, config_path: Path | None) -> None:
+    """Remove global service NAME from a cluster (already gone is fine)."""
+    store, cluster_name = _target(ctx, cluster_name, config_path)
+    key = layout.service_key(cluster_name, name)
+    existed = store.get(key) is not None
+    store.delete(key)
+    info(f"service {name}: {'deleted' if existed else 'not defined'} in cluster {cluster_name}")
+
+
+@service.command("list")
+@CLUSTER_OPTION
+@click.pass_obj
+def list_(ctx: Ctx, cluster_name: str | None) -> None:
+    """Every service with its VIP, ports, affinity, and its backends per cluster: health, and in use or not."""
+    store = ConsulStore(ctx.consul)
+    views, _ = collect(store, only=None)
+    dcs = {v.name: v.datacenter for v in views}
+    out: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
+    for v in views:
+        if v.snapshot is None or (cluster_name and v.name != cluster_name) or v.datacenter is not None:
+            continue  # services are defined per cluster, read through the local Consul
+        for r in v.snapshot.rejected:
+            if "/services/" in r.key:
+                info(f"warning: skipped invalid service {r.key}: {r.reason}")
+        for name, svc in sorted(v.snapshot.services.items()):
+            per_cluster = _backends(store, name, dcs)
+            used = set(select_backends(svc, v.name, {c: ClusterBackends(tuple(b for b, ok in bs if ok))
+                                                     for c, bs in per_cluster.items()}))
+            backends = [{"cluster": c, "address": b.address, "port": b.port, "node": b.node,
+                         "healthy": ok, "in_use": b in used} for c, bs in sorted(per_cluster.items()) for b, ok in bs]
+            out.append({**json.loads(svc.to_json()), "backends": backends})
+            shown = ", ".join(f"{b['cluster']}/{b['address']}:{b['port']}{'*' if b['in_use'] else ''}"
+                              f"{'' if b['healthy'] else ' (critical)'}" for b in backends) or "-"
+            rows.append([name, v.name, svc.vip, _ports(svc), _policy(svc), shown])
+    emit(ctx, {"services": out}, ["service", "cluster", "vip", "ports", "affinity", "backends (* in use)"], rows)
+
+
+def _backends(store: ConsulStore, name: str, dcs: dict[str, str | None]) -> dict[str, list[tuple[Any, bool]]]:
+    out: dict[str, list[tuple[Any, bool]]] = {}
+    for cluster, dc in dcs.items():
+        try:
+            healthy = set(backends_of(cluster, store.health_service(name, passing=True, dc=dc)))
+            every = backends_of(cluster, store.health_service(name, passing=False, dc=dc))
+        except ConsulError as e:
+            info(f"warning: health of {name} in cluster {cluster} unreadable: {e}")
+            continue
+        out[cluster] = [(b, b in healthy) for b in every]
+    return out
+
+
+def _ports(svc: ServiceDef) -> str:
+    return ",".join(f"{p.port}{':' + str(p.target_port) if p.target_port else ''}/{p.protocol}" for p in svc.ports)
+
+
+def _policy(svc: ServiceDef) -> str:
+    return f"prefer {','.join(svc.prefer)}" if svc.prefer else svc.affinity
