@@ -16,49 +16,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import secrets
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wiremesh.clustermesh import ConsulOptions, ConsulStore, NodeRecord, layout, overlay_address  # noqa: E402
-from wiremesh.keys import PrivateKey  # noqa: E402
-from wiremesh.lab import Lab  # noqa: E402
-from wiremesh.lab.topology import load_topology  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def bare_watcher(lab: Lab, prefix: str, seen: dict[str, float], stop: threading.Event, dc: str | None = None) -> None:
-    """A plain blocking-query loop, no parsing: when does Consul tell a watcher at all?
-    Cross-cluster, it asks the first cluster's Consul with dc=, as the agents do."""
-    store = ConsulStore(ConsulOptions(address=lab.consul_address(), timeout=5))
-
-    def run() -> None:
-        for _, items in store.watch(prefix, stop, wait_s=5, dc=dc):
-            now = time.time()
-            for k in items:
-                seen.setdefault(k, now)
-    threading.Thread(target=lambda: lab.hub_executor().call(run), daemon=True).start()
+from _common import bare_watcher, fake_record, lab_name, pct, rss_kib
+from wiremesh.clustermesh import layout
+from wiremesh.lab import Lab
+from wiremesh.lab.topology import load_topology
 
 
 def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
     """`cross`: two clusters of n nodes; records land in the second, latency is the first's."""
-    lab = Lab("bench" + secrets.token_hex(2))
+    lab = Lab(lab_name("bench"))
     try:
         t0 = time.monotonic()
         if cross:
@@ -69,7 +40,7 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
         target = lab.clusters[-1]
         cluster = lab.cluster_config(target)
         nodes = sorted(nd for nd in lab.nodes if lab.node(nd).cluster in ("", lab.clusters[0]))
-        seen: dict[str, float] = {}
+        seen: dict[str, tuple[int, float]] = {}
         stop = threading.Event()
         bare_watcher(lab, layout.nodes_prefix(cluster.name), seen, stop, dc=lab.cluster_state(target)["datacenter"]
                      if cross else None)
@@ -80,9 +51,8 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
         free = [str(s) for s in cluster.pod_network.subnets(new_prefix=cluster.node_prefix_len)][200:]
         for i in range(trials):
             name, cidr = f"bench{i}", free[i]
-            pub = PrivateKey.generate().public_key().base64
-            rec = NodeRecord(name=name, cluster=cluster.name, endpoint=f"10.99.0.{250 - i % 5}:51820",
-                             public_key=pub, pod_cidr=cidr, overlay_ip=overlay_address(cidr))
+            rec = fake_record(cluster.name, name, cidr, f"10.99.0.{250 - i % 5}:51820")
+            pub = rec.public_key
             key = layout.node_key(cluster.name, name)
             lab.consul(lambda s: s.put(layout.ipam_key(cluster.name, cidr), name, cas=0), target)
             time.sleep(0.3)  # let the agents finish with the lease's own update first
@@ -101,7 +71,7 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
                 raise SystemExit(f"trial {i}: only {len(done)}/{len(nodes)} agents programmed the new node")
             agent_lat.append(max(done.values()) - t_put)
             if key in seen:
-                bare_lat.append(seen[key] - t_put)
+                bare_lat.append(seen[key][1] - t_put)
             lab.consul(lambda s: (s.delete(key), s.delete(layout.ipam_key(cluster.name, cidr))), target)
             time.sleep(0.2)
         stop.set()
