@@ -13,3 +13,13 @@ class LabExists(LabError):
 
 class LabNotFound(LabError):
     hint = "start one with 'wiremesh lab up'"
+
+
+class ProcessesSurvived(LabError):
+    """Processes the lab stopped were still running after SIGKILL (stuck in the kernel, say)."""
+
+    hint = "see them with 'ps -o pid,stat,wchan:30,cmd -p PID'; run 'wiremesh lab down' again once they are gone"
+
+    def __init__(self, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.pids = pids

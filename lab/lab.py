@@ -43,7 +43,7 @@ from wiremesh.clustermesh import (
 
 from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 
-from . import consul_server, netns, pods
+from . import consul_server, netns, pods, stop, teardown
 from .topology import ClusterSpec
 from .errors import LabError, LabExists, LabNotFound
 
@@ -197,9 +197,12 @@ class Lab:
         consul_server.wait_ready(self.hub_executor(c["name"]), self.consul_address(c["name"]), c["consul_pid"])
 
     def stop_consul(self, cluster: str | None = None) -> None:
+        """Stop a cluster's Consul server; returns once it has exited."""
         c = self.cluster_state(cluster)
-        if c.get("consul_pid") and netns.pid_in_netns(c["consul_pid"], c["hub"]):
-            netns.terminate([c["consul_pid"]])
+        proc = stop.find(c.get("consul_pid", 0), f"consul of cluster {c['name']}",
+                         belongs=lambda pid: netns.pid_in_netns(pid, c["hub"]))
+        if proc:
+            stop.stop([proc], timeout=teardown.DAEMON_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
 
     def cut_consul(self, cluster: str) -> None:
         """Cut every other cluster off from `cluster`'s Consul (its nodes' tunnels stay reachable)."""
@@ -384,13 +387,15 @@ class Lab:
         return proc.pid
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
+        """Send `sig` to a node's agent; with `wait`, return once it has exited (SIGKILL after
+        10 s, and an error if even that fails). Its wireguard-go keeps running, as on a host."""
         node = self.node(name)
-        if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
-            os.kill(node.pid, sig)
-            deadline = time.monotonic() + 10
-            while wait and netns.pid_alive(node.pid) and time.monotonic() < deadline:
-                netns._reap()
-                time.sleep(0.02)
+        proc = stop.find(node.pid, f"agent of {name}", belongs=lambda pid: netns.pid_in_netns(pid, node.netns))
+        if proc and wait:
+            stop.stop([proc], sig=sig, timeout=teardown.AGENT_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
+        elif proc:
+            proc.signal(sig)
+            proc.close()
         self.state["nodes"][name]["pid"] = 0
         self.save()
 
@@ -398,7 +403,7 @@ class Lab:
         try:
             node = self.node(name)
             code, body = self.http_get(node.health_url + "/healthz", timeout=1.0, cluster=node.cluster or None)
-            d = json.loads(body)
+            d: dict[str, Any] = json.loads(body)
             d["http"] = code
             return d
         except (OSError, ValueError) as e:
@@ -487,54 +492,15 @@ class Lab:
 
     # --- down -----------------------------------------------------------------------------
     def down(self, progress: Progress = _quiet) -> list[str]:
-        """Remove everything `up` made; safe to run twice and after a crash half-way."""
-        removed: list[str] = []
-        try:
-            self.load()
-        except (LabNotFound, ValueError):
-            self.state = {}
-        names = set(netns.list_netns(self.prefix))
-        names |= {n["netns"] for n in self.state.get("nodes", {}).values()}
-        # Agents first: an agent still running could start a new wireguard-go for a device
-        # whose old one was just stopped. Then whatever is left in the namespaces, then Consul.
-        agents = [n["pid"] for n in self.state.get("nodes", {}).values()
-                  if n.get("pid") and netns.pid_in_netns(n["pid"], n["netns"])]
-        if agents:
-            progress(f"stopping {len(agents)} agents")
-            netns.terminate(agents)
-        pids: set[int] = set()
-        for ns in names:
-            pids.update(netns.pids_in_netns(ns))
-        pids.discard(os.getpid())  # Consul lives in its hub namespace: found above with the rest
-        if pids:
-            progress(f"stopping {len(pids)} processes")
-            netns.terminate(sorted(pids))
-        for ns in names:  # nothing may outlive its namespace
-            left = [p for p in netns.pids_in_netns(ns) if p != os.getpid()]
-            if left:
-                netns.terminate(left, timeout=2)
+        """Remove everything `up` made; safe to run twice and after a crash half-way. Returns
+        only once every process of the lab has exited (see teardown)."""
+        return teardown.remove_lab(self, progress)
+
+    def close(self) -> None:
+        """Stop the threads this object runs inside the hubs' namespaces."""
         for ex in self._hub_ex.values():
             ex.close()
         self._hub_ex = {}
-        for ns in sorted(names):
-            netns.netns_del(ns)
-            removed.append(f"netns {ns}")
-        mnt = self.dir / "mnt"
-        if mnt.is_dir():
-            for f in mnt.iterdir():
-                netns.umount(f)
-        if self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
-            removed.append(f"dir {self.dir}")
-        if self.root.is_dir() and not any(self.root.iterdir()):
-            netns.umount(self.root)
-            try:
-                self.root.rmdir()
-            except OSError:
-                pass
-        for r in removed:
-            progress(f"removed {r}")
-        return removed
 
 
 def list_labs(root: Path = LAB_ROOT) -> list[str]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from wiremesh.tunnels.netns import NetnsExecutor as _TunnelsNetnsExecutor
 
+from . import stop
 from .errors import LabError
 
 NETNS_DIR = Path("/run/netns")
@@ -142,35 +141,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def terminate(pids: Sequence[int], timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL whatever is still there after `timeout`; reap our own children."""
-    live = [p for p in pids if pid_alive(p)]
-    for p in live:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        _reap()
-        live = [p for p in live if pid_alive(p)]
-        if live:
-            time.sleep(0.05)
-    for p in live:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _reap()
+    """SIGTERM, SIGKILL whatever is still there after `timeout`; returns once all have exited.
 
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    Raises ProcessesSurvived if one outlives SIGKILL (see stop.stop).
+    """
+    procs = [p for p in (stop.find(pid, f"pid {pid}") for pid in pids) if p]
+    stop.stop(procs, timeout=timeout)
 
 
 class NetnsExecutor(_TunnelsNetnsExecutor):

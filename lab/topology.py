@@ -61,7 +61,7 @@ def parse_topology(data: Any, src: str) -> list[ClusterSpec]:
         for other in specs:
             if other.name == spec.name or other.id == spec.id or other.datacenter == spec.datacenter:
                 raise LabError(f"{where}: name, id and datacenter must differ from cluster {other.name!r}'s")
-            if ipaddress.ip_network(other.pod_cidr).overlaps(ipaddress.ip_network(spec.pod_cidr)):  # type: ignore[arg-type]
+            if ipaddress.ip_network(other.pod_cidr).overlaps(ipaddress.ip_network(spec.pod_cidr)):
                 raise LabError(f"{where}.pod_cidr: {spec.pod_cidr} overlaps cluster {other.name!r}'s {other.pod_cidr}")
         specs.append(spec)
     if len(specs) > 9:
@@ -92,7 +92,7 @@ def load_topology(path: Path = DEFAULT_TOPOLOGY, clusters: int | None = None, no
             used = [ipaddress.ip_network(s.pod_cidr) for s in specs]
             cidr = next(str(c) for space in ("10.240.0.0/12", "10.0.0.0/8")
                         for c in ipaddress.ip_network(space).subnets(new_prefix=16)
-                        if not any(u.version == 4 and u.overlaps(c) for u in used))  # type: ignore[arg-type]
+                        if not any(u.version == 4 and u.overlaps(c) for u in used))
             cid = next(i for i in range(1, 256) if i not in {s.id for s in specs})
             specs.append(ClusterSpec(name=name, id=cid, datacenter=name, pod_cidr=cidr))
         specs = specs[:clusters]
