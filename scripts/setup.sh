@@ -91,7 +91,7 @@ trap 'on_exit $?' EXIT
 [ "$(id -u)" -eq 0 ] || { say "must run as root (it installs apt packages)"; exit 1; }
 
 # ---- What is there already (checks only; nothing printed, nothing logged) ----
-apt_pkgs=(python3 python3-venv iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux mount kmod ca-certificates iperf3)
+apt_pkgs=(python3 python3-venv iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux mount kmod ca-certificates iperf3 clang llvm libbpf-dev bpftool)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -170,6 +170,14 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$stamp" ] || [ "$here/pyproject.toml" 
     # pip freeze leaves out pip itself and the editable wiremesh: what is left came for wiremesh.
     n=$("$venv/bin/pip" freeze --exclude-editable | grep -c . || true)
     finish "venv $vshow: ${created}wiremesh and $n packages"
+fi
+
+# The eBPF service load balancer is compiled here from its source (never a committed binary).
+bpf_obj=$here/tunnels/bpf/build/lb.bpf.o
+if [ ! -f "$bpf_obj" ] || [ "$here/tunnels/bpf/lb.bpf.c" -nt "$bpf_obj" ]; then
+    begin "compile the eBPF service load balancer"
+    "$venv/bin/python" -m wiremesh.tunnels.bpf build
+    finish "eBPF: compiled ${bpf_obj#"$here"/} (clang $(clang -dumpversion))"
 fi
 
 # Container runtimes look for CNI plugins in /opt/cni/bin; the plugin's "type" is its file name.

@@ -20,6 +20,8 @@ from .links import (
 from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, sync_fdb, sync_neighbours, vtep_mac
 from .targets import CallbackTarget, FdbTarget, MtuTarget, NeighbourTarget, RouteTarget, Target, VxlanTarget
 from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
+from .bpf import (Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
+                  ensure_cgroup2, mount_bpffs, pin_dir_for, remove_cgroup)
 
 __all__ = [
     "CallbackTarget",
@@ -66,4 +68,16 @@ __all__ = [
     "peer_changes",
     "split_endpoint",
     "sync_routes",
+    "Backend",
+    "BpfError",
+    "Frontend",
+    "ServiceEntry",
+    "ServiceKey",
+    "ServiceLB",
+    "build_object",
+    "cgroup_for",
+    "ensure_cgroup2",
+    "mount_bpffs",
+    "pin_dir_for",
+    "remove_cgroup",
 ]
