@@ -36,6 +36,7 @@ from wiremesh.clustermesh import (
     ConsulUnavailable,
     InvalidRecord,
     NodeRecord,
+    ParseCache,
     keep_unknown,
     layout,
     lease_pod_cidr,
@@ -120,6 +121,7 @@ class Agent:
         self._last_republish = 0.0
         self._logged_once: dict[str, str] = {}
         self.key: PrivateKey | None = None
+        self.public_key = ""
         self.config: ClusterConfig | None = None
         self.pod_cidr: str | None = None
         self.underlay_mtu: int | None = None
@@ -205,7 +207,7 @@ class Agent:
         endpoint = f"[{host}]:{self.listen_port}" if ":" in host else f"{host}:{self.listen_port}"
         return NodeRecord(
             name=self.cfg.node, cluster=self.cfg.cluster, endpoint=endpoint,
-            public_key=self.key.public_key().base64, pod_cidr=self.pod_cidr,
+            public_key=self.public_key, pod_cidr=self.pod_cidr,
             overlay_ip=overlay_address(self.pod_cidr),
             key_epoch=0, vtep_mac=vtep_mac(overlay_address(self.pod_cidr)), agent_version=__version__,
         )
@@ -213,6 +215,7 @@ class Agent:
     def setup(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key, generated = load_or_generate(self.cfg.key_file)
+        self.public_key = self.key.public_key().base64  # derived once: planning needs it on every pass
         log.info("%s key %s (public %s)", "generated" if generated else "loaded",
                  self.cfg.key_file, self.key.public_key().fingerprint)
         self._bootstrap_from_consul()
@@ -248,7 +251,7 @@ class Agent:
         existed = self.device.exists()
         self.device.create()
         changed = self.device.configure(self.key, self.listen_port)
-        desired = plan(self.cfg.node, self.key.public_key().base64, self.config, {},
+        desired = plan(self.cfg.node, self.public_key, self.config, {},
                        local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu)
         assert desired.address
         ensure_address(self.cfg.interface, desired.address)
@@ -264,10 +267,11 @@ class Agent:
     def _watch_loop(self) -> None:
         delay = 0.2
         prefix = layout.cluster_prefix(self.cfg.cluster)
+        cache = ParseCache()  # records are parsed again only when their ModifyIndex changed
         while not self.stop_event.is_set():
             try:
                 for index, items in self.store.watch(prefix, self.stop_event, wait_s=WATCH_WAIT_S):
-                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config)
+                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config, cache=cache)
                     if not self._consul_ok:
                         log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
                     self._consul_ok = True
@@ -335,7 +339,7 @@ class Agent:
         if snap is None or self.config is None or self.key is None:
             return None
         fed = self.federation.view()
-        return plan(self.cfg.node, self.key.public_key().base64, self.config, snap.nodes,
+        return plan(self.cfg.node, self.public_key, self.config, snap.nodes,
                     local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
                     persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
                     keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced)
@@ -387,7 +391,7 @@ class Agent:
                      res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers))
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
-        self.metrics.objects_in_error.set(sum(1 for o in self.reconciler.objects() if o.state == "error"))
+        self.metrics.objects_in_error.set(self.reconciler.table.errors())
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval

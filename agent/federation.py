@@ -23,6 +23,7 @@ from wiremesh.clustermesh import (
     Membership,
     MeshMember,
     NodeRecord,
+    ParseCache,
     layout,
     parse_cluster,
     parse_mesh,
@@ -31,6 +32,7 @@ from wiremesh.clustermesh import (
 from .metrics import AgentMetrics
 
 log = logging.getLogger("wiremesh.federation")
+MESH_MIN_INTERVAL_S = 1.0
 WATCH_WAIT_S = 10  # short: a cut WAN link is noticed within this, not after 30 s
 BACKOFF_MAX_S = 5.0
 
@@ -112,7 +114,10 @@ class Federation:
         delay = 0.2
         while not self.stop.is_set():
             try:
-                for _, items in self.store.watch(layout.mesh_prefix(), self.stop, wait_s=WATCH_WAIT_S):
+                # At most one read a second: an absent prefix (a cluster in no mesh) answers with the
+                # index of the whole KV store, so every write anywhere would wake this watch.
+                for _, items in self.store.watch(layout.mesh_prefix(), self.stop, wait_s=WATCH_WAIT_S,
+                                                 min_interval_s=MESH_MIN_INTERVAL_S):
                     m = parse_mesh(items, self.local, self._last_good)
                     self._last_good = {layout.mesh_key(n): mem for n, mem in m.members.items()}
                     self._take_membership(m)
@@ -165,10 +170,11 @@ class Federation:
         delay = 0.2
         last_config = None
         stop = r.stop  # set when the cluster leaves the mesh, and by close() when the agent stops
+        cache = ParseCache()
         while not stop.is_set():
             try:
                 for index, items in self.store.watch(layout.cluster_prefix(name), stop, wait_s=WATCH_WAIT_S, dc=dc):
-                    snap = parse_cluster(name, index, items, last_config=last_config)
+                    snap = parse_cluster(name, index, items, last_config=last_config, cache=cache)
                     last_config = snap.config
                     self._take_remote(r, snap)
                     delay = 0.2

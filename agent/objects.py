@@ -131,6 +131,11 @@ class StatusTable:
         with self._lock:
             return any(st.state == "error" and st.retry_at <= now and st.kind in kinds for st in self._entries.values())
 
+    def errors(self) -> int:
+        """How many objects are in error (no copies: it runs on every pass)."""
+        with self._lock:
+            return sum(1 for st in self._entries.values() if st.state == "error")
+
     def count(self, kind: str, state: str) -> int:
         with self._lock:
             return sum(1 for st in self._entries.values() if st.kind == kind and st.state == state)

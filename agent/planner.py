@@ -147,7 +147,7 @@ def plan(
                 skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
             routes.add(Route(rec.pod_cidr, wg_device))
     local_range = config.pod_network
-    claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()]
+    claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []
     for cluster in sorted(remotes or {}):
         for name, rec in sorted((remotes or {})[cluster].items()):
             if rec.public_key in taken:

@@ -42,7 +42,7 @@ from .records import (
     parse_endpoint,
     parse_schema,
 )
-from .snapshot import ClusterSnapshot, Rejected, parse_cluster
+from .snapshot import ClusterSnapshot, ParseCache, Rejected, parse_cluster
 from .store import DEFAULT_ADDR, ConsulOptions, ConsulStore, KVItem
 from .watch import Endpoint
 
@@ -93,6 +93,7 @@ __all__ = [
     "leases",
     "load_cluster_config",
     "overlay_address",
+    "ParseCache",
     "parse_cluster",
     "parse_endpoint",
     "parse_schema",

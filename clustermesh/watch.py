@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from .consul_values import CatalogServices, KVItem, ServiceHealth, parse_catalog_services, parse_health, parse_kv_items
+from .consul_values import CatalogServices, KVItem, KVParser, ServiceHealth, parse_catalog_services, parse_health
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class Endpoint(Generic[T]):
     @staticmethod
     def kv_prefix(prefix: str) -> Endpoint[dict[str, KVItem]]:
         """Every key under `prefix`: key -> KVItem."""
-        return Endpoint(prefix, f"/v1/kv/{prefix}", parse_kv_items, (("recurse", "1"),), absent_ok=True)
+        return Endpoint(prefix, f"/v1/kv/{prefix}", KVParser(), (("recurse", "1"),), absent_ok=True)
 
     @staticmethod
     def catalog_services() -> Endpoint[CatalogServices]:
