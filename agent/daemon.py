@@ -110,6 +110,8 @@ class Agent:
         self._lock = threading.Lock()
         self._snapshot: ClusterSnapshot | None = None  # the newest snapshot the loop has taken
         self._stored_own: NodeRecord | None = None  # this node's record as Consul has it
+        self._own_cache: tuple[object, NodeRecord] | None = None
+        self._plan_memo: dict[str, Any] = {}  # planner's per-node parts, reused for unchanged records
         self._inbox: Mailbox[ClusterSnapshot] = Mailbox(self._wake)
         self._desired: DesiredState | None = None  # as of the last pass (for the status endpoint)
         self._passes = [0, 0]  # reconcile passes done: all, full (drift repair); for /healthz
@@ -202,6 +204,14 @@ class Agent:
         return keep_unknown(self._own_record(), self._stored_own)
 
     def _own_record(self) -> NodeRecord:
+        """Built once per (port, pod CIDR, key): it is compared with the stored one on every snapshot."""
+        assert self.key and self.pod_cidr
+        inputs = (self.listen_port, self.pod_cidr, self.public_key)
+        if self._own_cache is None or self._own_cache[0] != inputs:
+            self._own_cache = (inputs, self._build_record())
+        return self._own_cache[1]
+
+    def _build_record(self) -> NodeRecord:
         assert self.key and self.pod_cidr
         host = self.cfg.underlay_address
         endpoint = f"[{host}]:{self.listen_port}" if ":" in host else f"{host}:{self.listen_port}"
@@ -342,7 +352,7 @@ class Agent:
         return plan(self.cfg.node, self.public_key, self.config, snap.nodes,
                     local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
                     persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
-                    keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced)
+                    keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo)
 
     def reconcile_once(self, full: bool = False) -> None:
         """One pass of the loop: take the newest snapshot (if any), plan, apply."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
 from wiremesh.tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
@@ -105,6 +106,7 @@ def plan(
     remotes: Mapping[str, Mapping[str, NodeRecord]] | None = None,
     keep_cidrs: frozenset[str] = frozenset(),
     keep_foreign: bool = False,
+    memo: dict[str, Any] | None = None,
 ) -> DesiredState:
     """Every other node of the cluster, and every node of every accepted federated cluster,
     becomes a peer whose allowed IPs are its pod CIDR.
@@ -113,6 +115,9 @@ def plan(
     VXLAN stays inside a cluster, whose nodes share its VNI. A record that carries a public
     key already taken (the local node's, or a node's seen first) is ignored: it would hijack
     that identity on the device.
+
+    `memo` (a dict the caller keeps between calls) lets a record that is the same object as in
+    the last call (the snapshot parser reuses unchanged records) reuse what it gave then.
     """
     # Without a pod CIDR of its own the node has no VTEP: it stays on plain WireGuard routes.
     vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
@@ -130,22 +135,26 @@ def plan(
             skipped.append(f"{config.name}/{name}: its public key is already in use")
             continue
         taken.add(rec.public_key)
-        peers[node_id(config.name, name)] = PeerConfig(
-            public_key=rec.public_key,
-            endpoint=rec.endpoint,
-            allowed_ips=frozenset({rec.pod_cidr}),
-            persistent_keepalive=persistent_keepalive,
-        )
-        if vxlan_mode and rec.vtep_mac:
-            gw = gateway_address(rec.pod_cidr)
-            routes.add(Route(f"{rec.overlay_ip}/32", wg_device))
-            routes.add(Route(rec.pod_cidr, vxlan_device, gw))
-            fdb[rec.vtep_mac] = rec.overlay_ip
-            neigh[gw] = rec.vtep_mac
+        nid = node_id(config.name, name)
+        settings = (vxlan_mode, persistent_keepalive, wg_device, vxlan_device)
+        hit = memo.get(nid) if memo is not None else None
+        if hit is not None and hit[0] is rec and hit[1] == settings:
+            part = hit[2]  # the same record object (unchanged in Consul): the same objects as last time
         else:
-            if vxlan_mode:
-                skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
-            routes.add(Route(rec.pod_cidr, wg_device))
+            part = _node_part(name, rec, vxlan_mode, persistent_keepalive, wg_device, vxlan_device)
+            if memo is not None:
+                memo[nid] = (rec, settings, part)
+        peer, node_routes, entries = part
+        peers[nid] = peer
+        routes.update(node_routes)
+        if entries is not None:
+            fdb[entries[0]] = entries[1]
+            neigh[entries[2]] = entries[0]
+        elif vxlan_mode:
+            skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
+    if memo is not None and len(memo) > len(peers):
+        for gone in [k for k in memo if k not in peers]:
+            del memo[gone]
     local_range = config.pod_network
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []
     for cluster in sorted(remotes or {}):
@@ -178,6 +187,21 @@ def plan(
         pod_mtu=m.pod, vxlan=vxlan, fdb=fdb, neighbours=neigh, skipped=tuple(skipped),
         keep_cidrs=keep_cidrs, keep_foreign=keep_foreign, local_range=config.pod_cidr,
     )
+
+
+_Part = tuple[PeerConfig, tuple[Route, ...], tuple[str, str, str] | None]  # peer, routes, (mac, vtep, gateway)
+
+
+def _node_part(name: str, rec: NodeRecord, vxlan_mode: bool, keepalive: int, wg_device: str,
+               vxlan_device: str) -> _Part:
+    """What one node of the local cluster adds to the desired state."""
+    peer = PeerConfig(public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
+                      persistent_keepalive=keepalive)
+    if vxlan_mode and rec.vtep_mac:
+        gw = gateway_address(rec.pod_cidr)
+        return peer, (Route(f"{rec.overlay_ip}/32", wg_device), Route(rec.pod_cidr, vxlan_device, gw)), \
+            (rec.vtep_mac, rec.overlay_ip, gw)
+    return peer, (Route(rec.pod_cidr, wg_device),), None
 
 
 def tunnel_mtu(config: ClusterConfig, underlay_mtu: int | None) -> int | None:

@@ -60,6 +60,37 @@ class ReconcileResult:
     failed: list[str] = field(default_factory=list)
 
 
+class Applied(dict[str, PeerConfig]):
+    """node -> the peer as this process last programmed it, with the same peers by public key as
+    the device would report them kept up to date beside it (so a pass needs no O(peers) rebuild)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: dict[str, PeerStatus] = {}
+
+    def __setitem__(self, node: str, cfg: PeerConfig) -> None:
+        old = self.get(node)
+        if old is not None and old.public_key != cfg.public_key:
+            self.status.pop(old.public_key, None)
+        super().__setitem__(node, cfg)
+        self.status.update(as_status({node: cfg}))
+
+    def __delitem__(self, node: str) -> None:
+        self.status.pop(self[node].public_key, None)
+        super().__delitem__(node)
+
+    def pop(self, node: str, default: PeerConfig | None = None) -> PeerConfig | None:  # type: ignore[override]
+        if node in self:
+            cfg = self[node]
+            del self[node]
+            return cfg
+        return default
+
+    def clear(self) -> None:
+        super().clear()
+        self.status.clear()
+
+
 class Reconciler:
     def __init__(
         self,
@@ -71,7 +102,7 @@ class Reconciler:
         self.device = device
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
-        self.applied: dict[str, PeerConfig] = {}  # node -> the peer as this process last programmed it
+        self.applied = Applied()  # node -> the peer as this process last programmed it
         self._device_read = False  # peers compared against the device itself at least once
         self._pruning: object = None  # what pruning may touch, as of the last device read
         self._overlay_applied: object = None  # the desired overlay as of the last clean sync
@@ -109,7 +140,7 @@ class Reconciler:
             actual = dict(self.device.show().peers)
             self._device_read = True
         else:
-            actual = as_status(self.applied)
+            actual = self.applied.status
         changes = [c for c in peer_changes(actual, desired.peers, prune=prune, applied=self.applied)
                    if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))]
         self.table.want(PEER, desired.peers)
@@ -133,7 +164,8 @@ class Reconciler:
         present = set(actual)
         for node, want in desired.peers.items():
             if node not in changed and want.public_key in present:
-                self.applied[node] = want
+                if self.applied.get(node) != want:
+                    self.applied[node] = want
                 self.table.done(PEER, node)
         res.programmed = self.table.count(PEER, "done")
 
