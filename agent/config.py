@@ -16,6 +16,9 @@ Example::
                                         # TTL; a server's default session_ttl_min of 10s makes
                                         # 20 the least it can honour)
     persistent_keepalive = 0
+    service_cgroup = "/sys/fs/cgroup/unified/pods"   # global services' eBPF lookup applies to the
+                                        # processes of this cgroup v2 group (and below); "" = off
+    bpf_pin_dir = ""                    # default /sys/fs/bpf/wiremesh/<cluster>-<node>
 
     [consul]
     address = "http://127.0.0.1:8500"
@@ -57,6 +60,13 @@ class AgentConfig:
     persistent_keepalive: int = 0
     resync_interval: float = 30.0
     consul: ConsulOptions = field(default_factory=ConsulOptions)
+    service_cgroup: Path | None = None  # None: no service lookup on this node
+    bpf_pin_dir: Path | None = None
+
+    @property
+    def pin_dir(self) -> Path:
+        """Where this node's eBPF programs, links and maps are pinned (one directory per agent)."""
+        return self.bpf_pin_dir or Path("/sys/fs/bpf/wiremesh") / f"{self.cluster}-{self.node}"
 
     @property
     def health_bind(self) -> tuple[str, int] | None:
@@ -69,6 +79,7 @@ class AgentConfig:
 _TOP = {
     "node", "cluster", "underlay_address", "listen_port", "interface", "key_file", "backend",
     "state_dir", "health_address", "session_ttl", "persistent_keepalive", "resync_interval", "consul",
+    "service_cgroup", "bpf_pin_dir",
 }
 _CONSUL = {"address", "token", "token_file", "ca_file", "datacenter"}
 
@@ -94,7 +105,7 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
     types: dict[str, type] = {
         "node": str, "cluster": str, "underlay_address": str, "listen_port": int, "interface": str,
         "key_file": str, "backend": str, "state_dir": str, "health_address": str, "session_ttl": int,
-        "persistent_keepalive": int, "resync_interval": float,
+        "persistent_keepalive": int, "resync_interval": float, "service_cgroup": str, "bpf_pin_dir": str,
     }
     for name, typ in types.items():
         if name in data:
@@ -122,6 +133,15 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
             if not kw[name]:
                 raise ConfigError(src, name, "must not be empty")
             kw[name] = Path(kw[name])
+    for name, root in (("service_cgroup", "/sys/fs/cgroup/"), ("bpf_pin_dir", "/sys/fs/bpf/")):
+        if name in kw:
+            if not kw[name]:
+                del kw[name]  # "": off (service_cgroup) or the default (bpf_pin_dir)
+                continue
+            path = Path(kw[name])
+            if not path.is_absolute() or ".." in path.parts or not kw[name].startswith(root):
+                raise ConfigError(src, name, f"{kw[name]!r} must be an absolute path under {root}")
+            kw[name] = path
     if "health_address" in kw and kw["health_address"]:
         host, sep, port = kw["health_address"].rpartition(":")
         try:

@@ -16,6 +16,7 @@ outage only stops updates: the last good state stays programmed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from http.server import ThreadingHTTPServer
 import logging
@@ -56,6 +57,7 @@ from wiremesh.tunnels import (
     open_device,
     vtep_mac,
 )
+from wiremesh.tunnels import ServiceLB, ensure_cgroup2
 from wiremesh.tunnels.pods import set_pod_mtu
 
 from .cni import CniState
@@ -68,6 +70,8 @@ from .metrics import AgentMetrics, serve
 from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
+from .service_plan import plan_services
+from .services import ServiceBackends
 from .supervisor import Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
@@ -130,6 +134,7 @@ class Agent:
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
+        self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn)
@@ -234,7 +239,29 @@ class Agent:
             log.warning("no interface holds underlay_address %s; peers will not reach this node",
                         self.cfg.underlay_address)
         enable_forwarding()
+        self._load_service_lb()
         self.ensure_device()
+
+    def _load_service_lb(self) -> None:
+        """Load (or adopt, after a restart) the eBPF service lookup on `service_cgroup`.
+
+        A kernel or machine that cannot run it leaves the node without global services (logged
+        once), never without its tunnels.
+        """
+        cgroup = self.cfg.service_cgroup
+        if cgroup is None:
+            return
+        try:
+            ensure_cgroup2(cgroup.parent if not cgroup.exists() else cgroup)
+            cgroup.mkdir(parents=True, exist_ok=True)
+            lb = ServiceLB(self.cfg.pin_dir, cgroup).load_or_adopt()
+        except (TunnelError, OSError) as e:
+            log.error("service lookup unavailable on this node (%s): global services are not programmed", e)
+            return
+        held = len(lb.table.snapshot())
+        log.info("service lookup on %s (pins %s)%s", cgroup, self.cfg.pin_dir,
+                 f": adopted {held} frontend(s)" if held else "")
+        self.reconciler.attach_services(lb)
 
     def _apply_pod_mtu(self, mtu: int) -> None:
         """Record the pod MTU for the CNI plugin and give it to every pod already on the node."""
@@ -349,10 +376,22 @@ class Agent:
         if snap is None or self.config is None or self.key is None:
             return None
         fed = self.federation.view()
-        return plan(self.cfg.node, self.public_key, self.config, snap.nodes,
-                    local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
-                    persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
-                    keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo)
+        desired = plan(self.cfg.node, self.public_key, self.config, snap.nodes,
+                       local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
+                       persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
+                       keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo)
+        if self.reconciler.services is None:
+            return desired
+        # Global services: their backends' health in the local cluster and every member cluster.
+        clusters: dict[str, str | None] = {self.cfg.cluster: None}
+        clusters.update((n, m.datacenter) for n, m in fed.members.items() if n != self.cfg.cluster)
+        self.service_backends.follow(set(snap.services), clusters)
+        ids = {n: m.id for n, m in fed.members.items()} | {self.cfg.cluster: self.config.id}
+        st = plan_services(self.cfg.cluster, snap.services, self.service_backends.view(),
+                           self.service_backends.settled(), ids)
+        for s in st.skipped:
+            self._once(f"service:{s.split(' ', 1)[0]}", f"service {s}")
+        return dataclasses.replace(desired, services=st.frontends, keep_services=st.unsettled)
 
     def reconcile_once(self, full: bool = False) -> None:
         """One pass of the loop: take the newest snapshot (if any), plan, apply."""
@@ -408,7 +447,8 @@ class Agent:
         while not self.stop_event.is_set():
             # Sleep until something happens: a snapshot, a federation change, SIGHUP, stop, the
             # earliest retry of an object that failed, or the next full pass.
-            retry = self.reconciler.next_retry()
+            retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change()) if t),
+                        default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             self._wake.clear()
@@ -485,6 +525,7 @@ class Agent:
         self._wake.set()
         self.registration.republish.set()
         self.federation.close()
+        self.service_backends.close()
         left = self.supervisor.join(["register", "reconcile"], timeout=10)
         if left:
             log.error("threads %s did not stop; the record is left to expire with its session", ", ".join(left))

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
-from wiremesh.tunnels import PeerConfig, Route, VxlanSpec, vtep_mac
+from wiremesh.tunnels import Backend as LBBackend
+from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
 
 WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -53,6 +54,9 @@ class DesiredState:
     keep_cidrs: frozenset[str] = frozenset()
     keep_foreign: bool = False
     local_range: str | None = None
+    # Global services (agent.service_plan): frontend -> backends, and frontends left as they are.
+    services: Mapping[Frontend, tuple[LBBackend, ...]] = field(default_factory=dict)
+    keep_services: frozenset[Frontend] = frozenset()
 
     def kept(self, cidr: str) -> bool:
         """True if a peer or route for `cidr` must survive pruning although it is not desired."""

@@ -26,6 +26,8 @@ from wiremesh.tunnels import (
     PeerConfig,
     PeerStatus,
     RouteTarget,
+    ServiceLB,
+    ServiceTarget,
     TunnelError,
     VxlanSpec,
     VxlanTarget,
@@ -45,6 +47,7 @@ __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "ReconcileResult", "Reconciler"]
 
 PEER = "peer"
 _PEERS = frozenset({PEER})
+_SERVICES = frozenset({"service"})
 OVERLAY_KINDS = frozenset({"route", "fdb", "neighbour", "vxlan", "mtu", "pod-mtu"})
 
 
@@ -98,8 +101,11 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         on_pod_mtu: Callable[[int], object] | None = None,
         vxlan_device: str = "wm-vxlan",
+        service_lb: ServiceLB | None = None,
     ) -> None:
         self.device = device
+        self.services = ServiceTarget(service_lb) if service_lb is not None else None
+        self._services_applied: object = None
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
         self.applied = Applied()  # node -> the peer as this process last programmed it
@@ -126,6 +132,7 @@ class Reconciler:
                     self.table.pending_retry(OVERLAY_KINDS, now):
                 errors = self._overlay(desired, prune, now, res)
                 self._overlay_applied = overlay if not errors else None
+            self._services(desired, prune, full, now, res)
             return res
 
     # --- peers ----------------------------------------------------------------------------
@@ -251,12 +258,41 @@ class Reconciler:
         res.errors += errors
         return errors
 
+    # --- services --------------------------------------------------------------------------
+    def _services(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
+        """The eBPF lookup's frontends: each written backends first, count last (never zero
+        backends in between); frontends whose backends are not known yet are left as they are."""
+        target = self.services
+        if target is None:
+            return
+        key = (desired.services, desired.keep_services) if prune else None
+        if not full and key is not None and key == self._services_applied and \
+                not self.table.pending_retry(_SERVICES, now):
+            return
+        target.fresh = target.fresh or full
+        want = {str(fe): tuple(bs) for fe, bs in desired.services.items()}
+        target.frontends.update((str(fe), fe) for fe in desired.services)
+        keep = {str(fe) for fe in desired.keep_services}
+        counts = sync(self.table, target, want, prune=prune, keep=keep.__contains__, now=now)
+        res.errors += counts.errors
+        if counts.changed or counts.removed:
+            log.info("services: %d frontend(s) programmed, %d removed", counts.changed, counts.removed)
+        self._services_applied = key if not counts.errors else None
+
     # --- for the loop and the status endpoint ---------------------------------------------
+    def attach_services(self, lb: ServiceLB) -> None:
+        """Program global services into `lb` from now on (loaded by the agent once at start)."""
+        self.services = ServiceTarget(lb)
+        self._services_applied = None
+
     def forget_overlay(self) -> None:
         """Make the next pass re-read everything (after the device was re-created)."""
         self._overlay_applied = None
         self._device_read = False
         self.applied.clear()
+        self._services_applied = None
+        if self.services is not None:
+            self.services.fresh = True
 
     def next_retry(self) -> float | None:
         return self.table.next_retry()

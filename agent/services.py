@@ -85,6 +85,16 @@ class ServiceBackends:
                 out.setdefault(s, {})[c] = ClusterBackends(w.backends, stale)
         return out
 
+    def settled(self) -> dict[str, bool]:
+        """service -> whether every cluster's health has been read once (or given up on, stale)."""
+        now = self.clock()
+        out: dict[str, bool] = {}
+        with self.lock:
+            for (s, _), w in self.watches.items():
+                ok = w.seen or (w.failing_since is not None and now - w.failing_since >= self.grace_s)
+                out[s] = out.get(s, True) and ok
+        return out
+
     def next_change(self) -> float | None:
         """When a failing cluster's backends go stale (the loop re-plans then), if any will."""
         with self.lock:

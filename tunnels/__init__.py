@@ -18,10 +18,10 @@ from .links import (
     sync_routes,
 )
 from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, sync_fdb, sync_neighbours, vtep_mac
-from .targets import CallbackTarget, FdbTarget, MtuTarget, NeighbourTarget, RouteTarget, Target, VxlanTarget
+from .targets import CallbackTarget, FdbTarget, MtuTarget, NeighbourTarget, RouteTarget, ServiceTarget, Target, VxlanTarget
 from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 from .bpf import (Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
-                  ensure_cgroup2, mount_bpffs, pin_dir_for, remove_cgroup)
+                  ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
 
 __all__ = [
     "CallbackTarget",
@@ -29,6 +29,7 @@ __all__ = [
     "MtuTarget",
     "NeighbourTarget",
     "RouteTarget",
+    "ServiceTarget",
     "Target",
     "VxlanTarget",
     "as_status",
@@ -78,6 +79,7 @@ __all__ = [
     "cgroup_for",
     "ensure_cgroup2",
     "mount_bpffs",
+    "read_pinned",
     "pin_dir_for",
     "remove_cgroup",
 ]

@@ -195,3 +195,38 @@ def _ports(svc: ServiceDef) -> str:
 
 def _policy(svc: ServiceDef) -> str:
     return f"prefer {','.join(svc.prefer)}" if svc.prefer else svc.affinity
+
+
+@service.command("inspect")
+@click.argument("name")
+@CONFIG_OPTION
+@click.pass_obj
+def inspect(ctx: Ctx, name: str, config_path: Path | None) -> None:
+    """On a node: what its eBPF maps hold for service NAME (each frontend's backends, in slot order)."""
+    if config_path is None:
+        raise click.UsageError("inspect reads this node's maps: give -c agent.toml (or WIREMESH_AGENT_CONFIG)")
+    cfg = load_config(config_path)
+    from wiremesh.tunnels import read_pinned
+
+    store = ConsulStore(cfg.consul if ctx.consul.address == type(ctx.consul)().address else ctx.consul)
+    item = store.get(layout.service_key(cfg.cluster, name))
+    if item is None:
+        raise WiremeshError(f"service {name!r} is not defined in cluster {cfg.cluster}")
+    svc = ServiceDef.from_json(item.value, item.key)
+    try:
+        held = read_pinned(cfg.pin_dir)
+    except WiremeshError as e:
+        raise WiremeshError(f"{cfg.pin_dir}: the service lookup's maps cannot be read ({e}); is the agent running "
+                            "with service_cgroup set?") from e
+    out, rows = [], []
+    for fe, entry in sorted(held.items()):
+        if str(fe.vip) != svc.vip:
+            continue
+        backends = [{"slot": i + 1, "address": str(b.address), "port": b.port, "cluster_id": b.cluster_id}
+                    for i, b in enumerate(entry.backends)]
+        out.append({"frontend": str(fe), "service_id": entry.service_id, "backends": backends})
+        rows.append([str(fe), entry.service_id, len(backends),
+                     ", ".join(f"{b['address']}:{b['port']} (cluster {b['cluster_id']})" for b in backends) or "-"])
+    if not out:
+        info(f"warning: the maps of {cfg.node} hold no frontend of {name} ({svc.vip}) yet")
+    emit(ctx, {"service": name, "node": cfg.node, "frontends": out}, ["frontend", "id", "count", "backends"], rows)

@@ -7,7 +7,7 @@ prepare the file systems it needs.
 
 from .build import build_object
 from .errors import BpfAttachError, BpfBuildError, BpfError, BpfLoadError, BpfMapError, BpfMapFull, BpfUnavailable
-from .lb import PROGRAMS, ServiceLB, pin_dir_for
+from .lb import PROGRAMS, ServiceLB, pin_dir_for, read_pinned
 from .model import Backend, Frontend, ServiceEntry, ServiceKey
 from .system import BPFFS, CGROUP2, PIN_ROOT, cgroup_for, ensure_cgroup2, mount_bpffs, remove_cgroup
 
@@ -33,5 +33,6 @@ __all__ = [
     "ensure_cgroup2",
     "mount_bpffs",
     "pin_dir_for",
+    "read_pinned",
     "remove_cgroup",
 ]

@@ -22,7 +22,7 @@ from types import TracebackType
 from . import libbpf
 from .build import OBJECT, build_object, needs_build
 from .errors import BpfAttachError, BpfError, BpfUnavailable
-from .model import Backend, Frontend, ServiceEntry
+from .model import BACKEND_KEY, BACKEND_VALUE, SERVICE_KEY, SERVICE_VALUE, Backend, Frontend, ServiceEntry
 from .system import BPFFS, PIN_ROOT, is_cgroup2, mount_bpffs
 from .table import ServiceTable
 
@@ -38,6 +38,20 @@ def pin_dir_for(name: str) -> Path:
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"pin directory name {name!r}")
     return PIN_ROOT / name
+
+
+def read_pinned(pin_dir: str | Path) -> dict[Frontend, ServiceEntry]:
+    """What a node's maps hold, read through their pins (no program is loaded or touched)."""
+    pin = Path(pin_dir)
+    svcs = libbpf.BpfMap.pinned(pin / "wm_lb4_services", SERVICE_KEY.size, SERVICE_VALUE.size)
+    try:
+        backends = libbpf.BpfMap.pinned(pin / "wm_lb4_backends", BACKEND_KEY.size, BACKEND_VALUE.size)
+        try:
+            return ServiceTable(svcs, backends).snapshot()
+        finally:
+            backends.close()
+    finally:
+        svcs.close()
 
 
 class ServiceLB:

@@ -78,6 +78,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_link__fd": (c_int, [c_void_p]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
+    "bpf_obj_get": (c_int, [c_char_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
@@ -264,6 +265,19 @@ class BpfMap:
         m = find_map(obj, name)
         fd = _check(lib().bpf_map__fd(m), f"map {name} fd", BpfLoadError)
         return cls(name, fd, lib().bpf_map__key_size(m), lib().bpf_map__value_size(m))
+
+    @classmethod
+    def pinned(cls, path: Path, key_size: int, value_size: int) -> BpfMap:
+        """A map pinned at `path`, opened without loading any program (to read it)."""
+        fd = lib().bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise error_for(-fd, f"open pinned map {path}", BpfMapError)
+        return cls(path.name, fd, key_size, value_size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _fail(self, ret: int, op: str) -> BpfError:
         return error_for(-ret, f"{op} in map {self.name}", BpfMapError)

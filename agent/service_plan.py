@@ -1,0 +1,56 @@
+"""Global services -> the frontends and backends of this node's eBPF lookup (pure).
+
+Each port of each service the local cluster defines is a frontend (VIP, port, protocol); its
+backends are the catalog instances `select_backends` picks for the service's affinity, at the
+port the definition names (or each instance's own). A frontend with a cluster whose health
+has not been read yet (just after a start) is left exactly as the maps hold it: a restarted
+agent must not empty a VIP it is about to fill again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from wiremesh.clustermesh.services import ClusterBackends, ServiceDef, select_backends
+from wiremesh.tunnels import Backend as LBBackend
+from wiremesh.tunnels import Frontend
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """What the lookup should hold: frontends with their backends, and those to leave alone."""
+
+    frontends: Mapping[Frontend, tuple[LBBackend, ...]] = field(default_factory=dict)
+    unsettled: frozenset[Frontend] = frozenset()
+    skipped: tuple[str, ...] = ()
+
+
+def plan_services(
+    local: str,
+    services: Mapping[str, ServiceDef],
+    backends: Mapping[str, Mapping[str, ClusterBackends]],
+    settled: Mapping[str, bool],
+    cluster_ids: Mapping[str, int],
+) -> ServiceState:
+    """`backends`: service -> cluster -> its backends; `settled`: service -> every cluster answered."""
+    frontends: dict[Frontend, tuple[LBBackend, ...]] = {}
+    unsettled: set[Frontend] = set()
+    skipped: list[str] = []
+    for name in sorted(services):
+        svc = services[name]
+        fes = [Frontend(svc.vip, p.port, "udp" if p.protocol == "udp" else "tcp") for p in svc.ports]
+        if not settled.get(name, False):
+            unsettled.update(fes)
+            continue
+        chosen = select_backends(svc, local, backends.get(name, {}))
+        for fe, port in zip(fes, svc.ports):
+            out: dict[tuple[str, int], LBBackend] = {}
+            for b in chosen:
+                target = port.target_port or b.port
+                if target:
+                    out.setdefault((b.address, target), LBBackend(b.address, target, cluster_ids.get(b.cluster, 0)))
+            frontends[fe] = tuple(out.values())
+            if not out and chosen:
+                skipped.append(f"{name} {fe}: no backend has a port")
+    return ServiceState(frontends, frozenset(unsettled), tuple(skipped))
