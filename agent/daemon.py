@@ -86,7 +86,7 @@ class StoppedEarly(AgentError):
 
 def reject_label(reason: str) -> str:
     """A metric label from a closed set: never the text a record's author chose."""
-    head = reason.split(":", 1)[0].strip()
+    head = reason.split(":", 1)[0].strip().split("[", 1)[0].split(".", 1)[0]
     if head in _REJECT_LABELS:
         return head
     if head.startswith("bad IPAM lease"):
@@ -100,7 +100,7 @@ def reject_label(reason: str) -> str:
 
 _REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
                   "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
-                  "node_prefix_len"}
+                  "node_prefix_len", "vip", "ports", "port", "affinity", "prefer", "next_public_key"}
 
 
 class Agent:
