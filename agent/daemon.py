@@ -17,31 +17,24 @@ outage only stops updates: the last good state stays programmed.
 from __future__ import annotations
 
 import dataclasses
-import json
 from http.server import ThreadingHTTPServer
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from wiremesh.clustermesh import (
     ClusterConfig,
     ClusterSnapshot,
     ConsulError,
     ConsulStore,
-    ConsulUnavailable,
-    InvalidRecord,
     NodeRecord,
     ParseCache,
     keep_unknown,
     layout,
-    lease_pod_cidr,
-    load_cluster_config,
     overlay_address,
     parse_cluster,
 )
@@ -57,7 +50,6 @@ from wiremesh.tunnels import (
     open_device,
     vtep_mac,
 )
-from wiremesh.tunnels import ServiceLB, ensure_cgroup2
 from wiremesh.tunnels.pods import set_pod_mtu
 
 from .cni import CniState
@@ -66,12 +58,14 @@ from . import __version__
 from .config import AgentConfig
 from .errors import AgentError
 from .federation import Federation
-from .metrics import AgentMetrics, serve
+from .metrics import AgentMetrics, reject_label, serve
+from .nodestate import bootstrap, save_node_state
+from .report import object_report, peer_report
 from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
 from .service_plan import plan_services
-from .services import ServiceBackends
+from .services import ServiceBackends, load_service_lb
 from .supervisor import Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
@@ -82,25 +76,6 @@ BACKOFF_MAX_S = 5.0
 
 class StoppedEarly(AgentError):
     """SIGTERM arrived while the agent was still waiting for Consul: a clean exit."""
-
-
-def reject_label(reason: str) -> str:
-    """A metric label from a closed set: never the text a record's author chose."""
-    head = reason.split(":", 1)[0].strip().split("[", 1)[0].split(".", 1)[0]
-    if head in _REJECT_LABELS:
-        return head
-    if head.startswith("bad IPAM lease"):
-        return "lease"
-    if "unknown field" in reason:
-        return "unknown_field"
-    if "unknown key" in reason:
-        return "unknown_key"
-    return "other"
-
-
-_REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
-                  "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
-                  "node_prefix_len", "vip", "ports", "port", "affinity", "prefer", "next_public_key"}
 
 
 class Agent:
@@ -151,58 +126,16 @@ class Agent:
         assert self.config is not None
         return self.cfg.listen_port or self.config.wg_port
 
-    def _load_cached(self) -> bool:
-        try:
-            d = json.loads(self.state_file.read_text())
-            if d.get("cluster") != self.cfg.cluster or d.get("node") != self.cfg.node:
-                return False
-            self.config = ClusterConfig.from_json(json.dumps(d["config"]))
-            self.pod_cidr = str(d["pod_cidr"])
-            self.pod_mtu = d.get("pod_mtu")
-            return True
-        except (OSError, ValueError, KeyError, TypeError, WiremeshError):
-            return False
-
-    def _save_cached(self) -> None:
-        assert self.config is not None
-        d = {"cluster": self.cfg.cluster, "node": self.cfg.node, "pod_cidr": self.pod_cidr,
-             "overlay_ip": overlay_address(self.pod_cidr) if self.pod_cidr else None, "pod_mtu": self.pod_mtu,
-             "config": json.loads(self.config.to_json())}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(d, indent=1) + "\n")
-        os.replace(tmp, self.state_file)
-
     def _bootstrap_from_consul(self) -> None:
         """Cluster config and pod-CIDR lease. Waits for Consul unless a cached copy lets us go on."""
-        cached = self._load_cached()
+        got = bootstrap(self.store, self.cfg.cluster, self.cfg.node, self.state_file, self.stop_event)
+        if got is None:
+            raise StoppedEarly("stopped before Consul answered")
+        self.config, self.pod_cidr, self.pod_mtu = got
 
-        def attempt() -> None:
-            try:
-                self.config = load_cluster_config(self.store, self.cfg.cluster)
-                self.pod_cidr = lease_pod_cidr(self.store, self.config, self.cfg.node)
-                self._save_cached()
-            except (ConsulError, InvalidRecord, ValueError) as e:
-                # Unreachable, refused, or holding something invalid: a node that has run before
-                # starts from what it cached, so a bad write in Consul never blocks a restart.
-                if not cached:
-                    raise
-                log.warning("Consul: %s; starting from the cached lease %s", e, self.pod_cidr)
-
-        def waiting(state: RetryCallState) -> None:
-            log.warning("waiting for Consul: %s (retry in %.1fs)", state.outcome.exception() if state.outcome else "?",
-                        state.upcoming_sleep)
-
-        def sleep(seconds: float) -> None:
-            self.stop_event.wait(seconds)  # SIGTERM ends the wait at once
-
-        try:
-            Retrying(retry=retry_if_exception_type(ConsulUnavailable), wait=wait_exponential(0.2, max=BACKOFF_MAX_S),
-                     stop=lambda _: self.stop_event.is_set(), sleep=sleep, before_sleep=waiting,
-                     reraise=True)(attempt)
-        except ConsulUnavailable:
-            if self.stop_event.is_set():
-                raise StoppedEarly("stopped before Consul answered") from None
-            raise
+    def _save_cached(self) -> None:
+        assert self.config is not None and self.pod_cidr is not None
+        save_node_state(self.state_file, self.cfg.cluster, self.cfg.node, self.config, self.pod_cidr, self.pod_mtu)
 
     def _record(self) -> NodeRecord:
         """This node's record; fields a newer agent added to the stored one are kept in it."""
@@ -239,29 +172,10 @@ class Agent:
             log.warning("no interface holds underlay_address %s; peers will not reach this node",
                         self.cfg.underlay_address)
         enable_forwarding()
-        self._load_service_lb()
+        lb = load_service_lb(self.cfg.service_cgroup, self.cfg.pin_dir)
+        if lb is not None:
+            self.reconciler.attach_services(lb)
         self.ensure_device()
-
-    def _load_service_lb(self) -> None:
-        """Load (or adopt, after a restart) the eBPF service lookup on `service_cgroup`.
-
-        A kernel or machine that cannot run it leaves the node without global services (logged
-        once), never without its tunnels.
-        """
-        cgroup = self.cfg.service_cgroup
-        if cgroup is None:
-            return
-        try:
-            ensure_cgroup2(cgroup.parent if not cgroup.exists() else cgroup)
-            cgroup.mkdir(parents=True, exist_ok=True)
-            lb = ServiceLB(self.cfg.pin_dir, cgroup).load_or_adopt()
-        except (TunnelError, OSError) as e:
-            log.error("service lookup unavailable on this node (%s): global services are not programmed", e)
-            return
-        held = len(lb.table.snapshot())
-        log.info("service lookup on %s (pins %s)%s", cgroup, self.cfg.pin_dir,
-                 f": adopted {held} frontend(s)" if held else "")
-        self.reconciler.attach_services(lb)
 
     def _apply_pod_mtu(self, mtu: int) -> None:
         """Record the pod MTU for the CNI plugin and give it to every pod already on the node."""
@@ -480,32 +394,14 @@ class Agent:
         detail["status"] = "ok" if ok and self._consul_ok else ("degraded" if ok else "starting")
         return ok, detail
 
-    def peer_report(self) -> list[dict[str, Any]]:
-        """Each desired peer (by node) and its programming status: /peers."""
-        desired = self._desired
-        peers = desired.peers if desired else {}
-        return [
-            {"node": node, "public_key": peers[node].public_key if node in peers else None, "state": st.state,
-             "message": st.message, "programmed_at": st.done_at}
-            for node, st in sorted(self.reconciler.snapshot().items())
-        ]
-
-    def object_report(self) -> dict[str, Any]:
-        """Every dataplane object's status, by kind (/status): what `wiremesh status` shows in error."""
-        objects = [o.as_dict() for o in self.reconciler.objects()]
-        kinds: dict[str, dict[str, int]] = {}
-        for o in objects:
-            kinds.setdefault(o["kind"], {"pending": 0, "done": 0, "error": 0})[o["state"]] += 1
-        return {"node": self.cfg.node, "cluster": self.cfg.cluster, "kinds": kinds,
-                "errors": [o for o in objects if o["state"] == "error"], "objects": objects,
-                "threads": self.supervisor.alive()}
-
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
             try:
-                self._http = serve(self.cfg.health_bind, self.metrics, self.health, self.peer_report,
-                                   self.object_report)
+                self._http = serve(self.cfg.health_bind, self.metrics, self.health,
+                                   lambda: peer_report(self.reconciler, self._desired),
+                                   lambda: object_report(self.reconciler, self.cfg.node, self.cfg.cluster,
+                                                         self.supervisor.alive()))
             except OSError as e:
                 raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
         self.setup()

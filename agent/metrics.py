@@ -109,3 +109,22 @@ def serve(
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("health and metrics on http://%s:%d/", *server.server_address[:2])
     return server
+
+
+def reject_label(reason: str) -> str:
+    """A metric label from a closed set: never the text a record's author chose."""
+    head = reason.split(":", 1)[0].strip().split("[", 1)[0].split(".", 1)[0]
+    if head in _REJECT_LABELS:
+        return head
+    if head.startswith("bad IPAM lease"):
+        return "lease"
+    if "unknown field" in reason:
+        return "unknown_field"
+    if "unknown key" in reason:
+        return "unknown_key"
+    return "other"
+
+
+_REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
+                  "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
+                  "node_prefix_len", "vip", "ports", "port", "affinity", "prefer", "next_public_key"}

@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, Endpoint, ServiceHealth
 from wiremesh.clustermesh.services import Backend, ClusterBackends
+from wiremesh.tunnels import ServiceLB, TunnelError, ensure_cgroup2
 
 log = logging.getLogger("wiremesh.services")
 
@@ -123,3 +125,23 @@ class ServiceBackends:
                     self.on_change()
             w.stop.wait(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
+
+
+def load_service_lb(cgroup: Path | None, pin_dir: Path) -> ServiceLB | None:
+    """Load (or adopt, after a restart) the eBPF service lookup on `cgroup`; None if off or impossible.
+
+    A kernel or machine that cannot run it leaves the node without global services (logged
+    once), never without its tunnels.
+    """
+    if cgroup is None:
+        return None
+    try:
+        ensure_cgroup2(cgroup.parent if not cgroup.exists() else cgroup)
+        cgroup.mkdir(parents=True, exist_ok=True)
+        lb = ServiceLB(pin_dir, cgroup).load_or_adopt()
+    except (TunnelError, OSError) as e:
+        log.error("service lookup unavailable on this node (%s): global services are not programmed", e)
+        return None
+    held = len(lb.table.snapshot())
+    log.info("service lookup on %s (pins %s)%s", cgroup, pin_dir, f": adopted {held} frontend(s)" if held else "")
+    return lb
