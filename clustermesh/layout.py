@@ -34,6 +34,19 @@ def ipam_cidr(key: str) -> str:
     return key.rsplit("/", 1)[1].replace("_", "/")
 
 
+def rotations_prefix(cluster: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/rotations/"
+
+
+def rotation_key(cluster: str, node: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/rotations/{node}"
+
+
+def rotation_ready_key(cluster: str, peer: str, rotating_cluster: str, rotating_node: str) -> str:
+    """Peer `peer` (of `cluster`) is ready for the rotation of `rotating_cluster`/`rotating_node`."""
+    return f"{ROOT}/clusters/{cluster}/rotations/{peer}/ready/{rotating_cluster}/{rotating_node}"
+
+
 def services_prefix(cluster: str) -> str:
     return f"{ROOT}/clusters/{cluster}/services/"
 

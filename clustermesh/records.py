@@ -301,6 +301,9 @@ class NodeRecord:
     agent_version: str = ""
     # The key this node will switch to (key rotation announces it so peers can prepare); "" if none.
     next_public_key: str = ""
+    # When the node switches to next_public_key (unix milliseconds; 0: not scheduled). Peers
+    # replace its key in place a moment after it (key rotation, agent.rotation).
+    switch_at: int = 0
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -330,13 +333,20 @@ class NodeRecord:
         if len(version) > 64:
             raise InvalidRecord("agent_version", "longer than 64 characters", key)
         next_key = _public_key(d, "next_public_key", key) if d.get("next_public_key", "") != "" else ""
+        switch_at = _int(d, "switch_at", 0, 2**53, key, default=0)
+        if switch_at and not next_key:
+            raise InvalidRecord("switch_at", "set without a next_public_key to switch to", key)
+        if next_key and next_key == public_key:
+            raise InvalidRecord("next_public_key", "is the current public key", key)
         return cls(name, cluster, endpoint, public_key, str(pod), str(overlay), epoch, mac, version, next_key,
-                   schema, extra)
+                   switch_at, schema, extra)
 
     def to_json(self) -> str:
         known = {name: getattr(self, name) for name in _NODE_FIELDS}
         if not self.next_public_key:
             del known["next_public_key"]  # agents released before it refuse fields they do not know
+        if not self.switch_at:
+            del known["switch_at"]
         return _dump(known, self.schema, self.extra)
 
     @property

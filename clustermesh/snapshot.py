@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord, check_node_name
+from .rotation import Rotations, parse_rotations
 from .services import ServiceDef, parse_services
 from .store import KVItem
 
@@ -33,6 +34,7 @@ class ClusterSnapshot:
     leases: dict[str, str] = field(default_factory=dict)
     rejected: tuple[Rejected, ...] = ()
     services: dict[str, ServiceDef] = field(default_factory=dict)
+    rotations: Rotations = field(default_factory=Rotations)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -161,9 +163,12 @@ def parse_cluster(
     services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
                                        config.service_cidr if config else None, spfx)
     rejected.extend(Rejected(k, reason) for k, reason in refused)
+    rpfx = layout.rotations_prefix(cluster)
+    rotations, refused = parse_rotations(cluster, {k: v.value for k, v in items.items() if k.startswith(rpfx)})
+    rejected.extend(Rejected(k, reason) for k, reason in refused)
 
     for key in items:
         if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",
                                                 layout.cluster_prefix(cluster) + "services/"))):
             rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
-    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services)
+    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations)

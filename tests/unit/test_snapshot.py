@@ -219,8 +219,9 @@ def test_unknown_keys_under_the_prefix_are_reported() -> None:
     for k in (pfx + "rotations/n1", pfx + "services/web"):
         items[k] = kv(k, "{}")
     snap = parse_cluster(CLUSTER, 1, items)
-    assert sorted(r.key for r in snap.rejected) == sorted([*junk, pfx + "services/web"])
+    assert sorted(r.key for r in snap.rejected) == sorted([*junk, pfx + "services/web", pfx + "rotations/n1"])
     assert rejected_for(snap, pfx + "services/web").reason.startswith("name:")
+    assert rejected_for(snap, pfx + "rotations/n1").reason.startswith("node:")
     for k in junk:
         assert rejected_for(snap, k).reason == "unknown key in the cluster's prefix"
     assert sorted(snap.nodes) == ["n1", "n2"]

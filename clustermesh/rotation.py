@@ -1,0 +1,166 @@
+"""Key-rotation records in Consul: a node's rotation (request and progress) and peers' readiness.
+
+```
+wiremesh/v1/clusters/<c>/rotations/<node>                       Rotation: asked for by `wiremesh keys
+                                                                rotate`, then advanced by the node's agent
+wiremesh/v1/clusters/<c>/rotations/<peer>/ready/<rc>/<rnode>    RotationReady: peer <peer> knows node
+                                                                <rnode>'s (of cluster <rc>) next key and
+                                                                will take it at `switch_at`
+```
+
+A node writes only its own keys: its rotation, and its readiness for other nodes' rotations
+(least-privilege ACLs can say exactly that). No private key is ever in any of them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from .errors import InvalidRecord
+from .records import SCHEMA, _dump, _envelope, _int, _load, _public_key, _str, check_cluster_name, check_node_name
+
+# requested -> staged (next key announced) -> switched (the node uses it) -> done | failed;
+# or abandoned (given up cleanly before the switch: the old key stays).
+STATES = ("requested", "staged", "switched", "done", "failed", "abandoned")
+TERMINAL = frozenset({"done", "failed", "abandoned"})
+_ID = re.compile(r"[0-9a-f]{8,32}")
+MAX_PEERS_LISTED = 512
+
+
+def _peer_list(d: Mapping[str, Any], name: str, key: str | None) -> tuple[str, ...]:
+    v = d.get(name, [])
+    if not isinstance(v, list) or len(v) > MAX_PEERS_LISTED or not all(isinstance(x, str) and len(x) <= 100 for x in v):
+        raise InvalidRecord(name, f"must be a list of at most {MAX_PEERS_LISTED} peer names", key)
+    return tuple(v)
+
+
+_ROTATION_FIELDS = frozenset({"node", "id", "state", "requested_at", "updated_at", "epoch_from", "epoch_to",
+                              "switch_at", "next_fingerprint", "confirmed", "lagging", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """One rotation of one node's key, from its request to its end."""
+
+    node: str
+    id: str
+    state: str = "requested"
+    requested_at: int = 0  # unix ms
+    updated_at: int = 0
+    epoch_from: int = 0
+    epoch_to: int = 0
+    switch_at: int = 0
+    next_fingerprint: str = ""
+    confirmed: tuple[str, ...] = ()  # peers ("cluster/node") that completed a handshake on the new key
+    lagging: tuple[str, ...] = ()  # live peers that had not, when it ended
+    error: str = ""
+    schema: str = field(default=SCHEMA, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _envelope(self, _ROTATION_FIELDS)
+        check_node_name(self.node, "node")
+        if not _ID.fullmatch(self.id):
+            raise InvalidRecord("id", f"{self.id[:40]!r} is not a rotation id (8-32 lowercase hex digits)")
+        if self.state not in STATES:
+            raise InvalidRecord("state", f"{self.state[:20]!r} is not one of {', '.join(STATES)}")
+        if len(self.error) > 500:
+            raise InvalidRecord("error", "longer than 500 characters")
+
+    @property
+    def active(self) -> bool:
+        return self.state not in TERMINAL
+
+    @classmethod
+    def new(cls, node: str, now_ms: int) -> "Rotation":
+        return cls(node, secrets.token_hex(8), "requested", now_ms, now_ms)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, key: str | None = None) -> "Rotation":
+        d, schema, extra = _load(raw, key, _ROTATION_FIELDS)
+        try:
+            return cls(
+                node=check_node_name(d.get("node"), "node", key), id=_str(d, "id", key),
+                state=_str(d, "state", key, default="requested"),
+                requested_at=_int(d, "requested_at", 0, 2**53, key, default=0),
+                updated_at=_int(d, "updated_at", 0, 2**53, key, default=0),
+                epoch_from=_int(d, "epoch_from", 0, 2**53, key, default=0),
+                epoch_to=_int(d, "epoch_to", 0, 2**53, key, default=0),
+                switch_at=_int(d, "switch_at", 0, 2**53, key, default=0),
+                next_fingerprint=_str(d, "next_fingerprint", key, default="")[:64],
+                confirmed=_peer_list(d, "confirmed", key), lagging=_peer_list(d, "lagging", key),
+                error=_str(d, "error", key, default=""), schema=schema, extra=extra)
+        except InvalidRecord as e:
+            raise InvalidRecord(e.field, e.reason, key) from None
+
+    def to_json(self) -> str:
+        known: dict[str, Any] = {"node": self.node, "id": self.id, "state": self.state,
+                                 "requested_at": self.requested_at, "updated_at": self.updated_at,
+                                 "epoch_from": self.epoch_from, "epoch_to": self.epoch_to, "switch_at": self.switch_at,
+                                 "next_fingerprint": self.next_fingerprint, "confirmed": list(self.confirmed),
+                                 "lagging": list(self.lagging), "error": self.error}
+        return _dump(known, self.schema, self.extra)
+
+
+_READY_FIELDS = frozenset({"next_public_key", "switch_at"})
+
+
+@dataclass(frozen=True, slots=True)
+class RotationReady:
+    """A peer's word that it knows a node's next key and takes it at `switch_at`."""
+
+    next_public_key: str
+    switch_at: int
+    schema: str = field(default=SCHEMA, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _envelope(self, _READY_FIELDS)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, key: str | None = None) -> "RotationReady":
+        d, schema, extra = _load(raw, key, _READY_FIELDS)
+        return cls(_public_key(d, "next_public_key", key), _int(d, "switch_at", 1, 2**53, key), schema=schema, extra=extra)
+
+    def to_json(self) -> str:
+        return _dump({"next_public_key": self.next_public_key, "switch_at": self.switch_at}, self.schema, self.extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotations:
+    """A cluster's rotation keys, validated: rotations by node, readiness by rotating node."""
+
+    rotations: dict[str, Rotation] = field(default_factory=dict)
+    # ("cluster/node" rotating) -> {"cluster/peer": RotationReady}
+    ready: dict[str, dict[str, RotationReady]] = field(default_factory=dict)
+
+
+def parse_rotations(cluster: str, items: Mapping[str, bytes]) -> tuple[Rotations, list[tuple[str, str]]]:
+    """Every key under the cluster's rotations/ prefix -> (Rotations, [(key, reason)] refused)."""
+    pfx = layout.rotations_prefix(cluster)
+    out = Rotations()
+    refused: list[tuple[str, str]] = []
+    for key in sorted(items):
+        parts = key[len(pfx):].split("/")
+        try:
+            if len(parts) == 1:
+                rot = Rotation.from_json(items[key], key)
+                if rot.node != parts[0]:
+                    raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {parts[0]!r}", key)
+                out.rotations[rot.node] = rot
+            elif len(parts) == 4 and parts[1] == "ready":
+                peer = check_node_name(parts[0], "key", key)
+                rcluster = check_cluster_name(parts[2], "key", key)
+                rnode = check_node_name(parts[3], "key", key)
+                out.ready.setdefault(f"{rcluster}/{rnode}", {})[f"{cluster}/{peer}"] = RotationReady.from_json(
+                    items[key], key)
+            else:
+                raise InvalidRecord("key", "not a rotation or a readiness key", key)
+        except InvalidRecord as e:
+            refused.append((key, str(e).removeprefix(f"{key}: ")))
+    return out, refused
