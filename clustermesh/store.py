@@ -276,6 +276,20 @@ class ConsulStore:
         self._request("put", "/v1/agent/service/register", f"register service {sid}", body=json.dumps(d), local=True)
         return f"service:{sid}" if ttl_s is not None else None
 
+    def agent_service_register_http(self, name: str, *, url: str, service_id: str | None = None, address: str = "",
+                                    port: int = 0, interval_s: float = 10.0, timeout_s: float = 5.0,
+                                    tags: Sequence[str] = (), meta: dict[str, str] | None = None) -> str:
+        """Register a service with the local agent and an HTTP check that the agent itself runs:
+        GET `url` every `interval_s` (2xx passing, 429 warning, anything else or no answer
+        within `timeout_s` critical). The check is critical until its first run. Returns its id."""
+        sid = service_id or name
+        d: dict[str, Any] = {"Name": name, "ID": sid, "Address": address, "Port": port, "Tags": list(tags),
+                             "Meta": meta or {},
+                             "Check": {"CheckID": f"service:{sid}", "Name": f"{name} HTTP", "HTTP": url,
+                                       "Method": "GET", "Interval": f"{interval_s:g}s", "Timeout": f"{timeout_s:g}s"}}
+        self._request("put", "/v1/agent/service/register", f"register service {sid}", body=json.dumps(d), local=True)
+        return f"service:{sid}"
+
     def agent_check_update(self, check_id: str, status: CheckStatus, output: str = "") -> None:
         self._request("put", f"/v1/agent/check/update/{check_id}", f"update check {check_id}", local=True,
                       body=json.dumps({"Status": status, "Output": output}), retry_it=True)

@@ -254,3 +254,8 @@ def down(name: str, all_: bool) -> None:
     for n in names:
         removed = Lab(n).down(progress=_say)
         click.echo(f"lab {n}: {'removed' if removed else 'nothing to remove'}", err=True)
+
+
+from .service_cli import service as _service_group  # noqa: E402 - the group lives in its own module
+
+lab.add_command(_service_group)

@@ -1,4 +1,5 @@
-"""A real Consul server (one per cluster) running inside a lab namespace."""
+"""Real Consul agents inside lab namespaces: a server per cluster (in its hub) and, on nodes
+that run service backends, a client agent joined to it that runs the backends' health checks."""
 
 from __future__ import annotations
 
@@ -53,6 +54,35 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
     if join_wan:
         cfg["retry_join_wan"] = join_wan
         cfg["retry_interval_wan"] = "1s"
+    path.write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def write_client_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
+                        join: list[str]) -> None:
+    """A client agent (no server, no UI, no DNS): HTTP on 127.0.0.1 of its namespace only, gossip
+    on the node's underlay address, joined to its cluster's server."""
+    cfg = {
+        "datacenter": datacenter,
+        "node_name": node_name,
+        "server": False,
+        "data_dir": str(data_dir),
+        "bind_addr": bind,
+        "client_addr": "127.0.0.1",
+        "retry_join": join,
+        "retry_interval": "1s",
+        "ports": {"http": HTTP_PORT, "dns": -1, "grpc": -1},
+        # A check's output is synced to the servers at once too (status changes always are).
+        "check_update_interval": "0s",
+        "disable_update_check": True,
+        "disable_host_node_id": True,
+        "enable_script_checks": False,
+        "log_level": "warn",
+        "ui": False,
+        # A graceful leave takes ~4 s; the lab stops its clients only when it goes (or the
+        # server goes with them), so they just exit.
+        "leave_on_terminate": False,
+        "skip_leave_on_interrupt": True,
+    }
     path.write_text(json.dumps(cfg, indent=1) + "\n")
 
 

@@ -7,6 +7,8 @@ Layout (lab "wm", clusters numbered c = 0, 1, ...):
     netns wmlab-wm-NODE         eth0 10.99.c.1x/24 on br0, a real agent, its WireGuard device wm0
     netns wmlab-wm-wan          (several clusters) the WAN: a bridge joining the hubs (10.98.0.c+1)
     /run/wiremesh-lab/wm/       state.json, Consul's data, each node's agent.toml, key, logs, mount ns
+    /sys/fs/cgroup/unified/wiremesh/wm/NODE   the node's cgroup: its pods' processes, where its
+                                eBPF service lookup (pinned in /sys/fs/bpf/wiremesh/wm-NODE) applies
 
 Everything `up` makes is written to state.json before it is made, and `down` also sweeps the
 namespaces by name, so a crash half-way through `up` is still cleaned by `down`.
@@ -43,7 +45,7 @@ from wiremesh.clustermesh import (
 
 from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 
-from . import consul_server, netns, pods, stop, teardown
+from . import consul_server, netns, pods, services, stop, teardown
 from .topology import ClusterSpec
 from .errors import LabError, LabExists, LabNotFound
 
@@ -84,6 +86,8 @@ class Node:
     dir: str
     pid: int = 0
     cluster: str = ""
+    cgroup: str = ""  # cgroup v2 group of the node's pods ("": no service lookup)
+    pin_dir: str = ""  # where the node's agent pins its eBPF programs and maps
 
     @property
     def health_url(self) -> str:
@@ -172,6 +176,12 @@ class Lab:
         if hub not in self._hub_ex:
             self._hub_ex[hub] = netns.NetnsExecutor(hub, workers=8)
         return self._hub_ex[hub]
+
+    def executor(self, ns: str) -> netns.NetnsExecutor:
+        """Threads inside network namespace `ns` of the lab (kept until close())."""
+        if ns not in self._hub_ex:
+            self._hub_ex[ns] = netns.NetnsExecutor(ns, workers=4)
+        return self._hub_ex[ns]
 
     def consul(self, fn: Callable[[ConsulStore], T], cluster: str | None = None) -> T:
         """Run `fn(store)` against a cluster's Consul, from inside that cluster's hub."""
@@ -336,8 +346,11 @@ class Lab:
         if name in self.nodes or name in self.state.get("pods", {}):
             raise LabError(f"lab {self.name}: {name!r} is already taken")
         index = next(i for i in range(1, 10000) if i not in {n.index for n in self.nodes.values()})
+        # Before the node's mount namespace exists: it must see the host's bpffs and cgroup2.
+        lookup = services.prepare_lookup(self, name, progress)
         node = Node(name=name, index=index, netns=self.prefix + name, mountns=str(self.dir / "mnt" / name),
-                    underlay=f"10.99.{c['index']}.{10 + k}", dir=str(self.dir / "nodes" / name), cluster=c["name"])
+                    underlay=f"10.99.{c['index']}.{10 + k}", dir=str(self.dir / "nodes" / name), cluster=c["name"],
+                    cgroup=lookup.get("cgroup", ""), pin_dir=lookup.get("pin_dir", ""))
         self.state["nodes"][name] = dataclasses.asdict(node)
         self.save()
         netns.netns_add(node.netns)
@@ -367,6 +380,7 @@ class Lab:
             f'underlay_address = "{node.underlay}"\ninterface = "wm0"\n'
             f'key_file = "{node.dir}/private.key"\nstate_dir = "{node.dir}"\n'
             f'health_address = "{node.underlay}:{HEALTH_PORT}"\nsession_ttl = {self.state["session_ttl"]}\n'
+            + (f'service_cgroup = "{node.cgroup}"\nbpf_pin_dir = "{node.pin_dir}"\n' if node.cgroup else "") +
             f'\n[consul]\naddress = "{self.consul_address(c["name"])}"\n'
         )
         Path(node.dir, "agent.toml").write_text(text)
@@ -473,7 +487,9 @@ class Lab:
             return netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + _env() + argv
         pod = self.state.get("pods", {}).get(name)
         if pod is not None and name not in self.nodes:
-            return netns.enter_cmd(pod["netns"], None) + _env() + argv
+            # In the node's cgroup first (the node's eBPF service lookup applies there), then in
+            # the pod's network namespace (nsenter leaves /sys alone; `ip netns exec` would not).
+            return services.join_cgroup(self.nodes.get(pod["node"])) + netns.enter_cmd(pod["netns"], None) + _env() + argv
         node = self.node(name)
         # Inside a node, `wiremesh` is the caller's own installation, finds the node's agent.toml
         # by itself (WIREMESH_AGENT_CONFIG) and talks to its cluster's Consul, as on a real host.

@@ -2,22 +2,27 @@
 exited; then its namespaces, mounts and files.
 
 Agents go first: an agent still running could start a new wireguard-go for a device whose old
-one was just stopped. Then whatever runs in the nodes and pods (wireguard-go, commands started
-with `lab exec`), then the hubs (Consul last: agents remove their records on the way out). The
-processes are found by network namespace, whoever started them, and named from the lab's state
-and the pid files the agents write, so that an error says which one would not stop.
+one was just stopped. Then whatever runs in the nodes and pods (wireguard-go, Consul client
+agents, service backends, commands started with `lab exec`), then the hubs (Consul last: agents
+remove their records on the way out). The processes are found by network namespace and by the
+lab's cgroups, whoever started them, and named from the lab's state and the pid files the agents
+write, so that an error says which one would not stop. Once all have exited, every node's eBPF
+service lookup is detached and unpinned and the lab's cgroups are removed.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import netns, stop
-from .errors import LabNotFound, ProcessesSurvived
+from wiremesh.errors import WiremeshError
+
+from . import netns, services, stop
+from .errors import LabError, LabNotFound, ProcessesSurvived
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -48,7 +53,12 @@ def remove_lab(lab: "Lab", progress: Progress) -> list[str]:
         stopped = stop_lab_processes(lab, names, progress)
     finally:
         lab.close()
+    lookup_error: Exception | None = None
     try:
+        try:
+            removed += services.unload_lookups(lab)
+        except (WiremeshError, OSError) as e:  # the rest still goes; `down` again retries this
+            lookup_error = e
         for ns in sorted(names):
             netns.netns_del(ns)
             removed.append(f"netns {ns}")
@@ -73,6 +83,9 @@ def remove_lab(lab: "Lab", progress: Progress) -> list[str]:
     # All have exited; their parent (init, for a lab that another process started) may not have
     # collected them yet. Waiting for that too leaves not even a zombie behind.
     stop.wait_reaped(stopped, REAP_TIMEOUT)
+    if lookup_error is not None:
+        raise LabError(f"lab {lab.name}: eBPF service lookup or cgroup left behind: {lookup_error}; "
+                       f"run 'wiremesh lab down -n {lab.name}' again")
     return removed
 
 
@@ -95,12 +108,14 @@ def stop_lab_processes(lab: "Lab", names: Iterable[str], progress: Progress) -> 
                          DAEMON_TIMEOUT, progress)
         stopped += _stop("processes in the hubs", _in([n for n in names if n in hubs], known), DAEMON_TIMEOUT,
                          progress)
+        # Whatever joined a node's cgroup (through `lab exec POD`) but never entered a namespace.
+        stopped += _stop("processes in the lab's cgroups", _in_cgroups(lab, known), DAEMON_TIMEOUT, progress)
         for _ in range(SWEEPS):  # nothing may outlive its namespace, even what started meanwhile
-            left = _in(names, known)
+            left = _union(_in(names, known), _in_cgroups(lab, known))
             if not left:
                 return stopped
             stopped += _stop("processes that appeared meanwhile", left, DAEMON_TIMEOUT, progress)
-        left = _in(names, known)
+        left = _union(_in(names, known), _in_cgroups(lab, known))
         if left:
             desc = ", ".join(str(p) for p in left)
             for p in left:
@@ -134,6 +149,11 @@ def _names_of_processes(lab: "Lab") -> dict[int, str]:
     for c in lab.state.get("clusters", []):
         if c.get("consul_pid"):
             known[c["consul_pid"]] = f"consul of cluster {c['name']}"
+    for node, pid in lab.state.get("consul_clients", {}).items():
+        known[pid] = f"Consul client agent of {node}"
+    for name, svc in lab.state.get("services", {}).items():
+        for pod, b in svc.get("backends", {}).items():
+            known[b.get("pid", 0)] = f"backend of service {name} in pod {pod}"
     return known
 
 
@@ -146,6 +166,47 @@ def _in(names: Iterable[str], known: dict[int, str]) -> list[stop.Process]:
             if p:
                 found.append(p)
     return found
+
+
+def _union(a: list[stop.Process], b: list[stop.Process]) -> list[stop.Process]:
+    """`a` and those of `b` not already in it (by pid); duplicates' handles are closed."""
+    pids = {p.pid for p in a}
+    for p in b:
+        if p.pid in pids:
+            p.close()
+        else:
+            a.append(p)
+    return a
+
+
+def _in_cgroups(lab: "Lab", known: dict[int, str]) -> list[stop.Process]:
+    """Every process in the lab's cgroups that no lab namespace holds (those are found by `_in`)."""
+    root = services.cgroup_root(lab)
+    found = []
+    for procs in root.rglob("cgroup.procs") if root.is_dir() else []:
+        try:
+            pids = [int(p) for p in procs.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in pids:
+            p = _find_any(pid, known.get(pid) or f"{_comm(pid)} in cgroup {procs.parent}",
+                          functools.partial(_in_cgroup, procs))
+            if p:
+                found.append(p)
+    return found
+
+
+def _in_cgroup(procs: Path, pid: int) -> bool:
+    try:
+        return str(pid) in procs.read_text().split()
+    except OSError:
+        return False
+
+
+def _find_any(pid: int, what: str, belongs: Callable[[int], bool]) -> stop.Process | None:
+    if pid == os.getpid():
+        return None
+    return stop.find(pid, what, belongs=belongs)
 
 
 def _find(pid: int, what: str, ns: str) -> stop.Process | None:
