@@ -97,11 +97,11 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
     _, items = store.list(layout.services_prefix(cluster_name))
     key = layout.service_key(cluster_name, name)
     current = items.get(key)
-    taken = {}
-    for k, item in items.items():
+    taken: dict[str, str] = {}
+    for k, item in sorted(items.items()):  # a VIP claimed twice is the first name's (as agents decide)
         try:
             if k != key:
-                taken[ServiceDef.from_json(item.value, k).vip] = k.rsplit("/", 1)[1]
+                taken.setdefault(ServiceDef.from_json(item.value, k).vip, k.rsplit("/", 1)[1])
         except InvalidRecord:
             continue
     try:
@@ -219,8 +219,11 @@ def inspect(ctx: Ctx, name: str, config_path: Path | None) -> None:
         raise WiremeshError(f"{cfg.pin_dir}: the service lookup's maps cannot be read ({e}); is the agent running "
                             "with service_cgroup set?") from e
     out, rows = [], []
+    # Its own frontends only: a definition refused for claiming another service's VIP must not
+    # show that service's frontend as its own.
+    mine = {(p.port, p.protocol) for p in svc.ports}
     for fe, entry in sorted(held.items()):
-        if str(fe.vip) != svc.vip:
+        if str(fe.vip) != svc.vip or (fe.port, fe.proto) not in mine:
             continue
         backends = [{"slot": i + 1, "address": str(b.address), "port": b.port, "cluster_id": b.cluster_id}
                     for i, b in enumerate(entry.backends)]
