@@ -48,6 +48,7 @@ from wiremesh.tunnels import (
     ensure_link_up,
     mtu_of_address,
     open_device,
+    poke,
     vtep_mac,
 )
 from wiremesh.tunnels.pods import set_pod_mtu
@@ -65,6 +66,7 @@ from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
 from .service_plan import plan_services
+from .rotation import Rotator, now_ms
 from .services import ServiceBackends, load_service_lb
 from .supervisor import Mailbox, Supervisor
 
@@ -110,6 +112,7 @@ class Agent:
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
+        self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn)
@@ -144,7 +147,8 @@ class Agent:
     def _own_record(self) -> NodeRecord:
         """Built once per (port, pod CIDR, key): it is compared with the stored one on every snapshot."""
         assert self.key and self.pod_cidr
-        inputs = (self.listen_port, self.pod_cidr, self.public_key)
+        r = self.rotator
+        inputs = (self.listen_port, self.pod_cidr, self.public_key, r.next_key, r.switch_at, r.epoch)
         if self._own_cache is None or self._own_cache[0] != inputs:
             self._own_cache = (inputs, self._build_record())
         return self._own_cache[1]
@@ -153,16 +157,20 @@ class Agent:
         assert self.key and self.pod_cidr
         host = self.cfg.underlay_address
         endpoint = f"[{host}]:{self.listen_port}" if ":" in host else f"{host}:{self.listen_port}"
-        return NodeRecord(
+        rec = NodeRecord(
             name=self.cfg.node, cluster=self.cfg.cluster, endpoint=endpoint,
             public_key=self.public_key, pod_cidr=self.pod_cidr,
             overlay_ip=overlay_address(self.pod_cidr),
             key_epoch=0, vtep_mac=vtep_mac(overlay_address(self.pod_cidr)), agent_version=__version__,
         )
+        return self.rotator.announce(rec)
 
     def setup(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key, generated = load_or_generate(self.cfg.key_file)
+        kept = self.rotator.recover(self._device_public_key())
+        if kept is not None:  # the device took the next key before a stop: it is the node's key now
+            self.key = kept
         self.public_key = self.key.public_key().base64  # derived once: planning needs it on every pass
         log.info("%s key %s (public %s)", "generated" if generated else "loaded",
                  self.cfg.key_file, self.key.public_key().fingerprint)
@@ -293,7 +301,8 @@ class Agent:
         desired = plan(self.cfg.node, self.public_key, self.config, snap.nodes,
                        local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
                        persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
-                       keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo)
+                       keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo,
+                       now_ms=now_ms(), refused_keys=frozenset(self.rotator.refused))
         if self.reconciler.services is None:
             return desired
         # Global services: their backends' health in the local cluster and every member cluster.
@@ -355,14 +364,61 @@ class Agent:
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
+        self._rotation_pass(desired, res.replaced)
+
+    # --- key rotation (agent.rotation) ------------------------------------------------------
+    def _device_public_key(self) -> str | None:
+        try:
+            return self.device.show().public_key if self.device.exists() else None
+        except TunnelError:
+            return None
+
+    def _handshakes(self) -> dict[str, float]:
+        """Latest handshake (unix s) per public key on the device."""
+        try:
+            return {k: p.latest_handshake for k, p in self.device.show().peers.items()}
+        except TunnelError:
+            return {}
+
+    def _rotation_pass(self, desired: DesiredState, replaced: list[tuple[str, str]]) -> None:
+        """This node's rotation, and its part in the others': after every pass of the loop."""
+        for node, key in replaced:  # we took a rotating node's new key: start the handshake now
+            self.rotator.took(node, key)
+            try:
+                poke(overlay_address(next(iter(desired.peers[node].allowed_ips))))
+            except (TunnelError, KeyError, StopIteration, ValueError) as e:
+                log.debug("poke %s: %s", node, e)
+        with self._lock:
+            snap = self._snapshot
+        if snap is None:
+            return
+        fed = self.federation.view()
+        announced = {f"{self.cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != self.cfg.node}
+        announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
+        self.rotator.drive(
+            snap.rotations.rotations.get(self.cfg.node), snap.nodes.get(self.cfg.node), set(desired.peers),
+            {**snap.rotations.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {}),
+             **fed.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {})},
+            lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
+            self._switch_key, self.registration.republish.set)
+        self.rotator.take_part(announced)
+        if self.rotator.taken and self.rotator.check_taken(self._handshakes()):
+            self._wake.set()  # went back to an old key: plan again at once
+
+    def _switch_key(self, key: PrivateKey) -> None:
+        """The device takes `key` (a rotation's switch): from now on it is this node's key."""
+        self.device.configure(key, self.listen_port)
+        self.key, self.public_key = key, key.public_key().base64
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval
         while not self.stop_event.is_set():
             # Sleep until something happens: a snapshot, a federation change, SIGHUP, stop, the
             # earliest retry of an object that failed, or the next full pass.
-            retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change()) if t),
-                        default=None)
+            rot = self.rotator.wake
+            rot_mono = time.monotonic() + max(0, rot - now_ms()) / 1000 if rot else None
+            retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono)
+                         if t), default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             self._wake.clear()

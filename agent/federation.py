@@ -29,6 +29,8 @@ from wiremesh.clustermesh import (
     parse_mesh,
 )
 
+from wiremesh.clustermesh.rotation import RotationReady
+
 from .metrics import AgentMetrics
 
 log = logging.getLogger("wiremesh.federation")
@@ -55,6 +57,8 @@ class FederationView:
     members: dict[str, MeshMember]
     frozen_cidrs: frozenset[str]  # pod CIDRs of remotes not yet seen: never pruned
     mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
+    # Remote peers' readiness for rotations: rotating "cluster/node" -> {"cluster/peer": ready}
+    ready: dict[str, dict[str, RotationReady]] = field(default_factory=dict)
 
 
 class Federation:
@@ -94,7 +98,12 @@ class Federation:
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
             members = dict(self.membership.members) if self.membership else {}
-            return FederationView(nodes, members, frozenset(frozen), self.membership is not None)
+            ready: dict[str, dict[str, RotationReady]] = {}
+            for r in self.remotes.values():
+                if r.snapshot is not None and not r.refused:
+                    for rot, peers in r.snapshot.rotations.ready.items():
+                        ready.setdefault(rot, {}).update(peers)
+            return FederationView(nodes, members, frozenset(frozen), self.membership is not None, ready)
 
     def status(self) -> dict[str, dict[str, object]]:
         with self.lock:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.keys.rotation import peer_key
 from wiremesh.tunnels import Backend as LBBackend
 from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
 
@@ -111,6 +112,8 @@ def plan(
     keep_cidrs: frozenset[str] = frozenset(),
     keep_foreign: bool = False,
     memo: dict[str, Any] | None = None,
+    now_ms: int = 0,
+    refused_keys: frozenset[str] = frozenset(),
 ) -> DesiredState:
     """Every other node of the cluster, and every node of every accepted federated cluster,
     becomes a peer whose allowed IPs are its pod CIDR.
@@ -135,17 +138,19 @@ def plan(
         rec = nodes[name]
         if name == local_node or rec.public_key == local_public_key:
             continue
-        if rec.public_key in taken:
+        # A node rotating its key: the next one, from a moment after its announced switch time.
+        key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys)
+        if key in taken:
             skipped.append(f"{config.name}/{name}: its public key is already in use")
             continue
-        taken.add(rec.public_key)
+        taken.add(key)
         nid = node_id(config.name, name)
-        settings = (vxlan_mode, persistent_keepalive, wg_device, vxlan_device)
+        settings = (vxlan_mode, persistent_keepalive, wg_device, vxlan_device, key)
         hit = memo.get(nid) if memo is not None else None
         if hit is not None and hit[0] is rec and hit[1] == settings:
             part = hit[2]  # the same record object (unchanged in Consul): the same objects as last time
         else:
-            part = _node_part(name, rec, vxlan_mode, persistent_keepalive, wg_device, vxlan_device)
+            part = _node_part(name, rec, key, vxlan_mode, persistent_keepalive, wg_device, vxlan_device)
             if memo is not None:
                 memo[nid] = (rec, settings, part)
         peer, node_routes, entries = part
@@ -163,7 +168,8 @@ def plan(
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []
     for cluster in sorted(remotes or {}):
         for name, rec in sorted((remotes or {})[cluster].items()):
-            if rec.public_key in taken:
+            key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys)
+            if key in taken:
                 skipped.append(f"{cluster}/{name}: its public key is already in use")
                 continue
             net = ipaddress.ip_network(rec.pod_cidr)
@@ -171,9 +177,9 @@ def plan(
                 skipped.append(f"{cluster}/{name}: pod CIDR {rec.pod_cidr} overlaps one already routed here")
                 continue
             claimed.append(net)
-            taken.add(rec.public_key)
+            taken.add(key)
             peers[node_id(cluster, name)] = PeerConfig(
-                public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
+                public_key=key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
                 persistent_keepalive=persistent_keepalive,
             )
             routes.add(Route(rec.pod_cidr, wg_device))
@@ -196,10 +202,10 @@ def plan(
 _Part = tuple[PeerConfig, tuple[Route, ...], tuple[str, str, str] | None]  # peer, routes, (mac, vtep, gateway)
 
 
-def _node_part(name: str, rec: NodeRecord, vxlan_mode: bool, keepalive: int, wg_device: str,
+def _node_part(name: str, rec: NodeRecord, key: str, vxlan_mode: bool, keepalive: int, wg_device: str,
                vxlan_device: str) -> _Part:
     """What one node of the local cluster adds to the desired state."""
-    peer = PeerConfig(public_key=rec.public_key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
+    peer = PeerConfig(public_key=key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
                       persistent_keepalive=keepalive)
     if vxlan_mode and rec.vtep_mac:
         gw = gateway_address(rec.pod_cidr)

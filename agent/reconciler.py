@@ -61,6 +61,7 @@ class ReconcileResult:
     routes_added: int = 0
     routes_removed: int = 0
     failed: list[str] = field(default_factory=list)
+    replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key rotations applied
 
 
 class Applied(dict[str, PeerConfig]):
@@ -184,6 +185,8 @@ class Reconciler:
                         self.applied[ch.name].public_key == ch.public_key:
                     del self.applied[ch.name]
                 continue
+            if ch.replaces:
+                res.replaced.append((ch.name, ch.public_key))
             if ch.update_only or ch.replaces:
                 res.updated += 1  # a key change is an update of the node's peer
             else:

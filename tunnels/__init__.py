@@ -14,6 +14,7 @@ from .links import (
     link_mtu,
     mtu_of_address,
     owned_routes,
+    poke,
     set_mtu,
     sync_routes,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "open_device",
     "owned_routes",
     "peer_changes",
+    "poke",
     "split_endpoint",
     "sync_routes",
     "Backend",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -206,3 +207,14 @@ def mtu_of_address(address: str) -> int | None:
                 (link,) = ipr.link("get", index=a["index"])
                 return int(link.get("mtu"))
     return None
+
+
+def poke(address: str, port: int = 9) -> None:
+    """Send one empty UDP datagram to `address` (discard port): a WireGuard peer without a session
+    starts its handshake at once instead of at its next retry (5 s)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.sendto(b"", (address, port))
+    except OSError as e:
+        raise TunnelError(f"poke {address}: {e.strerror or e}", e.errno) from e

@@ -1,0 +1,247 @@
+"""Key rotation in the agent: this node's own rotations, and its part in its peers' rotations.
+
+The rotating side follows keys.rotation's state machine: a request in `rotations/<node>` ->
+the next key in `<key_file>.next` (0600) and announced in the node's record (`next_public_key`,
+`switch_at`) -> every live peer ready -> at `switch_at` the device takes the new key, the key
+file is replaced by it (atomically), the record carries it -> done once every live peer made a
+handshake on it. The peer side: on seeing an announced next key, write that it is ready; the
+planner replaces the node's key at `switch_at + PEER_DELAY_MS` (agent.planner, by its own
+clock); right after, send one packet to the node so that the handshake starts at once; if no
+handshake on the new key comes within PEER_ROLLBACK_MS, go back to the old one.
+
+Everything here runs in the agent's loop thread. Crash safety: the next key file outlives a
+restart; a device that already holds the next key means the switch happened (the key file is
+then promoted before anything else); a switch time passed while the agent was down is either
+caught up (shortly after) or the rotation is abandoned (later): never half.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from wiremesh.clustermesh import ConsulError, ConsulStore, NodeRecord, layout
+from wiremesh.clustermesh.rotation import Rotation, RotationReady
+from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
+from wiremesh.keys.rotation import LEAD_MS, PEER_DELAY_MS, PEER_ROLLBACK_MS, staged_step, switched_step
+
+log = logging.getLogger("wiremesh.rotation")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Rotator:
+    def __init__(self, store: ConsulStore, cluster: str, node: str, key_file: Path,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.store = store
+        self.cluster, self.node = cluster, node
+        self.key_file = key_file
+        self.next_file = key_file.with_name(key_file.name + ".next")
+        self.epoch_file = key_file.with_name(key_file.name + ".epoch")
+        self.clock = clock
+        # rotating side
+        self.next_key: PrivateKey | None = None
+        self.switch_at = 0
+        self.rotation: Rotation | None = None  # ours, as last written by us
+        self.postponed = 0
+        self.epoch = self._read_epoch()
+        # peer side: rotating node id -> (next key, switch_at) we said we are ready for
+        self.ready_sent: dict[str, tuple[str, int]] = {}
+        self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
+        self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
+        self.wake: int | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
+    def recover(self, device_public_key: str | None) -> PrivateKey | None:
+        """Before the device is configured: a next key file left by a run that was stopped.
+
+        Returns the key the device must keep: the next one if the device already holds it (the
+        switch happened; the key file is promoted now), else None (the current key file rules).
+        """
+        if not self.next_file.exists():
+            return None
+        try:
+            nxt = read_key_file(self.next_file)
+        except KeyMaterialError as e:
+            log.error("%s; dropping it (the rotation will be abandoned)", e)
+            self.next_file.unlink(missing_ok=True)
+            return None
+        if device_public_key == nxt.public_key().base64:
+            os.replace(self.next_file, self.key_file)  # the switch happened before the stop
+            self._write_epoch(self.epoch + 1)
+            log.info("the device already uses the next key: rotation finished after a restart")
+            return nxt
+        self.next_key = nxt
+        return None
+
+    # --- what this node announces ------------------------------------------------------------
+    def announce(self, rec: NodeRecord) -> NodeRecord:
+        nxt = self.next_key.public_key().base64 if self.next_key is not None and self.switch_at else ""
+        return replace(rec, next_public_key=nxt, switch_at=self.switch_at if nxt else 0, key_epoch=self.epoch)
+
+    # --- the rotating side --------------------------------------------------------------------
+    def drive(self, own: Rotation | None, own_record: NodeRecord | None, live: set[str],
+              ready: Mapping[str, RotationReady], handshakes: Callable[[], Mapping[str, float]],
+              switch: Callable[[PrivateKey], None], republish: Callable[[], None]) -> None:
+        """One step of this node's rotation, if one is asked for or under way."""
+        now = self.clock()
+        self.wake = None
+        if own is None or not own.active:
+            if self.next_key is not None and own is not None and own.state == "abandoned":
+                self._drop_next(republish)
+            return
+        if self.rotation is None or self.rotation.id != own.id:
+            self.rotation, self.postponed = own, 0
+            if own.state == "staged" and own.switch_at:
+                self.switch_at = own.switch_at  # resumed after a restart
+        if self.rotation.state == "requested":
+            self._stage(now, republish)
+            return
+        if self.rotation.state == "staged":
+            if self.next_key is None:  # the next key was lost (file removed): give up cleanly
+                self._end("abandoned", "the next key file is gone", (), republish)
+                return
+            nxt = self.next_key.public_key().base64
+            ok = {p for p, r in ready.items() if r.next_public_key == nxt and r.switch_at == self.switch_at}
+            step = staged_step(now, self.switch_at, self.postponed, live, ok)
+            if step.action == "wait":
+                self.wake = step.wake_at
+            elif step.action == "postpone":
+                self.postponed += 1
+                self.switch_at = now + LEAD_MS
+                log.info("rotation: peers not ready (%s); switching at +%d ms instead", ", ".join(step.lagging), LEAD_MS)
+                self._write(replace(self.rotation, switch_at=self.switch_at, updated_at=now, lagging=step.lagging))
+                republish()
+                self.wake = self.switch_at - 1000
+            elif step.action == "abandon":
+                self._end("abandoned", f"peers not ready: {', '.join(step.lagging)}", step.lagging, republish)
+            elif step.action == "switch":
+                self._switch(now, switch, republish)
+            return
+        if self.rotation.state == "switched":
+            hs = handshakes()
+            confirmed = {p for p in live if hs.get(p, 0.0) * 1000 >= self.rotation.switch_at - 1000}
+            step = switched_step(now, self.rotation.switch_at, live, confirmed)
+            if step.action == "done":
+                self._end("done", "", (), republish, confirmed=tuple(sorted(confirmed)))
+            elif step.action == "fail":
+                self._end("failed", f"no handshake on the new key from {', '.join(step.lagging)}", step.lagging,
+                          republish, confirmed=tuple(sorted(confirmed)))
+            else:
+                if tuple(sorted(confirmed)) != self.rotation.confirmed:
+                    self._write(replace(self.rotation, confirmed=tuple(sorted(confirmed)), updated_at=now))
+                self.wake = step.wake_at
+
+    def _stage(self, now: int, republish: Callable[[], None]) -> None:
+        assert self.rotation is not None
+        if self.next_key is None:
+            self.next_key = PrivateKey.generate()
+            write_key_file(self.next_file, self.next_key)  # 0600, atomic; the current key stays
+        self.switch_at = now + LEAD_MS
+        nxt = self.next_key.public_key()
+        log.info("rotation %s: next key %s announced, switch at +%d ms", self.rotation.id, nxt.fingerprint, LEAD_MS)
+        self._write(replace(self.rotation, state="staged", switch_at=self.switch_at, epoch_from=self.epoch,
+                            epoch_to=self.epoch + 1, next_fingerprint=nxt.fingerprint, updated_at=now))
+        republish()
+        self.wake = self.switch_at - 1000
+
+    def _switch(self, now: int, switch: Callable[[PrivateKey], None], republish: Callable[[], None]) -> None:
+        assert self.rotation is not None and self.next_key is not None
+        key = self.next_key
+        switch(key)  # the device takes the new key: from here on it is the node's key
+        os.replace(self.next_file, self.key_file)
+        self._write_epoch(self.epoch + 1)
+        self.next_key, self.switch_at = None, 0
+        log.info("rotation %s: switched to %s (epoch %d)", self.rotation.id, key.public_key().fingerprint, self.epoch)
+        self._write(replace(self.rotation, state="switched", updated_at=now))
+        republish()
+        self.wake = now + 100
+
+    def _end(self, state: str, error: str, lagging: tuple[str, ...], republish: Callable[[], None],
+             confirmed: tuple[str, ...] = ()) -> None:
+        assert self.rotation is not None
+        if state == "abandoned":
+            self._drop_next(republish)
+        (log.info if state == "done" else log.warning)("rotation %s: %s%s", self.rotation.id, state,
+                                                       f" ({error})" if error else "")
+        self._write(replace(self.rotation, state=state, error=error, lagging=lagging,
+                            confirmed=confirmed or self.rotation.confirmed, updated_at=self.clock()))
+
+    def _drop_next(self, republish: Callable[[], None]) -> None:
+        self.next_key, self.switch_at = None, 0
+        self.next_file.unlink(missing_ok=True)
+        republish()
+
+    def _write(self, rot: Rotation) -> None:
+        self.rotation = rot
+        try:
+            self.store.put(layout.rotation_key(self.cluster, self.node), rot.to_json())
+        except ConsulError as e:  # progress is written again on the next step
+            log.warning("rotation %s: progress not written (%s)", rot.id, e)
+
+    def _read_epoch(self) -> int:
+        try:
+            return max(0, int(self.epoch_file.read_text().strip()))
+        except (OSError, ValueError):
+            return 0
+
+    def _write_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        tmp = self.epoch_file.with_suffix(".tmp")
+        tmp.write_text(f"{epoch}\n")
+        os.replace(tmp, self.epoch_file)
+
+    # --- the peer side ------------------------------------------------------------------------
+    def take_part(self, announced: Mapping[str, NodeRecord]) -> None:
+        """Say we are ready for every announced next key (node id -> record); drop stale words."""
+        now = self.clock()
+        for nid, rec in announced.items():
+            want = (rec.next_public_key, rec.switch_at)
+            if not rec.next_public_key or not rec.switch_at or self.ready_sent.get(nid) == want:
+                continue
+            rcluster, _, rnode = nid.partition("/")
+            key = layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode)
+            try:
+                self.store.put(key, RotationReady(*want).to_json())
+                self.ready_sent[nid] = want
+            except ConsulError as e:
+                log.warning("rotation of %s: could not say ready (%s); trying again", nid, e)
+            self._wake_at(rec.switch_at + PEER_DELAY_MS)
+        for nid in [n for n in self.ready_sent if not announced.get(n) or not announced[n].next_public_key]:
+            rcluster, _, rnode = nid.partition("/")
+            try:
+                self.store.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
+                del self.ready_sent[nid]
+            except ConsulError:
+                pass
+        for nid, (key_, at) in list(self.taken.items()):
+            self._wake_at(at + PEER_ROLLBACK_MS)
+        del now
+
+    def took(self, nid: str, new_key: str) -> None:
+        """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""
+        self.taken[nid] = (new_key, self.clock())
+
+    def check_taken(self, handshakes: Mapping[str, float]) -> bool:
+        """Go back from a new key with no handshake after PEER_ROLLBACK_MS; True if one was refused."""
+        now, refused = self.clock(), False
+        for nid, (key, at) in list(self.taken.items()):
+            if handshakes.get(key, 0.0) * 1000 >= at - 1000:
+                del self.taken[nid]
+            elif now >= at + PEER_ROLLBACK_MS:
+                log.warning("rotation of %s: no handshake on its new key after %d ms; back to the old one", nid,
+                            PEER_ROLLBACK_MS)
+                self.refused.add(key)
+                del self.taken[nid]
+                refused = True
+        return refused
+
+    def _wake_at(self, t: int) -> None:
+        if t > self.clock() and (self.wake is None or t < self.wake):
+            self.wake = t
