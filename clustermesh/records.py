@@ -43,6 +43,7 @@ ROUTING_MODES = ("wireguard", "vxlan")
 SCHEMA_FIELD = "schema"
 SCHEMA_MAJOR = 1
 SCHEMA = "1.0"  # a record's version when it says none, and the version of the records this agent builds
+ROTATE_EVERY_MIN, ROTATE_EVERY_MAX = 3600, 365 * 86400  # ClusterConfig.rotate_every, when set (seconds)
 
 # Cilium's cluster-name rule: lowercase letters, digits and dashes, at most 32.
 _CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
@@ -226,6 +227,8 @@ class ClusterConfig:
     vni: int = 1
     wg_port: int = 51820
     mtu: int = 0  # 0: derive from the underlay (WireGuard's 80 bytes off)
+    # Seconds between scheduled key rotations of each node (0: never; an hour to a year).
+    rotate_every: int = 0
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -257,6 +260,10 @@ class ClusterConfig:
         _int(d, "wg_port", 1, 65535, key)
         if self.mtu != 0:
             _int(d, "mtu", 1280, 9000, key)
+        every = _int(d, "rotate_every", -(2**63), 2**63, key)
+        if every != 0 and not ROTATE_EVERY_MIN <= every <= ROTATE_EVERY_MAX:
+            raise InvalidRecord("rotate_every", f"{every} is outside {ROTATE_EVERY_MIN}-{ROTATE_EVERY_MAX} "
+                                                "(seconds: an hour to a year; 0: never)", key)
 
     @property
     def pod_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -270,7 +277,7 @@ class ClusterConfig:
         for name in ("service_cidr", "routing"):
             if name in d:
                 _str(d, name, key)
-        for name in ("id", "node_prefix_len", "vni", "wg_port", "mtu"):
+        for name in ("id", "node_prefix_len", "vni", "wg_port", "mtu", "rotate_every"):
             if name in d:
                 _int(d, name, -(2**31), 2**31, key)
         _int(d, "id", -(2**31), 2**31, key)
@@ -280,7 +287,10 @@ class ClusterConfig:
             raise InvalidRecord(e.field, e.reason, key) from None
 
     def to_json(self) -> str:
-        return _dump(self._known(), self.schema, self.extra)
+        known = self._known()
+        if not self.rotate_every:
+            del known["rotate_every"]  # agents released before it refuse fields they do not know
+        return _dump(known, self.schema, self.extra)
 
 
 _CONFIG_FIELDS = frozenset(ClusterConfig.__dataclass_fields__) - {SCHEMA_FIELD, "extra"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+import re
 
 import click
 
@@ -11,6 +11,19 @@ from wiremesh.clustermesh import ROUTING_MODES, ClusterConfig, ConsulStore, Inva
 
 from .output import Ctx, emit, info
 from .view import collect
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """Seconds, written as a number of seconds or with a unit: 90m, 12h, 30d, 2w."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:], 0) if text else 0
+    number = text[:-1] if unit else text
+    if not re.fullmatch(r"[0-9]{1,12}", number):
+        raise click.BadParameter(f"{value!r} is not a duration (seconds, or a number with s, m, h, d or w: 30d)")
+    return int(number) * (unit or 1)
 
 
 @click.group()
@@ -28,14 +41,18 @@ def cluster() -> None:
 @click.option("--vni", type=int, default=1, show_default=True, help="VXLAN network id (vxlan routing).")
 @click.option("--wg-port", type=int, default=51820, show_default=True, help="WireGuard UDP port of the nodes.")
 @click.option("--mtu", type=int, default=0, show_default=True, help="Pod MTU; 0 derives it on each node from its underlay (WireGuard 80 bytes, VXLAN 50 more).")
+@click.option("--rotate-every", callback=_duration, default="0", show_default=True, metavar="DURATION",
+              help="Rotate each node's WireGuard key this often, e.g. 30d, 12h, 3600 (seconds); 0 never. "
+                   "An hour to a year.")
 @click.option("--force", is_flag=True, help="Update an existing cluster whose settings differ.")
 @click.pass_obj
 def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: int, service_cidr: str,
-         routing: str, vni: int, wg_port: int, mtu: int, force: bool) -> None:
+         routing: str, vni: int, wg_port: int, mtu: int, rotate_every: int, force: bool) -> None:
     """Write cluster NAME's config to Consul (idempotent: the same settings again change nothing)."""
     try:
         cfg = ClusterConfig(name=name, id=cluster_id, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len,
-                            service_cidr=service_cidr, routing=routing, vni=vni, wg_port=wg_port, mtu=mtu)
+                            service_cidr=service_cidr, routing=routing, vni=vni, wg_port=wg_port, mtu=mtu,
+                            rotate_every=rotate_every)
     except InvalidRecord as e:
         raise click.BadParameter(e.reason, param_hint=f"--{e.field.replace('_', '-')}" if e.field != "name" else "NAME") from None
     result = init_cluster(ConsulStore(ctx.consul), cfg, force=force)

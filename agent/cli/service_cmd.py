@@ -25,24 +25,11 @@ from wiremesh.errors import WiremeshError
 from ..config import load_config
 from ..services import backends_of
 from .output import Ctx, emit, info
+from .target import CONFIG_OPTION, target
 from .view import collect
 
-CONFIG_OPTION = click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    envvar="WIREMESH_AGENT_CONFIG", help="An agent.toml: its cluster and Consul are the defaults [env: WIREMESH_AGENT_CONFIG].")
 CLUSTER_OPTION = click.option("--cluster", "cluster_name", default=None,
                               help="The cluster that defines the service (default: the agent.toml's).")
-
-
-def _target(ctx: Ctx, cluster_name: str | None, config_path: Path | None) -> tuple[ConsulStore, str]:
-    consul = ctx.consul
-    if config_path is not None:
-        cfg = load_config(config_path)
-        consul = cfg.consul if ctx.consul.address == type(ctx.consul)().address else ctx.consul
-        cluster_name = cluster_name or cfg.cluster
-    if not cluster_name:
-        raise click.UsageError("which cluster? give --cluster NAME (or -c agent.toml)")
-    return ConsulStore(consul), cluster_name
 
 
 def _port(text: str) -> ServicePort:
@@ -92,7 +79,7 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
         check_service_name(name, "NAME")
     except InvalidRecord as e:
         raise click.BadParameter(e.reason, param_hint="NAME") from None
-    store, cluster_name = _target(ctx, cluster_name, config_path)
+    store, cluster_name = target(ctx, cluster_name, config_path)
     config = load_cluster_config(store, cluster_name)
     _, items = store.list(layout.services_prefix(cluster_name))
     key = layout.service_key(cluster_name, name)
@@ -140,7 +127,7 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
 @click.pass_obj
 def delete(ctx: Ctx, name: str, cluster_name: str | None, config_path: Path | None) -> None:
     """Remove global service NAME from a cluster (already gone is fine)."""
-    store, cluster_name = _target(ctx, cluster_name, config_path)
+    store, cluster_name = target(ctx, cluster_name, config_path)
     key = layout.service_key(cluster_name, name)
     existed = store.get(key) is not None
     store.delete(key)

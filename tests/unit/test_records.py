@@ -471,7 +471,7 @@ def test_unknown_fields_and_minor_version_do_not_count_in_equality() -> None:
     assert plain == newer == other and hash(plain) == hash(newer) == hash(other)
     assert len({plain, newer, other}) == 1
     cfg = ClusterConfig(**config_dict())
-    assert ClusterConfig.from_json(json.dumps(config_dict(schema="1.1", rotate_every="30d"))) == cfg
+    assert ClusterConfig.from_json(json.dumps(config_dict(schema="1.1", rotate_jitter="5m"))) == cfg
     # Known fields still do, the new optional one included.
     assert NodeRecord.from_json(json.dumps(node_dict(next_public_key=NEXT))) != plain
     assert NodeRecord.from_json(json.dumps(node_dict(key_epoch=4))) != plain
@@ -524,3 +524,43 @@ def test_keep_unknown_carries_what_a_newer_writer_added() -> None:
     assert keep_unknown(newer_self, stored).schema == "1.5"
     cfg = ClusterConfig.from_json(json.dumps(config_dict(require_signed=True)))
     assert keep_unknown(ClusterConfig(**config_dict(mtu=1300)), cfg).extra == {"require_signed": True}
+
+
+# --- rotate_every (scheduled key rotation) --------------------------------------------------
+
+
+def test_rotate_every_round_trip_and_written_only_when_set() -> None:
+    cfg = ClusterConfig(**config_dict(rotate_every=30 * 86400))
+    assert json.loads(cfg.to_json())["rotate_every"] == 2592000
+    assert ClusterConfig.from_json(cfg.to_json(), CKEY) == cfg
+    # 0 (never) is the default and is not written: agents released before it refuse unknown fields.
+    plain = ClusterConfig(**config_dict())
+    assert plain.rotate_every == 0 and "rotate_every" not in json.loads(plain.to_json())
+    assert json.loads(ClusterConfig(**config_dict(rotate_every=0)).to_json()) == config_dict()
+    assert ClusterConfig.from_json(json.dumps(config_dict(rotate_every=0))) == plain
+    assert cfg != plain
+
+
+@pytest.mark.parametrize("seconds", [0, 3600, 86400, 31536000])
+def test_rotate_every_accepted(seconds: int) -> None:
+    assert ClusterConfig.from_json(json.dumps(config_dict(rotate_every=seconds))).rotate_every == seconds
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [(1, "1 is outside 3600-31536000 (seconds: an hour to a year; 0: never)"), (3599, "3599 is outside 3600-31536000"),
+     (31536001, "31536001 is outside 3600-31536000"), (-3600, "-3600 is outside 3600-31536000"),
+     ("30d", "must be an integer, not str"), (True, "must be an integer, not bool"),
+     (86400.0, "must be an integer, not float"), (2**40, "is outside")],
+)
+def test_rotate_every_refused_naming_field_and_reason(value: object, reason: str) -> None:
+    assert_invalid(config_error(config_dict(rotate_every=value)), "rotate_every", reason, CKEY)
+
+
+def test_rotate_every_constructor_validates_too() -> None:
+    with pytest.raises(InvalidRecord) as ei:
+        ClusterConfig(**config_dict(rotate_every=60))
+    assert_invalid(ei.value, "rotate_every", "60 is outside 3600-31536000", None)
+    with pytest.raises(InvalidRecord) as ei:
+        ClusterConfig(**config_dict(rotate_every=False))
+    assert_invalid(ei.value, "rotate_every", "must be an integer, not bool", None)
