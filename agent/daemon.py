@@ -402,8 +402,17 @@ class Agent:
             lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
             self._switch_key, self.registration.republish.set)
         self.rotator.take_part(announced)
+        if self.config is not None and self.config.rotate_every:
+            self.rotator.schedule(self.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations,
+                                  self._key_mtime_ms())
         if self.rotator.taken and self.rotator.check_taken(self._handshakes()):
             self._wake.set()  # went back to an old key: plan again at once
+
+    def _key_mtime_ms(self) -> int:
+        try:
+            return int(self.cfg.key_file.stat().st_mtime * 1000)
+        except OSError:
+            return 0
 
     def _switch_key(self, key: PrivateKey) -> None:
         """The device takes `key` (a rotation's switch): from now on it is this node's key."""

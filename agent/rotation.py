@@ -197,6 +197,35 @@ class Rotator:
         tmp.write_text(f"{epoch}\n")
         os.replace(tmp, self.epoch_file)
 
+    # --- scheduled rotation ---------------------------------------------------------------------
+    def schedule(self, every_s: int, nodes: list[str], rotations: Mapping[str, Rotation], key_age_from: int) -> None:
+        """Ask for this node's own rotation when the cluster's `rotate_every` says so.
+
+        Staggered: each node's turn comes at its own phase of the period (its rank among the
+        cluster's nodes), and never while another node of the cluster is rotating, so that no
+        two neighbours rotate at once. `key_age_from`: when the current key came (unix ms).
+        """
+        if every_s <= 0 or self.node not in nodes:
+            return
+        now, period = self.clock(), every_s * 1000
+        if any(r.active for r in rotations.values()):
+            return
+        mine = rotations.get(self.node)
+        since = max(mine.updated_at if mine else 0, key_age_from) or now
+        phase = period * sorted(nodes).index(self.node) // max(1, len(nodes))
+        earliest = since + period  # at least a period after the key came, then at the node's phase
+        due = earliest + (phase - earliest) % period
+        if now < due:
+            self._wake_at(due)
+            return
+        try:
+            rot = Rotation.new(self.node, now)
+            if self.store.put(layout.rotation_key(self.cluster, self.node), rot.to_json(),
+                              cas=0 if mine is None else None):
+                log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
+        except ConsulError as e:
+            log.warning("scheduled rotation not asked for (%s); trying again", e)
+
     # --- the peer side ------------------------------------------------------------------------
     def take_part(self, announced: Mapping[str, NodeRecord]) -> None:
         """Say we are ready for every announced next key (node id -> record); drop stale words."""

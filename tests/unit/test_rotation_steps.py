@@ -170,3 +170,19 @@ def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: An
     assert rot.check_taken({}) is True and nxt in rot.refused
     rot.take_part({"c/b": other})  # the rotation ended: the word is taken back
     assert rk not in store.kv
+
+
+def test_scheduled_rotation_comes_at_the_node_s_phase_and_never_beside_another(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    nodes = ["a", "b", "c", "d"]  # "a" is first: phase 0 of the period
+    hour = 3600
+    rot.schedule(hour, nodes, {}, key_age_from=T)
+    assert layout.rotation_key("c", "a") not in store.kv
+    due = rot.wake
+    assert due is not None and due >= T + hour * 1000 and due % (hour * 1000) == 0
+    clock.now = due
+    busy = {"b": Rotation("b", "0123456789abcdef", "staged")}
+    rot.schedule(hour, nodes, busy, key_age_from=T)  # another node is rotating: not now
+    assert layout.rotation_key("c", "a") not in store.kv
+    rot.schedule(hour, nodes, {}, key_age_from=T)
+    assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "requested"
