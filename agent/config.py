@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from wiremesh.clustermesh import ConsulOptions, InvalidRecord, check_cluster_name, check_node_name
+from wiremesh.clustermesh.tokens import TokenFileError, read_token_file
 from wiremesh.tunnels import BACKENDS
 
 from .errors import ConfigError
@@ -173,11 +174,12 @@ def _parse_consul(d: Any, src: str) -> ConsulOptions:
     token = d.get("token") or None
     if d.get("token") and d.get("token_file"):
         raise ConfigError(src, "consul.token_file", "set token or token_file, not both")
-    if d.get("token_file"):
+    token_file = d.get("token_file") or (None if token else env.get("CONSUL_HTTP_TOKEN_FILE"))
+    if token_file:
         try:
-            token = Path(d["token_file"]).read_text().strip()
-        except OSError as e:
-            raise ConfigError(src, "consul.token_file", f"cannot read {d['token_file']}: {e.strerror}") from None
+            token = read_token_file(token_file)  # 0600, like the key file; never echoed
+        except TokenFileError as e:
+            raise ConfigError(src, "consul.token_file", str(e)) from None
     token = token or env.get("CONSUL_HTTP_TOKEN") or None
     ca = d.get("ca_file") or env.get("CONSUL_CACERT") or None
     if ca and not Path(ca).is_file():

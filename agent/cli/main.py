@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from wiremesh.clustermesh import ConsulOptions
+from wiremesh.clustermesh.tokens import read_token_file
 from wiremesh.errors import WiremeshError
 
 from .. import __version__
@@ -78,13 +80,16 @@ def _fail(msg: str, hint: str | None, ctx: click.Context) -> None:
               default="http://127.0.0.1:8500", show_default=True, metavar="URL",
               help="Consul HTTP address [env: WIREMESH_CONSUL_HTTP_ADDR, CONSUL_HTTP_ADDR].")
 @click.option("--token", envvar="CONSUL_HTTP_TOKEN", default=None, metavar="TOKEN",
-              help="Consul ACL token [env: CONSUL_HTTP_TOKEN].")
+              help="Consul ACL token [env: CONSUL_HTTP_TOKEN]; prefer --token-file: argv is public.")
+@click.option("--token-file", envvar="CONSUL_HTTP_TOKEN_FILE", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the Consul ACL token from FILE (mode 0600) [env: CONSUL_HTTP_TOKEN_FILE].")
 @click.option("--ca-file", envvar="CONSUL_CACERT", default=None, type=click.Path(dir_okay=False),
               help="CA bundle for Consul over HTTPS [env: CONSUL_CACERT].")
 @click.option("--datacenter", envvar="CONSUL_DATACENTER", default=None, help="Consul datacenter to talk to.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr: str, token: str | None,
-        ca_file: str | None, datacenter: str | None) -> None:
+        token_file: Path | None, ca_file: str | None, datacenter: str | None) -> None:
     """wiremesh: an encrypted WireGuard mesh for Linux hosts, coordinated through Consul.
 
     \b
@@ -98,6 +103,11 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "pyroute2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if token_file is not None and not token:
+        try:
+            token = read_token_file(token_file)
+        except WiremeshError as e:
+            raise click.BadParameter(str(e), param_hint="--token-file") from None
     ctx.obj = Ctx(verbose=verbose, output=output,
                   consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter))
 

@@ -55,6 +55,7 @@ def assert_config_error(e: ConfigError, field: str, reason: str, src: str = "age
 
 def test_full_valid_config(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("s3cr3t-token\n")
+    (tmp_path / "token").chmod(0o600)
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     path = tmp_path / "agent.toml"
     path.write_text(FULL_TOML.format(dir=tmp_path))
@@ -118,6 +119,7 @@ def test_consul_environment_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_token_read_from_token_file(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("  abc-123 \n")
+    (tmp_path / "token").chmod(0o600)
     assert parse_config(minimal(consul={"token_file": str(tmp_path / "token")})).consul.token == "abc-123"
 
 
@@ -205,6 +207,7 @@ def test_bad_values(over: dict[str, Any], field: str, reason: str) -> None:
 
 def test_token_and_token_file_both_set(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("from-file")
+    (tmp_path / "token").chmod(0o600)
     e = error(minimal(consul={"token": "inline-secret", "token_file": str(tmp_path / "token")}))
     assert_config_error(e, "consul.token_file", "set token or token_file, not both")
     assert "inline-secret" not in str(e) and "from-file" not in str(e)
@@ -213,7 +216,16 @@ def test_token_and_token_file_both_set(tmp_path: Path) -> None:
 def test_unreadable_token_file(tmp_path: Path) -> None:
     path = tmp_path / "absent-token"
     e = error(minimal(consul={"token_file": str(path)}))
-    assert_config_error(e, "consul.token_file", f"cannot read {path}: No such file or directory")
+    assert_config_error(e, "consul.token_file", f"token file {path}: No such file or directory")
+
+
+def test_a_token_file_others_can_read_is_refused_without_showing_the_token(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("secret-token-value\n")
+    path.chmod(0o644)
+    e = error(minimal(consul={"token_file": str(path)}))
+    assert_config_error(e, "consul.token_file", f"token file {path}: mode 0644 lets others read it; it must be 0600 (chmod 600)")
+    assert "secret-token-value" not in str(e)
 
 
 def test_missing_ca_file(tmp_path: Path) -> None:
