@@ -11,6 +11,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,3 +70,26 @@ def bare_watcher(lab: Lab, prefix: str, seen: dict[str, tuple[int, float]], stop
                 if seen.get(k, (None,))[0] != item.modify_index:
                     seen[k] = (item.modify_index, now)
     threading.Thread(target=lambda: lab.hub_executor().call(run), daemon=True).start()
+
+
+# Joins a cgroup v2 group (argv[1]: its cgroup.procs, or "" for none), then enters a network
+# namespace (argv[2]) with nsenter, which execs the rest of argv in place (no extra process).
+# The order matters: `ip netns exec` would remount /sys and hide the cgroup file system.
+_NETNS_EXEC = r"""
+import os, sys
+if sys.argv[1]:
+    with open(sys.argv[1], "w") as f:
+        f.write(str(os.getpid()))
+os.execvp("nsenter", ["nsenter", "--net=" + sys.argv[2], *sys.argv[3:]])
+"""
+
+
+def netns_command(netns: str, argv: Sequence[str], cgroup: Path | None = None) -> list[str]:
+    """A command line that runs `argv` in network namespace `netns` (made by `ip netns add`) and,
+    if given, in the cgroup v2 group `cgroup`, so that eBPF programs attached there apply to it.
+
+    The process that ends up running `argv` is the one subprocess starts (nsenter execs it):
+    its pid is the one to signal.
+    """
+    procs = str(cgroup / "cgroup.procs") if cgroup is not None else ""
+    return [sys.executable, "-c", _NETNS_EXEC, procs, f"/run/netns/{netns}", *argv]
