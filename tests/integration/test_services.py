@@ -122,6 +122,7 @@ def cleanup(lab: Lab) -> Iterator[list[str]]:
     """Services a test adds; deleted (and their pods' checks passing again) however it ends."""
     names: list[str] = []
     yield names
+    lab.load()  # the CLI, in another process, may have changed the state
     for pod in PODS:
         services.flag_file(lab, pod).unlink(missing_ok=True)
     for n in names:
@@ -190,6 +191,75 @@ def moved(stream: Stream, since: float, to: set[str], settled: int = 30) -> floa
     if run < settled:
         return None
     return lines[len(lines) - run][0]
+
+
+def lab_cli(lab: Lab, *args: str, json_out: bool = False) -> subprocess.CompletedProcess[str]:
+    """`wiremesh [-o json] lab service ARGS -n LAB` (the test's Lab object reloads its state after)."""
+    argv = [WM, *(["-o", "json"] if json_out else []), "lab", "service", *args, "-n", lab.name]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_pods_and_their_backends_run_in_their_nodes_cgroup(lab: Lab, cleanup: list[str]) -> None:
+    cleanup.append("cg")
+    services.add(lab, "cg", 8079, ["e2", "w1"])
+    for pod, node in (("client", "east-node1"), ("e2", "east-node2")):
+        line = lab.run(pod, "cat", "/proc/self/cgroup", check=True).stdout.splitlines()[-1]
+        assert line == f"0::/wiremesh/{lab.name}/{node}", line
+    for pod, b in services.service_state(lab, "cg")["backends"].items():
+        procs = Path(lab.node(PODS[pod]).cgroup, "cgroup.procs").read_text().split()
+        assert str(b["pid"]) in procs, f"the backend in {pod} is in {PODS[pod]}'s cgroup"
+    toml = Path(lab.node("west-node1").dir, "agent.toml").read_text()
+    assert f'service_cgroup = "/sys/fs/cgroup/unified/wiremesh/{lab.name}/west-node1"' in toml
+    assert f'bpf_pin_dir = "/sys/fs/bpf/wiremesh/{lab.name}-west-node1"' in toml
+
+
+def test_lab_service_cli_is_idempotent_and_refuses_clearly(lab: Lab, cleanup: list[str]) -> None:
+    cleanup.extend(["cli", "cli2", "cli3"])
+    p = lab_cli(lab, "add", "cli", "--port", "8085", "--pods", "e1,w1", "--affinity", "remote", json_out=True)
+    assert p.returncode == 0, p.stderr
+    first = json.loads(p.stdout)["services"][0]
+    assert first["policy"] == "affinity remote" and first["backends"] == ["e1", "w1"]
+    pids = {pod: b["pid"] for pod, b in Lab(lab.name).load().state["services"]["cli"]["backends"].items()}
+    p = lab_cli(lab, "add", "cli", "--port", "8085", "--pods", "e1,w1", "--affinity", "remote")
+    assert p.returncode == 0 and "(unchanged)" in p.stderr, p.stderr
+    again = {pod: b["pid"] for pod, b in Lab(lab.name).load().state["services"]["cli"]["backends"].items()}
+    assert again == pids, "adding the same service again starts nothing new"
+    assert set(connect(lab, first["vips"]["east"], 8085, 20)) == {"w1"}, "affinity remote from east"
+
+    refused = {
+        ("add", "cli2", "--port", "8085", "--pods", "e1"): "port 8085/tcp in pod e1 is already used by service 'cli'",
+        ("add", "cli2", "--port", "8086", "--pods", "e1,nope"): "no pod 'nope'",
+        ("add", "cli2", "--port", "8086", "--pods", "e1", "--prefer", "north"): "no cluster 'north'",
+        ("add", "Bad_Name", "--port", "8086", "--pods", "e1"): "is not a service name",
+        ("add", "cli2", "--port", "0", "--pods", "e1"): "0 is not in the range",
+        ("fail", "nope"): "no pod 'nope'",
+        ("fail", "client"): "pod client runs no service backend",
+        ("del", "nope"): "no service 'nope'",
+    }
+    for args, message in refused.items():
+        p = lab_cli(lab, *args)
+        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-400:])
+    # A port some other process of the pod holds: the backend says so.
+    other = lab.popen("e2", sys.executable, "-m", "http.server", "8087", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "8087" in lab.run("e2", "ss", "-Htln", "sport", "= :8087").stdout, 10,
+                   what="a process to listen on 8087 in e2")
+        p = lab_cli(lab, "add", "cli3", "--port", "8087", "--pods", "e2")
+        assert p.returncode != 0 and "port 8087/tcp is already in use in pod e2" in p.stderr, p.stderr[-400:]
+    finally:
+        other.kill()
+        other.wait()
+    lab.load()
+    listing = json.loads(lab_cli(lab, "list", json_out=True).stdout)["services"]
+    cli = next(s for s in listing if s["service"] == "cli")
+    assert [(b["pod"], b["cluster"], b["status"]) for b in cli["backends"]] == [("e1", "east", "passing"),
+                                                                                ("w1", "west", "passing")]
+    p = lab_cli(lab, "del", "cli")
+    assert p.returncode == 0, p.stderr
+    lab.load()
+    assert "cli" not in lab.state.get("services", {})
+    assert lab.consul(lambda s: s.get(layout.service_key("west", "cli")), "west") is None
 
 
 def test_affinity_local_fails_over_to_the_other_cluster_and_back(lab: Lab, cleanup: list[str],
