@@ -56,6 +56,7 @@ class Rotator:
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
         self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
         self.wake: int | None = None
+        self.switched_before_stop = False
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -75,7 +76,8 @@ class Rotator:
         if device_public_key == nxt.public_key().base64:
             os.replace(self.next_file, self.key_file)  # the switch happened before the stop
             self._write_epoch(self.epoch + 1)
-            log.info("the device already uses the next key: rotation finished after a restart")
+            self.switched_before_stop = True  # its rotation record may still say "staged"
+            log.info("the device already uses the next key: the switch happened before a restart")
             return nxt
         self.next_key = nxt
         return None
@@ -102,6 +104,16 @@ class Rotator:
                 self.switch_at = own.switch_at  # resumed after a restart
         if self.rotation.state == "requested":
             self._stage(now, republish)
+            return
+        if self.rotation.state == "staged" and self.switched_before_stop:
+            # Stopped between the device's switch and writing it down: the switch is done.
+            self.switched_before_stop = False
+            self.switch_at = 0
+            log.info("rotation %s: switched before the restart; confirming", self.rotation.id)
+            self._write(replace(self.rotation, state="switched", updated_at=now,
+                                switch_at=self.rotation.switch_at or now))
+            republish()
+            self.wake = now + 100
             return
         if self.rotation.state == "staged":
             if self.next_key is None:  # the next key was lost (file removed): give up cleanly

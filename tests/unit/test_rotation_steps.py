@@ -186,3 +186,17 @@ def test_scheduled_rotation_comes_at_the_node_s_phase_and_never_beside_another(r
     assert layout.rotation_key("c", "a") not in store.kv
     rot.schedule(hour, nodes, {}, key_age_from=T)
     assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "requested"
+
+
+def test_stopped_between_the_switch_and_writing_it_down_the_rotation_is_switched(rig: Any, tmp_path: Path) -> None:
+    rot, store, clock, key, switched = rig
+    drive(rot, Rotation.new("a", clock.now), {}, switched)
+    staged = rot.rotation
+    nxt = read_key_file(rot.next_file)
+    again = Rotator(store, "c", "a", tmp_path / "private.key", clock=clock)  # type: ignore[arg-type]
+    assert again.recover(nxt.public_key().base64) == nxt  # the device had taken it
+    clock.now = staged.switch_at + 50
+    drive(again, staged, {}, switched)
+    rec = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
+    assert rec.state == "switched" and switched == []  # no second switch, not abandoned
+    assert again.announce(record(nxt)).next_public_key == ""
