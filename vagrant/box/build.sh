@@ -96,7 +96,9 @@ configure() {
     # sshd host keys are made at first boot (each VM its own), not baked into the box.
     rm -f "$root"/etc/ssh/ssh_host_*
     mkdir -p "$root/etc/systemd/system/ssh.service.d"
-    printf '[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n' >"$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
+    # (before Debian's own `sshd -t` check, which fails without host keys)
+    printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+        >"$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
     : >"$root/etc/machine-id"
     echo wireguard >"$root/etc/modules-load.d/wireguard.conf"
 }
