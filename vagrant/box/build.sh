@@ -80,7 +80,7 @@ configure() {
     # The management interface (eth0, net.ifnames=0) by DHCP; Vagrant writes the others'
     # 50-vagrant-ethN.network files itself (its Debian guest uses systemd-networkd when enabled).
     mkdir -p "$root/etc/systemd/network"
-    printf '[Match]\nName=eth0\n[Network]\nDHCP=ipv4\n' >"$root/etc/systemd/network/10-eth0.network"
+    printf '[Match]\nName=eth0\n[Network]\nDHCP=ipv4\n[DHCPv4]\nClientIdentifier=mac\n' >"$root/etc/systemd/network/10-eth0.network"
     ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
     ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd-wait-online.service"
     # Vagrant's user, its insecure key (replaced by a fresh key on first `vagrant up`), sudo.
@@ -99,7 +99,6 @@ configure() {
     # (before Debian's own `sshd -t` check, which fails without host keys)
     printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
         >"$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
-    : >"$root/etc/machine-id"
     echo wireguard >"$root/etc/modules-load.d/wireguard.conf"
 }
 step "configure (vagrant user, sshd, networkd, fstab)" configure
@@ -130,6 +129,10 @@ install_project() {
     for ((i=${#mounted[@]}-1; i>=0; i--)); do umount "${mounted[i]}"; done
     mounted=()
     rm -rf "$root/var/lib/apt/lists"/* "$root/root/.cache"
+    # Each VM its own machine id (made at first boot): a shared one gives every VM the same
+    # DHCP client id on the management network, and libvirt's dnsmasq hands them one lease.
+    : >"$root/etc/machine-id"
+    rm -f "$root/var/lib/dbus/machine-id"
 }
 step "install wiremesh with scripts/setup.sh in the image (apt, Consul, venv, eBPF)" install_project
 

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Federation on VMs, tested from the host: the Vagrant lab's clusters connected with the setup
+# wizard's non-interactive path (answers generated from the topology), each node's agent as a
+# systemd service, then checks printed as a table; exits 1 if any check failed.
+#
+#   vagrant/test-federation.sh [--up] [--destroy] [--keep-netns]
+#     --up       build the box if it is missing (vagrant/box/build.sh), start libvirt in its
+#                network namespace (vagrant/netns.sh) and `vagrant up` the lab first
+#     --destroy  afterwards, whatever happened: `vagrant destroy`, remove libvirt's domains,
+#                networks and volumes, stop the daemons netns.sh started, delete the namespace
+#
+# Checks: Consul servers WAN-joined; setup applied; each agent active with the kernel WireGuard
+# backend (a "wireguard" link, the agent's "kernel backend" log line); a pod in every cluster
+# pings a pod in every other cluster over the overlay; TCP between pods (iperf3); a capture on
+# the VMs' network shows only WireGuard UDP (and Consul's own ports) between the VMs, never a
+# pod address; a Consul server restart while pods ping each other loses (almost) nothing.
+# Environment: WIREMESH_TOPOLOGY (default lab/topologies/vagrant-mini.yaml), WIREMESH_NETNS
+# (wmvag), WIREMESH_LOCK (default /tmp/wiremesh-integ.lock: held while VMs run; "" = none).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+export WIREMESH_TOPOLOGY=${WIREMESH_TOPOLOGY:-$repo/lab/topologies/vagrant-mini.yaml}
+export VAGRANT_DEFAULT_PROVIDER=${VAGRANT_DEFAULT_PROVIDER:-libvirt}
+lock=${WIREMESH_LOCK-/tmp/wiremesh-integ.lock}
+up=0 destroy=0
+for a in "$@"; do
+    case $a in
+        --up) up=1 ;;
+        --destroy) destroy=1 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "test-federation.sh: unknown argument $a" >&2; exit 2 ;;
+    esac
+done
+cd "$here"
+say() { printf '[%4ds] %s\n' "$SECONDS" "$*" >&2; }
+inns() { "$here/netns.sh" exec "$@"; }
+py=$repo/.venv/bin/python; [ -x "$py" ] || py=python3
+
+# shellcheck disable=SC2317  # called through the EXIT trap
+teardown() {
+    local rc=$?
+    if [ "$destroy" = 1 ]; then
+        say "destroying the lab"
+        inns vagrant destroy -f >/dev/null 2>&1 || true
+        "$here/netns.sh" stop || true
+        rm -rf "$here/.vagrant/machines"
+    fi
+    exit "$rc"
+}
+trap teardown EXIT
+
+if [ "$up" = 1 ]; then
+    vagrant box list 2>/dev/null | grep -q '^wiremesh/bookworm ' || [ -n "${WIREMESH_BOX:-}" ] || "$here/box/build.sh"
+fi
+if [ -n "$lock" ]; then
+    exec 9>"$lock"
+    say "waiting for $lock (VMs run only while it is held)"
+    flock 9
+fi
+if [ "$up" = 1 ]; then
+    "$here/netns.sh" start
+    say "vagrant up ($(grep -c '^  - name:' "$WIREMESH_TOPOLOGY") clusters from ${WIREMESH_TOPOLOGY#"$repo"/})"
+    t0=$SECONDS
+    if ! inns vagrant up 2>&1 | tr '\r' '\n' | grep -v -e 'Progress:' -e 'Connection refused. Retrying' >"$here/.vagrant/up.log"; then :; fi
+    inns vagrant status 2>/dev/null | grep -q ' running ' || { say "vagrant up failed: see vagrant/.vagrant/up.log"; tail -n 20 "$here/.vagrant/up.log" >&2; exit 1; }
+    up_s=$((SECONDS - t0))
+    say "vagrant up took $up_s s"
+fi
+
+# Machines, addresses and answers from the topology (the same rules as the Vagrantfile).
+eval "$("$py" - "$WIREMESH_TOPOLOGY" <<'PY'
+import json, shlex, sys, yaml
+t = yaml.safe_load(open(sys.argv[1])); mode = (t.get("vagrant") or {}).get("consul", "node")
+nodes, clusters, answers = [], [], []
+for c, cl in enumerate(t["clusters"]):
+    n = int(cl.get("nodes", 2)); name = cl["name"]
+    cons = f"10.99.{c}.2" if mode == "vm" or n == 0 else f"10.99.{c}.11"
+    server = f"{name}-consul" if cons.endswith(".2") else f"{name}-node1"
+    clusters.append(f"{name}:{server}:{cons}")
+    nodes += [f"{name}:{name}-node{k}:{c}" for k in range(1, n + 1)]
+    answers.append({"consul": f"http://{cons}:8500", "name": name, "id": cl["id"], "pod_cidr": cl["pod_cidr"],
+                    "datacenter": cl.get("datacenter", name), "routing": cl.get("routing", "wireguard")})
+print("NODES=(" + " ".join(map(shlex.quote, nodes)) + ")")
+print("CLUSTERS=(" + " ".join(map(shlex.quote, clusters)) + ")")
+print("ANSWERS=" + shlex.quote(json.dumps({"clusters": answers})))
+PY
+)"
+inns vagrant ssh-config >"$here/.vagrant/ssh-config" 2>/dev/null
+vs() { local m=$1; shift; inns ssh -F "$here/.vagrant/ssh-config" -o LogLevel=ERROR -o ConnectTimeout=10 "$m" "sudo bash -c $(printf '%q' "$*")"; }
+
+results=()
+failed=0
+check() {   # check NAME OK(0/1) DETAIL
+    local st=PASS
+    [ "$2" = 0 ] || { st=FAIL; failed=1; }
+    results+=("$(printf '%-52s %-4s %s' "$1" "$st" "$3")")
+    say "$st $1 $3"
+}
+
+# 1. Consul: every server sees all datacenters on the WAN.
+first_server=${CLUSTERS[0]#*:}; first_server=${first_server%%:*}
+first_addr=${CLUSTERS[0]##*:}
+wan=$(vs "$first_server" "consul members -wan" 2>&1 | grep -c ' alive ' || true)
+check "consul servers WAN-joined" "$([ "$wan" -ge "${#CLUSTERS[@]}" ] && echo 0 || echo 1)" "$wan/${#CLUSTERS[@]} alive"
+
+# 2. Connect the clusters: the wizard's non-interactive path, answers from the topology.
+out=$(printf '%s' "$ANSWERS" | vs "$first_server" "cat >/tmp/wiremesh-answers.json && wiremesh --consul http://$first_addr:8500 setup --answers /tmp/wiremesh-answers.json --yes" 2>&1); rc=$?
+check "wiremesh setup --answers (from topology)" "$rc" "$(printf '%s' "$out" | grep -c . ) lines of output"
+
+# 3. Agents (systemd) with the kernel backend; pods (a network namespace per node).
+for n in "${NODES[@]}"; do
+    IFS=: read -r _ m _ <<<"$n"
+    vs "$m" "systemctl restart wiremesh-agent" || true
+done
+declare -A POD
+for n in "${NODES[@]}"; do
+    IFS=: read -r _ m _ <<<"$n"
+    ok=1
+    for _ in $(seq 60); do
+        if vs "$m" "ip -o -4 addr show wm0 | grep -q inet && [ \$(wg show wm0 peers | wc -l) -ge $((${#NODES[@]} - 1)) ]" 2>/dev/null; then ok=0; break; fi
+        sleep 2
+    done
+    kind=$(vs "$m" "ip -d -o link show wm0 2>/dev/null | grep -o -w wireguard; journalctl -u wiremesh-agent --no-pager | grep -o '([a-z]* backend)' | tail -n1" 2>/dev/null | tr '\n' ' ')
+    active=$(vs "$m" "systemctl is-active wiremesh-agent" 2>/dev/null || true)
+    check "$m: agent $active, peers programmed" "$ok" "$(vs "$m" "wg show wm0 peers | wc -l" 2>/dev/null) peers"
+    case $kind in *wireguard*"(kernel backend)"*) k=0 ;; *) k=1 ;; esac
+    check "$m: kernel WireGuard backend" "$k" "${kind% }"
+    # A pod: its own network namespace behind a veth, the node's first pod address + 9.
+    cidr=$(vs "$m" "ip -o -4 addr show wm0" | awk '{print $4}' | head -n1)
+    base=${cidr%/*}; pod=${base%.*}.$(( ${base##*.} + 9 ))
+    POD[$m]=$pod
+    vs "$m" "ip netns del pod 2>/dev/null; ip netns add pod && ip link add hpod type veth peer name eth0 netns pod && \
+        ip link set hpod mtu 1420 up && ip -n pod link set eth0 mtu 1420 up && ip -n pod link set lo up && \
+        ip addr add ${base%.*}.254/32 dev hpod && ip route replace $pod/32 dev hpod && \
+        ip -n pod addr add $pod/32 dev eth0 && ip -n pod route add ${base%.*}.254/32 dev eth0 && \
+        ip -n pod route add default via ${base%.*}.254 && sysctl -qw net.ipv4.ip_forward=1" || true
+done
+
+# 4. The wire: everything between the VMs while pods talk, captured on the VMs' network.
+a=${NODES[0]}; b=${NODES[${#NODES[@]}-1]}
+ma=${a#*:}; ma=${ma%%:*}; mb=${b#*:}; mb=${mb%%:*}
+bridges=$(for net in $(virsh -q -c qemu:///system net-list --name | grep '^wiremesh-' | grep -v mgmt); do
+    virsh -c qemu:///system net-info "$net" | awk '/^Bridge:/ {print $2}'; done)
+pcap=$here/.vagrant/wire.pcap
+br1=$(echo "$bridges" | head -n1)
+inns timeout 25 tcpdump -i "$br1" -nn -U -w "$pcap" not arp >/dev/null 2>&1 & cap=$!
+sleep 2
+
+pings=$(vs "$ma" "ip netns exec pod ping -c 5 -i 0.5 -W 2 ${POD[$mb]}" 2>&1 | grep -o '[0-9]* received' || echo "0 received")
+check "pod $ma -> pod $mb: ping over the overlay" "$([ "${pings%% *}" -ge 4 ] && echo 0 || echo 1)" "$pings of 5 (${POD[$ma]} -> ${POD[$mb]})"
+pings=$(vs "$mb" "ip netns exec pod ping -c 5 -i 0.5 -W 2 ${POD[$ma]}" 2>&1 | grep -o '[0-9]* received' || echo "0 received")
+check "pod $mb -> pod $ma: ping over the overlay" "$([ "${pings%% *}" -ge 4 ] && echo 0 || echo 1)" "$pings of 5"
+vs "$mb" "ip netns exec pod iperf3 -s -1 -D -B ${POD[$mb]}" >/dev/null 2>&1 || true
+sleep 1
+bps=$(vs "$ma" "ip netns exec pod timeout 20 iperf3 -c ${POD[$mb]} -t 3 -J" 2>/dev/null | "$py" -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]))' 2>/dev/null || echo 0)
+check "TCP pod -> pod (iperf3, 3 s)" "$([ "$bps" -gt 0 ] && echo 0 || echo 1)" "$((bps / 1000000)) Mbit/s"
+sleep 1
+kill "$cap" 2>/dev/null || true; wait "$cap" 2>/dev/null || true
+wgport=51820
+total=$(inns tcpdump -nn -r "$pcap" 2>/dev/null | wc -l)
+wg=$(inns tcpdump -nn -r "$pcap" "udp port $wgport" 2>/dev/null | wc -l)
+other=$(inns tcpdump -nn -r "$pcap" "not udp port $wgport and not (tcp portrange 8300-8302 or udp portrange 8301-8302 or tcp port 8500) and not ip6" 2>/dev/null | head -n 3)
+clear=$(inns tcpdump -nn -r "$pcap" "net 10.240.0.0/12" 2>/dev/null | wc -l)
+check "wire: only WireGuard UDP between the VMs" "$([ "$wg" -gt 0 ] && [ -z "$other" ] && [ "$clear" = 0 ] && echo 0 || echo 1)" \
+    "$wg of $total packets WireGuard UDP/$wgport, rest Consul; pod addresses in clear: $clear${other:+; other: $other}"
+
+# 5. A Consul server restart while pods ping each other.
+vs "$ma" "ip netns exec pod ping -c 60 -i 0.25 -W 1 ${POD[$mb]} >/tmp/ping-restart.txt 2>&1 &" || true
+sleep 2
+srv=${CLUSTERS[0]#*:}; srv=${srv%%:*}
+vs "$srv" "systemctl restart wiremesh-consul" || true
+sleep 16
+got=$(vs "$ma" "grep -o '[0-9]* received' /tmp/ping-restart.txt" 2>/dev/null || echo "0 received")
+alive=$(for n in "${NODES[@]}"; do m=${n#*:}; m=${m%%:*}; vs "$m" "systemctl is-active wiremesh-agent" 2>/dev/null; done | grep -c '^active' || true)
+after=$(vs "$ma" "ip netns exec pod ping -c 3 -i 0.5 -W 2 ${POD[$mb]}" 2>&1 | grep -o '[0-9]* received' || echo "0 received")
+check "Consul server restart ($srv) under ping" "$([ "${got%% *}" -ge 55 ] && [ "$alive" = "${#NODES[@]}" ] && [ "${after%% *}" -ge 2 ] && echo 0 || echo 1)" \
+    "$got of 60 during, agents active $alive/${#NODES[@]}, after: $after of 3"
+
+printf '\n%-52s %-4s %s\n' CHECK RESULT DETAIL
+printf '%s\n' "${results[@]}"
+[ -z "${up_s:-}" ] || printf '(vagrant up: %d s; total: %d s)\n' "$up_s" "$SECONDS"
+exit "$failed"
