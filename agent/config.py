@@ -89,9 +89,13 @@ def _typed(src: str, d: dict[str, Any], name: str, typ: type, prefix: str = "") 
     v = d[name]
     ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
     if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        if abs(v) > 2**53:  # TOML integers are not bounded by the parser; float() raises past 1e308
+            raise ConfigError(src, prefix + name, f"{str(v)[:24]} is out of range")
         ok, v = True, float(v)
     if not ok:
         raise ConfigError(src, prefix + name, f"must be {typ.__name__}, not {type(v).__name__}")
+    if typ is str and "\x00" in v:  # every string here is a name, an address or a path: none holds NUL
+        raise ConfigError(src, prefix + name, "must not contain a NUL character")
     return v
 
 
@@ -205,4 +209,6 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(src, "file", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(src, "syntax", str(e)) from None
+    except RecursionError:  # arrays or inline tables nested deeper than tomllib goes
+        raise ConfigError(src, "syntax", "nested too deeply") from None
     return parse_config(data, src)

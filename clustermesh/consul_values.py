@@ -158,7 +158,7 @@ class KVParser:
 def parse_kv_item(raw: Any) -> KVItem:
     value = raw.get("Value")
     data = base64.b64decode(value, validate=True) if value else b""
-    return KVItem(key=_str(raw["Key"]), value=data, modify_index=int(raw["ModifyIndex"]),
+    return KVItem(key=_str(raw["Key"]), value=data, modify_index=_index(raw["ModifyIndex"]),
                   session=_str(raw["Session"]) if raw.get("Session") else None)
 
 
@@ -183,6 +183,8 @@ def parse_health(service: str, body: Any) -> ServiceHealth:
 def _instance(node: Any, svc: Any, raw_checks: Any) -> ServiceInstance:
     address = svc.get("Address") or node.get("Address") or ""
     try:
+        if not isinstance(address, str):  # ip_address() would take 167772165, or true, as an IPv4 address
+            raise ValueError
         ip = ipaddress.ip_address(address)
     except ValueError:
         raise ValueError(f"address {address!r} is not an IP address") from None
@@ -225,6 +227,16 @@ def _list(v: Any) -> list[Any]:
         return []
     if not isinstance(v, list):
         raise TypeError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _index(v: Any) -> int:
+    # Consul's indexes are unsigned integers; int() would take "7", 7.9 and true, and raise
+    # OverflowError (not a shape error) on 1e400.
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"expected an index, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"index {v} is negative")
     return v
 
 

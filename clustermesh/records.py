@@ -56,10 +56,20 @@ _SCHEMA = re.compile(r"([0-9]{1,4})(?:\.([0-9]{1,4}))?")
 _PRIVATE_KEY_FIELD = re.compile(r"private[_-]?key|privkey", re.IGNORECASE)
 
 
+def _shown(value: object) -> str:
+    """A refused value as an error message shows it: text cut to 64 characters, a number or null as
+    it is, anything else only by its type (a list or an object may be 16 KiB, or hold a secret)."""
+    if isinstance(value, str):
+        return repr(value[:64])
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)[:32]
+    return f"a {type(value).__name__}"
+
+
 def check_cluster_name(name: object, field: str = "name", key: str | None = None) -> str:
     if not isinstance(name, str) or not _CLUSTER_NAME.fullmatch(name):
         raise InvalidRecord(
-            field, f"{name!r} is not a cluster name (lowercase letters, digits, dashes; at most 32)", key
+            field, f"{_shown(name)} is not a cluster name (lowercase letters, digits, dashes; at most 32)", key
         )
     return name
 
@@ -67,7 +77,7 @@ def check_cluster_name(name: object, field: str = "name", key: str | None = None
 def check_node_name(name: object, field: str = "name", key: str | None = None) -> str:
     if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
         raise InvalidRecord(
-            field, f"{name!r} is not a node name (lowercase letters, digits, '-' and '.'; at most 63)", key
+            field, f"{_shown(name)} is not a node name (lowercase letters, digits, '-' and '.'; at most 63)", key
         )
     return name
 
@@ -152,7 +162,10 @@ def _schema_order(schema: str) -> tuple[int, int]:
 
 def _load(raw: bytes | str, key: str | None, known: frozenset[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """The envelope every record shares -> (known fields, schema version, unknown fields)."""
-    size = len(raw.encode()) if isinstance(raw, str) else len(raw)
+    try:
+        size = len(raw.encode()) if isinstance(raw, str) else len(raw)
+    except UnicodeEncodeError:  # a str holding lone surrogates: no UTF-8 text could have made it
+        raise InvalidRecord("value", "not UTF-8 text", key) from None
     if size > MAX_RECORD_BYTES:
         raise InvalidRecord("value", f"{size} bytes is over the {MAX_RECORD_BYTES}-byte limit", key)
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRecord
-from .records import SCHEMA, SCHEMA_FIELD, _dump, _envelope, _int, _load, _str, check_cluster_name
+from .records import SCHEMA, SCHEMA_FIELD, _dump, _envelope, _int, _load, _shown, _str, check_cluster_name
 
 AFFINITIES = ("none", "local", "remote")
 PROTOCOLS = ("tcp", "udp")
@@ -38,7 +38,7 @@ _SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def check_service_name(name: object, field_name: str = "name", key: str | None = None) -> str:
     if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
-        raise InvalidRecord(field_name, f"{str(name)[:70]!r} is not a service name (lowercase letters, digits, "
+        raise InvalidRecord(field_name, f"{_shown(name)} is not a service name (lowercase letters, digits, "
                                         "dashes; at most 63)", key)
     return name
 

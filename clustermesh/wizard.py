@@ -104,6 +104,10 @@ def load_answers(path: Path) -> list[ClusterAnswer]:
         raise SetupError(str(path), e.strerror or str(e)) from None
     except yaml.YAMLError as e:
         raise SetupError(str(path), f"not YAML/JSON: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise SetupError(str(path), "not UTF-8 text") from None
+    except RecursionError:
+        raise SetupError(str(path), "not YAML/JSON: nested too deeply") from None
     return parse_answers(data, str(path))
 
 

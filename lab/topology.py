@@ -81,6 +81,10 @@ def load_topology(path: Path = DEFAULT_TOPOLOGY, clusters: int | None = None, no
         raise LabError(f"{path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise LabError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise LabError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise LabError(f"{path}: not YAML (nested too deeply)") from None
     specs = parse_topology(data, str(path))
     if clusters is not None:
         n = len(specs)

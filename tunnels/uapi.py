@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wiremesh.keys import PrivateKey, PublicKey
+from wiremesh.keys import KeyMaterialError, PrivateKey, PublicKey
 
 from .errors import DeviceNotFound, TunnelError, UAPIError
 from .model import DeviceState, PeerChange, PeerStatus
@@ -45,6 +45,15 @@ class _Peer:
 
 _PEER_INTS = {"persistent_keepalive_interval": "keepalive", "last_handshake_time_sec": "hs_sec",
               "last_handshake_time_nsec": "hs_nsec", "rx_bytes": "rx", "tx_bytes": "tx"}
+_SECRET_KEYS = ("private_key", "preshared_key")  # their lines are never shown in an error
+
+
+def _number(ifname: str, key: str, value: str, signed: bool = False) -> int:
+    """A UAPI number: decimal, unsigned 64-bit, except errno (negative on Linux: -EINVAL)."""
+    digits = value[1:] if signed and value.startswith("-") else value
+    if not (digits.isascii() and digits.isdigit()) or int(digits) >= 2**64:
+        raise TunnelError(f"{ifname}: UAPI {key} {value[:24]!r} is not a 64-bit integer")
+    return int(value)
 
 
 def parse_get(ifname: str, text: str) -> DeviceState:
@@ -59,24 +68,31 @@ def parse_get(ifname: str, text: str) -> DeviceState:
             continue
         key, sep, value = line.partition("=")
         if not sep:
-            raise TunnelError(f"{ifname}: malformed UAPI line {line[:40]!r}")
+            shown = "(a secret key's line)" if line.startswith(_SECRET_KEYS) else repr(line[:40])
+            raise TunnelError(f"{ifname}: malformed UAPI line {shown}")
         if key == "private_key":
-            public_key = PrivateKey(bytes.fromhex(value)).public_key().base64
+            try:
+                public_key = PrivateKey(bytes.fromhex(value)).public_key().base64
+            except (ValueError, KeyMaterialError):  # never show the value: it is the private key
+                raise TunnelError(f"{ifname}: UAPI private_key is not a 64-digit hex key") from None
         elif key == "listen_port":
-            listen_port = int(value)
+            listen_port = _number(ifname, key, value)
         elif key == "public_key":
             if cur is not None:
                 peers[cur.public_key] = cur.status()
-            cur = _Peer(_b64_from_hex(value))
+            try:
+                cur = _Peer(_b64_from_hex(value))
+            except KeyMaterialError as e:
+                raise TunnelError(f"{ifname}: UAPI {e}") from None
         elif key == "errno":
-            err = int(value)
+            err = _number(ifname, key, value, signed=True)
         elif cur is not None:
             if key == "endpoint":
                 cur.endpoint = value
             elif key == "allowed_ip":
                 cur.allowed_ips.append(value)
             elif key in _PEER_INTS:
-                setattr(cur, _PEER_INTS[key], int(value))
+                setattr(cur, _PEER_INTS[key], _number(ifname, key, value))
     if cur is not None:
         peers[cur.public_key] = cur.status()
     if err:
@@ -141,7 +157,10 @@ class UAPIClient:
                 if not chunk:
                     break
                 buf += chunk
-            return buf.decode()
+            try:
+                return buf.decode()
+            except UnicodeDecodeError:
+                raise TunnelError(f"{self.ifname}: UAPI reply is not UTF-8 text") from None
         except OSError as e:
             if isinstance(e, DeviceNotFound):
                 raise
@@ -163,7 +182,7 @@ class UAPIClient:
         reply = self._request(body)
         for line in reply.splitlines():
             if line.startswith("errno="):
-                err = int(line[6:])
+                err = _number(self.ifname, "errno", line[6:], signed=True)
                 if err:
                     # Never echo the request: it may hold the private key.
                     raise UAPIError(f"{self.ifname}: UAPI set failed with errno {err}", err)

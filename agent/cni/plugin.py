@@ -92,7 +92,11 @@ def parse_config(raw: str) -> dict[str, Any]:
 
 
 def _valid_ifname(ifname: str) -> bool:
-    return 0 < len(ifname) <= 15 and ifname not in (".", "..") and not re.search(r"[/:\s]", ifname)
+    try:
+        size = len(ifname.encode())  # the kernel counts bytes (IFNAMSIZ); a name that is not UTF-8 is refused
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= 15 and ifname not in (".", "..") and not re.search(r"[/:\s]", ifname)
 
 
 def parse_env(env: dict[str, str], command: str) -> dict[str, str]:
@@ -338,8 +342,14 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, dict[str, Any] | None]:
 
 
 def main() -> NoReturn:
-    stdin = "" if os.environ.get("CNI_COMMAND") == "VERSION" else sys.stdin.read()
-    code, out = run(dict(os.environ), stdin)
+    out: dict[str, Any] | None
+    try:
+        stdin = "" if os.environ.get("CNI_COMMAND") == "VERSION" else sys.stdin.read()
+    except UnicodeDecodeError as e:  # stdin is read as UTF-8: bytes that are not must still get error JSON
+        code, out = 1, {"cniVersion": "1.0.0", "code": DECODE_FAILURE, "msg": "network config is not UTF-8 text",
+                        "details": str(e)}
+    else:
+        code, out = run(dict(os.environ), stdin)
     if out is not None:
         sys.stdout.write(json.dumps(out) + "\n")
     sys.exit(code)
