@@ -66,7 +66,7 @@ def consul_error(what: str, failure: Reply | BaseException, address: str = "") -
             reason, text = R.UNREACHABLE, f"{at} unreachable"
         elif isinstance(failure, requests.RequestException):  # a bad URL, too many redirects, ...
             reason, text = R.OTHER, f"{at}: {_first_line(failure)}"
-        elif isinstance(failure, (ValueError, KeyError, TypeError, AttributeError)):
+        elif isinstance(failure, (ValueError, KeyError, TypeError, AttributeError, RecursionError)):
             reason, text = R.BAD_RESPONSE, f"unreadable answer from {at} ({_first_line(failure)})"
         else:
             reason, text = R.OTHER, f"{at}: {_first_line(failure)}"

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_ADDR = "http://127.0.0.1:8500"
-_SHAPE_ERRORS = (KeyError, ValueError, TypeError, AttributeError)
+_SHAPE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, RecursionError)  # a body nested too deeply too
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,9 +85,6 @@ def test_health_address_that_is_not_text_is_skipped(address: object) -> None:
     assert health.instances == () and "is not an IP address" in health.skipped[0].reason
 
 
-@pytest.mark.xfail(strict=True, reason="ConsulStore._json lets json.loads' RecursionError through: a 2xx body "
-                   "nested deeper than the parser goes escapes as RecursionError, not a ConsulError. Proposed: "
-                   "add RecursionError to store._SHAPE_ERRORS and to consul_errors.consul_error's BAD_RESPONSE branch")
 def test_consul_answer_nested_too_deeply_is_bad_response() -> None:
     store = ConsulStore(ConsulOptions(), retries=False)
     with pytest.raises(ConsulError) as e:
