@@ -175,6 +175,7 @@ class Agent:
         log.info("%s key %s (public %s)", "generated" if generated else "loaded",
                  self.cfg.key_file, self.key.public_key().fingerprint)
         self._bootstrap_from_consul()
+        self.rotator.resume()  # a rotation left staged goes on being announced from the first record
         self.underlay_mtu = mtu_of_address(self.cfg.underlay_address)
         if self.underlay_mtu is None:
             log.warning("no interface holds underlay_address %s; peers will not reach this node",
@@ -400,7 +401,8 @@ class Agent:
             {**snap.rotations.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {}),
              **fed.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {})},
             lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
-            self._switch_key, self.registration.republish.set)
+            self._switch_key, self.registration.republish.set,
+            {n: r.switch_at for n, r in announced.items() if r.next_public_key and r.switch_at})
         self.rotator.take_part(announced)
         if self.config is not None and self.config.rotate_every:
             self.rotator.schedule(self.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations,
@@ -415,9 +417,18 @@ class Agent:
             return 0
 
     def _switch_key(self, key: PrivateKey) -> None:
-        """The device takes `key` (a rotation's switch): from now on it is this node's key."""
+        """The device takes `key` (a rotation's switch): from now on it is this node's key.
+
+        Then one packet to every peer, so that this node starts its handshakes at once: a peer
+        that took the new key before this switch (this agent late, the peer on time) got no
+        answer to its own handshake and would try again only 5 s later."""
         self.device.configure(key, self.listen_port)
         self.key, self.public_key = key, key.public_key().base64
+        for nid, peer in (self._desired.peers.items() if self._desired is not None else ()):
+            try:
+                poke(overlay_address(next(iter(peer.allowed_ips))))
+            except (TunnelError, StopIteration, ValueError) as e:
+                log.debug("poke %s: %s", nid, e)
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval

@@ -24,10 +24,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from wiremesh.clustermesh import ConsulError, ConsulStore, NodeRecord, layout
+from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRecord, layout
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
 from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
-from wiremesh.keys.rotation import LEAD_MS, PEER_DELAY_MS, PEER_ROLLBACK_MS, staged_step, switched_step
+from wiremesh.keys.rotation import (
+    LEAD_MS,
+    PEER_DELAY_MS,
+    PEER_ROLLBACK_MS,
+    READY_MARGIN_MS,
+    SWITCH_SPACING_MS,
+    spaced_switch,
+    staged_step,
+    switched_step,
+)
 
 log = logging.getLogger("wiremesh.rotation")
 
@@ -57,6 +66,9 @@ class Rotator:
         self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
         self.wake: int | None = None
         self.switched_before_stop = False
+        self.unwritten = False  # the last progress could not be written (Consul away)
+        self._me = f"{cluster}/{node}"
+        self._others: Mapping[str, int] = {}  # switch times other nodes announce (drive's argument)
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -82,6 +94,24 @@ class Rotator:
         self.next_key = nxt
         return None
 
+    def resume(self) -> None:
+        """At start-up, before this node's record is published again: the switch time of a
+        rotation left staged, so that the record goes on announcing the next key (a record
+        without it would make the peers withdraw their readiness, and the switch be postponed)."""
+        if self.next_key is None:
+            return
+        key = layout.rotation_key(self.cluster, self.node)
+        try:
+            item = self.store.get(key)
+            own = Rotation.from_json(item.value, key) if item is not None else None
+        except (ConsulError, InvalidRecord) as e:
+            log.warning("rotation: this node's rotation not read at start-up (%s)", e)
+            return
+        if own is not None and own.state == "staged" and own.switch_at and \
+                own.next_fingerprint == self.next_key.public_key().fingerprint:
+            self.switch_at = own.switch_at
+            log.info("rotation %s: staged before a restart; switching at %d as announced", own.id, own.switch_at)
+
     # --- what this node announces ------------------------------------------------------------
     def announce(self, rec: NodeRecord) -> NodeRecord:
         nxt = self.next_key.public_key().base64 if self.next_key is not None and self.switch_at else ""
@@ -90,10 +120,13 @@ class Rotator:
     # --- the rotating side --------------------------------------------------------------------
     def drive(self, own: Rotation | None, own_record: NodeRecord | None, live: set[str],
               ready: Mapping[str, RotationReady], handshakes: Callable[[], Mapping[str, float]],
-              switch: Callable[[PrivateKey], None], republish: Callable[[], None]) -> None:
-        """One step of this node's rotation, if one is asked for or under way."""
+              switch: Callable[[PrivateKey], None], republish: Callable[[], None],
+              others: Mapping[str, int] | None = None) -> None:
+        """One step of this node's rotation, if one is asked for or under way. `others`: the
+        switch times other nodes announce (node id -> unix ms), kept apart from ours."""
         now = self.clock()
         self.wake = None
+        self._others = others or {}
         if own is None or not own.active:
             if self.next_key is not None and own is not None and own.state == "abandoned":
                 self._drop_next(republish)
@@ -102,13 +135,25 @@ class Rotator:
             self.rotation, self.postponed = own, 0
             if own.state == "staged" and own.switch_at:
                 self.switch_at = own.switch_at  # resumed after a restart
+        elif self.unwritten:
+            # Progress made while Consul was away (the record there is older, maybe still
+            # "staged"): write it now, even if the rotation has ended since.
+            self._write(self.rotation)
+            if self.unwritten:
+                self.wake = now + 1000
+                if not self.rotation.active:
+                    return
         if self.rotation.state == "requested":
             self._stage(now, republish)
             return
-        if self.rotation.state == "staged" and self.switched_before_stop:
-            # Stopped between the device's switch and writing it down: the switch is done.
+        if self.rotation.state == "staged" and (self.switched_before_stop or (
+                self.next_key is None and self._key_file_is(self.rotation.next_fingerprint))):
+            # Stopped between the device's switch and writing it down (the next key file already
+            # promoted, or promoted by recover()): the switch is done.
             self.switched_before_stop = False
             self.switch_at = 0
+            if self.rotation.epoch_to > self.epoch:  # stopped before the epoch was written down
+                self._write_epoch(self.rotation.epoch_to)
             log.info("rotation %s: switched before the restart; confirming", self.rotation.id)
             self._write(replace(self.rotation, state="switched", updated_at=now,
                                 switch_at=self.rotation.switch_at or now))
@@ -121,13 +166,24 @@ class Rotator:
                 return
             nxt = self.next_key.public_key().base64
             ok = {p for p, r in ready.items() if r.next_public_key == nxt and r.switch_at == self.switch_at}
+            if now < self.switch_at - READY_MARGIN_MS:
+                later = spaced_switch(self._me, self.switch_at, now, self._others)
+                if later != self.switch_at:  # another node switches too close to it
+                    log.info("rotation %s: another node switches less than %d ms from it; switching at +%d ms "
+                             "instead", self.rotation.id, SWITCH_SPACING_MS, later - now)
+                    self.switch_at = later
+                    self._write(replace(self.rotation, switch_at=later, updated_at=now))
+                    republish()
+                    self.wake = later - READY_MARGIN_MS
+                    return
             step = staged_step(now, self.switch_at, self.postponed, live, ok)
             if step.action == "wait":
                 self.wake = step.wake_at
             elif step.action == "postpone":
                 self.postponed += 1
-                self.switch_at = now + LEAD_MS
-                log.info("rotation: peers not ready (%s); switching at +%d ms instead", ", ".join(step.lagging), LEAD_MS)
+                self.switch_at = spaced_switch(self._me, now + LEAD_MS, now, self._others)
+                log.info("rotation: peers not ready (%s); switching at +%d ms instead", ", ".join(step.lagging),
+                         self.switch_at - now)
                 self._write(replace(self.rotation, switch_at=self.switch_at, updated_at=now, lagging=step.lagging))
                 republish()
                 self.wake = self.switch_at - 1000
@@ -155,9 +211,10 @@ class Rotator:
         if self.next_key is None:
             self.next_key = PrivateKey.generate()
             write_key_file(self.next_file, self.next_key)  # 0600, atomic; the current key stays
-        self.switch_at = now + LEAD_MS
+        self.switch_at = spaced_switch(self._me, now + LEAD_MS, now, self._others)
         nxt = self.next_key.public_key()
-        log.info("rotation %s: next key %s announced, switch at +%d ms", self.rotation.id, nxt.fingerprint, LEAD_MS)
+        log.info("rotation %s: next key %s announced, switch at +%d ms", self.rotation.id, nxt.fingerprint,
+                 self.switch_at - now)
         self._write(replace(self.rotation, state="staged", switch_at=self.switch_at, epoch_from=self.epoch,
                             epoch_to=self.epoch + 1, next_fingerprint=nxt.fingerprint, updated_at=now))
         republish()
@@ -194,8 +251,17 @@ class Rotator:
         self.rotation = rot
         try:
             self.store.put(layout.rotation_key(self.cluster, self.node), rot.to_json())
-        except ConsulError as e:  # progress is written again on the next step
+            self.unwritten = False
+        except ConsulError as e:  # written again on the next pass (drive), however it ended
+            self.unwritten = True
             log.warning("rotation %s: progress not written (%s)", rot.id, e)
+
+    def _key_file_is(self, fingerprint: str) -> bool:
+        """The current key file holds the key of this fingerprint (the switch promoted it)."""
+        try:
+            return bool(fingerprint) and read_key_file(self.key_file).public_key().fingerprint == fingerprint
+        except (KeyMaterialError, OSError):
+            return False
 
     def _read_epoch(self) -> int:
         try:
@@ -244,7 +310,13 @@ class Rotator:
         now = self.clock()
         for nid, rec in announced.items():
             want = (rec.next_public_key, rec.switch_at)
-            if not rec.next_public_key or not rec.switch_at or self.ready_sent.get(nid) == want:
+            if not rec.next_public_key or not rec.switch_at:
+                continue
+            # On every pass, not only the one that says ready: drive() clears the wake-up first,
+            # and without it the key would be taken at the next pass something else causes
+            # (the node's switched record, late by Consul's propagation), not at this time.
+            self._wake_at(rec.switch_at + PEER_DELAY_MS)
+            if self.ready_sent.get(nid) == want:
                 continue
             rcluster, _, rnode = nid.partition("/")
             key = layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode)
@@ -253,7 +325,6 @@ class Rotator:
                 self.ready_sent[nid] = want
             except ConsulError as e:
                 log.warning("rotation of %s: could not say ready (%s); trying again", nid, e)
-            self._wake_at(rec.switch_at + PEER_DELAY_MS)
         for nid in [n for n in self.ready_sent if not announced.get(n) or not announced[n].next_public_key]:
             rcluster, _, rnode = nid.partition("/")
             try:

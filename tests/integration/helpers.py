@@ -83,7 +83,7 @@ class Pinger:
     """
 
     def __init__(self, lab: Lab, node: str, addr: str, interval: float = 0.05) -> None:
-        self.proc = lab.popen(node, "ping", "-n", "-i", str(interval), "-W", "1", addr,
+        self.proc = lab.popen(node, "ping", "-n", "-D", "-i", str(interval), "-W", "1", addr,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def stop(self) -> tuple[int, int]:
@@ -96,3 +96,136 @@ class Pinger:
         if sent and sent not in answered:
             sent -= 1  # the last one was still in flight
         return sent, received
+
+
+# --- key rotation under traffic (test_rotation, bench/rotation) ---------------------------------
+
+
+def device_key(lab: Lab, node: str) -> str:
+    """The public key the node's WireGuard device uses now (`wg show wm0 public-key`)."""
+    return lab.run(node, "wg", "show", "wm0", "public-key", check=True).stdout.strip()
+
+
+Gap = tuple[int, int, float, float]
+
+
+def ping_losses(text: str, in_flight_max: int = 100) -> tuple[int, int, list[Gap]]:
+    """(sent, lost, gaps) from `ping -n -D` output: replies are read per icmp_seq (16 bits,
+    unwrapped in order). The packets after the last answered one, if at most `in_flight_max`,
+    were still in flight when ping was stopped: not sent for the count; more are losses.
+    A gap is (first seq, last seq, unix times of the replies before and after it, 0.0 if none):
+    its length in time says more than its count, as ping sends less while nothing comes back."""
+    m = re.search(r"(\d+) packets transmitted", text)
+    assert m, text[-500:]
+    sent = int(m.group(1))
+    answered: dict[int, float] = {}
+    base, last = 0, 0
+    for ts, s in re.findall(r"^(?:\[(\d+\.\d+)\] )?\d+ bytes from \S+ icmp_seq=(\d+) ", text, re.M):
+        v = int(s)
+        if v + base < last - 32768:
+            base += 65536
+        last = v + base
+        answered.setdefault(last, float(ts or 0))
+    top = max(answered, default=0)
+    if sent - top <= in_flight_max:
+        sent = top
+    gaps: list[Gap] = []
+    for seq in range(1, sent + 1):
+        if seq in answered:
+            continue
+        if gaps and gaps[-1][1] == seq - 1:
+            gaps[-1] = (gaps[-1][0], seq, gaps[-1][2], answered.get(seq + 1, 0.0))
+        else:
+            gaps.append((seq, seq, answered.get(seq - 1, 0.0), answered.get(seq + 1, 0.0)))
+    return sent, sum(g[1] - g[0] + 1 for g in gaps), gaps
+
+
+class FastPinger:
+    """`ping -D -i INTERVAL` (1 000/s by default) inside a node or pod, replies written to a
+    file (a pipe would fill and stall ping); `.stop()` returns (sent, lost, gaps) as ping_losses
+    counts them."""
+
+    def __init__(self, lab: Lab, node: str, addr: str, out: Path, interval: float = 0.001) -> None:
+        self.node, self.addr, self.out, self.interval = node, addr, out, interval
+        self._f = open(out, "w")
+        self.started = self.stopped = time.monotonic()
+        self.proc = lab.popen(node, "ping", "-n", "-D", "-i", str(interval), "-W", "1", addr,
+                              stdout=self._f, stderr=subprocess.STDOUT)
+
+    def stop(self) -> tuple[int, int, list[Gap]]:
+        self.stopped = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+        try:
+            self.proc.wait(timeout=10)
+        finally:
+            self._f.close()
+        return ping_losses(self.out.read_text(errors="replace"))
+
+
+IPERF_PORT = 5301
+
+
+def iperf3_json(path: Path) -> dict[str, Any]:
+    import json
+
+    text = path.read_text(errors="replace")
+    try:
+        d: dict[str, Any] = json.loads(text)
+        return d
+    except ValueError:
+        return {"error": f"no JSON: {text[-300:]!r}"}
+
+
+def enlarge_udp_buffers(lab: Lab, size: int = 4 << 20) -> int:
+    """Give every node's wireguard-go UDP sockets `size`-byte buffers (SO_RCVBUFFORCE and
+    SO_SNDBUFFORCE on a pidfd_getfd copy of each socket), as wireguard-go has done by itself
+    since 2023 (7 MiB). The lab's wireguard-go 0.0.20220316 keeps the 208 KiB default, which a
+    2-core host under load overflows (UdpRcvbufErrors): losses that are no test's subject.
+    Returns how many sockets it changed."""
+    import ctypes
+    import os
+    import socket
+
+    from wiremesh.lab.netns import pids_in_netns
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    changed = 0
+    for node in lab.nodes.values():
+        for pid in pids_in_netns(node.netns):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != "wireguard-go":
+                    continue
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                            continue
+                    except OSError:
+                        continue
+                    dup = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
+                    if dup < 0:
+                        continue
+                    s = socket.socket(fileno=dup)
+                    try:
+                        if s.type == socket.SOCK_DGRAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                            s.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
+                            s.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE
+                            changed += 1
+                    finally:
+                        s.close()
+            finally:
+                os.close(pidfd)
+    return changed
+
+
+def udp_rcvbuf_errors(lab: Lab) -> dict[str, int]:
+    """Per node: UDP datagrams dropped for a full receive buffer (nstat UdpRcvbufErrors)."""
+    out = {}
+    for n in lab.nodes:
+        text = lab.run(n, "nstat", "-az", "UdpRcvbufErrors").stdout
+        out[n] = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("UdpRcvbufErrors"))
+    return out
