@@ -83,12 +83,23 @@ def parse_config(raw: str) -> dict[str, Any]:
     if unknown:
         raise CniError(UNSUPPORTED_FIELD, f"network config: unsupported field {unknown[0]!r}",
                        "wiremesh-cni allocates addresses itself; 'ipam' and other plugin fields are not used")
-    if "stateDir" in conf and (not isinstance(conf["stateDir"], str) or not conf["stateDir"].startswith("/")):
+    if "stateDir" in conf and not _is_path(conf["stateDir"]):
         raise CniError(INVALID_CONFIG, "network config: stateDir must be an absolute path")
     if "mtu" in conf and (isinstance(conf["mtu"], bool) or not isinstance(conf["mtu"], int)
                           or not 576 <= conf["mtu"] <= 9000):
         raise CniError(INVALID_CONFIG, "network config: mtu must be an integer 576-9000")
     return conf
+
+
+def _is_path(v: Any) -> bool:
+    """An absolute path the filesystem can take: text that is UTF-8 (JSON can escape lone surrogates), no NUL."""
+    if not isinstance(v, str) or not v.startswith("/") or "\x00" in v:
+        return False
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _valid_ifname(ifname: str) -> bool:

@@ -1,8 +1,8 @@
 """What fuzzing found (issue 12), one test per bug, each with the smallest input that showed it.
 
-Fixed ones pass. The two not fixed here (they are outside the parsers) are strict xfails that
-say what to change: they fail the suite as XPASS once fixed, and the marker (and the fuzz
-targets' exemption that points here) should then go.
+Fixed ones pass. One not fixed here (it is outside the parsers) is a strict xfail that says what
+to change: it fails the suite as XPASS once fixed, and the marker (and the fuzz targets'
+exemption that points here: tests/fuzz/targets.py, check_record) should then go.
 """
 
 from __future__ import annotations
@@ -200,6 +200,16 @@ def test_cni_stdin_that_is_not_utf8_gets_error_json(monkeypatch: pytest.MonkeyPa
         plugin.main()
     assert e.value.code == 1
     assert json.loads(capsys.readouterr().out)["code"] == plugin.DECODE_FAILURE
+
+
+@pytest.mark.parametrize("state_dir", ["/var/lib/wiremesh\x05\x00", "/var/lib/\ud800"])
+def test_cni_state_dir_the_filesystem_cannot_take_is_invalid_config(state_dir: str) -> None:
+    # Was: accepted (it starts with "/"), then mkdir raised ValueError (NUL) or UnicodeEncodeError:
+    # INTERNAL "ValueError: embedded null byte" (found by the coverage-guided fuzzer's long run).
+    conf = {"cniVersion": "1.0.0", "name": "wiremesh", "type": "wiremesh-cni", "stateDir": state_dir}
+    with pytest.raises(plugin.CniError) as e:
+        plugin.parse_config(json.dumps(conf))
+    assert e.value.code == plugin.INVALID_CONFIG
 
 
 @pytest.mark.parametrize("ifname", ["eth\udcff", "é" * 8])
