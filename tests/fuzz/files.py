@@ -171,6 +171,5 @@ def check_answers(doc: Any = None, raw: bytes | None = None) -> None:
         secrets, public = split_secrets(doc, ("token",))
         no_leak(f"{e} {e.hint or ''}", secrets, public)
         return
-    for a in got:
-        if a.token and a.token in repr(a):
-            raise Bug("a ClusterAnswer's repr shows its token")
+    secrets, public = split_secrets(doc, ("token",))
+    no_leak(repr(got), secrets, public)  # a ClusterAnswer's repr never shows its token
