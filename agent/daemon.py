@@ -327,6 +327,10 @@ class Agent:
             return
         self._desired = desired
         t0 = time.perf_counter()
+        if self.rotator.switch_due():
+            # This node's switch time: switch before the pass's device work, not after it (its
+            # peers take the new key PEER_DELAY_MS after switch_at by their own clocks).
+            self._rotation_pass(desired, [])
         try:
             if full:
                 self.ensure_device()

@@ -112,6 +112,11 @@ class Rotator:
             self.switch_at = own.switch_at
             log.info("rotation %s: staged before a restart; switching at %d as announced", own.id, own.switch_at)
 
+    def switch_due(self) -> bool:
+        """This node's staged rotation has reached its switch time (drive() may switch now)."""
+        return (self.next_key is not None and self.rotation is not None and self.rotation.state == "staged"
+                and bool(self.switch_at) and self.clock() >= self.switch_at)
+
     # --- what this node announces ------------------------------------------------------------
     def announce(self, rec: NodeRecord) -> NodeRecord:
         nxt = self.next_key.public_key().base64 if self.next_key is not None and self.switch_at else ""
@@ -166,8 +171,8 @@ class Rotator:
                 return
             nxt = self.next_key.public_key().base64
             ok = {p for p, r in ready.items() if r.next_public_key == nxt and r.switch_at == self.switch_at}
-            if now < self.switch_at - READY_MARGIN_MS:
-                later = spaced_switch(self._me, self.switch_at, now, self._others)
+            if now < self.switch_at - 2 * READY_MARGIN_MS:  # later, a move would leave peers too little time
+                later = spaced_switch(self._me, self.switch_at, self._others)
                 if later != self.switch_at:  # another node switches too close to it
                     log.info("rotation %s: another node switches less than %d ms from it; switching at +%d ms "
                              "instead", self.rotation.id, SWITCH_SPACING_MS, later - now)
@@ -181,7 +186,7 @@ class Rotator:
                 self.wake = step.wake_at
             elif step.action == "postpone":
                 self.postponed += 1
-                self.switch_at = spaced_switch(self._me, now + LEAD_MS, now, self._others)
+                self.switch_at = spaced_switch(self._me, now + LEAD_MS, self._others)
                 log.info("rotation: peers not ready (%s); switching at +%d ms instead", ", ".join(step.lagging),
                          self.switch_at - now)
                 self._write(replace(self.rotation, switch_at=self.switch_at, updated_at=now, lagging=step.lagging))
@@ -211,7 +216,7 @@ class Rotator:
         if self.next_key is None:
             self.next_key = PrivateKey.generate()
             write_key_file(self.next_file, self.next_key)  # 0600, atomic; the current key stays
-        self.switch_at = spaced_switch(self._me, now + LEAD_MS, now, self._others)
+        self.switch_at = spaced_switch(self._me, now + LEAD_MS, self._others)
         nxt = self.next_key.public_key()
         log.info("rotation %s: next key %s announced, switch at +%d ms", self.rotation.id, nxt.fingerprint,
                  self.switch_at - now)

@@ -82,17 +82,17 @@ def peer_key(public_key: str, next_public_key: str, switch_at: int, now: int, re
     return public_key
 
 
-def spaced_switch(me: str, switch_at: int, now: int, others: Mapping[str, int]) -> int:
-    """The switch time for node `me` ("cluster/node"): `switch_at`, or a later one if a node
-    ordered before it (by id) announces its own switch less than SWITCH_SPACING_MS away.
+def spaced_switch(me: str, switch_at: int, others: Mapping[str, int]) -> int:
+    """The switch time for node `me` ("cluster/node"): `switch_at`, or a later one if another
+    node announces a switch less than SWITCH_SPACING_MS before it.
 
-    `others`: the switch times other nodes announce (node id -> unix ms). Of two nodes too
-    close, only the one with the greater id moves (they never both do); a moved time leaves the
-    peers at least 2 * READY_MARGIN_MS to say they are ready for it."""
+    `others`: the switch times other nodes announce (node id -> unix ms). Of two times too close
+    the later one moves (the node id breaks a tie): a node never moves for one that staged after
+    it, so its peers' readiness stands, and moves only go forward."""
     t = switch_at
     for _ in range(len(others) + 1):
-        clash = [o for n, o in others.items() if n < me and abs(o - t) < SWITCH_SPACING_MS]
+        clash = [o for n, o in others.items() if abs(o - t) < SWITCH_SPACING_MS and (o < t or (o == t and n < me))]
         if not clash:
             break
-        t = max(max(clash) + SWITCH_SPACING_MS, now + 2 * READY_MARGIN_MS)
+        t = max(clash) + SWITCH_SPACING_MS
     return t
