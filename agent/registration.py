@@ -44,6 +44,7 @@ class Registration:
         self.metrics = metrics
         self.stop = stop
         self.republish = threading.Event()  # set: write the record again at once
+        self._publishing = threading.Lock()  # one write at a time, each of the newest record
         self.session_id: str | None = None
         self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
 
@@ -98,7 +99,24 @@ class Registration:
         self._save_session(self.session_id)
         return self.session_id
 
+    def publish_now(self) -> bool:
+        """Write the record from the caller's thread; True once Consul took it.
+
+        For writes that order a protocol (a key rotation's staging and commit): the caller goes
+        on only when the record is in Consul. A failure is logged; the loop writes it again."""
+        try:
+            self.publish()
+            return True
+        except (ConsulError, AgentError) as e:
+            log.warning("record not written (%s); the registration loop tries again", e)
+            self.republish.set()
+            return False
+
     def publish(self) -> None:
+        with self._publishing:  # the record is built inside: a write never undoes a newer one
+            self._publish()
+
+    def _publish(self) -> None:
         session = self.ensure_session()
         rec = self.record()
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
