@@ -1,9 +1,34 @@
 """Consul ACLs for agents: one policy and token per node, allowed to write only its own keys.
 
-A node's agent writes its own record (nodes/<node>), leases a pod CIDR (ipam/, by
-check-and-set: the CIDR is not known before, so the prefix), holds a session, and reads the
-rest of wiremesh/. Federated reads of another datacenter need the token there too: with ACL
-replication from a primary datacenter, tokens are global; otherwise create them in each.
+A node's token may write exactly (Consul 1.8 refuses the rest with 403):
+
+- its record, `nodes/<node>` (an exact `key` rule);
+- its pod-CIDR lease, `ipam/<its cidr>` (an exact `key` rule, see below);
+- its rotation keys: `rotations/<node>` (exact) and everything under `rotations/<node>/`
+  (its readiness for other nodes' rotations). A `key_prefix "rotations/<node>"` would also match
+  `rotations/<node>x...`, another node's keys: hence the exact rule plus the prefix with a "/";
+- sessions on its own Consul node (`session "<session node>"`, by default the node's name), and
+  that catalog node itself (`node "<session node>"`, so an agent without a Consul agent of its
+  own can register it: see `consul.session_node` in agent.toml). Another node's sessions can be
+  neither created, renewed nor destroyed (destroying one would delete that node's record);
+
+and read the rest of wiremesh/ plus the catalog (nodes and services: global services' backends).
+
+The IPAM lease. Leases are keyed by CIDR and taken with check-and-set (ipam.py), so a node
+cannot know its key before it leases, and a prefix rule on ipam/ would let it overwrite any
+other node's lease. Instead the operator pre-assigns the lease when it creates the node's
+token (`ensure_agent_token`, run by `wiremesh setup` for `acl_nodes` and by the lab): the lease
+the node already holds is kept, else the lowest free CIDR is leased to it, with the operator's
+token, by the same check-and-set. The policy then names that one key. The agent finds its
+lease and never needs to write another (`lease_pod_cidr` writes only when it has none; with
+this token it is refused, with a message saying who assigns leases). This is also what signed
+records need: a node's certificate binds its pod CIDR, so the operator picks it at enrollment.
+Existing clusters keep working: the layout is unchanged, agents with an older, broader token
+go on as before, and running the setup again moves their policies to these rules (a node that
+holds a lease keeps it).
+
+Federated reads of another datacenter need the token there too: with ACL replication from a
+primary datacenter, tokens are global; otherwise create them in each.
 """
 
 from __future__ import annotations
@@ -13,17 +38,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout
+from .clusters import load_cluster_config
 from .consul_values import AclPolicy
 from .errors import ConsulError, ConsulReason
+from .ipam import lease_pod_cidr
 from .store import ConsulStore
 
+WRITE = {"policy": "write"}
+READ = {"policy": "read"}
 
-def agent_rules(cluster: str, node: str) -> dict[str, Any]:
-    """The agent's ACL rules, in Consul's JSON rule syntax."""
+
+def agent_rules(cluster: str, node: str, pod_cidr: str, session_node: str | None = None) -> dict[str, Any]:
+    """The agent's ACL rules, in Consul's JSON rule syntax (see the module docstring)."""
+    consul_node = session_node or node
+    own_rotation = layout.rotation_key(cluster, node)
     return {
-        "key": {layout.node_key(cluster, node): {"policy": "write"}},
-        "key_prefix": {layout.ipam_prefix(cluster): {"policy": "write"}, f"{layout.ROOT}/": {"policy": "read"}},
-        "session_prefix": {"": {"policy": "write"}},
+        "key": {layout.node_key(cluster, node): WRITE, layout.ipam_key(cluster, pod_cidr): WRITE,
+                own_rotation: WRITE},
+        "key_prefix": {f"{layout.ROOT}/": READ, f"{own_rotation}/": WRITE},
+        "session": {consul_node: WRITE},
+        "node": {consul_node: WRITE},
+        "node_prefix": {"": READ},
+        "service_prefix": {"": READ},
     }
 
 
@@ -35,9 +71,11 @@ class AgentToken:
     accessor_id: str
     secret_id: str
     created: bool
+    pod_cidr: str = ""
 
     def __repr__(self) -> str:
-        return f"AgentToken({self.cluster}/{self.node}, accessor={self.accessor_id[:8]}, created={self.created})"
+        return (f"AgentToken({self.cluster}/{self.node}, pod_cidr={self.pod_cidr}, accessor={self.accessor_id[:8]}, "
+                f"created={self.created})")
 
 
 def _rules_of(policy: AclPolicy) -> Any:
@@ -47,15 +85,19 @@ def _rules_of(policy: AclPolicy) -> Any:
         return None
 
 
-def ensure_agent_token(store: ConsulStore, cluster: str, node: str) -> AgentToken:
-    """Create (or find) node's policy and token; idempotent: running it again returns the same token.
+def ensure_agent_token(store: ConsulStore, cluster: str, node: str, session_node: str | None = None) -> AgentToken:
+    """Lease node's pod CIDR (or find its lease), then create or update its policy and token.
 
-    On a Consul without ACLs this raises ConsulError with reason ACL_DISABLED.
+    Idempotent: running it again returns the same token and CIDR. Needs the cluster's config in
+    Consul and a token with acl:write and key:write on the cluster's ipam/. On a Consul without
+    ACLs this raises ConsulError with reason ACL_DISABLED (before anything is leased).
     """
     name = f"wiremesh-{cluster}-{node}".replace(".", "-")
-    rules = agent_rules(cluster, node)
     description = f"wiremesh agent {cluster}/{node}"
-    existing = next((p for p in store.acl_policy_list() if p.name == name), None)
+    policies = store.acl_policy_list()  # first: a Consul without ACLs refuses here, before the lease
+    pod_cidr = lease_pod_cidr(store, load_cluster_config(store, cluster), node)
+    rules = agent_rules(cluster, node, pod_cidr, session_node)
+    existing = next((p for p in policies if p.name == name), None)
     if existing is None:
         store.acl_policy_create(name, json.dumps(rules), description)
     elif _rules_of(store.acl_policy_read(existing.policy_id)) != rules:
@@ -65,4 +107,4 @@ def ensure_agent_token(store: ConsulStore, cluster: str, node: str) -> AgentToke
     if tok.secret_id is None:
         raise ConsulError(f"read ACL token for {node}: Consul did not show its secret (that needs acl:write)",
                           reason=ConsulReason.PERMISSION_DENIED)
-    return AgentToken(cluster, node, name, tok.accessor_id, tok.secret_id, listed is None)
+    return AgentToken(cluster, node, name, tok.accessor_id, tok.secret_id, listed is None, pod_cidr)

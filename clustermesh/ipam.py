@@ -3,7 +3,8 @@
 A lease is a KV key per CIDR whose value is the node's name, created with check-and-set
 index 0 ("only if absent"), so two nodes can never hold the same CIDR however they race.
 Leases are not tied to a session: a node that restarts, or is away for a while, finds its
-lease again and gets the same CIDR back.
+lease again and gets the same CIDR back. With least-privilege ACL tokens (acl.py) the operator
+leases a node's CIDR when it creates the node's token, and the node may write only that key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Iterator
 
 from . import layout
-from .errors import IPAMExhausted
+from .errors import ConsulError, ConsulReason, IPAMExhausted
 from .records import ClusterConfig
 from .store import ConsulStore
 
@@ -52,7 +53,17 @@ def lease_pod_cidr(store: ConsulStore, config: ClusterConfig, node: str, max_att
             raise IPAMExhausted(
                 f"cluster {config.name}: every /{config.node_prefix_len} of {config.pod_cidr} is leased"
             )
-        if store.put(layout.ipam_key(config.name, free), node, cas=0):
+        try:
+            written = store.put(layout.ipam_key(config.name, free), node, cas=0)
+        except ConsulError as e:
+            if e.reason is not ConsulReason.PERMISSION_DENIED:
+                raise
+            refused = ConsulError(f"cluster {config.name}: node {node} holds no pod-CIDR lease and its Consul "
+                                  f"token may not take one ({e})", e.status, e.reason)
+            refused.hint = ("with per-node ACL tokens the operator leases each node's CIDR when it creates the "
+                            "token: run `wiremesh setup` with the node in acl_nodes")
+            raise refused from e
+        if written:
             log.info("leased pod CIDR %s for node %s", free, node)
             return free
         # Another node won this CIDR between our read and our write: read again.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from .errors import ConsulError
@@ -48,3 +49,20 @@ def read_token_file(path: str | Path) -> str:
     if not token or not token.isprintable() or any(c.isspace() for c in token):
         raise TokenFileError(f"token file {p}: not a token (empty, or spaces or control characters inside)")
     return token
+
+
+def write_token_file(path: str | Path, token: str) -> None:
+    """Write `token` to `path` (0600 from the first byte, atomically; a symlink there is replaced,
+    never written through); its directory is made 0700 if missing."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

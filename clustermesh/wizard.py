@@ -10,8 +10,6 @@ refused or failed setup leaves nothing half-applied.
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +17,11 @@ from typing import Any
 
 from . import layout
 from .consul_values import KVOp
-from .errors import ClusterMeshError, ConsulError, ConsulReason, ConsulUnavailable, InvalidRecord
+from .errors import ClusterMeshError, ConsulError, ConsulReason, ConsulUnavailable, InvalidRecord, IPAMExhausted
 from .federation import MeshMember
 from .records import ROUTING_MODES, ClusterConfig, check_cluster_name, check_node_name
 from .store import ConsulOptions, ConsulStore
+from .tokens import write_token_file
 
 SUGGEST_FROM = ipaddress.ip_network("10.240.0.0/12")
 
@@ -394,20 +393,17 @@ def create_agent_tokens(answers: list[ClusterAnswer], stores: list[ConsulStore],
         for node in a.acl_nodes:
             try:
                 tok = ensure_agent_token(store, a.name, node)
+            except IPAMExhausted as e:
+                raise SetupError(f"clusters[{i}].acl_nodes", f"{node}: {e}", "widen the pod CIDR, or list fewer nodes") from e
             except ConsulError as e:
                 hint = {ConsulReason.ACL_DISABLED: "enable ACLs on the Consul servers, or leave acl_nodes out",
                         ConsulReason.PERMISSION_DENIED: "the token needs acl:write to create agent tokens",
                         }.get(e.reason, e.hint)
                 raise SetupError(f"clusters[{i}].acl_nodes", str(e), hint) from e
             path = out_dir / a.name / f"{node}.token"
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=f".{node}.", dir=path.parent)  # 0600 from the first byte
-            with os.fdopen(fd, "w") as f:
-                f.write(tok.secret_id + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # replaces a symlink itself, never writes through it
-            progress(f"{'created' if tok.created else 'kept'} ACL token for {a.name}/{node} -> {path}")
+            write_token_file(path, tok.secret_id)
+            progress(f"{'created' if tok.created else 'kept'} ACL token for {a.name}/{node} "
+                     f"(pod CIDR {tok.pod_cidr} leased to it) -> {path}")
             written.append(path)
     return written
 
@@ -420,6 +416,8 @@ def agent_toml(a: ClusterAnswer, datacenter: str) -> str:
         f'\n[consul]\naddress = "{a.consul}"\n'
         + ('token_file = "/etc/wiremesh/consul-token"   # the node\'s token from --acl-out\n'
            if a.token or a.acl_nodes else "")
+        + ('session_node = "NODE-NAME"   # its token holds sessions only on this Consul node\n' if a.acl_nodes else "")
+        + (f'ca_file = "{a.ca_file}"\n' if a.ca_file else "")
     )
 
 
