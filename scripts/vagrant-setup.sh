@@ -12,7 +12,7 @@ say() { printf 'vagrant-setup: %s\n' "$*" >&2; }
 [ "$(id -u)" -eq 0 ] || { say "must run as root (it installs apt packages)"; exit 1; }
 
 pkgs=(vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-      debootstrap e2fsprogs dnsmasq-base iptables tcpdump iproute2 ebtables util-linux)
+      debootstrap e2fsprogs dnsmasq-base iptables tcpdump iproute2 ebtables util-linux python3-yaml)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -5,8 +5,10 @@
 # with a running libvirtd plain `vagrant up` works instead.
 #   netns.sh start            namespace $WIREMESH_NETNS (default wmvag), virtlogd and libvirtd in it
 #   netns.sh exec CMD...      run CMD inside it (vagrant, virsh, tcpdump, ...)
-#   netns.sh stop             remove every libvirt domain/network/volume of the lab, stop the
-#                             daemons started by `start` (by pid), delete the namespace
+#   netns.sh stop             remove every libvirt domain/network/volume of the lab (and a
+#                             storage pool Vagrant defined), stop the daemons started by `start`
+#                             (by pid) and what runs in the namespace, delete the namespace
+#   netns.sh check            list what the lab left on this machine (exit 1 if anything)
 set -euo pipefail
 ns=${WIREMESH_NETNS:-wmvag}
 run=/run/wiremesh-vagrant
@@ -30,6 +32,8 @@ start)
     ip netns exec "$ns" libvirtd -d -p "$run/libvirtd.pid"
     for _ in $(seq 50); do virsh -q -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
     virsh -q -c qemu:///system version >/dev/null || { say "libvirtd did not answer"; exit 1; }
+    # Storage pools there before the lab: `stop` removes only those Vagrant defines (its "default").
+    [ -f "$run/pools.before" ] || virsh -q -c qemu:///system pool-list --all --name | sed '/^$/d' >"$run/pools.before"
     say "namespace $ns: virtlogd $(cat "$run/virtlogd.pid"), libvirtd $(cat "$run/libvirtd.pid")"
     ;;
 exec)
@@ -50,7 +54,16 @@ stop)
         for vol in $($v vol-list default 2>/dev/null | awk 'NR>0 && /vagrant|wiremesh/ {print $1}' || true); do
             $v vol-delete --pool default "$vol" >/dev/null 2>&1 || true
         done
+        if [ -f "$run/pools.before" ]; then
+            for pool in $($v pool-list --all --name | sed '/^$/d'); do
+                grep -qx "$pool" "$run/pools.before" && continue
+                [ -z "$($v vol-list "$pool" 2>/dev/null | sed '/^$/d')" ] || continue   # not emptied: keep
+                $v pool-destroy "$pool" >/dev/null 2>&1 || true
+                $v pool-undefine "$pool" >/dev/null 2>&1 || true
+            done
+        fi
     fi
+    rm -f "$run/pools.before"
     for p in libvirtd virtlogd; do
         if alive "$run/$p.pid"; then
             pid=$(cat "$run/$p.pid"); kill "$pid"
@@ -75,6 +88,28 @@ stop)
         done
     done
     say "stopped: no domain, network, volume, daemon or namespace of the lab left"
+    ;;
+check)
+    # What a lab could leave behind, looked up without libvirtd (which `stop` ended).
+    left=()
+    ip netns list | grep -qw "$ns" && left+=("namespace $ns")
+    for p in libvirtd virtlogd; do alive "$run/$p.pid" && left+=("$p (pid $(cat "$run/$p.pid"))"); done
+    while read -r pid args; do
+        [ -n "$pid" ] && left+=("process $pid: ${args:0:80}")
+    done < <(pgrep -a -f '^(/usr/bin/)?qemu-system|libvirt/dnsmasq/wiremesh-|vagrant/qemu-tcg' || true)
+    for f in /etc/libvirt/qemu/vagrant_*.xml /run/libvirt/qemu/vagrant_*.xml \
+             /etc/libvirt/qemu/networks/wiremesh-*.xml /run/libvirt/network/wiremesh-*.xml \
+             /var/lib/libvirt/images/*vagrant* /var/lib/libvirt/images/*wiremesh*; do
+        [ -e "$f" ] && left+=("$f")
+    done
+    for t in filter nat mangle raw; do
+        for cmd in iptables ip6tables; do
+            c=$($cmd -t "$t" -S 2>/dev/null | grep -c -e '^-N LIBVIRT_' || true)
+            [ "$c" = 0 ] || left+=("$c LIBVIRT_* chains in $cmd -t $t")
+        done
+    done
+    if [ ${#left[@]} -eq 0 ]; then echo "left behind: nothing"; exit 0; fi
+    printf 'left behind: %s\n' "${left[@]}"; exit 1
     ;;
 *)
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 2 ;;

@@ -3,19 +3,28 @@
 # wizard's non-interactive path (answers generated from the topology), each node's agent as a
 # systemd service, then checks printed as a table; exits 1 if any check failed.
 #
-#   vagrant/test-federation.sh [--up] [--destroy] [--keep-netns]
-#     --up       build the box if it is missing (vagrant/box/build.sh), start libvirt in its
-#                network namespace (vagrant/netns.sh) and `vagrant up` the lab first
-#     --destroy  afterwards, whatever happened: `vagrant destroy`, remove libvirt's domains,
-#                networks and volumes, stop the daemons netns.sh started, delete the namespace
+#   vagrant/test-federation.sh [--up] [--destroy]
+#     --up       install the host's packages (scripts/vagrant-setup.sh), build the box if it is
+#                missing (vagrant/box/build.sh), start libvirt in its network namespace
+#                (vagrant/netns.sh) and `vagrant up` the lab first
+#     --destroy  afterwards, whatever happened (a failed check, a failed `vagrant up`, Ctrl-C):
+#                `vagrant destroy`, remove libvirt's domains, networks and volumes, stop the
+#                daemons netns.sh started, delete the namespace; then list what is left
+#                (`netns.sh check`) and whether the host's root namespace gained an address
 #
+# The project as it is in this checkout is copied into every VM (/opt/wiremesh, over the box's
+# copy) before the checks, so they test this checkout's code, not the box's.
 # Checks: Consul servers WAN-joined; setup applied; each agent active with the kernel WireGuard
 # backend (a "wireguard" link, the agent's "kernel backend" log line); a pod in every cluster
 # pings a pod in every other cluster over the overlay; TCP between pods (iperf3); a capture on
 # the VMs' network shows only WireGuard UDP (and Consul's own ports) between the VMs, never a
-# pod address; a Consul server restart while pods ping each other loses (almost) nothing.
+# pod address; a Consul server restart while pods ping each other loses (almost) nothing; every
+# VM has its own machine id; the project's kernel-backend integration test
+# (tests/integration/test_kernel_backend.py), which skips on a host without the module, passes
+# inside the first node VM.
 # Environment: WIREMESH_TOPOLOGY (default lab/topologies/vagrant-mini.yaml), WIREMESH_NETNS
-# (wmvag), WIREMESH_LOCK (default /tmp/wiremesh-integ.lock: held while VMs run; "" = none).
+# (wmvag), WIREMESH_LOCK (default /tmp/wiremesh-integ.lock: held for the whole run, box build
+# included; "" = none; a lock the caller holds already, `flock LOCK test-federation.sh`, is used).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -35,58 +44,98 @@ cd "$here"
 say() { printf '[%4ds] %s\n' "$SECONDS" "$*" >&2; }
 inns() { "$here/netns.sh" exec "$@"; }
 py=$repo/.venv/bin/python; [ -x "$py" ] || py=python3
+[ "$(id -u)" -eq 0 ] || { say "must run as root (libvirt, network namespaces)"; exit 1; }
+mkdir -p "$here/.vagrant"
+
+# The host's root network namespace: its addresses now, and every address added during the run.
+root_addrs() { ip -o addr show | awk '{print $2, $4}' | sort; }
+addrs_before=$(root_addrs)
+ip -o monitor address >"$here/.vagrant/root-ns-monitor.log" 2>&1 & monitor=$!
 
 # shellcheck disable=SC2317  # called through the EXIT trap
 teardown() {
-    local rc=$?
+    local rc=$? t0=$SECONDS
+    trap - INT TERM HUP
     if [ "$destroy" = 1 ]; then
         say "destroying the lab"
         inns vagrant destroy -f >/dev/null 2>&1 || true
         "$here/netns.sh" stop || true
         rm -rf "$here/.vagrant/machines"
+        printf '\nclean up (%d s): ' "$((SECONDS - t0))"
+        "$here/netns.sh" check || rc=1
+    fi
+    kill "$monitor" 2>/dev/null || true; wait "$monitor" 2>/dev/null || true
+    added=$(grep -v '^Deleted' "$here/.vagrant/root-ns-monitor.log" || true)
+    if [ -n "$added" ] || [ "$(root_addrs)" != "$addrs_before" ]; then
+        printf 'root network namespace: CHANGED during the run\n%s\n' "$added"; rc=1
+    else
+        printf 'root network namespace: no address added during the run (ip monitor), addresses as before:\n'
+        printf '    %s\n' "$addrs_before"
     fi
     exit "$rc"
 }
 trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
+# The shared lock, for the whole run: a lock this process inherited already (the caller ran
+# `flock LOCK test-federation.sh`) is reused instead of waited for forever.
+if [ -n "$lock" ]; then
+    held=""
+    real=$(realpath -m "$lock")
+    for fd in "/proc/$$/fd/"*; do
+        n=${fd##*/}
+        [ "$(readlink "$fd" 2>/dev/null)" = "$real" ] && flock -n "$n" && { held=$n; break; }
+    done
+    if [ -z "$held" ]; then
+        exec 9>>"$lock"
+        say "waiting for $lock (held while VMs run and the box is built)"
+        flock 9
+    fi
+fi
+if [ "$up" = 1 ]; then
+    bash "$repo/scripts/vagrant-setup.sh"
+fi
+# Machines, addresses and answers from the topology (the Vagrantfile's rules: machines.py).
+shvars=$("$py" "$here/machines.py" "$WIREMESH_TOPOLOGY") || exit 1
+eval "$shvars"
 if [ "$up" = 1 ]; then
     vagrant box list 2>/dev/null | grep -q '^wiremesh/bookworm ' || [ -n "${WIREMESH_BOX:-}" ] || "$here/box/build.sh"
-fi
-if [ -n "$lock" ]; then
-    exec 9>"$lock"
-    say "waiting for $lock (VMs run only while it is held)"
-    flock 9
-fi
-if [ "$up" = 1 ]; then
     "$here/netns.sh" start
-    say "vagrant up ($(grep -c '^  - name:' "$WIREMESH_TOPOLOGY") clusters from ${WIREMESH_TOPOLOGY#"$repo"/})"
+    say "vagrant up: ${VMS[*]} (${WIREMESH_TOPOLOGY#"$repo"/})"
     t0=$SECONDS
     if ! inns vagrant up 2>&1 | tr '\r' '\n' | grep -v -e 'Progress:' -e 'Connection refused. Retrying' >"$here/.vagrant/up.log"; then :; fi
-    inns vagrant status 2>/dev/null | grep -q ' running ' || { say "vagrant up failed: see vagrant/.vagrant/up.log"; tail -n 20 "$here/.vagrant/up.log" >&2; exit 1; }
+    running=$(inns vagrant status 2>/dev/null | grep -c ' running ' || true)
+    [ "$running" = "${#VMS[@]}" ] || { say "vagrant up failed ($running of ${#VMS[@]} VMs running): see vagrant/.vagrant/up.log"; tail -n 20 "$here/.vagrant/up.log" >&2; exit 1; }
     up_s=$((SECONDS - t0))
     say "vagrant up took $up_s s"
 fi
 
-# Machines, addresses and answers from the topology (the same rules as the Vagrantfile).
-eval "$("$py" - "$WIREMESH_TOPOLOGY" <<'PY'
-import json, shlex, sys, yaml
-t = yaml.safe_load(open(sys.argv[1])); mode = (t.get("vagrant") or {}).get("consul", "node")
-nodes, clusters, answers = [], [], []
-for c, cl in enumerate(t["clusters"]):
-    n = int(cl.get("nodes", 2)); name = cl["name"]
-    cons = f"10.99.{c}.2" if mode == "vm" or n == 0 else f"10.99.{c}.11"
-    server = f"{name}-consul" if cons.endswith(".2") else f"{name}-node1"
-    clusters.append(f"{name}:{server}:{cons}")
-    nodes += [f"{name}:{name}-node{k}:{c}" for k in range(1, n + 1)]
-    answers.append({"consul": f"http://{cons}:8500", "name": name, "id": cl["id"], "pod_cidr": cl["pod_cidr"],
-                    "datacenter": cl.get("datacenter", name), "routing": cl.get("routing", "wireguard")})
-print("NODES=(" + " ".join(map(shlex.quote, nodes)) + ")")
-print("CLUSTERS=(" + " ".join(map(shlex.quote, clusters)) + ")")
-print("ANSWERS=" + shlex.quote(json.dumps({"clusters": answers})))
-PY
-)"
 inns vagrant ssh-config >"$here/.vagrant/ssh-config" 2>/dev/null
 vs() { local m=$1; shift; inns ssh -F "$here/.vagrant/ssh-config" -o LogLevel=ERROR -o ConnectTimeout=10 "$m" "sudo bash -c $(printf '%q' "$*")"; }
+
+# This checkout's project into every VM (the box holds the one it was built from). Its Python
+# dependencies come from the box: a changed pyproject.toml needs a new box (build.sh --force).
+if [ -z "${WIREMESH_BOX:-}" ] || [ "$WIREMESH_BOX" = wiremesh/bookworm ]; then
+    files=""
+    if [ -d "$repo/.git" ]; then   # tracked and new files, as they are in the work tree
+        files=$(cd "$repo" && git ls-files --cached --others --exclude-standard | while read -r f; do [ -e "$f" ] && echo "$f"; done)
+    fi
+    t0=$SECONDS
+    for m in "${VMS[@]}"; do
+        boxdeps=$(vs "$m" "sha256sum </opt/wiremesh/pyproject.toml" 2>/dev/null | cut -d' ' -f1)
+        if [ -n "$files" ]; then
+            (cd "$repo" && printf '%s\n' "$files" | tar -cf - --no-recursion -T -)
+        else
+            tar -C "$repo" --exclude=./.venv --exclude=./.git --exclude='*/__pycache__' --exclude=./vagrant/box/build \
+                --exclude=./vagrant/.vagrant --exclude=./tunnels/bpf/build -cf - .
+        fi | vs "$m" "tar -C /opt/wiremesh -xf - && touch /opt/wiremesh/.venv/.wiremesh-installed" \
+            || { say "copying the project into $m failed"; exit 1; }
+        [ "$boxdeps" = "$(sha256sum <"$repo/pyproject.toml" | cut -d' ' -f1)" ] \
+            || say "WARNING: $m's box was built from another pyproject.toml: rebuild it (vagrant/box/build.sh --force)"
+    done
+    say "this checkout's project copied into ${#VMS[@]} VMs ($((SECONDS - t0)) s)"
+fi
 
 results=()
 failed=0
@@ -175,6 +224,21 @@ alive=$(for n in "${NODES[@]}"; do m=${n#*:}; m=${m%%:*}; vs "$m" "systemctl is-
 after=$(vs "$ma" "ip netns exec pod ping -c 3 -i 0.5 -W 2 ${POD[$mb]}" 2>&1 | grep -o '[0-9]* received' || echo "0 received")
 check "Consul server restart ($srv) under ping" "$([ "${got%% *}" -ge 55 ] && [ "$alive" = "${#NODES[@]}" ] && [ "${after%% *}" -ge 2 ] && echo 0 || echo 1)" \
     "$got of 60 during, agents active $alive/${#NODES[@]}, after: $after of 3"
+
+# 6. Every VM its own machine id (the box ships an empty /etc/machine-id: made at first boot).
+ids=()
+for m in "${VMS[@]}"; do ids+=("$(vs "$m" "cat /etc/machine-id; findmnt -n /etc/machine-id >/dev/null && echo transient" 2>/dev/null | tr '\n' ' ')"); done
+distinct=$(printf '%s\n' "${ids[@]}" | grep -cE '^[0-9a-f]{32} $' || true)
+uniq=$(printf '%s\n' "${ids[@]}" | sort -u | grep -c . || true)
+check "every VM its own /etc/machine-id" "$([ "$distinct" = "${#VMS[@]}" ] && [ "$uniq" = "${#VMS[@]}" ] && echo 0 || echo 1)" \
+    "$(for i in "${!VMS[@]}"; do printf '%s %.8s.. ' "${VMS[i]}" "${ids[i]}"; done)"
+
+# 7. The project's kernel-backend integration test (it skips on a host without the module).
+kb=$here/.vagrant/kernel-backend.log
+vs "$ma" "cd /opt/wiremesh && timeout 600 .venv/bin/python -m pytest -p no:cacheprovider -rA tests/integration/test_kernel_backend.py" >"$kb" 2>&1 || true
+summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+check "$ma: pytest tests/integration/test_kernel_backend.py" \
+    "$(grep -qE '(^| )2 passed' <<<"$summary" && ! grep -qE 'skipped|failed|error' <<<"$summary" && echo 0 || echo 1)" "${summary:-no result (see ${kb#"$repo"/})}"
 
 printf '\n%-52s %-4s %s\n' CHECK RESULT DETAIL
 printf '%s\n' "${results[@]}"
