@@ -66,6 +66,7 @@ from .registration import Registration
 from .planner import DesiredState, plan
 from .reconciler import Reconciler
 from .service_plan import plan_services
+from .kvwriter import KVWriter
 from .rotation import Rotator, now_ms
 from .services import ServiceBackends, load_service_lb
 from .supervisor import Mailbox, Supervisor
@@ -112,7 +113,8 @@ class Agent:
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
-        self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file)
+        self.kv_writer = KVWriter(self.store, self.stop_event)  # writes that must not hold up the loop
+        self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn)
@@ -401,12 +403,11 @@ class Agent:
         announced = {f"{self.cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != self.cfg.node}
         announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
         self.rotator.drive(
-            snap.rotations.rotations.get(self.cfg.node), snap.nodes.get(self.cfg.node), set(desired.peers),
+            snap.rotations.rotations.get(self.cfg.node), set(desired.peers),
             {**snap.rotations.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {}),
              **fed.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {})},
             lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
-            self._switch_key, self.registration.republish.set,
-            {n: r.switch_at for n, r in announced.items() if r.next_public_key and r.switch_at})
+            self._switch_key, self.registration.publish_now, self.registration.republish.set, announced)
         self.rotator.take_part(announced)
         if self.config is not None and self.config.rotate_every:
             self.rotator.schedule(self.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations,
@@ -485,6 +486,7 @@ class Agent:
             except OSError as e:
                 raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
         self.setup()
+        self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
         for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
                          ("reconcile", self._reconcile_loop)):
@@ -497,8 +499,10 @@ class Agent:
         (nothing can then publish it again or touch the device). Watches may sit in a blocking
         query for up to its wait: they hand nothing to anyone any more, and are daemon threads.
         """
+        self.kv_writer.flush(timeout=1.0)  # a rotation's last progress, if Consul takes it at once
         self.stop_event.set()
         self._wake.set()
+        self.kv_writer.close()
         self.registration.republish.set()
         self.federation.close()
         self.service_backends.close()

@@ -1,18 +1,22 @@
 """Key rotation in the agent: this node's own rotations, and its part in its peers' rotations.
 
 The rotating side follows keys.rotation's state machine: a request in `rotations/<node>` ->
-the next key in `<key_file>.next` (0600) and announced in the node's record (`next_public_key`,
-`switch_at`) -> every live peer ready -> at `switch_at` the device takes the new key, the key
-file is replaced by it (atomically), the record carries it -> done once every live peer made a
-handshake on it. The peer side: on seeing an announced next key, write that it is ready; the
-planner replaces the node's key at `switch_at + PEER_DELAY_MS` (agent.planner, by its own
-clock); right after, send one packet to the node so that the handshake starts at once; if no
-handshake on the new key comes within PEER_ROLLBACK_MS, go back to the old one.
+the next key in `<key_file>.next` (0600) and announced in the node's record (`next_public_key`)
+-> every live peer ready (and no node before it waiting to commit) -> the commit: `switch_at`
+written into the record (synchronously: the write is the point of no return) -> at `switch_at`
+the device takes the new key, the key file is replaced by it (atomically), the record carries
+it -> done once every live peer made a handshake on it. The peer side: on seeing an announced
+next key, write that it is ready; the planner replaces the node's key at
+`switch_at + PEER_DELAY_MS` (agent.planner, by its own clock); right after, one packet to the
+node starts the handshake at once; if no handshake on the new key comes within
+PEER_ROLLBACK_MS, go back to the old one.
 
-Everything here runs in the agent's loop thread. Crash safety: the next key file outlives a
-restart; a device that already holds the next key means the switch happened (the key file is
-then promoted before anything else); a switch time passed while the agent was down is either
-caught up (shortly after) or the rotation is abandoned (later): never half.
+Everything here runs in the agent's loop thread; its Consul writes (readiness, progress) go
+through a writer thread (agent.kvwriter) so that no round trip delays a switch, except the two
+record publications that order the protocol (staging, commit). Crash safety: the next key
+file outlives a restart; a device that already holds the next key means the switch happened
+(the key file is then promoted before anything else); a committed rotation switches after a
+restart, however late; a staged one goes on waiting for its peers.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRe
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
 from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
 from wiremesh.keys.rotation import (
-    LEAD_MS,
+    COMMIT_LEAD_MS,
     PEER_DELAY_MS,
     PEER_ROLLBACK_MS,
-    READY_MARGIN_MS,
-    SWITCH_SPACING_MS,
-    spaced_switch,
+    commit_order,
+    committed_step,
     staged_step,
+    switch_time,
     switched_step,
 )
+
+from .kvwriter import SyncWriter, Writer
 
 log = logging.getLogger("wiremesh.rotation")
 
@@ -47,8 +53,9 @@ def now_ms() -> int:
 
 class Rotator:
     def __init__(self, store: ConsulStore, cluster: str, node: str, key_file: Path,
-                 clock: Callable[[], int] = now_ms) -> None:
+                 clock: Callable[[], int] = now_ms, writer: Writer | None = None) -> None:
         self.store = store
+        self.writer: Writer = writer or SyncWriter(store)
         self.cluster, self.node = cluster, node
         self.key_file = key_file
         self.next_file = key_file.with_name(key_file.name + ".next")
@@ -56,19 +63,17 @@ class Rotator:
         self.clock = clock
         # rotating side
         self.next_key: PrivateKey | None = None
-        self.switch_at = 0
+        self.switch_at = 0  # committed switch time (0: not committed)
+        self.staged_at = 0  # when this run staged (or found staged) the rotation
         self.rotation: Rotation | None = None  # ours, as last written by us
-        self.postponed = 0
         self.epoch = self._read_epoch()
-        # peer side: rotating node id -> (next key, switch_at) we said we are ready for
-        self.ready_sent: dict[str, tuple[str, int]] = {}
+        # peer side: rotating node id -> the next key we said we are ready for
+        self.ready_sent: dict[str, str] = {}
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
         self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
         self.wake: int | None = None
         self.switched_before_stop = False
-        self.unwritten = False  # the last progress could not be written (Consul away)
         self._me = f"{cluster}/{node}"
-        self._others: Mapping[str, int] = {}  # switch times other nodes announce (drive's argument)
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -88,7 +93,7 @@ class Rotator:
         if device_public_key == nxt.public_key().base64:
             os.replace(self.next_file, self.key_file)  # the switch happened before the stop
             self._write_epoch(self.epoch + 1)
-            self.switched_before_stop = True  # its rotation record may still say "staged"
+            self.switched_before_stop = True  # its rotation record may still say "committed"
             log.info("the device already uses the next key: the switch happened before a restart")
             return nxt
         self.next_key = nxt
@@ -96,62 +101,64 @@ class Rotator:
 
     def resume(self) -> None:
         """At start-up, before this node's record is published again: the switch time of a
-        rotation left staged, so that the record goes on announcing the next key (a record
-        without it would make the peers withdraw their readiness, and the switch be postponed)."""
+        rotation left committed, so that the record goes on announcing it (the peers took or
+        will take the new key at that time: the node switches, late if it must)."""
         if self.next_key is None:
             return
-        key = layout.rotation_key(self.cluster, self.node)
+        self.staged_at = self.clock()
+        nxt = self.next_key.public_key()
         try:
+            # The record is what peers act on: a switch time in it is a commit, even when the
+            # rotation's own progress ("committed") was not written before the stop.
+            item = self.store.get(layout.node_key(self.cluster, self.node))
+            rec = NodeRecord.from_json(item.value, item.key) if item is not None else None
+            key = layout.rotation_key(self.cluster, self.node)
             item = self.store.get(key)
             own = Rotation.from_json(item.value, key) if item is not None else None
         except (ConsulError, InvalidRecord) as e:
             log.warning("rotation: this node's rotation not read at start-up (%s)", e)
             return
-        if own is not None and own.state == "staged" and own.switch_at and \
-                own.next_fingerprint == self.next_key.public_key().fingerprint:
+        if rec is not None and rec.next_public_key == nxt.base64 and rec.switch_at:
+            self.switch_at = rec.switch_at
+        elif own is not None and own.state == "committed" and own.switch_at and own.next_fingerprint == nxt.fingerprint:
             self.switch_at = own.switch_at
-            log.info("rotation %s: staged before a restart; switching at %d as announced", own.id, own.switch_at)
+        if self.switch_at:
+            log.info("rotation: committed before a restart; switching at %d as announced", self.switch_at)
 
     def switch_due(self) -> bool:
-        """This node's staged rotation has reached its switch time (drive() may switch now)."""
-        return (self.next_key is not None and self.rotation is not None and self.rotation.state == "staged"
-                and bool(self.switch_at) and self.clock() >= self.switch_at)
+        """This node's committed rotation has reached its switch time (drive() may switch now)."""
+        return self.next_key is not None and bool(self.switch_at) and self.clock() >= self.switch_at
 
     # --- what this node announces ------------------------------------------------------------
     def announce(self, rec: NodeRecord) -> NodeRecord:
-        nxt = self.next_key.public_key().base64 if self.next_key is not None and self.switch_at else ""
+        nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
         return replace(rec, next_public_key=nxt, switch_at=self.switch_at if nxt else 0, key_epoch=self.epoch)
 
     # --- the rotating side --------------------------------------------------------------------
-    def drive(self, own: Rotation | None, own_record: NodeRecord | None, live: set[str],
-              ready: Mapping[str, RotationReady], handshakes: Callable[[], Mapping[str, float]],
-              switch: Callable[[PrivateKey], None], republish: Callable[[], None],
-              others: Mapping[str, int] | None = None) -> None:
-        """One step of this node's rotation, if one is asked for or under way. `others`: the
-        switch times other nodes announce (node id -> unix ms), kept apart from ours."""
+    def drive(self, own: Rotation | None, live: set[str], ready: Mapping[str, RotationReady],
+              handshakes: Callable[[], Mapping[str, float]], switch: Callable[[PrivateKey], None],
+              publish: Callable[[], bool], republish: Callable[[], None],
+              announced: Mapping[str, NodeRecord] | None = None) -> None:
+        """One step of this node's rotation, if one is asked for or under way.
+
+        `publish`: write this node's record now, True once Consul took it (staging and commit
+        are ordered by it); `republish`: have it written soon. `announced`: other nodes'
+        records (node id -> record), for the order of commits and their switch times."""
         now = self.clock()
         self.wake = None
-        self._others = others or {}
+        others = announced or {}
         if own is None or not own.active:
             if self.next_key is not None and own is not None and own.state == "abandoned":
                 self._drop_next(republish)
             return
         if self.rotation is None or self.rotation.id != own.id:
-            self.rotation, self.postponed = own, 0
-            if own.state == "staged" and own.switch_at:
+            self.rotation = own
+            if own.state == "committed" and own.switch_at and self.next_key is not None:
                 self.switch_at = own.switch_at  # resumed after a restart
-        elif self.unwritten:
-            # Progress made while Consul was away (the record there is older, maybe still
-            # "staged"): write it now, even if the rotation has ended since.
-            self._write(self.rotation)
-            if self.unwritten:
-                self.wake = now + 1000
-                if not self.rotation.active:
-                    return
         if self.rotation.state == "requested":
-            self._stage(now, republish)
+            self._stage(now, publish)
             return
-        if self.rotation.state == "staged" and (self.switched_before_stop or (
+        if self.rotation.state in ("staged", "committed") and (self.switched_before_stop or (
                 self.next_key is None and self._key_file_is(self.rotation.next_fingerprint))):
             # Stopped between the device's switch and writing it down (the next key file already
             # promoted, or promoted by recover()): the switch is done.
@@ -165,39 +172,19 @@ class Rotator:
             republish()
             self.wake = now + 100
             return
-        if self.rotation.state == "staged":
-            if self.next_key is None:  # the next key was lost (file removed): give up cleanly
-                self._end("abandoned", "the next key file is gone", (), republish)
-                return
-            nxt = self.next_key.public_key().base64
-            ok = {p for p, r in ready.items() if r.next_public_key == nxt and r.switch_at == self.switch_at}
-            if now < self.switch_at - 2 * READY_MARGIN_MS:  # later, a move would leave peers too little time
-                later = spaced_switch(self._me, self.switch_at, self._others)
-                if later != self.switch_at:  # another node switches too close to it
-                    log.info("rotation %s: another node switches less than %d ms from it; switching at +%d ms "
-                             "instead", self.rotation.id, SWITCH_SPACING_MS, later - now)
-                    self.switch_at = later
-                    self._write(replace(self.rotation, switch_at=later, updated_at=now))
-                    republish()
-                    self.wake = later - READY_MARGIN_MS
-                    return
-            step = staged_step(now, self.switch_at, self.postponed, live, ok)
-            if step.action == "wait":
-                self.wake = step.wake_at
-            elif step.action == "postpone":
-                self.postponed += 1
-                self.switch_at = spaced_switch(self._me, now + LEAD_MS, self._others)
-                log.info("rotation: peers not ready (%s); switching at +%d ms instead", ", ".join(step.lagging),
-                         self.switch_at - now)
-                self._write(replace(self.rotation, switch_at=self.switch_at, updated_at=now, lagging=step.lagging))
-                republish()
-                self.wake = self.switch_at - 1000
-            elif step.action == "abandon":
-                self._end("abandoned", f"peers not ready: {', '.join(step.lagging)}", step.lagging, republish)
-            elif step.action == "switch":
-                self._switch(now, switch, republish)
+        if self.rotation.state in ("staged", "committed") and self.next_key is None:
+            # The next key was lost (its file removed): nothing can be switched to.
+            self._end("abandoned", "the next key file is gone", (), republish)
             return
-        if self.rotation.state == "switched":
+        if self.rotation.state == "staged" and not self.switch_at:
+            self._staged(now, live, ready, others, publish, republish)
+        elif self.rotation.state in ("staged", "committed"):
+            step = committed_step(now, self.switch_at)
+            if step.action == "switch":
+                self._switch(now, switch, republish)
+            else:
+                self.wake = step.wake_at
+        elif self.rotation.state == "switched":
             hs = handshakes()
             confirmed = {p for p in live if hs.get(p, 0.0) * 1000 >= self.rotation.switch_at - 1000}
             step = switched_step(now, self.rotation.switch_at, live, confirmed)
@@ -211,29 +198,64 @@ class Rotator:
                     self._write(replace(self.rotation, confirmed=tuple(sorted(confirmed)), updated_at=now))
                 self.wake = step.wake_at
 
-    def _stage(self, now: int, republish: Callable[[], None]) -> None:
+    def _staged(self, now: int, live: set[str], ready: Mapping[str, RotationReady],
+                others: Mapping[str, NodeRecord], publish: Callable[[], bool],
+                republish: Callable[[], None]) -> None:
+        assert self.rotation is not None and self.next_key is not None
+        nxt = self.next_key.public_key().base64
+        ok = {p for p, r in ready.items() if r.next_public_key == nxt}
+        ahead = commit_order(self._me, [n for n, r in others.items() if r.next_public_key and not r.switch_at])
+        if not self.staged_at:
+            self.staged_at = now
+        step = staged_step(now, self.staged_at, live, ok, ahead)
+        if step.action == "abandon":
+            what = "peers not ready" if live - ok else "nodes before it never committed"
+            self._end("abandoned", f"{what}: {', '.join(step.lagging)}", step.lagging, republish)
+            return
+        if step.action == "wait":  # (progress is not written per peer: every write wakes every agent)
+            self.wake = step.wake_at
+            return
+        # Every live peer is ready: commit. Once the record with the switch time is written,
+        # peers may act on it: the node switches at that time whatever happens next.
+        self.switch_at = switch_time(now + COMMIT_LEAD_MS, [r.switch_at for r in others.values()
+                                                            if r.next_public_key and r.switch_at])
+        if not publish():
+            log.warning("rotation %s: the switch time could not be written; trying again", self.rotation.id)
+            self.switch_at = 0
+            republish()  # withdraw it, in case it was written after all
+            self.wake = now + 1000
+            return
+        log.info("rotation %s: every live peer ready (%d); switching at +%d ms", self.rotation.id, len(live),
+                 self.switch_at - self.clock())
+        self._write(replace(self.rotation, state="committed", switch_at=self.switch_at, lagging=(), updated_at=now))
+        self.wake = self.switch_at
+
+    def _stage(self, now: int, publish: Callable[[], bool]) -> None:
         assert self.rotation is not None
         if self.next_key is None:
             self.next_key = PrivateKey.generate()
             write_key_file(self.next_file, self.next_key)  # 0600, atomic; the current key stays
-        self.switch_at = spaced_switch(self._me, now + LEAD_MS, self._others)
+        self.switch_at, self.staged_at = 0, now
         nxt = self.next_key.public_key()
-        log.info("rotation %s: next key %s announced, switch at +%d ms", self.rotation.id, nxt.fingerprint,
-                 self.switch_at - now)
-        self._write(replace(self.rotation, state="staged", switch_at=self.switch_at, epoch_from=self.epoch,
+        # The record first: a readiness word this node writes later is then ordered after it.
+        if not publish():
+            self.wake = now + 1000
+            return
+        log.info("rotation %s: next key %s announced", self.rotation.id, nxt.fingerprint)
+        self._write(replace(self.rotation, state="staged", switch_at=0, epoch_from=self.epoch,
                             epoch_to=self.epoch + 1, next_fingerprint=nxt.fingerprint, updated_at=now))
-        republish()
-        self.wake = self.switch_at - 1000
+        self.wake = now + 100
 
     def _switch(self, now: int, switch: Callable[[PrivateKey], None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None and self.next_key is not None
-        key = self.next_key
+        key, at = self.next_key, self.switch_at
         switch(key)  # the device takes the new key: from here on it is the node's key
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0
-        log.info("rotation %s: switched to %s (epoch %d)", self.rotation.id, key.public_key().fingerprint, self.epoch)
-        self._write(replace(self.rotation, state="switched", updated_at=now))
+        log.info("rotation %s: switched to %s (epoch %d, %d ms after the switch time)", self.rotation.id,
+                 key.public_key().fingerprint, self.epoch, self.clock() - at)
+        self._write(replace(self.rotation, state="switched", switch_at=at, updated_at=now))
         republish()
         self.wake = now + 100
 
@@ -248,18 +270,14 @@ class Rotator:
                             confirmed=confirmed or self.rotation.confirmed, updated_at=self.clock()))
 
     def _drop_next(self, republish: Callable[[], None]) -> None:
-        self.next_key, self.switch_at = None, 0
+        self.next_key, self.switch_at, self.staged_at = None, 0, 0
         self.next_file.unlink(missing_ok=True)
         republish()
 
     def _write(self, rot: Rotation) -> None:
+        """Progress, written by the writer thread (retried there until Consul takes it)."""
         self.rotation = rot
-        try:
-            self.store.put(layout.rotation_key(self.cluster, self.node), rot.to_json())
-            self.unwritten = False
-        except ConsulError as e:  # written again on the next pass (drive), however it ended
-            self.unwritten = True
-            log.warning("rotation %s: progress not written (%s)", rot.id, e)
+        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json())
 
     def _key_file_is(self, fingerprint: str) -> bool:
         """The current key file holds the key of this fingerprint (the switch promoted it)."""
@@ -312,34 +330,26 @@ class Rotator:
     # --- the peer side ------------------------------------------------------------------------
     def take_part(self, announced: Mapping[str, NodeRecord]) -> None:
         """Say we are ready for every announced next key (node id -> record); drop stale words."""
-        now = self.clock()
         for nid, rec in announced.items():
-            want = (rec.next_public_key, rec.switch_at)
-            if not rec.next_public_key or not rec.switch_at:
+            if not rec.next_public_key:
                 continue
-            # On every pass, not only the one that says ready: drive() clears the wake-up first,
-            # and without it the key would be taken at the next pass something else causes
-            # (the node's switched record, late by Consul's propagation), not at this time.
-            self._wake_at(rec.switch_at + PEER_DELAY_MS)
-            if self.ready_sent.get(nid) == want:
+            if rec.switch_at:
+                # On every pass, not only the one that saw the commit: drive() clears the
+                # wake-up first, and without it the key would be taken at the next pass
+                # something else causes (late by Consul's propagation), not at this time.
+                self._wake_at(rec.switch_at + PEER_DELAY_MS)
+            if self.ready_sent.get(nid) == rec.next_public_key:
                 continue
             rcluster, _, rnode = nid.partition("/")
-            key = layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode)
-            try:
-                self.store.put(key, RotationReady(*want).to_json())
-                self.ready_sent[nid] = want
-            except ConsulError as e:
-                log.warning("rotation of %s: could not say ready (%s); trying again", nid, e)
+            self.writer.put(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode),
+                            RotationReady(rec.next_public_key).to_json())
+            self.ready_sent[nid] = rec.next_public_key
         for nid in [n for n in self.ready_sent if not announced.get(n) or not announced[n].next_public_key]:
             rcluster, _, rnode = nid.partition("/")
-            try:
-                self.store.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
-                del self.ready_sent[nid]
-            except ConsulError:
-                pass
-        for nid, (key_, at) in list(self.taken.items()):
+            self.writer.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
+            del self.ready_sent[nid]
+        for _nid, (_key, at) in list(self.taken.items()):
             self._wake_at(at + PEER_ROLLBACK_MS)
-        del now
 
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""

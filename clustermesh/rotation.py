@@ -5,7 +5,7 @@ wiremesh/v1/clusters/<c>/rotations/<node>                       Rotation: asked 
                                                                 rotate`, then advanced by the node's agent
 wiremesh/v1/clusters/<c>/rotations/<peer>/ready/<rc>/<rnode>    RotationReady: peer <peer> knows node
                                                                 <rnode>'s (of cluster <rc>) next key and
-                                                                will take it at `switch_at`
+                                                                will take it once the node commits
 ```
 
 A node writes only its own keys: its rotation, and its readiness for other nodes' rotations
@@ -24,9 +24,10 @@ from . import layout
 from .errors import InvalidRecord
 from .records import SCHEMA, _dump, _envelope, _int, _load, _public_key, _str, check_cluster_name, check_node_name
 
-# requested -> staged (next key announced) -> switched (the node uses it) -> done | failed;
-# or abandoned (given up cleanly before the switch: the old key stays).
-STATES = ("requested", "staged", "switched", "done", "failed", "abandoned")
+# requested -> staged (next key announced) -> committed (switch time set: no way back) -> switched
+# (the node uses it) -> done | failed; or abandoned (given up cleanly before the commit: the old
+# key stays). See keys.rotation.
+STATES = ("requested", "staged", "committed", "switched", "done", "failed", "abandoned")
 TERMINAL = frozenset({"done", "failed", "abandoned"})
 _ID = re.compile(r"[0-9a-f]{8,32}")
 MAX_PEERS_LISTED = 512
@@ -112,10 +113,13 @@ _READY_FIELDS = frozenset({"next_public_key", "switch_at"})
 
 @dataclass(frozen=True, slots=True)
 class RotationReady:
-    """A peer's word that it knows a node's next key and takes it at `switch_at`."""
+    """A peer's word that it knows a node's next key (and takes it when the node commits).
+
+    `switch_at` is kept for records written by agents of the first rotation protocol (which
+    announced the switch time with the key); 0 in new ones."""
 
     next_public_key: str
-    switch_at: int
+    switch_at: int = 0
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -125,10 +129,13 @@ class RotationReady:
     @classmethod
     def from_json(cls, raw: bytes | str, key: str | None = None) -> "RotationReady":
         d, schema, extra = _load(raw, key, _READY_FIELDS)
-        return cls(_public_key(d, "next_public_key", key), _int(d, "switch_at", 1, 2**53, key), schema=schema, extra=extra)
+        return cls(_public_key(d, "next_public_key", key), _int(d, "switch_at", 0, 2**53, key, default=0), schema=schema, extra=extra)
 
     def to_json(self) -> str:
-        return _dump({"next_public_key": self.next_public_key, "switch_at": self.switch_at}, self.schema, self.extra)
+        known: dict[str, Any] = {"next_public_key": self.next_public_key}
+        if self.switch_at:
+            known["switch_at"] = self.switch_at
+        return _dump(known, self.schema, self.extra)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,57 +11,73 @@ sessions. So the rotating node switches first and its peers replace its key a mo
 
 Nothing is lost as long as every peer replaces the key within (128 / packet rate) of the switch
 (128 ms at 1 000 packets/s). Consul's propagation delay (50 ms to over 1 s) cannot be trusted
-for that, so the switch is staged: the node announces its next public key with a switch time
-`switch_at` a few seconds ahead; every live peer writes that it is ready (it knows the key and
-will take it at `switch_at + PEER_DELAY_MS` by its own clock); only if all are ready a margin
-before `switch_at` does the node switch at `switch_at`. Otherwise it announces a later time, and
-after a few tries gives up cleanly (the old key stays, nothing was changed). Clock skew between
-hosts must stay well under 128 ms minus PEER_DELAY_MS (NTP keeps it to milliseconds).
+for that, so the switch is agreed on first, then done by every side's own clock:
+
+1. staged: the node announces its next public key (no switch time yet); every live peer writes
+   that it is ready (it knows the key).
+2. committed: once every live peer is ready, the node picks `switch_at` (COMMIT_LEAD_MS ahead)
+   and writes it into its record. That write is the point of no return: the node switches at
+   `switch_at` whatever happens after it (a restart switches late, a Consul outage does not
+   matter: nothing more is read or written), and peers take the new key at
+   `switch_at + PEER_DELAY_MS` by their own clocks. A switch time is never moved or withdrawn,
+   so a peer can never take a key the node did not switch to. Before the commit nothing is
+   decided: the node gives up cleanly (abandoned, the old key stays) if its peers are not ready
+   within READY_TIMEOUT_MS.
+3. switched, then done once every live peer made a handshake on the new key (or failed,
+   naming the laggards, after CONFIRM_TIMEOUT_MS: the new key stays, never half).
+
+Two neighbours switching less than SWITCH_SPACING_MS apart each drop what they had queued for
+the other (each replaces the other's key, a new peer on the device, after its own switch and
+before the other could handshake; measured: 14 pings at ~600/s). So commits are ordered: a node
+commits only when no node it sees staged and not yet committed comes before it (`commit_order`),
+and picks a switch time apart from every switch time committed (`switch_time`). Every write a
+node makes after seeing something is ordered after that something in Consul, and a node commits
+only on seeing every peer's readiness, so of two nodes staged at once the later one always sees
+the earlier one's commit before its own. Clock skew between hosts must stay well under 128 ms
+minus PEER_DELAY_MS (NTP keeps it to milliseconds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
-LEAD_MS = 3000  # switch_at = now + LEAD_MS when a rotation is staged
-READY_MARGIN_MS = 1000  # every live peer must be ready this long before switch_at
+COMMIT_LEAD_MS = 1000  # switch_at = commit + this: every live peer has seen the commit by then
+READY_TIMEOUT_MS = 15000  # staged this long with peers not ready: abandoned (nothing was changed)
+ORDER_TIMEOUT_MS = 3 * READY_TIMEOUT_MS  # waiting this long for nodes before it to commit: abandoned
 PEER_DELAY_MS = 40  # peers replace the key this long after switch_at (the node switches first)
-MAX_POSTPONES = 4  # then the rotation is abandoned, naming the peers that were not ready
 CONFIRM_TIMEOUT_MS = 15000  # after the switch: peers that did not handshake on the new key lag
 PEER_ROLLBACK_MS = 6000  # a peer that got no handshake on the new key this long after taking it goes back
-LATE_SWITCH_MS = 4000  # a node back (restarted) this late after switch_at still switches; later: abandons
-# Two peers switching less than PEER_DELAY_MS apart each drop what they had queued for the other:
-# each replaces the other's key (a new peer on the device: the old one goes with its queue) after
-# its own switch, and before the other could handshake. Measured: 14 pings at ~600/s. So the
-# switch times of nodes rotating at once are kept at least this far apart.
-SWITCH_SPACING_MS = 300
+SWITCH_SPACING_MS = 300  # switch times of different nodes are at least this far apart
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
     """What the rotating node's agent does next."""
 
-    action: str  # "wait" | "postpone" | "abandon" | "switch" | "done" | "fail"
-    wake_at: int = 0  # unix ms: when to look again ("wait")
+    action: str  # "wait" | "commit" | "abandon" | "switch" | "done" | "fail"
+    wake_at: int = 0  # unix ms: when to look again ("wait"); 0: at the next change
     lagging: tuple[str, ...] = ()
 
 
-def staged_step(now: int, switch_at: int, postponed: int, live: Set[str], ready: Set[str]) -> Step:
-    """Staged (next key announced for `switch_at`): switch, wait, postpone or give up."""
+def staged_step(now: int, staged_at: int, live: Set[str], ready: Set[str], ahead: Set[str]) -> Step:
+    """Staged (next key announced, no switch time): commit, wait, or give up.
+
+    `ahead`: nodes staged and not yet committed that come before this one (commit_order)."""
     missing = tuple(sorted(live - ready))
-    if now >= switch_at:
-        # Late (the agent was stopped over the switch time): peers took the new key at
-        # switch_at + PEER_DELAY_MS and keep it PEER_ROLLBACK_MS without a handshake on it, so
-        # switching now, within that, is what keeps them; later, they went back: abandon.
-        return Step("switch") if now - switch_at < LATE_SWITCH_MS else Step("abandon", lagging=missing)
-    if not missing:
-        return Step("wait", wake_at=switch_at)
-    if now < switch_at - READY_MARGIN_MS:
-        return Step("wait", wake_at=switch_at - READY_MARGIN_MS)
-    if postponed >= MAX_POSTPONES:
+    if not missing and not ahead:
+        return Step("commit")
+    if missing and now >= staged_at + READY_TIMEOUT_MS:
         return Step("abandon", lagging=missing)
-    return Step("postpone", lagging=missing)
+    if not missing and now >= staged_at + ORDER_TIMEOUT_MS:
+        return Step("abandon", lagging=tuple(sorted(ahead)))
+    return Step("wait", wake_at=staged_at + (READY_TIMEOUT_MS if missing else ORDER_TIMEOUT_MS),
+                lagging=missing or tuple(sorted(ahead)))
+
+
+def committed_step(now: int, switch_at: int) -> Step:
+    """Committed: switch at `switch_at`, or at once if that passed (the agent was stopped)."""
+    return Step("switch") if now >= switch_at else Step("wait", wake_at=switch_at)
 
 
 def switched_step(now: int, switch_at: int, live: Set[str], confirmed: Set[str]) -> Step:
@@ -75,24 +91,23 @@ def switched_step(now: int, switch_at: int, live: Set[str], confirmed: Set[str])
     return Step("wait", wake_at=min(now + 200, switch_at + CONFIRM_TIMEOUT_MS), lagging=lagging)
 
 
+def commit_order(me: str, staged: Iterable[str]) -> frozenset[str]:
+    """Of the nodes ("cluster/node") seen staged and not committed, those that commit before `me`."""
+    return frozenset(n for n in staged if n < me)
+
+
+def switch_time(earliest: int, committed: Iterable[int]) -> int:
+    """The first time from `earliest` at least SWITCH_SPACING_MS away from every committed one."""
+    t = earliest
+    for o in sorted(committed):
+        if abs(o - t) < SWITCH_SPACING_MS:
+            t = o + SWITCH_SPACING_MS  # sorted: a later clash can only move it further on
+    return t
+
+
 def peer_key(public_key: str, next_public_key: str, switch_at: int, now: int, refused: Set[str]) -> str:
-    """The key a peer programs for a node whose record announces `next_public_key` at `switch_at`."""
+    """The key a peer programs for a node whose record announces `next_public_key`, committed
+    to switch at `switch_at` (0: staged, not committed: the current key stays)."""
     if next_public_key and switch_at and now >= switch_at + PEER_DELAY_MS and next_public_key not in refused:
         return next_public_key
     return public_key
-
-
-def spaced_switch(me: str, switch_at: int, others: Mapping[str, int]) -> int:
-    """The switch time for node `me` ("cluster/node"): `switch_at`, or a later one if another
-    node announces a switch less than SWITCH_SPACING_MS before it.
-
-    `others`: the switch times other nodes announce (node id -> unix ms). Of two times too close
-    the later one moves (the node id breaks a tie): a node never moves for one that staged after
-    it, so its peers' readiness stands, and moves only go forward."""
-    t = switch_at
-    for _ in range(len(others) + 1):
-        clash = [o for n, o in others.items() if abs(o - t) < SWITCH_SPACING_MS and (o < t or (o == t and n < me))]
-        if not clash:
-            break
-        t = max(clash) + SWITCH_SPACING_MS
-    return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,18 +12,22 @@ import pytest
 
 from wiremesh.agent.rotation import Rotator
 from wiremesh.clustermesh import NodeRecord, layout
+from wiremesh.clustermesh.consul_values import KVItem
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
 from wiremesh.keys import PrivateKey, read_key_file, write_key_file
 from wiremesh.keys.rotation import (
+    COMMIT_LEAD_MS,
     CONFIRM_TIMEOUT_MS,
-    LATE_SWITCH_MS,
-    LEAD_MS,
-    MAX_POSTPONES,
+    ORDER_TIMEOUT_MS,
     PEER_DELAY_MS,
     PEER_ROLLBACK_MS,
-    READY_MARGIN_MS,
+    READY_TIMEOUT_MS,
+    SWITCH_SPACING_MS,
+    commit_order,
+    committed_step,
     peer_key,
     staged_step,
+    switch_time,
     switched_step,
 )
 
@@ -30,22 +35,33 @@ T = 1_000_000
 LIVE = {"c/a", "c/b"}
 
 
-def test_staged_waits_for_the_margin_then_postpones_then_abandons() -> None:
-    assert staged_step(T - 2000, T, 0, LIVE, {"c/a"}).wake_at == T - READY_MARGIN_MS
-    step = staged_step(T - 500, T, 0, LIVE, {"c/a"})
-    assert (step.action, step.lagging) == ("postpone", ("c/b",))
-    assert staged_step(T - 500, T, MAX_POSTPONES, LIVE, {"c/a"}).action == "abandon"
+def test_staged_commits_once_every_live_peer_is_ready_else_waits_then_abandons() -> None:
+    assert staged_step(T, T, LIVE, LIVE, frozenset()).action == "commit"
+    step = staged_step(T + 10, T, LIVE, {"c/a"}, frozenset())
+    assert (step.action, step.wake_at, step.lagging) == ("wait", T + READY_TIMEOUT_MS, ("c/b",))
+    step = staged_step(T + READY_TIMEOUT_MS, T, LIVE, {"c/a"}, frozenset())
+    assert (step.action, step.lagging) == ("abandon", ("c/b",))
 
 
-def test_staged_with_every_peer_ready_waits_for_the_switch_time_then_switches() -> None:
-    assert staged_step(T - 500, T, 0, LIVE, LIVE).wake_at == T
-    assert staged_step(T, T, 0, LIVE, LIVE).action == "switch"
+def test_staged_waits_for_nodes_before_it_to_commit_first() -> None:
+    assert commit_order("c/b", ["c/a", "c/c", "d/a"]) == {"c/a"}
+    step = staged_step(T + READY_TIMEOUT_MS, T, LIVE, LIVE, frozenset({"c/a"}))
+    assert (step.action, step.lagging) == ("wait", ("c/a",))  # its peers are ready: no timeout yet
+    assert staged_step(T + ORDER_TIMEOUT_MS, T, LIVE, LIVE, frozenset({"c/a"})).action == "abandon"
 
 
-def test_a_switch_time_missed_while_stopped_is_caught_up_then_given_up() -> None:
-    assert staged_step(T + LATE_SWITCH_MS - 1, T, 0, LIVE, set()).action == "switch"
-    assert staged_step(T + LATE_SWITCH_MS, T, 0, LIVE, set()).action == "abandon"
-    assert LATE_SWITCH_MS < PEER_ROLLBACK_MS  # peers still hold the new key while the node may catch up
+def test_committed_switches_at_its_time_and_late_after_a_stop() -> None:
+    assert committed_step(T - 1, T) .wake_at == T
+    assert committed_step(T, T).action == "switch"
+    assert committed_step(T + 60_000, T).action == "switch"  # no way back once committed
+
+
+def test_switch_times_keep_apart_from_every_committed_one() -> None:
+    assert switch_time(T, []) == T
+    assert switch_time(T, [T - SWITCH_SPACING_MS, T + SWITCH_SPACING_MS]) == T
+    assert switch_time(T, [T + 100]) == T + 100 + SWITCH_SPACING_MS
+    assert switch_time(T, [T + 100, T + 350, T + 2000]) == T + 350 + SWITCH_SPACING_MS
+    assert switch_time(T, [T - 299]) == T + 1
 
 
 def test_switched_is_done_once_every_live_peer_confirmed_else_fails_naming_them() -> None:
@@ -59,6 +75,7 @@ def test_peers_take_the_next_key_a_moment_after_the_switch_unless_they_refused_i
     assert peer_key("old", "new", T, T + PEER_DELAY_MS - 1, set()) == "old"
     assert peer_key("old", "new", T, T + PEER_DELAY_MS, set()) == "new"
     assert peer_key("old", "new", T, T + PEER_DELAY_MS, {"new"}) == "old"
+    assert peer_key("old", "new", 0, T, set()) == "old"  # staged, not committed
     assert peer_key("old", "", 0, T, set()) == "old"
 
 
@@ -73,6 +90,9 @@ class Store:
     def delete(self, key: str, **_: Any) -> bool:
         self.kv.pop(key, None)
         return True
+
+    def get(self, key: str, **_: Any) -> KVItem | None:
+        return KVItem(key, self.kv[key].encode(), 1) if key in self.kv else None
 
 
 class Clock:
@@ -96,40 +116,96 @@ def rig(tmp_path: Path) -> tuple[Rotator, Store, Clock, PrivateKey, list[Private
     return rot, store, clock, key, []
 
 
+class Publisher:
+    """The node's record as the rotator has it published (publish_now), or a failing Consul."""
+
+    def __init__(self, rot: Rotator, key: PrivateKey) -> None:
+        self.rot, self.key, self.ok = rot, key, True
+        self.published: list[NodeRecord] = []
+
+    def __call__(self) -> bool:
+        if self.ok:
+            self.published.append(self.rot.announce(record(self.key)))
+        return self.ok
+
+
 def drive(rot: Rotator, own: Rotation | None, ready: Mapping[str, RotationReady], switched: list[PrivateKey],
-          hs: Mapping[str, float] | None = None) -> None:
-    rot.drive(own, None, {"c/b"}, ready, lambda: dict(hs or {}), switched.append, lambda: None)
+          hs: Mapping[str, float] | None = None, publish: Any = None,
+          announced: Mapping[str, NodeRecord] | None = None) -> None:
+    rot.drive(own, {"c/b"}, ready, lambda: dict(hs or {}), switched.append, publish or (lambda: True),
+              lambda: None, announced)
 
 
 def test_a_rotation_from_request_to_done(rig: Any) -> None:
     rot, store, clock, key, switched = rig
+    pub = Publisher(rot, key)
     req = Rotation.new("a", clock.now)
-    drive(rot, req, {}, switched)
+    drive(rot, req, {}, switched, publish=pub)
     staged = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
-    assert staged.state == "staged" and staged.switch_at == T + LEAD_MS
+    assert staged.state == "staged" and staged.switch_at == 0
     assert stat.S_IMODE(rot.next_file.stat().st_mode) == 0o600
-    announced = rot.announce(record(key))
-    assert announced.next_public_key == read_key_file(rot.next_file).public_key().base64
-    assert announced.switch_at == T + LEAD_MS
+    nxt = read_key_file(rot.next_file).public_key().base64
+    assert (pub.published[-1].next_public_key, pub.published[-1].switch_at) == (nxt, 0)  # staged: no time yet
     assert key.secret_base64() not in "".join(store.kv.values())
-    ready = {"c/b": RotationReady(announced.next_public_key, announced.switch_at)}
-    clock.now = T + LEAD_MS
-    drive(rot, staged, ready, switched)
-    assert [k.public_key().base64 for k in switched] == [announced.next_public_key]
-    assert read_key_file(rot.key_file).public_key().base64 == announced.next_public_key
+    clock.now += 50
+    drive(rot, staged, {}, switched, publish=pub)  # b not ready: waits, nothing decided
+    assert rot.switch_at == 0 and rot.wake == T + READY_TIMEOUT_MS
+    ready = {"c/b": RotationReady(nxt)}
+    drive(rot, staged, ready, switched, publish=pub)
+    committed = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
+    at = T + 50 + COMMIT_LEAD_MS
+    assert (committed.state, committed.switch_at) == ("committed", at)
+    assert pub.published[-1].switch_at == at and rot.wake == at
+    clock.now = at - 1
+    drive(rot, committed, ready, switched, publish=pub)
+    assert switched == [] and not rot.switch_due()
+    clock.now = at
+    assert rot.switch_due()
+    drive(rot, committed, ready, switched, publish=pub)
+    assert [k.public_key().base64 for k in switched] == [nxt]
+    assert read_key_file(rot.key_file).public_key().base64 == nxt
     assert not rot.next_file.exists() and rot.epoch == 1
     assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "switched"
-    drive(rot, rot.rotation, ready, switched, hs={"c/b": (T + LEAD_MS + 5) / 1000})
+    drive(rot, rot.rotation, ready, switched, hs={"c/b": (at + 5) / 1000})
     done = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
     assert (done.state, done.confirmed, done.epoch_to) == ("done", ("c/b",), 1)
+
+
+def test_a_commit_consul_did_not_take_is_not_a_commit(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    pub = Publisher(rot, key)
+    drive(rot, Rotation.new("a", clock.now), {}, switched, publish=pub)
+    ready = {"c/b": RotationReady(read_key_file(rot.next_file).public_key().base64)}
+    pub.ok = False
+    drive(rot, rot.rotation, ready, switched, publish=pub)
+    assert rot.switch_at == 0 and rot.rotation.state == "staged" and rot.wake == clock.now + 1000
+    clock.now += 60_000
+    drive(rot, rot.rotation, ready, switched, publish=pub)
+    assert switched == []  # never switches on a switch time its peers may not know
+    pub.ok = True
+    drive(rot, rot.rotation, ready, switched, publish=pub)
+    assert rot.rotation.state == "committed" and rot.switch_at == clock.now + COMMIT_LEAD_MS
+
+
+def test_commits_wait_for_nodes_before_and_keep_apart_from_theirs(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    drive(rot, Rotation.new("a", clock.now), {}, switched)
+    nxt = read_key_file(rot.next_file).public_key().base64
+    ready = {"c/b": RotationReady(nxt)}
+    other = record(PrivateKey.generate())
+    first = dataclasses.replace(other, name="0", next_public_key=PrivateKey.generate().public_key().base64)
+    drive(rot, rot.rotation, ready, switched, announced={"b/0": first})  # "b/0" < "c/a": it commits first
+    assert rot.rotation.state == "staged"
+    at = clock.now + COMMIT_LEAD_MS
+    drive(rot, rot.rotation, ready, switched, announced={"b/0": dataclasses.replace(first, switch_at=at)})
+    assert rot.rotation.state == "committed" and rot.switch_at == at + SWITCH_SPACING_MS
 
 
 def test_a_peer_that_is_never_ready_makes_the_rotation_abandoned_with_the_old_key(rig: Any) -> None:
     rot, store, clock, key, switched = rig
     drive(rot, Rotation.new("a", clock.now), {}, switched)
-    for _ in range(MAX_POSTPONES + 1):
-        clock.now = rot.switch_at - 500
-        drive(rot, rot.rotation, {}, switched)
+    clock.now += READY_TIMEOUT_MS
+    drive(rot, rot.rotation, {}, switched)
     end = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
     assert (end.state, end.lagging) == ("abandoned", ("c/b",))
     assert switched == [] and not rot.next_file.exists()
@@ -159,17 +235,40 @@ def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: An
     rot, store, clock, key, switched = rig
     other = record(PrivateKey.generate())
     nxt = PrivateKey.generate().public_key().base64
-    announced = {"c/b": NodeRecord("b", "c", other.endpoint, other.public_key, "10.240.2.0/24", "10.240.2.1",
-                                   next_public_key=nxt, switch_at=T + LEAD_MS)}
-    rot.take_part(announced)
+    staged = NodeRecord("b", "c", other.endpoint, other.public_key, "10.240.2.0/24", "10.240.2.1",
+                        next_public_key=nxt)
+    rot.take_part({"c/b": staged})
     rk = layout.rotation_ready_key("c", "a", "c", "b")
-    assert RotationReady.from_json(store.kv[rk]) == RotationReady(nxt, T + LEAD_MS)
-    assert rot.wake == T + LEAD_MS + PEER_DELAY_MS
+    assert RotationReady.from_json(store.kv[rk]) == RotationReady(nxt)
+    assert rot.wake is None  # staged: nothing to take yet
+    del store.kv[rk]
+    at = T + COMMIT_LEAD_MS
+    rot.take_part({"c/b": dataclasses.replace(staged, switch_at=at)})
+    assert rk not in store.kv  # said once
+    assert rot.wake == at + PEER_DELAY_MS
     rot.took("c/b", nxt)
     clock.now += PEER_ROLLBACK_MS
     assert rot.check_taken({}) is True and nxt in rot.refused
     rot.take_part({"c/b": other})  # the rotation ended: the word is taken back
     assert rk not in store.kv
+
+
+def test_restart_after_the_commit_switches_at_the_announced_time(rig: Any, tmp_path: Path) -> None:
+    rot, store, clock, key, switched = rig
+    nxt = PrivateKey.generate()
+    write_key_file(rot.next_file, nxt)
+    at = T + 700
+    rec = dataclasses.replace(record(key), next_public_key=nxt.public_key().base64, switch_at=at)
+    store.kv[layout.node_key("c", "a")] = rec.to_json()  # the commit; the rotation record still says staged
+    own = Rotation("a", "0123456789abcdef", "staged", next_fingerprint=nxt.public_key().fingerprint)
+    store.kv[layout.rotation_key("c", "a")] = own.to_json()
+    again = Rotator(store, "c", "a", tmp_path / "private.key", clock=clock)  # type: ignore[arg-type]
+    assert again.recover(key.public_key().base64) is None
+    again.resume()
+    assert again.switch_at == at and again.announce(record(key)).switch_at == at
+    clock.now = at + 30_000  # however late
+    drive(again, own, {}, switched)
+    assert [k.public_key().base64 for k in switched] == [nxt.public_key().base64]
 
 
 def test_scheduled_rotation_comes_at_the_node_s_phase_and_never_beside_another(rig: Any) -> None:
@@ -195,7 +294,7 @@ def test_stopped_between_the_switch_and_writing_it_down_the_rotation_is_switched
     nxt = read_key_file(rot.next_file)
     again = Rotator(store, "c", "a", tmp_path / "private.key", clock=clock)  # type: ignore[arg-type]
     assert again.recover(nxt.public_key().base64) == nxt  # the device had taken it
-    clock.now = staged.switch_at + 50
+    clock.now += COMMIT_LEAD_MS + 50
     drive(again, staged, {}, switched)
     rec = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
     assert rec.state == "switched" and switched == []  # no second switch, not abandoned
