@@ -21,10 +21,17 @@ Example::
     bpf_pin_dir = ""                    # default /sys/fs/bpf/wiremesh/<cluster>-<node>
 
     [consul]
-    address = "http://127.0.0.1:8500"
-    token_file = ""                     # or token = "..."
-    ca_file = ""
+    address = "http://127.0.0.1:8500"   # https://HOST:8501 for TLS
+    token_file = ""                     # a 0600 file holding the ACL token (or token = "...")
+    ca_file = ""                        # CA bundle that signed Consul's certificate (HTTPS)
+    client_cert = ""                    # with client_key: for a Consul that verifies clients
+    client_key = ""
+    session_node = ""                   # Consul node of the agent's session ("": the Consul agent
+                                        # it talks to); per-node ACL tokens allow only its own name
     datacenter = ""
+
+Environment variables stand in for fields left out, as for Consul's CLI: CONSUL_HTTP_ADDR,
+CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ _TOP = {
     "state_dir", "health_address", "session_ttl", "persistent_keepalive", "resync_interval", "consul",
     "service_cgroup", "bpf_pin_dir",
 }
-_CONSUL = {"address", "token", "token_file", "ca_file", "datacenter"}
+_CONSUL = {"address", "token", "token_file", "ca_file", "client_cert", "client_key", "session_node", "datacenter"}
+_CONSUL_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _typed(src: str, d: dict[str, Any], name: str, typ: type, prefix: str = "") -> Any:
@@ -185,10 +193,22 @@ def _parse_consul(d: Any, src: str) -> ConsulOptions:
         except TokenFileError as e:
             raise ConfigError(src, "consul.token_file", str(e)) from None
     token = token or env.get("CONSUL_HTTP_TOKEN") or None
-    ca = d.get("ca_file") or env.get("CONSUL_CACERT") or None
-    if ca and not Path(ca).is_file():
-        raise ConfigError(src, "consul.ca_file", f"{ca} is not a file")
-    opts = ConsulOptions(address=address, token=token, ca_file=ca, datacenter=d.get("datacenter") or None)
+    files = {name: d.get(name) or env.get(var) or None for name, var in
+             (("ca_file", "CONSUL_CACERT"), ("client_cert", "CONSUL_CLIENT_CERT"), ("client_key", "CONSUL_CLIENT_KEY"))}
+    for name, path in files.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(src, f"consul.{name}", f"{path} is not a file")
+    if files["client_key"] and not files["client_cert"]:
+        raise ConfigError(src, "consul.client_key", "set without client_cert")
+    if files["client_key"] and os.stat(files["client_key"]).st_mode & 0o077:
+        raise ConfigError(src, "consul.client_key", f"{files['client_key']} lets others read it; it must be 0600")
+    session_node = d.get("session_node") or None
+    if session_node and not _CONSUL_NODE.fullmatch(session_node):
+        raise ConfigError(src, "consul.session_node", f"{session_node[:40]!r} is not a Consul node name "
+                          "(1-128 of A-Z a-z 0-9 _ . -, a letter or digit first)")
+    opts = ConsulOptions(address=address, token=token, ca_file=files["ca_file"], client_cert=files["client_cert"],
+                         client_key=files["client_key"], session_node=session_node,
+                         datacenter=d.get("datacenter") or None)
     try:
         opts.parsed()
     except Exception as e:

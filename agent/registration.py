@@ -5,6 +5,10 @@ Consul invalidates a session up to twice its TTL after the last renewal, so it i
 half of `session_ttl`: a crashed node's record is gone within session_ttl. A restarted agent
 adopts the session of its previous run if that still lives, so the record never disappears
 and no peer drops this node's tunnel.
+
+With `consul.session_node` the session is made on that Consul node (the one name a per-node
+ACL token may hold sessions for) and tied to its TTL only; the agent registers that node in
+the catalog first if no Consul agent has (a host whose agent talks to the servers directly).
 """
 
 from __future__ import annotations
@@ -85,8 +89,13 @@ class Registration:
                 return item.session
             except SessionExpired:
                 pass
+        node = self.cfg.consul.session_node
+        if node and not self.store.catalog_node_exists(node):
+            self.store.catalog_register_node(node, self.cfg.underlay_address, {"wiremesh-cluster": self.cfg.cluster})
+            log.info("registered Consul node %s for this agent's sessions", node)
         try:
-            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete",
+                                                        node=node)
         except ConsulError as e:
             if e.reason is not ConsulReason.SESSION_TTL or self.consul_ttl >= CONSUL_TTL_MIN_DEFAULT:
                 raise
@@ -94,7 +103,8 @@ class Registration:
                         "crashed node's record lasts up to %ds", self.consul_ttl, CONSUL_TTL_MIN_DEFAULT,
                         2 * CONSUL_TTL_MIN_DEFAULT)
             self.consul_ttl = CONSUL_TTL_MIN_DEFAULT
-            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete")
+            self.session_id = self.store.session_create(self.session_name, self.consul_ttl, behavior="delete",
+                                                        node=node)
         log.info("created session %s (consul ttl %ds)", self.session_id[:8], self.consul_ttl)
         self._save_session(self.session_id)
         return self.session_id

@@ -10,6 +10,7 @@ the message is for people.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,7 +38,8 @@ _HINTS = {
     R.ACL_NOT_FOUND: "this Consul does not know the token: check --token / CONSUL_HTTP_TOKEN",
     R.NO_LEADER: "Consul's servers have no leader yet: wait for the election, or start enough servers",
     R.NO_PATH_TO_DC: "is the datacenter's name right, and is it joined over the WAN (consul members -wan)?",
-    R.TLS: "check the CA bundle (--ca-file, CONSUL_CACERT) and the Consul address's scheme",
+    R.TLS: "give the CA that signed Consul's certificate (--ca-file, CONSUL_CACERT, consul.ca_file), and a client "
+           "certificate if Consul verifies clients (--client-cert/--client-key); check the address's scheme",
 }
 
 
@@ -59,7 +61,7 @@ def consul_error(what: str, failure: Reply | BaseException, address: str = "") -
     txn_errors: tuple[TxnOpError, ...] | None = None
     if isinstance(failure, BaseException):
         if isinstance(failure, requests.exceptions.SSLError):
-            reason, text = R.TLS, f"TLS with {at} failed ({_first_line(failure)})"
+            reason, text = R.TLS, _tls_text(failure, at)
         elif isinstance(failure, requests.Timeout):  # ConnectTimeout included
             reason, text = R.TIMEOUT, f"{at} timed out"
         elif isinstance(failure, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
@@ -147,6 +149,20 @@ def _txn_errors(body: str) -> tuple[TxnOpError, ...] | None:
         return tuple(TxnOpError(int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors) or None
     except (ValueError, AttributeError, TypeError):
         return None
+
+
+def _tls_text(e: BaseException, at: str) -> str:
+    """One line for a failed TLS handshake: an untrusted certificate says so, with the check that
+    failed (requests buries it three exceptions deep in a line of retry noise)."""
+    full = str(e)
+    verify = re.search(r"certificate verify failed: ([^(')\]]+)", full)
+    if verify:
+        return f"the certificate of {at} is not trusted ({verify.group(1).strip()})"
+    if re.search(r"certificate required|bad certificate|unknown ca|handshake failure", full, re.I):
+        return f"{at} refused this client's certificate (or that it sent none)"
+    if "WRONG_VERSION_NUMBER" in full or "wrong version number" in full:
+        return f"TLS with {at} failed: it does not speak HTTPS on that port"
+    return f"TLS with {at} failed ({_first_line(e)})"
 
 
 def _first_line(e: BaseException) -> str:

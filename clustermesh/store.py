@@ -55,13 +55,20 @@ _SHAPE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, RecursionError
 
 @dataclass(frozen=True, slots=True)
 class ConsulOptions:
-    """How to reach Consul: address (scheme://host:port), datacenter, ACL token, TLS."""
+    """How to reach Consul: address (scheme://host:port), datacenter, ACL token, TLS.
+
+    HTTPS verifies Consul's certificate against `ca_file` (else the system's CAs); a client
+    certificate (`client_cert`, `client_key`) is sent when given. `session_node`: the Consul
+    node an agent's sessions are created on (None: the Consul agent it talks to)."""
 
     address: str = DEFAULT_ADDR
     token: str | None = None
     ca_file: str | None = None
     datacenter: str | None = None
     timeout: float = 5.0
+    client_cert: str | None = None
+    client_key: str | None = None
+    session_node: str | None = None
 
     def parsed(self) -> tuple[str, str, int]:
         addr = self.address if "://" in self.address else f"http://{self.address}"
@@ -75,7 +82,8 @@ class ConsulOptions:
         return u.scheme, u.hostname, port
 
     def __repr__(self) -> str:  # never show the token
-        return f"ConsulOptions(address={self.address!r}, datacenter={self.datacenter!r}, token={'***' if self.token else None})"
+        return (f"ConsulOptions(address={self.address!r}, datacenter={self.datacenter!r}, "
+                f"token={'***' if self.token else None}, ca_file={self.ca_file!r})")
 
 
 _retry = retry(
@@ -103,7 +111,9 @@ class ConsulStore:
         c = getattr(self._local, "client", None)
         if c is None:
             verify: bool | str = self.options.ca_file or True
-            c = consul.Consul(host=self._host, port=self._port, scheme=self._scheme, verify=verify,
+            o = self.options
+            cert = (o.client_cert, o.client_key) if o.client_cert and o.client_key else o.client_cert
+            c = consul.Consul(host=self._host, port=self._port, scheme=self._scheme, verify=verify, cert=cert,
                               connections_timeout=self.options.timeout)
             # No proxy, netrc or CA-bundle lookups in the environment on every request: Consul
             # is addressed directly (they were half of a small change's cost).
@@ -222,9 +232,14 @@ class ConsulStore:
                           lambda b: tuple(parse_kv_item(r["KV"]) for r in b.get("Results") or [] if "KV" in r))
 
     # --- sessions -------------------------------------------------------------------------
-    def session_create(self, name: str, ttl_s: int, behavior: str = "delete", lock_delay_s: int = 0) -> str:
-        """A session with a TTL (a TTL outside the server's range: ConsulError, reason SESSION_TTL)."""
-        body = json.dumps({"Name": name, "TTL": f"{ttl_s}s", "Behavior": behavior, "LockDelay": f"{lock_delay_s}s"})
+    def session_create(self, name: str, ttl_s: int, behavior: str = "delete", lock_delay_s: int = 0,
+                       node: str | None = None) -> str:
+        """A session with a TTL (a TTL outside the server's range: ConsulError, reason SESSION_TTL).
+
+        With `node`, on that catalog node and tied to no health check (the TTL alone ends it);
+        else on the node of the Consul agent asked, tied to its serfHealth."""
+        d = {"Name": name, "TTL": f"{ttl_s}s", "Behavior": behavior, "LockDelay": f"{lock_delay_s}s"}
+        body = json.dumps(d if node is None else {**d, "Node": node, "Checks": []})
         reply = self._request("put", "/v1/session/create", "create session", body=body, retry_it=True)
         return self._json("create session", reply, lambda b: _str(b["ID"]))
 
@@ -241,6 +256,16 @@ class ConsulStore:
         return self._json("session info", reply, lambda b: dict(b[0]) if b else None)
 
     # --- status, catalog, health ----------------------------------------------------------
+    def catalog_node_exists(self, node: str) -> bool:
+        reply = self._request("get", f"/v1/catalog/node/{urllib.parse.quote(node, safe='')}", f"catalog node {node}",
+                              retry_it=True)
+        return self._json(f"catalog node {node}", reply, lambda b: b is not None and bool(b.get("Node")))
+
+    def catalog_register_node(self, node: str, address: str, meta: dict[str, str] | None = None) -> None:
+        """Register `node` in the catalog (an external node: no Consul agent runs its checks)."""
+        body = json.dumps({"Node": node, "Address": address, "NodeMeta": meta or {}})
+        self._request("put", "/v1/catalog/register", f"register catalog node {node}", body=body, retry_it=True)
+
     def leader(self) -> str:
         reply = self._request("get", "/v1/status/leader", "status leader", local=True, retry_it=True)
         return self._json("status leader", reply, _str)

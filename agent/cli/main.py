@@ -84,12 +84,17 @@ def _fail(msg: str, hint: str | None, ctx: click.Context) -> None:
 @click.option("--token-file", envvar="CONSUL_HTTP_TOKEN_FILE", default=None, metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Read the Consul ACL token from FILE (mode 0600) [env: CONSUL_HTTP_TOKEN_FILE].")
-@click.option("--ca-file", envvar="CONSUL_CACERT", default=None, type=click.Path(dir_okay=False),
+@click.option("--ca-file", envvar="CONSUL_CACERT", default=None, type=click.Path(dir_okay=False, exists=True),
               help="CA bundle for Consul over HTTPS [env: CONSUL_CACERT].")
+@click.option("--client-cert", envvar="CONSUL_CLIENT_CERT", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Client certificate for a Consul that verifies clients [env: CONSUL_CLIENT_CERT].")
+@click.option("--client-key", envvar="CONSUL_CLIENT_KEY", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="The client certificate's key [env: CONSUL_CLIENT_KEY].")
 @click.option("--datacenter", envvar="CONSUL_DATACENTER", default=None, help="Consul datacenter to talk to.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr: str, token: str | None,
-        token_file: Path | None, ca_file: str | None, datacenter: str | None) -> None:
+        token_file: Path | None, ca_file: str | None, client_cert: str | None, client_key: str | None,
+        datacenter: str | None) -> None:
     """wiremesh: an encrypted WireGuard mesh for Linux hosts, coordinated through Consul.
 
     \b
@@ -109,7 +114,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr:
         except WiremeshError as e:
             raise click.BadParameter(str(e), param_hint="--token-file") from None
     ctx.obj = Ctx(verbose=verbose, output=output,
-                  consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter))
+                  consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter,
+                                       client_cert=client_cert, client_key=client_key))
 
 
 def main() -> None:

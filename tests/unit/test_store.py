@@ -374,7 +374,7 @@ class SessionStore:
     def get(self, key: str) -> None:
         return None
 
-    def session_create(self, name: str, ttl_s: int, behavior: str = "delete") -> str:
+    def session_create(self, name: str, ttl_s: int, behavior: str = "delete", node: str | None = None) -> str:
         self.ttls.append(ttl_s)
         if len(self.ttls) == 1:
             raise self.refusal
@@ -387,7 +387,7 @@ def registration(tmp_path: Path) -> Iterator[Any]:
     from wiremesh.agent.registration import Registration
 
     def make(store: SessionStore) -> Registration:
-        cfg = SimpleNamespace(cluster="lab", node="n1", session_ttl=10, state_dir=tmp_path)
+        cfg = SimpleNamespace(cluster="lab", node="n1", session_ttl=10, state_dir=tmp_path, consul=ConsulOptions())
         return Registration(store, cfg, lambda: None, AgentMetrics(), threading.Event())  # type: ignore[arg-type]
 
     yield make
