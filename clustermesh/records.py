@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from wiremesh.keys import KeyMaterialError, PublicKey
+from wiremesh.keys import KeyMaterialError, PublicKey, VerifyKey
 
 from .errors import InvalidRecord
 
@@ -44,6 +44,7 @@ SCHEMA_FIELD = "schema"
 SCHEMA_MAJOR = 1
 SCHEMA = "1.0"  # a record's version when it says none, and the version of the records this agent builds
 ROTATE_EVERY_MIN, ROTATE_EVERY_MAX = 3600, 365 * 86400  # ClusterConfig.rotate_every, when set (seconds)
+MAX_REVOKED = 256  # serials in ClusterConfig.revoked (32 hex digits each: well inside the size limit)
 
 # Cilium's cluster-name rule: lowercase letters, digits and dashes, at most 32.
 _CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
@@ -52,6 +53,7 @@ _NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _SCHEMA = re.compile(r"([0-9]{1,4})(?:\.([0-9]{1,4}))?")
+_SERIAL = re.compile(r"[0-9a-f]{32}")
 # A record never carries a private key: a field named like one means its writer leaked it.
 _PRIVATE_KEY_FIELD = re.compile(r"private[_-]?key|privkey", re.IGNORECASE)
 
@@ -242,11 +244,19 @@ class ClusterConfig:
     mtu: int = 0  # 0: derive from the underlay (WireGuard's 80 bytes off)
     # Seconds between scheduled key rotations of each node (0: never; an hour to a year).
     rotate_every: int = 0
+    # Signed records (clustermesh.signed): the cluster's Ed25519 signing public key (base64; the
+    # private half stays with the operator), whether unsigned records are refused, and the
+    # serials of revoked node certificates.
+    require_signed: bool = False
+    signing_key: str = ""
+    revoked: tuple[str, ...] = ()
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _envelope(self, _CONFIG_FIELDS)
+        if isinstance(self.revoked, list):
+            object.__setattr__(self, "revoked", tuple(self.revoked))
         self.validate()
         # One spelling per network ("FD00::/48" and "fd00::/48" are the same cluster range).
         object.__setattr__(self, "pod_cidr", str(ipaddress.ip_network(self.pod_cidr)))
@@ -277,6 +287,25 @@ class ClusterConfig:
         if every != 0 and not ROTATE_EVERY_MIN <= every <= ROTATE_EVERY_MAX:
             raise InvalidRecord("rotate_every", f"{every} is outside {ROTATE_EVERY_MIN}-{ROTATE_EVERY_MAX} "
                                                 "(seconds: an hour to a year; 0: never)", key)
+        self._validate_signing(key)
+
+    def _validate_signing(self, key: str | None) -> None:
+        if not isinstance(self.require_signed, bool):
+            raise InvalidRecord("require_signed", f"must be true or false, not {_shown(self.require_signed)}", key)
+        if not isinstance(self.signing_key, str):
+            raise InvalidRecord("signing_key", f"must be a string, not {_shown(self.signing_key)}", key)
+        if self.signing_key:
+            try:
+                VerifyKey.from_base64(self.signing_key, "signing_key")
+            except KeyMaterialError as e:
+                raise InvalidRecord("signing_key", str(e).split(": ", 1)[-1], key) from None
+        elif self.require_signed:
+            raise InvalidRecord("require_signed", "set without a signing_key to verify records with", key)
+        if not isinstance(self.revoked, tuple) or len(self.revoked) > MAX_REVOKED:
+            raise InvalidRecord("revoked", f"must be a list of at most {MAX_REVOKED} certificate serials", key)
+        for serial in self.revoked:
+            if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
+                raise InvalidRecord("revoked", f"{_shown(serial)} is not a certificate serial (32 hex digits)", key)
 
     @property
     def pod_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -287,9 +316,11 @@ class ClusterConfig:
         d, schema, extra = _load(raw, key, _CONFIG_FIELDS)
         for name in ("name", "pod_cidr"):
             _str(d, name, key)
-        for name in ("service_cidr", "routing"):
+        for name in ("service_cidr", "routing", "signing_key"):
             if name in d:
                 _str(d, name, key)
+        if not isinstance(d.get("revoked", []), list):
+            raise InvalidRecord("revoked", f"must be a list, not {_shown(d['revoked'])}", key)
         for name in ("id", "node_prefix_len", "vni", "wg_port", "mtu", "rotate_every"):
             if name in d:
                 _int(d, name, -(2**31), 2**31, key)
@@ -301,8 +332,11 @@ class ClusterConfig:
 
     def to_json(self) -> str:
         known = self._known()
-        if not self.rotate_every:
-            del known["rotate_every"]  # agents released before it refuse fields they do not know
+        for name in ("rotate_every", "require_signed", "signing_key", "revoked"):
+            if not known[name]:
+                del known[name]  # agents released before them refuse fields they do not know
+        if self.revoked:
+            known["revoked"] = list(self.revoked)
         return _dump(known, self.schema, self.extra)
 
 
@@ -329,6 +363,10 @@ class NodeRecord:
     switch_at: int = 0
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The node's certificate and its identity key's signature over the rest of the record
+    # (clustermesh.signed checks both). Not compared: a record signed again is the same record.
+    certificate: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    node_signature: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _envelope(self, _NODE_FIELDS)
@@ -361,15 +399,22 @@ class NodeRecord:
             raise InvalidRecord("switch_at", "set without a next_public_key to switch to", key)
         if next_key and next_key == public_key:
             raise InvalidRecord("next_public_key", "is the current public key", key)
+        cert = d.get("certificate")
+        if cert is not None and not isinstance(cert, dict):
+            raise InvalidRecord("certificate", f"must be a JSON object, not {_shown(cert)}", key)
+        signature = _str(d, "node_signature", key, default="")
+        if len(signature) > 128:
+            raise InvalidRecord("node_signature", "longer than 128 characters", key)
         return cls(name, cluster, endpoint, public_key, str(pod), str(overlay), epoch, mac, version, next_key,
-                   switch_at, schema, extra)
+                   switch_at, schema, extra, cert, signature)
 
     def to_json(self) -> str:
         known = {name: getattr(self, name) for name in _NODE_FIELDS}
         if not self.next_public_key:
             del known["next_public_key"]  # agents released before it refuse fields they do not know
-        if not self.switch_at:
-            del known["switch_at"]
+        for name in ("switch_at", "certificate", "node_signature"):
+            if not known[name]:
+                del known[name]
         return _dump(known, self.schema, self.extra)
 
     @property

@@ -522,8 +522,8 @@ def test_keep_unknown_carries_what_a_newer_writer_added() -> None:
     assert keep_unknown(rebuilt, NodeRecord(**node_dict())) is rebuilt
     newer_self = NodeRecord(**node_dict(), schema="1.5")
     assert keep_unknown(newer_self, stored).schema == "1.5"
-    cfg = ClusterConfig.from_json(json.dumps(config_dict(require_signed=True)))
-    assert keep_unknown(ClusterConfig(**config_dict(mtu=1300)), cfg).extra == {"require_signed": True}
+    cfg = ClusterConfig.from_json(json.dumps(config_dict(audit_level=True)))
+    assert keep_unknown(ClusterConfig(**config_dict(mtu=1300)), cfg).extra == {"audit_level": True}
 
 
 # --- rotate_every (scheduled key rotation) --------------------------------------------------

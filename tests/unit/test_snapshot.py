@@ -245,11 +245,11 @@ def test_records_with_unknown_fields_are_used_and_equal_to_plain_ones() -> None:
     items = base_items()
     items.update([node("n2", "10.240.2.0/24", seed=2, schema="1.3", next_public_key=_pub(9),
                        signature="c2lnbmF0dXJl", cert={"not_after": 1767225600})])
-    items[CKEY] = kv(CKEY, config_json(schema="1.1", require_signed=True))
+    items[CKEY] = kv(CKEY, config_json(schema="1.1", audit_level=True))
     snap = parse_cluster(CLUSTER, 5, items)
     assert snap.rejected == ()
     assert snap.config == plain.config and snap.config is not None
-    assert snap.config.extra == {"require_signed": True}
+    assert snap.config.extra == {"audit_level": True}
     n2 = snap.nodes["n2"]
     assert n2.next_public_key == _pub(9) and n2.extra == {"signature": "c2lnbmF0dXJl", "cert": {"not_after": 1767225600}}
     # Only the new known field makes it a different record; the unknown ones never do.
