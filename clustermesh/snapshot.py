@@ -2,12 +2,16 @@
 
 A record that fails any check is skipped with its key and reason; the rest stand. The
 checks that need more than one record live here: a node's pod CIDR must be leased to that
-node in IPAM, and a public key may belong to one node only.
+node in IPAM, and a public key may belong to one node only. In a cluster with
+`require_signed` (clustermesh.signed), records and leases must also be signed by certified
+nodes, and a node's certificate is what entitles it to its pod CIDR: a lease that is missing
+or forged does not take the CIDR from it; a valid lease of another node does.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -16,6 +20,7 @@ from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord, check_node_name
 from .rotation import Rotations, parse_rotations
 from .services import ServiceDef, parse_services
+from .signed import Lease, Verified, check_valid, cluster_key, parse_lease, verify_lease, verify_record
 from .store import KVItem
 
 
@@ -51,7 +56,8 @@ class ParseCache:
 
     def __init__(self) -> None:
         self.nodes: dict[str, tuple[int, NodeRecord | InvalidRecord, Network | None]] = {}
-        self.leases: dict[str, tuple[int, tuple[str, str] | str]] = {}
+        self.leases: dict[str, tuple[int, tuple[str, Lease] | str]] = {}
+        self.verified = Verified()
 
 
 def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRecord, Network]:
@@ -63,10 +69,10 @@ def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRe
     return rec, ipaddress.ip_network(rec.pod_cidr)
 
 
-def _lease_alone(key: str, item: KVItem) -> tuple[str, str] | str:
+def _lease_alone(key: str, item: KVItem) -> tuple[str, Lease] | str:
     try:
         cidr = str(ipaddress.ip_network(layout.ipam_cidr(key)))
-        return cidr, check_node_name(item.value.decode("utf-8", "replace"), "value", key)
+        return cidr, parse_lease(item.value, key)
     except (ValueError, InvalidRecord) as e:
         return f"bad IPAM lease ({e})"
 
@@ -77,14 +83,17 @@ def parse_cluster(
     items: Mapping[str, KVItem],
     last_config: ClusterConfig | None = None,
     cache: ParseCache | None = None,
+    now: float | None = None,
 ) -> ClusterSnapshot:
     """Validate every key under the cluster's prefix.
 
     A config that fails validation is reported and `last_config` (the last good one) is used
     instead, so a bad write never changes what the agent programs. With `cache` (one per
-    watch), records whose ModifyIndex did not change are not parsed again.
+    watch), records whose ModifyIndex did not change are not parsed again. `now` (unix seconds)
+    is when certificates must be valid.
     """
     cache = cache or ParseCache()
+    now = time.time() if now is None else now
     rejected: list[Rejected] = []
     config = last_config
     ckey = layout.config_key(cluster)
@@ -97,9 +106,11 @@ def parse_cluster(
             rejected.append(Rejected(ckey, str(e).removeprefix(f"{ckey}: ")))
             config = last_config
 
+    signed = config is not None and config.require_signed
+    signing_key = cluster_key(config) if signed and config is not None else None
     leases: dict[str, str] = {}
     ipfx = layout.ipam_prefix(cluster)
-    lease_cache: dict[str, tuple[int, tuple[str, str] | str]] = {}
+    lease_cache: dict[str, tuple[int, tuple[str, Lease] | str]] = {}
     for key, item in items.items():
         if key.startswith(ipfx):
             hit = cache.leases.get(key)
@@ -107,13 +118,23 @@ def parse_cluster(
             lease_cache[key] = (item.modify_index, lease)
             if isinstance(lease, str):
                 rejected.append(Rejected(key, lease))
-            else:
-                leases[lease[0]] = lease[1]
+                continue
+            if signed and config is not None:
+                try:
+                    cidr, held = lease
+                    cert = cache.verified.get(key, item.modify_index, config.signing_key,
+                                              lambda: verify_lease(held, cidr, cluster, signing_key, key))
+                    check_valid(cert, config, now, key)
+                except InvalidRecord as e:
+                    rejected.append(Rejected(key, f"bad IPAM lease ({e.field}: {e.reason})"))
+                    continue
+            leases[lease[0]] = lease[1].node
     cache.leases = lease_cache
 
     nodes: dict[str, NodeRecord] = {}
     npfx = layout.nodes_prefix(cluster)
     keys_seen: dict[str, str] = {}
+    cidrs_seen: dict[str, str] = {}
     node_cache: dict[str, tuple[int, NodeRecord | InvalidRecord, Network | None]] = {}
     pod_range = config.pod_network if config is not None else None
     # Oldest records first, so a newcomer that copies a key cannot push out the node holding it.
@@ -144,11 +165,17 @@ def parse_cluster(
                 raise InvalidRecord("pod_cidr", f"{pod} is outside the cluster's pod CIDR {config.pod_cidr}", key)
             if pod.prefixlen != config.node_prefix_len:
                 raise InvalidRecord("pod_cidr", f"{pod} is not a /{config.node_prefix_len}", key)
+            if signed:
+                cert = cache.verified.get(key, item.modify_index, config.signing_key,
+                                          lambda: verify_record(rec, item.value, signing_key, key))
+                check_valid(cert, config, now, key)
             owner = leases.get(rec.pod_cidr)
-            if owner is None:
+            if owner is None and not signed:  # signed: the certificate entitles the node to its CIDR
                 raise InvalidRecord("pod_cidr", f"{pod} has no IPAM lease", key)
-            if owner != name:
+            if owner is not None and owner != name:
                 raise InvalidRecord("pod_cidr", f"{pod} is leased to node {owner!r}", key)
+            if rec.pod_cidr in cidrs_seen:
+                raise InvalidRecord("pod_cidr", f"{pod} is already node {cidrs_seen[rec.pod_cidr]!r}'s", key)
             other = keys_seen.get(rec.public_key)
             if other is not None:
                 raise InvalidRecord("public_key", f"already used by node {other!r}", key)
@@ -156,8 +183,10 @@ def parse_cluster(
             rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
             continue
         keys_seen[rec.public_key] = name
+        cidrs_seen[rec.pod_cidr] = name
         nodes[name] = rec
     cache.nodes = node_cache
+    cache.verified.sweep()
 
     spfx = layout.services_prefix(cluster)
     services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
