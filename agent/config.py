@@ -8,6 +8,10 @@ Example::
     listen_port = 51820                 # default: the cluster's wg_port
     interface = "wm0"
     key_file = "/var/lib/wiremesh/private.key"
+    identity_key_file = ""              # the node's Ed25519 identity key (signs its records);
+                                        # default: identity.key beside key_file
+    certificate_file = ""               # its certificate (wiremesh node enroll); default: node.crt
+                                        # beside key_file; absent there: records go unsigned
     backend = "auto"                    # auto | kernel | userspace
     state_dir = "/var/lib/wiremesh"
     health_address = "127.0.0.1:9477"   # /healthz and /metrics; "" turns it off
@@ -70,6 +74,16 @@ class AgentConfig:
     consul: ConsulOptions = field(default_factory=ConsulOptions)
     service_cgroup: Path | None = None  # None: no service lookup on this node
     bpf_pin_dir: Path | None = None
+    identity_key_file: Path | None = None  # None: identity.key beside key_file
+    certificate_file: Path | None = None  # None: node.crt beside key_file (optional there)
+
+    @property
+    def identity_key_path(self) -> Path:
+        return self.identity_key_file or self.key_file.parent / "identity.key"
+
+    @property
+    def certificate_path(self) -> Path:
+        return self.certificate_file or self.key_file.parent / "node.crt"
 
     @property
     def pin_dir(self) -> Path:
@@ -87,7 +101,7 @@ class AgentConfig:
 _TOP = {
     "node", "cluster", "underlay_address", "listen_port", "interface", "key_file", "backend",
     "state_dir", "health_address", "session_ttl", "persistent_keepalive", "resync_interval", "consul",
-    "service_cgroup", "bpf_pin_dir",
+    "service_cgroup", "bpf_pin_dir", "identity_key_file", "certificate_file",
 }
 _CONSUL = {"address", "token", "token_file", "ca_file", "client_cert", "client_key", "session_node", "datacenter"}
 _CONSUL_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -119,6 +133,7 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
         "node": str, "cluster": str, "underlay_address": str, "listen_port": int, "interface": str,
         "key_file": str, "backend": str, "state_dir": str, "health_address": str, "session_ttl": int,
         "persistent_keepalive": int, "resync_interval": float, "service_cgroup": str, "bpf_pin_dir": str,
+        "identity_key_file": str, "certificate_file": str,
     }
     for name, typ in types.items():
         if name in data:
@@ -141,7 +156,10 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
         raise ConfigError(src, "interface", f"{kw['interface']!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
     if "backend" in kw and kw["backend"] not in BACKENDS:
         raise ConfigError(src, "backend", f"{kw['backend']!r} is not one of {', '.join(BACKENDS)}")
-    for name in ("key_file", "state_dir"):
+    for name in ("identity_key_file", "certificate_file"):
+        if name in kw and not kw[name]:
+            del kw[name]  # "": the default, beside key_file
+    for name in ("key_file", "state_dir", "identity_key_file", "certificate_file"):
         if name in kw:
             if not kw[name]:
                 raise ConfigError(src, name, "must not be empty")

@@ -3,6 +3,9 @@
 The agent writes it after every change it learns from Consul, so that a restart while Consul
 is down (or holds something invalid) starts from what worked; the CNI plugin reads the pod
 CIDR and MTU from it. Written atomically (temporary file, then rename).
+
+A node with a certificate leases the CIDR its certificate names, with a signed lease
+(clustermesh.ipam.lease_certified).
 """
 
 from __future__ import annotations
@@ -11,16 +14,26 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from wiremesh.clustermesh import (ClusterConfig, ConsulError, ConsulStore, ConsulUnavailable, InvalidRecord,
                                   lease_pod_cidr, load_cluster_config, overlay_address)
+from wiremesh.clustermesh.ipam import lease_certified
 from wiremesh.errors import WiremeshError
+from wiremesh.keys import NodeIdentity
 
 log = logging.getLogger("wiremesh.agent")
 BACKOFF_MAX_S = 5.0
+# The identity of the agent whose state file is the key (set by agent.registration, which the
+# agent builds before it bootstraps): `bootstrap` leases that identity's CIDR.
+_IDENTITIES: dict[Path, NodeIdentity | None] = {}
+
+
+def use_identity(state_file: Path, identity: NodeIdentity | None) -> None:
+    _IDENTITIES[Path(state_file)] = identity
 
 
 def load_node_state(path: Path, cluster: str, node: str) -> tuple[ClusterConfig, str, int | None] | None:
@@ -44,21 +57,27 @@ def save_node_state(path: Path, cluster: str, node: str, config: ClusterConfig, 
     os.replace(tmp, path)
 
 
-def bootstrap(store: ConsulStore, cluster: str, node: str, path: Path,
-              stop: threading.Event) -> tuple[ClusterConfig, str, int | None] | None:
+def bootstrap(store: ConsulStore, cluster: str, node: str, path: Path, stop: threading.Event,
+              identity: NodeIdentity | None = None) -> tuple[ClusterConfig, str, int | None] | None:
     """The cluster config and this node's pod-CIDR lease, from Consul (saved to `path`).
 
     Waits for an unreachable Consul (backing off, up to 5 s between tries) unless a saved copy
     lets the node go on: one that has run before starts from it, so neither a Consul outage nor
     a bad write there blocks a restart. None if `stop` was set while waiting.
     """
+    identity = identity or _IDENTITIES.get(Path(path))
     cached = load_node_state(path, cluster, node)
+    if cached is not None and identity is not None and cached[1] != identity.certificate.pod_cidr:
+        cached = None  # enrolled (again) for another CIDR: the saved lease is no longer this node's
     got: list[tuple[ClusterConfig, str, int | None]] = []
 
     def attempt() -> None:
         try:
             config = load_cluster_config(store, cluster)
-            pod_cidr = lease_pod_cidr(store, config, node)
+            if identity is not None:
+                pod_cidr = lease_certified(store, config, identity, time.time())
+            else:
+                pod_cidr = lease_pod_cidr(store, config, node)
             mtu = cached[2] if cached else None
             save_node_state(path, cluster, node, config, pod_cidr, mtu)
             got.append((config, pod_cidr, mtu))

@@ -9,6 +9,9 @@ and no peer drops this node's tunnel.
 With `consul.session_node` the session is made on that Consul node (the one name a per-node
 ACL token may hold sessions for) and tied to its TTL only; the agent registers that node in
 the catalog first if no Consul agent has (a host whose agent talks to the servers directly).
+
+A node with a certificate (agent.identity) signs every record it writes with its identity key,
+so each new WireGuard key (rotation) is vouched for without a new certificate.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from wiremesh.clustermesh import (
     layout,
 )
 
+from wiremesh.clustermesh.signed import sign_record
+
+from . import nodestate
 from .config import AgentConfig
 from .errors import AgentError
+from .identity import load_identity
 from .metrics import AgentMetrics
 
 log = logging.getLogger("wiremesh.agent")
@@ -51,6 +58,12 @@ class Registration:
         self._publishing = threading.Lock()  # one write at a time, each of the newest record
         self.session_id: str | None = None
         self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
+        # None: unsigned records (and for stand-ins of AgentConfig in tests, which name no key files)
+        self.identity = load_identity(cfg) if isinstance(cfg, AgentConfig) else None
+        # The agent bootstraps its lease before this loop runs; it leases the certificate's CIDR.
+        nodestate.use_identity(cfg.state_dir / "state.json", self.identity)
+        if self.identity is not None:
+            log.info("signing records as %r", self.identity)
 
     @property
     def session_name(self) -> str:
@@ -129,6 +142,8 @@ class Registration:
     def _publish(self) -> None:
         session = self.ensure_session()
         rec = self.record()
+        if self.identity is not None:
+            rec = sign_record(rec, self.identity)
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
         if not self.store.put(key, rec.to_json(), acquire=session):
             item = self.store.get(key)

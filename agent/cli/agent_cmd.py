@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import load_config
+from ..identity import load_identity
 
 
 @click.command()
@@ -20,8 +21,12 @@ def agent(config_path: Path, check: bool) -> None:
     SIGHUP forces a full reconcile. Health and metrics: http://HEALTH_ADDRESS/healthz, /metrics.
     """
     cfg = load_config(config_path)
+    identity = load_identity(cfg, str(config_path))  # a bad certificate is one clear line, before anything starts
     if check:
         click.echo(f"{config_path}: ok (node {cfg.node}, cluster {cfg.cluster})", err=True)
+        if identity is not None:
+            c = identity.certificate
+            click.echo(f"certificate: serial {c.serial}, pod CIDR {c.pod_cidr}, valid until {c.not_after}", err=True)
         return
     from ..daemon import Agent
 
