@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import click
 
@@ -44,22 +46,54 @@ def cluster() -> None:
 @click.option("--rotate-every", callback=_duration, default="0", show_default=True, metavar="DURATION",
               help="Rotate each node's WireGuard key this often, e.g. 30d, 12h, 3600 (seconds); 0 never. "
                    "An hour to a year.")
+@click.option("--signing-key", "signing_key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A new cluster's signing key file, created 0600 if absent; its nodes' records must be signed "
+                   "[default: ~/.config/wiremesh/signing/NAME.key].")
+@click.option("--unsigned", is_flag=True, help="A new cluster that accepts unsigned records (no signing key).")
 @click.option("--force", is_flag=True, help="Update an existing cluster whose settings differ.")
 @click.pass_obj
 def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: int, service_cidr: str,
-         routing: str, vni: int, wg_port: int, mtu: int, rotate_every: int, force: bool) -> None:
-    """Write cluster NAME's config to Consul (idempotent: the same settings again change nothing)."""
+         routing: str, vni: int, wg_port: int, mtu: int, rotate_every: int, signing_key_path: Path | None,
+         unsigned: bool, force: bool) -> None:
+    """Write cluster NAME's config to Consul (idempotent: the same settings again change nothing).
+
+    A new cluster gets a signing key and refuses unsigned records (enroll its nodes with
+    `wiremesh node enroll`); an existing one keeps its signing settings."""
     try:
         cfg = ClusterConfig(name=name, id=cluster_id, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len,
                             service_cidr=service_cidr, routing=routing, vni=vni, wg_port=wg_port, mtu=mtu,
                             rotate_every=rotate_every)
     except InvalidRecord as e:
         raise click.BadParameter(e.reason, param_hint=f"--{e.field.replace('_', '-')}" if e.field != "name" else "NAME") from None
-    result = init_cluster(ConsulStore(ctx.consul), cfg, force=force)
+    store = ConsulStore(ctx.consul)
+    cfg = _signing(store, cfg, signing_key_path, unsigned)
+    result = init_cluster(store, cfg, force=force)
     info(f"cluster {name}: {result}")
     emit(ctx, {"result": result, "config": json.loads(cfg.to_json())},
          ["cluster", "id", "pod cidr", "node prefix", "routing", "result"],
          [[name, cluster_id, pod_cidr, f"/{node_prefix_len}", routing, result]])
+
+
+def _signing(store: ConsulStore, cfg: ClusterConfig, key_path: Path | None, unsigned: bool) -> ClusterConfig:
+    """`cfg` with its signing settings: the stored config's, or for a new cluster a signing key's."""
+    from wiremesh.clustermesh import layout
+    from wiremesh.clustermesh.enroll import default_signing_key_path
+    from wiremesh.keys import load_or_generate_signing_key
+
+    item = store.get(layout.config_key(cfg.name))
+    if item is not None:
+        try:
+            cur = ClusterConfig.from_json(item.value)
+        except InvalidRecord:
+            return cfg
+        return dataclasses.replace(cfg, require_signed=cur.require_signed, signing_key=cur.signing_key,
+                                   revoked=cur.revoked)
+    if unsigned:
+        return cfg
+    path = key_path or default_signing_key_path(cfg.name)
+    key, created = load_or_generate_signing_key(path)
+    info(f"{'created' if created else 'using'} signing key {path} (keep it safe: `wiremesh node enroll` needs it)")
+    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
 
 
 @cluster.command("show")
@@ -150,3 +184,13 @@ def release(ctx: Ctx, name: str, node: str, force: bool) -> None:
     info(f"{node}: {'released ' + ', '.join(released) if released else 'held no lease'}")
     emit(ctx, {"cluster": name, "node": node, "released": released}, ["cluster", "node", "released"],
          [[name, node, ", ".join(released) or "-"]])
+
+
+def _signing_commands() -> None:
+    from .signing_cmd import require_signed, signing_key
+
+    cluster.add_command(signing_key)
+    cluster.add_command(require_signed)
+
+
+_signing_commands()

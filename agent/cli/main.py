@@ -26,6 +26,7 @@ COMMANDS = {
     "cluster": "wiremesh.agent.cli.cluster:cluster",
     "keys": "wiremesh.agent.cli.keys_cmd:keys",
     "lab": "wiremesh.lab.cli:lab",
+    "node": "wiremesh.agent.cli.node_cmd:node",
     "service": "wiremesh.agent.cli.service_cmd:service",
     "setup": "wiremesh.agent.cli.setup_cmd:setup",
     "status": "wiremesh.agent.cli.status:status",

@@ -50,7 +50,8 @@ def run(consul: Consul, *args: str) -> Result:
 @pytest.fixture(scope="module")
 def cluster(consul: Consul) -> ConsulStore:
     """Cluster 'rot' made by `cluster init`, with four nodes' records and leases written directly."""
-    result = run(consul, "cluster", "init", C, "--id", "9", "--pod-cidr", "10.250.0.0/16", "--rotate-every", "1d")
+    result = run(consul, "cluster", "init", C, "--id", "9", "--pod-cidr", "10.250.0.0/16", "--rotate-every", "1d",
+                 "--unsigned")
     assert result.exit_code == 0, result.output
     store = consul.store()
     for i, name in enumerate(NODES, start=1):

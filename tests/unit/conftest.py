@@ -24,9 +24,11 @@ _ENV = (
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in _ENV:
         monkeypatch.delenv(name, raising=False)
+    # Signing keys a command creates by default go to a temporary directory, not ~/.config.
+    monkeypatch.setenv("WIREMESH_SIGNING_KEY_DIR", str(tmp_path_factory.mktemp("signing")))
 
 
 @pytest.fixture

@@ -1,0 +1,101 @@
+"""`wiremesh node`: enroll nodes in a signed cluster (certificates), revoke them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from wiremesh.clustermesh import ConsulStore
+from wiremesh.clustermesh.enroll import DEFAULT_VALIDITY_S, default_signing_key_path, enroll, node_serials, revoke
+from wiremesh.keys import SigningKey, VerifyKey, load_or_generate_signing_key, read_signing_key
+
+from .cluster import _duration
+from .output import Ctx, emit, info
+
+
+@click.group()
+def node() -> None:
+    """Node certificates of signed clusters: a node signs its records with an identity key that
+    the cluster's signing key certified (its name, cluster and pod CIDR).
+
+    \b
+    wiremesh node enroll node1 --cluster prod --identity-key /var/lib/wiremesh/identity.key \\
+        --cert-out /var/lib/wiremesh/node.crt
+    wiremesh node revoke --cluster prod --node node1
+    """
+
+
+@node.command("enroll")
+@click.argument("node_name", metavar="NODE")
+@click.option("--cluster", "cluster_name", required=True, help="The node's cluster.")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cluster's signing key file [default: ~/.config/wiremesh/signing/CLUSTER.key].")
+@click.option("--identity-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The node's identity key file (created 0600 if absent): when enrolling on the node.")
+@click.option("--identity-public", default=None, metavar="BASE64",
+              help="The node's identity public key, when its key file stays on the node.")
+@click.option("--cidr", default=None, help="The node's pod CIDR [default: the one it holds, else the lowest free].")
+@click.option("--valid-for", callback=_duration, default=str(DEFAULT_VALIDITY_S), show_default="365d",
+              metavar="DURATION", help="How long the certificate is valid, e.g. 90d, 12h.")
+@click.option("--cert-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the certificate here (the agent's certificate_file) instead of to stdout.")
+@click.pass_obj
+def enroll_cmd(ctx: Ctx, node_name: str, cluster_name: str, signing_key: Path | None, identity_key: Path | None,
+               identity_public: str | None, cidr: str | None, valid_for: int, cert_out: Path | None) -> None:
+    """Certify NODE for cluster --cluster: its identity key and one pod CIDR, reserved in IPAM."""
+    if (identity_key is None) == (identity_public is None):
+        raise click.UsageError("give the node's identity as --identity-key FILE or --identity-public BASE64")
+    ca = read_signing_key(signing_key or default_signing_key_path(cluster_name))
+    private: SigningKey | None = None
+    if identity_key is not None:
+        private, created = load_or_generate_signing_key(identity_key)
+        if created:
+            info(f"created identity key {identity_key}")
+        public = private.public_key()
+    else:
+        try:
+            public = VerifyKey.from_base64(identity_public, "--identity-public")
+        except Exception as e:  # noqa: BLE001 - KeyMaterialError or CertificateError
+            raise click.BadParameter(str(e).split(": ", 1)[-1], param_hint="--identity-public") from None
+    done = enroll(ConsulStore(ctx.consul), cluster_name, node_name, ca, public, time.time(), cidr, valid_for, private)
+    cert = done.certificate
+    text = json.dumps(cert.to_dict(), indent=1, sort_keys=True) + "\n"
+    if cert_out is not None:
+        tmp = cert_out.with_name(f".{cert_out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(cert_out)
+        info(f"wrote {cert_out}")
+    info(f"enrolled {cluster_name}/{node_name}: pod CIDR {cert.pod_cidr} ({done.lease or 'not leased'}), "
+         f"serial {cert.serial}, valid until {time.strftime('%Y-%m-%d %H:%M', time.localtime(cert.not_after))}")
+    if ctx.json:
+        emit(ctx, {"cluster": cluster_name, "node": node_name, "pod_cidr": cert.pod_cidr, "serial": cert.serial,
+                   "not_after": cert.not_after, "lease": done.lease, "certificate": cert.to_dict(),
+                   "path": str(cert_out) if cert_out else None})
+    elif cert_out is None:
+        click.echo(text, nl=False)
+
+
+@node.command("revoke")
+@click.argument("serials", nargs=-1, metavar="[SERIAL]...")
+@click.option("--cluster", "cluster_name", required=True, help="The cluster.")
+@click.option("--node", "node_name", default=None, help="Revoke the certificates NODE's record and lease carry.")
+@click.pass_obj
+def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name: str | None) -> None:
+    """Add certificate serials to the cluster's revocation list: their records and leases are refused."""
+    store = ConsulStore(ctx.consul)
+    wanted = list(serials)
+    if node_name:
+        found = node_serials(store, cluster_name, node_name)
+        if not found:
+            raise click.UsageError(f"node {node_name!r} has no signed record or lease in cluster {cluster_name!r}; "
+                                   "give its certificate's SERIAL")
+        wanted += found
+    if not wanted:
+        raise click.UsageError("give SERIAL(s) or --node NODE")
+    cfg, changed = revoke(store, cluster_name, wanted)
+    info(f"cluster {cluster_name}: {'revoked' if changed else 'already revoked'} {', '.join(wanted)}")
+    emit(ctx, {"cluster": cluster_name, "revoked": list(cfg.revoked), "changed": changed}, ["serial"],
+         [[s] for s in cfg.revoked])

@@ -1,0 +1,77 @@
+"""`wiremesh cluster signing-key` and `wiremesh cluster require-signed`: a cluster's signing settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import click
+
+from wiremesh.clustermesh import ConsulStore, layout, load_cluster_config, parse_cluster
+from wiremesh.clustermesh.enroll import EnrollError, attach_signing_key, default_signing_key_path, update_config
+from wiremesh.keys import load_or_generate_signing_key, read_signing_key
+
+from .output import Ctx, emit, info
+
+
+@click.command("signing-key")
+@click.argument("name")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The signing key file [default: ~/.config/wiremesh/signing/NAME.key].")
+@click.option("--create", is_flag=True, help="Create the key file (0600) if it does not exist.")
+@click.option("--force", is_flag=True, help="Replace another signing key the cluster has (its certificates stop verifying).")
+@click.pass_obj
+def signing_key(ctx: Ctx, name: str, key_path: Path | None, create: bool, force: bool) -> None:
+    """Give cluster NAME a signing key: the private key stays in its file, the public one goes to Consul.
+
+    Records are not required to be signed until `wiremesh cluster require-signed NAME`."""
+    path = key_path or default_signing_key_path(name)
+    if create:
+        key, created = load_or_generate_signing_key(path)
+        info(f"{'created' if created else 'kept existing'} signing key {path}")
+    else:
+        key = read_signing_key(path)
+    changed = attach_signing_key(ConsulStore(ctx.consul), name, key.public_key(), force=force)
+    pub = key.public_key()
+    info(f"cluster {name}: signing key {pub.fingerprint} {'stored' if changed else 'unchanged'}")
+    emit(ctx, {"cluster": name, "signing_key": pub.base64, "fingerprint": pub.fingerprint, "path": str(path),
+               "changed": changed}, ["cluster", "signing key", "fingerprint"], [[name, pub.base64, pub.fingerprint]])
+
+
+@click.command("require-signed")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Accept unsigned records again.")
+@click.option("--force", is_flag=True, help="Require signatures even though some live records would be refused.")
+@click.pass_obj
+def require_signed(ctx: Ctx, name: str, off: bool, force: bool) -> None:
+    """Refuse unsigned records in cluster NAME (or, with --off, accept them again).
+
+    Before it turns on, every live node record and lease is checked as a cluster requiring
+    signatures would: if any would be refused, nothing changes (unless --force) and they are
+    listed. The step that ends a migration from unsigned records: enroll every node, restart
+    its agent (its records are then signed), then this."""
+    store = ConsulStore(ctx.consul)
+    config = load_cluster_config(store, name)
+    refused: list[dict[str, str]] = []
+    if not off:
+        if not config.signing_key:
+            raise EnrollError("NAME", f"cluster {name!r} has no signing key",
+                              f"first: wiremesh cluster signing-key {name} --create")
+        index, items = store.list(layout.cluster_prefix(name))
+        trial = dataclasses.replace(config, require_signed=True)
+        items = {k: v for k, v in items.items() if k != layout.config_key(name)}
+        snap = parse_cluster(name, index, items, last_config=trial, now=time.time())
+        refused = [{"key": r.key, "reason": r.reason} for r in snap.rejected
+                   if r.key.startswith((layout.nodes_prefix(name), layout.ipam_prefix(name)))]
+        for r in refused:
+            info(f"  would be refused: {r['key']}: {r['reason']}")
+        if refused and not force:
+            raise EnrollError("NAME", f"{len(refused)} live record(s) or lease(s) of cluster {name!r} are not "
+                              "validly signed; nothing changed",
+                              "enroll those nodes and restart their agents, or pass --force")
+    new, changed = update_config(store, name, lambda c: dataclasses.replace(c, require_signed=not off))
+    info(f"cluster {name}: require_signed {'on' if new.require_signed else 'off'}"
+         f"{'' if changed else ' (unchanged)'}")
+    emit(ctx, {"cluster": name, "require_signed": new.require_signed, "changed": changed, "refused": refused},
+         ["cluster", "require signed", "changed"], [[name, new.require_signed, changed]])

@@ -1,0 +1,173 @@
+"""Enrolling nodes in a signed cluster: the cluster's signing key, node certificates, revocation.
+
+The operator keeps the cluster's signing key (a 0600 file; by default
+~/.config/wiremesh/signing/CLUSTER.key, or $WIREMESH_SIGNING_KEY_DIR/CLUSTER.key) and gives
+each node a certificate for its identity key and one pod CIDR. The cluster config in Consul
+holds only the public half (`signing_key`), whether unsigned records are refused
+(`require_signed`) and the revoked serials; every change to it is a check-and-set write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from wiremesh.keys import Certificate, NodeIdentity, SigningKey, VerifyKey, issue
+
+from . import layout
+from .clusters import load_cluster_config
+from .errors import CASConflict, ClusterMeshError, InvalidRecord
+from .ipam import leases
+from .records import ClusterConfig, NodeRecord, check_node_name
+from .signed import lease_value, parse_lease
+from .store import ConsulStore
+
+DEFAULT_VALIDITY_S = 365 * 86400
+
+
+class EnrollError(ClusterMeshError):
+    """A node cannot be enrolled, or the cluster's signing settings cannot change; `field` says why."""
+
+    def __init__(self, field: str, reason: str, hint: str | None = None) -> None:
+        self.field, self.reason, self.hint = field, reason, hint
+        super().__init__(f"{field}: {reason}")
+
+
+def signing_key_dir() -> Path:
+    env = os.environ.get("WIREMESH_SIGNING_KEY_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "wiremesh" / "signing"
+
+
+def default_signing_key_path(cluster: str) -> Path:
+    return signing_key_dir() / f"{cluster}.key"
+
+
+def update_config(store: ConsulStore, cluster: str, change: Callable[[ClusterConfig], ClusterConfig]) -> tuple[ClusterConfig, bool]:
+    """Apply `change` to the stored config with check-and-set; (new config, whether it changed)."""
+    key = layout.config_key(cluster)
+    for _ in range(8):
+        item = store.get(key)
+        current = load_cluster_config(store, cluster) if item is None else ClusterConfig.from_json(item.value, key)
+        new = change(current)
+        if new == current:
+            return current, False
+        if store.put(key, dataclasses.replace(new, extra=current.extra, schema=current.schema).to_json(),
+                     cas=item.modify_index if item else 0):
+            return new, True
+    raise CASConflict(f"cluster {cluster!r}: its config kept changing meanwhile; run again")
+
+
+def attach_signing_key(store: ConsulStore, cluster: str, key: VerifyKey, force: bool = False) -> bool:
+    """Store `key` as the cluster's signing key (require_signed untouched); True if it changed."""
+    def change(cfg: ClusterConfig) -> ClusterConfig:
+        if cfg.signing_key and cfg.signing_key != key.base64 and not force:
+            raise EnrollError("signing_key", f"cluster {cluster!r} already has another signing key "
+                              f"({VerifyKey.from_base64(cfg.signing_key).fingerprint})",
+                              "every certificate made with the old key stops verifying: pass --force to replace it")
+        return dataclasses.replace(cfg, signing_key=key.base64)
+    return update_config(store, cluster, change)[1]
+
+
+def check_signing_key(config: ClusterConfig, key: SigningKey, field: str = "--signing-key") -> None:
+    if not config.signing_key:
+        raise EnrollError(field, f"cluster {config.name!r} has no signing key",
+                          f"attach one: wiremesh cluster signing-key {config.name} --create")
+    if config.signing_key != key.public_key().base64:
+        raise EnrollError(field, f"not cluster {config.name!r}'s signing key (that is "
+                          f"{VerifyKey.from_base64(config.signing_key).fingerprint}, this is "
+                          f"{key.public_key().fingerprint})")
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    certificate: Certificate
+    lease: str  # "held" (the node's own lease), "reserved" (written now), or "" (not written)
+
+
+def choose_cidr(store: ConsulStore, config: ClusterConfig, node: str, cidr: str | None) -> tuple[str, bool]:
+    """The CIDR to certify for `node`: `cidr` if given (and free or its own), else the one it holds,
+    else the lowest free one; and whether a lease of it exists already."""
+    held = leases(store, config.name)
+    if cidr is not None:
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+        except ValueError as e:
+            raise EnrollError("--cidr", f"{cidr!r} is not a network CIDR ({e})") from None
+        if net.version != config.pod_network.version or not net.subnet_of(config.pod_network):  # type: ignore[arg-type]
+            raise EnrollError("--cidr", f"{net} is outside cluster {config.name!r}'s pod CIDR {config.pod_cidr}")
+        if net.prefixlen != config.node_prefix_len:
+            raise EnrollError("--cidr", f"{net} is not a /{config.node_prefix_len} (the cluster's node prefix)")
+        owner = held.get(str(net))
+        if owner not in (None, node):
+            raise EnrollError("--cidr", f"{net} is leased to node {owner!r}")
+        return str(net), owner is not None
+    mine = sorted((c for c, o in held.items() if o == node), key=ipaddress.ip_network)
+    if mine:
+        return mine[0], True
+    taken = [ipaddress.ip_network(c) for c in held]
+    for net in config.pod_network.subnets(new_prefix=config.node_prefix_len):
+        if not any(t.overlaps(net) for t in taken):
+            return str(net), False
+    raise EnrollError("--cidr", f"every /{config.node_prefix_len} of {config.pod_cidr} is leased")
+
+
+def enroll(store: ConsulStore, cluster: str, node: str, signing_key: SigningKey, identity: VerifyKey, now: float,
+           cidr: str | None = None, valid_for_s: int = DEFAULT_VALIDITY_S,
+           identity_key: SigningKey | None = None) -> Enrolled:
+    """A certificate for `node`, and its CIDR reserved in IPAM (signed, if the identity key is at hand)."""
+    try:
+        check_node_name(node, "NODE")
+    except InvalidRecord as e:
+        raise EnrollError("NODE", e.reason) from None
+    config = load_cluster_config(store, cluster)
+    check_signing_key(config, signing_key)
+    for _ in range(8):
+        chosen, exists = choose_cidr(store, config, node, cidr)
+        cert = issue(signing_key, cluster, node, identity, chosen, valid_for_s, now)
+        if exists:
+            return Enrolled(cert, "held")
+        value = lease_value(chosen, NodeIdentity(cert, identity_key)) if identity_key is not None else node
+        if store.put(layout.ipam_key(cluster, chosen), value, cas=0):
+            return Enrolled(cert, "reserved")
+    raise CASConflict(f"cluster {cluster!r}: other nodes kept taking the free CIDRs meanwhile; run again")
+
+
+def revoke(store: ConsulStore, cluster: str, serials: list[str]) -> tuple[ClusterConfig, bool]:
+    def change(cfg: ClusterConfig) -> ClusterConfig:
+        return dataclasses.replace(cfg, revoked=tuple(dict.fromkeys([*cfg.revoked, *serials])))
+    try:
+        return update_config(store, cluster, change)
+    except InvalidRecord as e:
+        raise EnrollError("SERIAL", e.reason) from None
+
+
+def node_serials(store: ConsulStore, cluster: str, node: str) -> list[str]:
+    """Serials of the certificates a node's live record and its leases carry."""
+    found: list[str] = []
+    item = store.get(layout.node_key(cluster, node))
+    docs: list[object] = []
+    if item is not None:
+        try:
+            docs.append(NodeRecord.from_json(item.value).certificate)
+        except InvalidRecord:
+            pass
+    _, items = store.list(layout.ipam_prefix(cluster))
+    for key, lease in items.items():
+        try:
+            held = parse_lease(lease.value, key)
+        except InvalidRecord:
+            continue
+        if held.node == node and held.doc is not None:
+            docs.append(held.doc.get("certificate"))
+    for doc in docs:
+        serial = doc.get("serial") if isinstance(doc, dict) else None
+        if isinstance(serial, str) and serial not in found:
+            found.append(serial)
+    return found
