@@ -165,15 +165,15 @@ def parse_cluster(
                 raise InvalidRecord("pod_cidr", f"{pod} is outside the cluster's pod CIDR {config.pod_cidr}", key)
             if pod.prefixlen != config.node_prefix_len:
                 raise InvalidRecord("pod_cidr", f"{pod} is not a /{config.node_prefix_len}", key)
-            if signed:
-                cert = cache.verified.get(key, item.modify_index, config.signing_key,
-                                          lambda: verify_record(rec, item.value, signing_key, key))
-                check_valid(cert, config, now, key)
             owner = leases.get(rec.pod_cidr)
             if owner is None and not signed:  # signed: the certificate entitles the node to its CIDR
                 raise InvalidRecord("pod_cidr", f"{pod} has no IPAM lease", key)
             if owner is not None and owner != name:
                 raise InvalidRecord("pod_cidr", f"{pod} is leased to node {owner!r}", key)
+            if signed:
+                cert = cache.verified.get(key, item.modify_index, config.signing_key,
+                                          lambda: verify_record(rec, item.value, signing_key, key))
+                check_valid(cert, config, now, key)
             if rec.pod_cidr in cidrs_seen:
                 raise InvalidRecord("pod_cidr", f"{pod} is already node {cidrs_seen[rec.pod_cidr]!r}'s", key)
             other = keys_seen.get(rec.public_key)
