@@ -48,6 +48,10 @@ class ClusterAnswer:
     mtu: int = 0
     node_prefix_len: int = 24
     acl_nodes: list[str] = field(default_factory=list)  # create an ACL token for each of these nodes
+    # A new cluster's signing key file (created 0600 if absent; its records must then be signed),
+    # unless `unsigned`. An existing cluster keeps the signing settings it has.
+    signing_key_file: str | None = None
+    unsigned: bool = False
 
     def options(self) -> ConsulOptions:
         return ConsulOptions(address=self.consul, token=self.token or None, ca_file=self.ca_file or None)
@@ -61,7 +65,8 @@ class ClusterAnswer:
 
 
 _ANSWER_FIELDS = {"consul": str, "name": str, "id": int, "pod_cidr": str, "datacenter": str, "token": str,
-                  "ca_file": str, "routing": str, "mtu": int, "node_prefix_len": int, "acl_nodes": list}
+                  "ca_file": str, "routing": str, "mtu": int, "node_prefix_len": int, "acl_nodes": list,
+                  "signing_key_file": str, "unsigned": bool}
 
 
 def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
@@ -84,9 +89,9 @@ def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
                 raise SetupError(f"{where}.{k}", "is required")
         for k, v in c.items():
             t = _ANSWER_FIELDS[k]
-            if v is None and k in ("datacenter", "token", "ca_file"):
+            if v is None and k in ("datacenter", "token", "ca_file", "signing_key_file"):
                 continue
-            if not isinstance(v, t) or isinstance(v, bool):
+            if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):
                 raise SetupError(f"{where}.{k}", f"must be {t.__name__}, not {type(v).__name__}")
         out.append(ClusterAnswer(**c))
     for i, a in enumerate(out):
@@ -304,7 +309,7 @@ def plan_setup(answers: list[ClusterAnswer], facts: list[ConsulFacts], stores: l
     writes: dict[str, list[Write]] = {}
     for a, f, store in zip(answers, facts, stores):
         w: list[Write] = []
-        cfg = a.config()
+        cfg = _signing(a, f.config)
         if f.config != cfg:
             old = store.get(layout.config_key(a.name))
             w.append(Write(layout.config_key(a.name), cfg.to_json(), f.config_index,
@@ -316,6 +321,26 @@ def plan_setup(answers: list[ClusterAnswer], facts: list[ConsulFacts], stores: l
                 w.append(Write(key, m.to_json(), f.mesh_index.get(m.name, 0), old.value.decode() if old else None))
         writes[f.datacenter] = w
     return SetupPlan(answers, facts, writes)
+
+
+def _signing(a: ClusterAnswer, current: ClusterConfig | None) -> ClusterConfig:
+    """The cluster's config with its signing settings: kept from the stored config if there is one;
+    for a new cluster, its signing key's (the key file is created if absent), unless unsigned."""
+    import dataclasses
+
+    from wiremesh.keys import KeyMaterialError, load_or_generate_signing_key
+
+    cfg = a.config()
+    if current is not None:
+        return dataclasses.replace(cfg, require_signed=current.require_signed, signing_key=current.signing_key,
+                                   revoked=current.revoked)
+    if a.unsigned or not a.signing_key_file:
+        return cfg
+    try:
+        key, _ = load_or_generate_signing_key(Path(a.signing_key_file))
+    except KeyMaterialError as e:
+        raise SetupError(f"{a.name}.signing_key_file", str(e)) from e
+    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
 
 
 def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lambda _: None,

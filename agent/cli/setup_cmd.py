@@ -119,8 +119,12 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; write nothing.")
 @click.option("--acl-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With acl_nodes in the answers: write each node's new ACL token here (DIR/CLUSTER/NODE.token, 0600).")
+@click.option("--signing-keys", "signing_keys", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where new clusters' signing keys go (DIR/CLUSTER.key, 0600) unless the answers name one "
+                   "[default: ~/.config/wiremesh/signing, or $WIREMESH_SIGNING_KEY_DIR].")
 @click.pass_obj
-def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out: Path | None) -> None:
+def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out: Path | None,
+          signing_keys: Path | None) -> None:
     """Connect clusters into one mesh: checks every answer, then writes every datacenter.
 
     \b
@@ -130,11 +134,17 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
     overlapping CIDR, no duplicate id or name. It shows a summary to confirm, applies it to
     every datacenter (all or nothing), and prints what each node's agent.toml needs.
     Running it again changes only what changed; a pod CIDR that nodes already use cannot change.
+    A new cluster gets a signing key (a file kept here, never in Consul) and refuses unsigned
+    records: enroll each node with `wiremesh node enroll` (answers: `unsigned: true` to opt out).
     """
     answers = load_answers(answers_file) if answers_file else interview(ctx)
     for a in answers:  # --token / CONSUL_HTTP_TOKEN and --ca-file stand in for answers that give none
         a.token = a.token or ctx.consul.token
         a.ca_file = a.ca_file or ctx.consul.ca_file
+        if not a.unsigned and not a.signing_key_file:
+            from wiremesh.clustermesh.enroll import signing_key_dir
+
+            a.signing_key_file = str((signing_keys or signing_key_dir()) / f"{a.name}.key")
     if any(a.acl_nodes for a in answers) and acl_out is None:
         raise SetupError("--acl-out", "acl_nodes are listed: say where the tokens go (a directory)")
     plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"))
@@ -163,6 +173,10 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
         emit(ctx, {"clusters": summary, "changes": plan.changes, "result": result, "applied": True})
         return
     info("applied: " + ", ".join(f"{k} ({v})" for k, v in result.items()))
+    for a, f in zip(plan.answers, plan.facts):
+        if f.config is None and not a.unsigned and a.signing_key_file:
+            info(f"cluster {a.name}: records must be signed; its signing key is {a.signing_key_file} "
+                 f"(enroll each node: wiremesh node enroll NODE --cluster {a.name} --signing-key {a.signing_key_file} ...)")
     info("\nEach node's agent.toml needs:")
     for a, f in zip(plan.answers, plan.facts):
         click.echo(agent_toml(a, f.datacenter))
