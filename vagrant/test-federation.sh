@@ -56,6 +56,11 @@ ip -o monitor address >"$here/.vagrant/root-ns-monitor.log" 2>&1 & monitor=$!
 teardown() {
     local rc=$? t0=$SECONDS
     trap - INT TERM HUP
+    if [ "${printed:-1}" = 0 ]; then   # stopped before the end: what ran so far
+        print_table
+        printf 'STOPPED after %d s with exit status %d (a command above failed)\n' "$SECONDS" "$rc"
+        [ "$rc" != 0 ] || rc=1
+    fi
     if [ "$destroy" = 1 ]; then
         say "destroying the lab"
         inns vagrant destroy -f >/dev/null 2>&1 || true
@@ -70,7 +75,7 @@ teardown() {
         printf 'root network namespace: CHANGED during the run\n%s\n' "$added"; rc=1
     else
         printf 'root network namespace: no address added during the run (ip monitor), addresses as before:\n'
-        printf '    %s\n' "$addrs_before"
+        awk '{print "    " $0}' <<<"$addrs_before"
     fi
     exit "$rc"
 }
@@ -139,6 +144,14 @@ fi
 
 results=()
 failed=0
+printed=0
+print_table() {
+    printed=1
+    [ ${#results[@]} -gt 0 ] || return 0
+    printf '\n%-52s %-4s %s\n' CHECK RESULT DETAIL
+    printf '%s\n' "${results[@]}"
+    [ -z "${up_s:-}" ] || printf '(vagrant up: %d s; total: %d s)\n' "$up_s" "$SECONDS"
+}
 check() {   # check NAME OK(0/1) DETAIL
     local st=PASS
     [ "$2" = 0 ] || { st=FAIL; failed=1; }
@@ -227,7 +240,10 @@ check "Consul server restart ($srv) under ping" "$([ "${got%% *}" -ge 55 ] && [ 
 
 # 6. Every VM its own machine id (the box ships an empty /etc/machine-id: made at first boot).
 ids=()
-for m in "${VMS[@]}"; do ids+=("$(vs "$m" "cat /etc/machine-id; findmnt -n /etc/machine-id >/dev/null && echo transient" 2>/dev/null | tr '\n' ' ')"); done
+for m in "${VMS[@]}"; do
+    # (a machine id still on a tmpfs, "transient", was not written to the disk)
+    ids+=("$(vs "$m" "cat /etc/machine-id; if findmnt -n /etc/machine-id >/dev/null; then echo transient; fi" 2>/dev/null | tr '\n' ' ' || true)")
+done
 distinct=$(printf '%s\n' "${ids[@]}" | grep -cE '^[0-9a-f]{32} $' || true)
 uniq=$(printf '%s\n' "${ids[@]}" | sort -u | grep -c . || true)
 check "every VM its own /etc/machine-id" "$([ "$distinct" = "${#VMS[@]}" ] && [ "$uniq" = "${#VMS[@]}" ] && echo 0 || echo 1)" \
@@ -236,11 +252,9 @@ check "every VM its own /etc/machine-id" "$([ "$distinct" = "${#VMS[@]}" ] && [ 
 # 7. The project's kernel-backend integration test (it skips on a host without the module).
 kb=$here/.vagrant/kernel-backend.log
 vs "$ma" "cd /opt/wiremesh && timeout 600 .venv/bin/python -m pytest -p no:cacheprovider -rA tests/integration/test_kernel_backend.py" >"$kb" 2>&1 || true
-summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
 check "$ma: pytest tests/integration/test_kernel_backend.py" \
     "$(grep -qE '(^| )2 passed' <<<"$summary" && ! grep -qE 'skipped|failed|error' <<<"$summary" && echo 0 || echo 1)" "${summary:-no result (see ${kb#"$repo"/})}"
 
-printf '\n%-52s %-4s %s\n' CHECK RESULT DETAIL
-printf '%s\n' "${results[@]}"
-[ -z "${up_s:-}" ] || printf '(vagrant up: %d s; total: %d s)\n' "$up_s" "$SECONDS"
+print_table
 exit "$failed"
