@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import layout
 from .errors import InvalidRecord
-from .records import ClusterConfig, NodeRecord, check_node_name
+from .records import ClusterConfig, NodeRecord
 from .rotation import Rotations, parse_rotations
 from .services import ServiceDef, parse_services
 from .signed import Lease, Verified, check_valid, cluster_key, parse_lease, verify_lease, verify_record
