@@ -48,6 +48,7 @@ from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 from . import consul_server, netns, pods, services, stop, teardown
 from .topology import ClusterSpec
 from .errors import LabError, LabExists, LabNotFound
+from . import signing
 
 T = TypeVar("T")
 LAB_ROOT = Path(os.environ.get("WIREMESH_LAB_ROOT", "/run/wiremesh-lab"))
@@ -95,13 +96,14 @@ class Node:
 
 
 class Lab:
-    def __init__(self, name: str = "wm", root: Path = LAB_ROOT) -> None:
+    def __init__(self, name: str = "wm", root: Path = LAB_ROOT, signed: bool = True) -> None:
         if not re.fullmatch(r"[a-z0-9]{1,12}", name):
             raise LabError(f"--name: {name!r} must be 1-12 lowercase letters or digits")
         self.name = name
         self.root = root
         self.dir = root / name
         self.state: dict[str, Any] = {}
+        self.signed = signed  # a new lab's clusters require signed records (lab.signing)
         self._hub_ex: dict[str, netns.NetnsExecutor] = {}
 
     # --- state ----------------------------------------------------------------------------
@@ -160,8 +162,9 @@ class Lab:
 
     def cluster_config(self, cluster: str | None = None) -> ClusterConfig:
         c = self.cluster_state(cluster)
-        return ClusterConfig(name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"], node_prefix_len=c["node_prefix_len"],
-                             routing=c["routing"], mtu=c.get("mtu", 0))
+        return signing.cluster_config(self, ClusterConfig(
+            name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"], node_prefix_len=c["node_prefix_len"],
+            routing=c["routing"], mtu=c.get("mtu", 0)))
 
     @property
     def cluster(self) -> ClusterConfig:
@@ -309,7 +312,8 @@ class Lab:
     def setup_answers(self) -> list[ClusterAnswer]:
         return [ClusterAnswer(consul=self.consul_address(c["name"]), name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"],
                               datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
-                              node_prefix_len=c["node_prefix_len"]) for c in self.state["clusters"]]
+                              node_prefix_len=c["node_prefix_len"], signing_key_file=signing.answer_key_file(self, c["name"]),
+                              unsigned=not signing.signed(self)) for c in self.state["clusters"]]
 
     def wait_federated(self, timeout: float = 60) -> None:
         """Wait until every cluster's Consul knows every other datacenter (WAN federation)."""
@@ -366,6 +370,7 @@ class Lab:
         netns.mountns_add(Path(node.mountns))
         Path(node.dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_agent_config(node)
+        signing.enroll_node(self, node)
         progress(f"{name}: cluster {c['name']}, {node.netns}, underlay {node.underlay}")
         if start:
             self.start_agent(name)

@@ -1,0 +1,77 @@
+"""Signed records in the lab: each cluster's signing key in the lab's directory, and each node
+enrolled as it is added (its identity key and certificate beside its WireGuard key, where the
+agent looks for them by default).
+
+A lab is signed unless it was made with `signed=False`: its clusters then accept unsigned
+records, as clusters made before signing existed do (what a migration starts from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wiremesh.clustermesh import ClusterConfig
+from wiremesh.clustermesh.enroll import enroll
+from wiremesh.keys import load_or_generate_signing_key
+
+if TYPE_CHECKING:
+    from .lab import Lab, Node
+
+VALIDITY_S = 30 * 86400
+
+
+def signed(lab: "Lab") -> bool:
+    """Whether the lab's clusters require signed records (kept in its state from the first ask)."""
+    if "signed" not in lab.state:
+        # A lab made before signing existed has nodes already, and unsigned clusters.
+        lab.state["signed"] = False if lab.state.get("nodes") else getattr(lab, "signed", True)
+    return bool(lab.state["signed"])
+
+
+def key_path(lab: "Lab", cluster: str) -> Path:
+    return lab.dir / f"signing-{cluster}.key"
+
+
+def cluster_config(lab: "Lab", cfg: ClusterConfig) -> ClusterConfig:
+    """`cfg` signed by the lab's key for its cluster (created on first use), if the lab is signed."""
+    if not signed(lab):
+        return cfg
+    key, _ = load_or_generate_signing_key(key_path(lab, cfg.name))
+    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
+
+
+def answer_key_file(lab: "Lab", cluster: str) -> str | None:
+    """The signing key file the setup wizard is given for `cluster` (None: an unsigned lab)."""
+    return str(key_path(lab, cluster)) if signed(lab) else None
+
+
+def cert_path(node: "Node") -> Path:
+    return Path(node.dir) / "node.crt"
+
+
+def identity_path(node: "Node") -> Path:
+    return Path(node.dir) / "identity.key"
+
+
+def enroll_node(lab: "Lab", node: "Node", cidr: str | None = None) -> str | None:
+    """Enroll `node` as `wiremesh node enroll` would: its certificate (node.crt) and its CIDR
+    reserved with a signed lease. Nothing for a node of an unsigned cluster, unless its cluster
+    has a signing key (a migration's step). Returns the certified CIDR."""
+    cluster = node.cluster or lab.clusters[0]
+    path = key_path(lab, cluster)
+    if not signed(lab) and not path.exists():
+        return None
+    ca, _ = load_or_generate_signing_key(path)
+    identity, _ = load_or_generate_signing_key(identity_path(node))
+    done = lab.consul(lambda s: enroll(s, cluster, node.name, ca, identity.public_key(), time.time(), cidr,
+                                       VALIDITY_S, identity), cluster)
+    out = cert_path(node)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(done.certificate.to_dict(), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return done.certificate.pod_cidr
