@@ -50,14 +50,18 @@ def lab() -> None:
 @click.option("--session-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Seconds after an agent's crash until its peers drop it.")
 @click.option("--no-check", is_flag=True, help="Skip the ping check at the end.")
+@click.option("--tls", is_flag=True, help="Consul serves HTTPS only, with a CA made for this lab; agents verify it.")
+@click.option("--acl", is_flag=True, help="Consul ACLs on (default deny); each node's agent gets its own token.")
 @click.pass_obj
 def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: Path | None, cluster: str,
-       pod_cidr: str, node_prefix_len: int, routing: str, session_ttl: int, no_check: bool) -> None:
+       pod_cidr: str, node_prefix_len: int, routing: str, session_ttl: int, no_check: bool, tls: bool,
+       acl: bool) -> None:
     """Start a lab: Consul, nodes with real agents; then show every node pinging every other.
 
     \b
     One cluster:      wiremesh lab up --nodes 3
     Several clusters: wiremesh lab up --clusters 2 --nodes 2   (or --topology FILE)
+    HTTPS and ACLs:   wiremesh lab up --nodes 3 --tls --acl
     """
     _require_root()
     lab_ = Lab(name)
@@ -72,7 +76,7 @@ def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: P
     t0 = time.monotonic()
     try:
         lab_.up(nodes or 0, cluster=cluster, pod_cidr=pod_cidr, node_prefix_len=node_prefix_len, routing=routing,
-                session_ttl=session_ttl, topology=specs, progress=_say)
+                session_ttl=session_ttl, topology=specs, progress=_say, tls=tls, acl=acl)
     except LabError:
         click.echo(f"lab {name}: start failed; 'wiremesh lab down -n {name}' removes what was made", err=True)
         raise

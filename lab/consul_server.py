@@ -4,12 +4,14 @@ that run service backends, a client agent joined to it that runs the backends' h
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
-from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulStore
+from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulReason, ConsulStore
 
 from .errors import LabError
 from .netns import NetnsExecutor, enter_cmd, pid_alive
@@ -25,7 +27,11 @@ def consul_binary() -> str:
 
 
 def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
-                 join_wan: list[str] | None = None, acl_master: str | None = None) -> None:
+                 join_wan: list[str] | None = None, acl_master: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+    """A server's config file. `acl_master`: ACLs on (default deny), that token the master and
+    the server's own agent token (the file is then 0600). `extra`: settings that override these
+    (the lab's TLS: ports, certificates)."""
     cfg = {
         "datacenter": datacenter,
         "node_name": node_name,
@@ -50,11 +56,14 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
     if acl_master:
         cfg["primary_datacenter"] = datacenter
         cfg["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
-                      "tokens": {"master": acl_master}}
+                      "tokens": {"master": acl_master, "agent": acl_master}}
     if join_wan:
         cfg["retry_join_wan"] = join_wan
         cfg["retry_interval_wan"] = "1s"
-    path.write_text(json.dumps(cfg, indent=1) + "\n")
+    cfg.update(extra or {})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold the master token
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(cfg, indent=1) + "\n")
 
 
 def write_client_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
@@ -96,9 +105,11 @@ def start(netns: str, config: Path, log_file: Path) -> int:
     return proc.pid
 
 
-def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0, token: str | None = None) -> None:
-    """Wait until the server has elected itself leader and answers KV requests."""
-    store = ConsulStore(ConsulOptions(address=address, timeout=2.0, token=token), retries=False)
+def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0, token: str | None = None,
+               options: ConsulOptions | None = None) -> None:
+    """Wait until the server has elected itself leader and answers KV requests (through
+    `options` if given: TLS, a token; else `address` and `token`)."""
+    store = ConsulStore(options or ConsulOptions(address=address, timeout=2.0, token=token), retries=False)
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -110,5 +121,7 @@ def wait_ready(ex: NetnsExecutor, address: str, pid: int, timeout: float = 60.0,
                 return
         except ConsulError as e:
             last = str(e)
+            if e.reason is ConsulReason.TLS:  # a certificate problem does not go away by waiting
+                raise LabError(f"consul at {address}: {e}") from e
         time.sleep(0.1)
     raise LabError(f"consul at {address} not ready after {timeout:.0f}s: {last}")

@@ -45,7 +45,7 @@ from wiremesh.clustermesh import (
 
 from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 
-from . import consul_server, netns, pods, services, stop, teardown
+from . import consul_server, netns, pods, secure, services, stop, teardown
 from .topology import ClusterSpec
 from .errors import LabError, LabExists, LabNotFound
 from . import signing
@@ -171,7 +171,12 @@ class Lab:
         return self.cluster_config()
 
     def consul_address(self, cluster: str | None = None) -> str:
-        return f"http://{self.cluster_state(cluster)['hub_ip']}:{consul_server.HTTP_PORT}"
+        return secure.address(self, self.cluster_state(cluster)["hub_ip"], consul_server.HTTP_PORT)
+
+    def consul_options(self, cluster: str | None = None, timeout: float = 3.0) -> ConsulOptions:
+        """The operator's way to a cluster's Consul (with --tls/--acl: the CA, its certificate, the master token)."""
+        name = self.cluster_state(cluster)["name"]
+        return secure.operator_options(self, name, self.consul_address(name), timeout)
 
     # --- hubs: underlay switch, router and Consul per cluster -----------------------------
     def hub_executor(self, cluster: str | None = None) -> netns.NetnsExecutor:
@@ -188,7 +193,7 @@ class Lab:
 
     def consul(self, fn: Callable[[ConsulStore], T], cluster: str | None = None) -> T:
         """Run `fn(store)` against a cluster's Consul, from inside that cluster's hub."""
-        store = ConsulStore(ConsulOptions(address=self.consul_address(cluster), timeout=3.0))
+        store = ConsulStore(self.consul_options(cluster))
         return self.hub_executor(cluster).call(fn, store)
 
     def http_get(self, url: str, timeout: float = 2.0, cluster: str | None = None) -> tuple[int, bytes]:
@@ -207,7 +212,8 @@ class Lab:
         c["consul_pid"] = consul_server.start(c["hub"], self.dir / f"consul-{c['name']}.json",
                                               self.dir / f"consul-{c['name']}.log")
         self.save()
-        consul_server.wait_ready(self.hub_executor(c["name"]), self.consul_address(c["name"]), c["consul_pid"])
+        consul_server.wait_ready(self.hub_executor(c["name"]), self.consul_address(c["name"]), c["consul_pid"],
+                                 options=self.consul_options(c["name"], timeout=2.0))
 
     def stop_consul(self, cluster: str | None = None) -> None:
         """Stop a cluster's Consul server; returns once it has exited."""
@@ -256,8 +262,11 @@ class Lab:
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
            node_prefix_len: int = 24, routing: str = "wireguard", session_ttl: int = 10,
            topology: list[ClusterSpec] | None = None, connect: bool = True, progress: Progress = _quiet,
-           wait: bool = True) -> None:
+           wait: bool = True, tls: bool = False, acl: bool = False) -> None:
         """Start the lab: one cluster from the arguments, or every cluster of `topology`.
+
+        `tls`: Consul serves HTTPS only, with a CA made for the lab; `acl`: ACLs on, a token per
+        node (see lab.secure).
 
         With several clusters, `connect=False` stops after the Consul servers are WAN-joined,
         leaving `wiremesh setup` to the caller (and no nodes are added).
@@ -274,10 +283,11 @@ class Lab:
         (self.dir / "mnt").mkdir()
         multi = len(specs) > 1
         self.state = {"name": self.name, "created": time.time(), "nodes": {}, "session_ttl": session_ttl,
-                      "multi": multi, "clusters": [
+                      "multi": multi, "tls": tls, "acl": acl, "clusters": [
                           {**dataclasses.asdict(s), "index": i, "hub": self.hub if i == 0 else f"{self.hub}-{s.name}",
                            "hub_ip": f"10.99.{i}.1", "consul_pid": 0} for i, s in enumerate(specs)]}
         self.save()
+        secure.prepare(self)
         if multi:
             netns.netns_add(self.prefix + "wan")
             netns.sh("ip", "-n", self.prefix + "wan", "link", "add", "br0", "type", "bridge")
@@ -286,9 +296,11 @@ class Lab:
             progress(f"cluster {c['name']}: switch {c['hub']} ({c['hub_ip']}/24 on br0)")
             self._add_hub(c, multi)
             others = [d["hub_ip"] for d in self.state["clusters"] if d is not c]
+            extra, master = secure.server_config(self, c)
             consul_server.write_config(self.dir / f"consul-{c['name']}.json", datacenter=c["datacenter"],
                                        node_name=f"consul-{self.name}-{c['name']}",
-                                       data_dir=self.dir / f"consul-{c['name']}-data", bind=c["hub_ip"], join_wan=others)
+                                       data_dir=self.dir / f"consul-{c['name']}-data", bind=c["hub_ip"], join_wan=others,
+                                       acl_master=master, extra=extra)
         if multi:
             self._route_hubs()
         for c in self.state["clusters"]:
@@ -330,7 +342,8 @@ class Lab:
         self.wait_federated()
 
         def run() -> dict[str, str]:
-            plan, stores = prepare(self.setup_answers(), progress)
+            plan, stores = prepare(self.setup_answers(), progress,
+                                   store_for=lambda a: ConsulStore(self.consul_options(a.name), retries=False))
             return apply_setup(plan, stores, progress)
         return self.hub_executor().call(run)
 
@@ -369,6 +382,7 @@ class Lab:
             netns.sh("ip", "-n", node.netns, "route", "replace", str(UNDERLAY), "via", c["hub_ip"])
         netns.mountns_add(Path(node.mountns))
         Path(node.dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure.node_files(self, node)
         self._write_agent_config(node)
         signing.enroll_node(self, node)
         progress(f"{name}: cluster {c['name']}, {node.netns}, underlay {node.underlay}")
@@ -386,7 +400,7 @@ class Lab:
             f'key_file = "{node.dir}/private.key"\nstate_dir = "{node.dir}"\n'
             f'health_address = "{node.underlay}:{HEALTH_PORT}"\nsession_ttl = {self.state["session_ttl"]}\n'
             + (f'service_cgroup = "{node.cgroup}"\nbpf_pin_dir = "{node.pin_dir}"\n' if node.cgroup else "") +
-            f'\n[consul]\naddress = "{self.consul_address(c["name"])}"\n'
+            f'\n[consul]\naddress = "{self.consul_address(c["name"])}"\n' + secure.agent_toml(self, node)
         )
         Path(node.dir, "agent.toml").write_text(text)
 
@@ -487,9 +501,10 @@ class Lab:
         """The command line that runs ARGV in a node, a pod, or a hub ("hub": the first cluster's,
         "hub-CLUSTER": that cluster's)."""
         if name == "hub":
-            return netns.enter_cmd(self.hub, None) + _env() + argv
+            return netns.enter_cmd(self.hub, None) + _env(*secure.env(self, None, self.clusters[0])) + argv
         if name.startswith("hub-") and name[4:] in self.clusters:
-            return netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + _env() + argv
+            return (netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + _env(*secure.env(self, None, name[4:]))
+                    + argv)
         pod = self.state.get("pods", {}).get(name)
         if pod is not None and name not in self.nodes:
             # In the node's cgroup first (the node's eBPF service lookup applies there), then in
@@ -500,7 +515,8 @@ class Lab:
         # by itself (WIREMESH_AGENT_CONFIG) and talks to its cluster's Consul, as on a real host.
         config = f"WIREMESH_AGENT_CONFIG={Path(node.dir) / 'agent.toml'}"
         consul = f"CONSUL_HTTP_ADDR={self.consul_address(node.cluster or None)}"
-        return netns.enter_cmd(node.netns, Path(node.mountns)) + _env(config, consul) + argv
+        return (netns.enter_cmd(node.netns, Path(node.mountns))
+                + _env(config, consul, *secure.env(self, node, node.cluster or self.clusters[0])) + argv)
 
     def run(self, name: str, *argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(self.exec_argv(name, list(argv)), capture_output=True, text=True, timeout=timeout)
