@@ -58,7 +58,7 @@ teardown() {
     trap - INT TERM HUP
     if [ "${printed:-1}" = 0 ]; then   # stopped before the end: what ran so far
         print_table
-        printf 'STOPPED after %d s with exit status %d (a command above failed)\n' "$SECONDS" "$rc"
+        printf 'STOPPED after %d s, exit status %d (a command failed, or a signal)\n' "$SECONDS" "$rc"
         [ "$rc" != 0 ] || rc=1
     fi
     if [ "$destroy" = 1 ]; then
@@ -165,11 +165,30 @@ first_addr=${CLUSTERS[0]##*:}
 wan=$(vs "$first_server" "consul members -wan" 2>&1 | grep -c ' alive ' || true)
 check "consul servers WAN-joined" "$([ "$wan" -ge "${#CLUSTERS[@]}" ] && echo 0 || echo 1)" "$wan/${#CLUSTERS[@]} alive"
 
-# 2. Connect the clusters: the wizard's non-interactive path, answers from the topology.
-out=$(printf '%s' "$ANSWERS" | vs "$first_server" "cat >/tmp/wiremesh-answers.json && wiremesh --consul http://$first_addr:8500 setup --answers /tmp/wiremesh-answers.json --yes" 2>&1); rc=$?
+# 2. Connect the clusters: the wizard's non-interactive path, answers from the topology. The
+# first Consul server's VM is the operator's machine: each new cluster's signing key stays there.
+signing=/root/wiremesh-signing
+rc=0
+out=$(printf '%s' "$ANSWERS" | vs "$first_server" "cat >/tmp/wiremesh-answers.json && wiremesh --consul http://$first_addr:8500 setup --answers /tmp/wiremesh-answers.json --yes --signing-keys $signing" 2>&1) || rc=$?
 check "wiremesh setup --answers (from topology)" "$rc" "$(printf '%s' "$out" | grep -c . ) lines of output"
+[ "$rc" = 0 ] || printf '%s\n' "$out" | tail -n 15 >&2
 
-# 3. Agents (systemd) with the kernel backend; pods (a network namespace per node).
+# 3. Every node enrolled (the clusters require signed records): its identity key is made on the
+# node and never leaves it; the operator certifies its public half with the cluster's signing
+# key (`wiremesh node enroll --identity-public`), and the certificate goes to the node's node.crt.
+for n in "${NODES[@]}"; do
+    IFS=: read -r cl m _ <<<"$n"
+    caddr=""
+    for c in "${CLUSTERS[@]}"; do [ "${c%%:*}" = "$cl" ] && caddr=${c##*:}; done
+    pub=$(vs "$m" "install -d -m 0700 /var/lib/wiremesh && /opt/wiremesh/.venv/bin/python -c 'from pathlib import Path; from wiremesh.keys import load_or_generate_signing_key as g; print(g(Path(\"/var/lib/wiremesh/identity.key\"))[0].public_key().base64)'" 2>&1 || true)
+    rc=0
+    cert=$(vs "$first_server" "wiremesh --consul http://$caddr:8500 node enroll $m --cluster $cl --signing-key $signing/$cl.key --identity-public '$pub'" 2>"$here/.vagrant/enroll-$m.log") || rc=$?
+    [ "$rc" != 0 ] || printf '%s\n' "$cert" | vs "$m" "install -m 0644 /dev/stdin /var/lib/wiremesh/node.crt" || rc=$?
+    cidr=$(printf '%s' "$cert" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["pod_cidr"])' 2>/dev/null || echo "no certificate: $(tail -n1 "$here/.vagrant/enroll-$m.log") $pub")
+    check "$m: enrolled (node enroll, signed records)" "$rc" "pod CIDR $cidr"
+done
+
+# 4. Agents (systemd) with the kernel backend; pods (a network namespace per node).
 for n in "${NODES[@]}"; do
     IFS=: read -r _ m _ <<<"$n"
     vs "$m" "systemctl restart wiremesh-agent" || true
@@ -198,7 +217,7 @@ for n in "${NODES[@]}"; do
         ip -n pod route add default via ${base%.*}.254 && sysctl -qw net.ipv4.ip_forward=1" || true
 done
 
-# 4. The wire: everything between the VMs while pods talk, captured on the VMs' network.
+# 5. The wire: everything between the VMs while pods talk, captured on the VMs' network.
 a=${NODES[0]}; b=${NODES[${#NODES[@]}-1]}
 ma=${a#*:}; ma=${ma%%:*}; mb=${b#*:}; mb=${mb%%:*}
 bridges=$(for net in $(virsh -q -c qemu:///system net-list --name | grep '^wiremesh-' | grep -v mgmt); do
@@ -226,7 +245,7 @@ clear=$(inns tcpdump -nn -r "$pcap" "net 10.240.0.0/12" 2>/dev/null | wc -l)
 check "wire: only WireGuard UDP between the VMs" "$([ "$wg" -gt 0 ] && [ -z "$other" ] && [ "$clear" = 0 ] && echo 0 || echo 1)" \
     "$wg of $total packets WireGuard UDP/$wgport, rest Consul; pod addresses in clear: $clear${other:+; other: $other}"
 
-# 5. A Consul server restart while pods ping each other.
+# 6. A Consul server restart while pods ping each other.
 vs "$ma" "ip netns exec pod ping -c 60 -i 0.25 -W 1 ${POD[$mb]} >/tmp/ping-restart.txt 2>&1 &" || true
 sleep 2
 srv=${CLUSTERS[0]#*:}; srv=${srv%%:*}
@@ -238,7 +257,7 @@ after=$(vs "$ma" "ip netns exec pod ping -c 3 -i 0.5 -W 2 ${POD[$mb]}" 2>&1 | gr
 check "Consul server restart ($srv) under ping" "$([ "${got%% *}" -ge 55 ] && [ "$alive" = "${#NODES[@]}" ] && [ "${after%% *}" -ge 2 ] && echo 0 || echo 1)" \
     "$got of 60 during, agents active $alive/${#NODES[@]}, after: $after of 3"
 
-# 6. Every VM its own machine id (the box ships an empty /etc/machine-id: made at first boot).
+# 7. Every VM its own machine id (the box ships an empty /etc/machine-id: made at first boot).
 ids=()
 for m in "${VMS[@]}"; do
     # (a machine id still on a tmpfs, "transient", was not written to the disk)
@@ -249,7 +268,7 @@ uniq=$(printf '%s\n' "${ids[@]}" | sort -u | grep -c . || true)
 check "every VM its own /etc/machine-id" "$([ "$distinct" = "${#VMS[@]}" ] && [ "$uniq" = "${#VMS[@]}" ] && echo 0 || echo 1)" \
     "$(for i in "${!VMS[@]}"; do printf '%s %.8s.. ' "${VMS[i]}" "${ids[i]}"; done)"
 
-# 7. The project's kernel-backend integration test (it skips on a host without the module).
+# 8. The project's kernel-backend integration test (it skips on a host without the module).
 kb=$here/.vagrant/kernel-backend.log
 vs "$ma" "cd /opt/wiremesh && timeout 600 .venv/bin/python -m pytest -p no:cacheprovider -rA tests/integration/test_kernel_backend.py" >"$kb" 2>&1 || true
 summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
