@@ -75,6 +75,7 @@ log = logging.getLogger("wiremesh.agent")
 
 WATCH_WAIT_S = 30
 BACKOFF_MAX_S = 5.0
+REJOIN_GRACE_TTLS = 2  # removals held this many session TTLs (+ backoff) after Consul came back
 
 
 class StoppedEarly(AgentError):
@@ -100,6 +101,7 @@ class Agent:
         self.supervisor = Supervisor()
         self._first_sync = False
         self._consul_ok = False
+        self._rejoined_at = 0.0  # when the local Consul came back after an outage (time.monotonic())
         self._logged_rejects: dict[str, str] = {}
         self._peers = (0, 0)  # desired, programmed: as of the last reconcile
         self._last_republish = 0.0
@@ -236,6 +238,8 @@ class Agent:
                     snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config, cache=cache)
                     if not self._consul_ok:
                         log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
+                        if self._first_sync:  # back after an outage: records may be re-registering
+                            self._rejoined_at = time.monotonic()
                     self._consul_ok = True
                     self.metrics.consul_up.set(1)
                     self._inbox.put(snap)  # the reconcile loop takes it (and wakes for it)
@@ -337,14 +341,14 @@ class Agent:
             if full:
                 self.ensure_device()
             try:
-                res = self.reconciler.reconcile(desired, prune=self._first_sync, full=full)
+                res = self.reconciler.reconcile(desired, prune=self._may_prune(), full=full)
             except DeviceNotFound:
                 if self.stop_event.is_set():
                     return  # stopping: never start a new wireguard-go on the way out
                 log.warning("device %s is gone; creating it again", self.cfg.interface)
                 self.ensure_device()
                 self.reconciler.forget_overlay()
-                res = self.reconciler.reconcile(desired, prune=self._first_sync, full=True)
+                res = self.reconciler.reconcile(desired, prune=self._may_prune(), full=True)
         except TunnelError as e:
             self.metrics.sync_errors_total.labels("dataplane").inc()
             log.warning("reconcile failed: %s", e)
@@ -372,6 +376,17 @@ class Agent:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
         self._rotation_pass(desired, res.replaced)
+
+    def _prune_held_until(self) -> float:
+        """Removals wait this long (time.monotonic()) after Consul, local or a remote cluster's,
+        came back from an outage: sessions that expired meanwhile took their nodes' records with
+        them, and those reappear only as each agent registers again (within its session TTL and
+        registration backoff). A peer is never cut for that."""
+        return max(self._rejoined_at, self.federation.rejoined_at) + REJOIN_GRACE_TTLS * self.cfg.session_ttl \
+            + BACKOFF_MAX_S
+
+    def _may_prune(self) -> bool:
+        return self._first_sync and time.monotonic() >= self._prune_held_until()
 
     # --- key rotation (agent.rotation) ------------------------------------------------------
     def _device_public_key(self) -> str | None:
@@ -442,8 +457,9 @@ class Agent:
             # earliest retry of an object that failed, or the next full pass.
             rot = self.rotator.wake
             rot_mono = time.monotonic() + max(0, rot - now_ms()) / 1000 if rot else None
-            retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono)
-                         if t), default=None)
+            held = self._prune_held_until()  # removals held after an outage: a pass when the hold ends
+            retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono,
+                                     held if held > time.monotonic() else None) if t), default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             self._wake.clear()

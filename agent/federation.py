@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,6 +78,10 @@ class Federation:
         self._last_good: dict[str, MeshMember] = {}
         self._logged: dict[str, str] = {}
         self._spawn = spawn or _thread
+        # When a remote cluster last came back after being unreachable (time.monotonic()): its
+        # nodes' sessions may have expired meanwhile, their records reappear only as their
+        # agents register again; the agent holds removals for a while after it.
+        self.rejoined_at = 0.0
 
     def start(self) -> None:
         self._spawn("mesh-watch", self._mesh_loop)
@@ -214,6 +219,8 @@ class Federation:
             self._once(f"refused-{name}", refused)
         elif not r.up:
             self._once(f"remote-{name}", f"cluster {name} is reachable ({len(snap.nodes)} nodes)", logging.INFO)
+            if r.snapshot is not None:
+                self.rejoined_at = time.monotonic()
         with self.lock:
             if r.stop.is_set():
                 return
