@@ -3,7 +3,7 @@
 # wizard's non-interactive path (answers generated from the topology), each node's agent as a
 # systemd service, then checks printed as a table; exits 1 if any check failed.
 #
-#   vagrant/test-federation.sh [--up] [--destroy]
+#   vagrant/test-federation.sh [--up] [--destroy] [--kernel-only [-- PYTEST_ARGS...]]
 #     --up       install the host's packages (scripts/vagrant-setup.sh), build the box if it is
 #                missing (vagrant/box/build.sh), start libvirt in its network namespace
 #                (vagrant/netns.sh) and `vagrant up` the lab first
@@ -11,6 +11,8 @@
 #                `vagrant destroy`, remove libvirt's domains, networks and volumes, stop the
 #                daemons netns.sh started, delete the namespace; then list what is left
 #                (`netns.sh check`) and whether the host's root namespace gained an address
+#     --kernel-only  one VM only (the first node): the project's kernel-backend integration
+#                test in it, or the pytest arguments given after `--` (vagrant/test-kernel-backend.sh)
 #
 # The project as it is in this checkout is copied into every VM (/opt/wiremesh, over the box's
 # copy) before the checks, so they test this checkout's code, not the box's.
@@ -31,11 +33,15 @@ repo=$(cd "$here/.." && pwd)
 export WIREMESH_TOPOLOGY=${WIREMESH_TOPOLOGY:-$repo/lab/topologies/vagrant-mini.yaml}
 export VAGRANT_DEFAULT_PROVIDER=${VAGRANT_DEFAULT_PROVIDER:-libvirt}
 lock=${WIREMESH_LOCK-/tmp/wiremesh-integ.lock}
-up=0 destroy=0
-for a in "$@"; do
+up=0 destroy=0 kernel_only=0
+pytest_args=(tests/integration/test_kernel_backend.py)
+while [ $# -gt 0 ]; do
+    a=$1; shift
     case $a in
         --up) up=1 ;;
         --destroy) destroy=1 ;;
+        --kernel-only) kernel_only=1 ;;
+        --) [ $# -eq 0 ] || pytest_args=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         *) echo "test-federation.sh: unknown argument $a" >&2; exit 2 ;;
     esac
@@ -104,19 +110,22 @@ fi
 # Machines, addresses and answers from the topology (the Vagrantfile's rules: machines.py).
 shvars=$("$py" "$here/machines.py" "$WIREMESH_TOPOLOGY") || exit 1
 eval "$shvars"
+if [ "$kernel_only" = 1 ]; then   # the first node's VM alone
+    VMS=("$(cut -d: -f2 <<<"${NODES[0]}")")
+fi
 if [ "$up" = 1 ]; then
     vagrant box list 2>/dev/null | grep -q '^wiremesh/bookworm ' || [ -n "${WIREMESH_BOX:-}" ] || "$here/box/build.sh"
     "$here/netns.sh" start
     say "vagrant up: ${VMS[*]} (${WIREMESH_TOPOLOGY#"$repo"/})"
     t0=$SECONDS
-    if ! inns vagrant up 2>&1 | tr '\r' '\n' | grep -v -e 'Progress:' -e 'Connection refused. Retrying' >"$here/.vagrant/up.log"; then :; fi
+    if ! inns vagrant up "${VMS[@]}" 2>&1 | tr '\r' '\n' | grep -v -e 'Progress:' -e 'Connection refused. Retrying' >"$here/.vagrant/up.log"; then :; fi
     running=$(inns vagrant status 2>/dev/null | grep -c ' running ' || true)
     [ "$running" = "${#VMS[@]}" ] || { say "vagrant up failed ($running of ${#VMS[@]} VMs running): see vagrant/.vagrant/up.log"; tail -n 20 "$here/.vagrant/up.log" >&2; exit 1; }
     up_s=$((SECONDS - t0))
     say "vagrant up took $up_s s"
 fi
 
-inns vagrant ssh-config >"$here/.vagrant/ssh-config" 2>/dev/null
+inns vagrant ssh-config "${VMS[@]}" >"$here/.vagrant/ssh-config" 2>/dev/null || true
 vs() { local m=$1; shift; inns ssh -F "$here/.vagrant/ssh-config" -o LogLevel=ERROR -o ConnectTimeout=10 "$m" "sudo bash -c $(printf '%q' "$*")"; }
 
 # This checkout's project into every VM (the box holds the one it was built from). Its Python
@@ -142,6 +151,19 @@ if [ -z "${WIREMESH_BOX:-}" ] || [ "$WIREMESH_BOX" = wiremesh/bookworm ]; then
     say "this checkout's project copied into ${#VMS[@]} VMs ($((SECONDS - t0)) s)"
 fi
 
+# The project's kernel-backend integration test (it skips on a host without the module).
+kernel_backend_check() {   # kernel_backend_check VM: pytest "${pytest_args[@]}" in the VM
+    local m=$1 kb=$here/.vagrant/kernel-backend.log summary passed='[0-9]+'
+    vs "$m" "cd /opt/wiremesh && timeout 600 .venv/bin/python -m pytest -p no:cacheprovider -rA $(printf '%q ' "${pytest_args[@]}")" >"$kb" 2>&1 || true
+    summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
+    # The kernel-backend test file: both its tests must pass (none skipped: the module is there).
+    [ "${pytest_args[*]}" != tests/integration/test_kernel_backend.py ] || passed=2
+    check "$m: pytest ${pytest_args[*]}" \
+        "$(grep -qE "(^| )$passed passed" <<<"$summary" && ! grep -qE 'skipped|failed|error' <<<"$summary" && echo 0 || echo 1)" \
+        "${summary:-no result} (log: ${kb#"$repo"/})"
+}
+
+
 results=()
 failed=0
 printed=0
@@ -158,6 +180,12 @@ check() {   # check NAME OK(0/1) DETAIL
     results+=("$(printf '%-52s %-4s %s' "$1" "$st" "$3")")
     say "$st $1 $3"
 }
+
+if [ "$kernel_only" = 1 ]; then
+    kernel_backend_check "${VMS[0]}"
+    print_table
+    exit "$failed"
+fi
 
 # 1. Consul: every server sees all datacenters on the WAN.
 first_server=${CLUSTERS[0]#*:}; first_server=${first_server%%:*}
@@ -268,12 +296,8 @@ uniq=$(printf '%s\n' "${ids[@]}" | sort -u | grep -c . || true)
 check "every VM its own /etc/machine-id" "$([ "$distinct" = "${#VMS[@]}" ] && [ "$uniq" = "${#VMS[@]}" ] && echo 0 || echo 1)" \
     "$(for i in "${!VMS[@]}"; do printf '%s %.8s.. ' "${VMS[i]}" "${ids[i]}"; done)"
 
-# 8. The project's kernel-backend integration test (it skips on a host without the module).
-kb=$here/.vagrant/kernel-backend.log
-vs "$ma" "cd /opt/wiremesh && timeout 600 .venv/bin/python -m pytest -p no:cacheprovider -rA tests/integration/test_kernel_backend.py" >"$kb" 2>&1 || true
-summary=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$kb" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
-check "$ma: pytest tests/integration/test_kernel_backend.py" \
-    "$(grep -qE '(^| )2 passed' <<<"$summary" && ! grep -qE 'skipped|failed|error' <<<"$summary" && echo 0 || echo 1)" "${summary:-no result (see ${kb#"$repo"/})}"
+# 8. The project's kernel-backend integration test, in the first node's VM.
+kernel_backend_check "$ma"
 
 print_table
 exit "$failed"
