@@ -44,6 +44,7 @@ from .metrics import AgentMetrics
 log = logging.getLogger("wiremesh.agent")
 BACKOFF_MAX_S = 5.0
 CONSUL_TTL_MIN_DEFAULT = 10  # Consul's default session_ttl_min
+PUBLISH_NOW_WAIT_S = 0.3
 
 
 class Registration:
@@ -127,13 +128,20 @@ class Registration:
 
         For writes that order a protocol (a key rotation's staging and commit): the caller goes
         on only when the record is in Consul. A failure is logged; the loop writes it again."""
+        # Not behind a registration write stuck on a slow Consul: the caller picked a switch
+        # time a second ahead and must know soon whether the record carries it.
+        if not self._publishing.acquire(timeout=PUBLISH_NOW_WAIT_S):
+            log.warning("record not written: another write of it has taken over %.1f s", PUBLISH_NOW_WAIT_S)
+            return False
         try:
-            self.publish()
+            self._publish()
             return True
         except (ConsulError, AgentError) as e:
             log.warning("record not written (%s); the registration loop tries again", e)
             self.republish.set()
             return False
+        finally:
+            self._publishing.release()
 
     def publish(self) -> None:
         with self._publishing:  # the record is built inside: a write never undoes a newer one

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -74,6 +75,7 @@ class Rotator:
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
+        self._proposed: tuple[int, int] | None = None  # (switch time, thread) of the commit being written
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -132,7 +134,10 @@ class Rotator:
     # --- what this node announces ------------------------------------------------------------
     def announce(self, rec: NodeRecord) -> NodeRecord:
         nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
-        return replace(rec, next_public_key=nxt, switch_at=self.switch_at if nxt else 0, key_epoch=self.epoch)
+        at = self.switch_at
+        if not at and self._proposed and self._proposed[1] == threading.get_ident():
+            at = self._proposed[0]  # the commit's own write: no other writer may carry it before it is made
+        return replace(rec, next_public_key=nxt, switch_at=at if nxt else 0, key_epoch=self.epoch)
 
     # --- the rotating side --------------------------------------------------------------------
     def drive(self, own: Rotation | None, live: set[str], ready: Mapping[str, RotationReady],
@@ -217,14 +222,18 @@ class Rotator:
             return
         # Every live peer is ready: commit. Once the record with the switch time is written,
         # peers may act on it: the node switches at that time whatever happens next.
-        self.switch_at = switch_time(now + COMMIT_LEAD_MS, [r.switch_at for r in others.values()
-                                                            if r.next_public_key and r.switch_at])
-        if not publish():
+        at = switch_time(now + COMMIT_LEAD_MS, [r.switch_at for r in others.values() if r.next_public_key and r.switch_at])
+        self._proposed = (at, threading.get_ident())
+        try:
+            committed = publish()
+        finally:
+            self._proposed = None
+        if not committed:
             log.warning("rotation %s: the switch time could not be written; trying again", self.rotation.id)
-            self.switch_at = 0
             republish()  # withdraw it, in case it was written after all
             self.wake = now + 1000
             return
+        self.switch_at = at
         log.info("rotation %s: every live peer ready (%d); switching at +%d ms", self.rotation.id, len(live),
                  self.switch_at - self.clock())
         self._write(replace(self.rotation, state="committed", switch_at=self.switch_at, lagging=(), updated_at=now))
