@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulStore, layout
+from wiremesh.clustermesh.tokens import write_token_file
 from wiremesh.lab import consul_server
 from wiremesh.lab.netns import NetnsExecutor, enter_cmd, netns_add, netns_del, terminate
 
@@ -47,7 +48,10 @@ def test_agent_token_writes_only_its_own_node(acl_consul: tuple[str, str, NetnsE
     answers.write_text(json.dumps({"clusters": [{"consul": "http://127.0.0.1:8500", "name": "secure", "id": 7,
                                                  "pod_cidr": "10.250.0.0/16", "acl_nodes": ["n1", "n2"]}]}))
     out = tmp_path / "tokens"
-    cmd = enter_cmd(ns, None) + [WM, "--token", master, "setup", "--answers", str(answers), "--yes", "--acl-out", str(out)]
+    master_file = tmp_path / "master.token"
+    write_token_file(master_file, master)  # never on a command line
+    cmd = enter_cmd(ns, None) + [WM, "--token-file", str(master_file), "setup", "--answers", str(answers), "--yes",
+                                 "--acl-out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     token_file = out / "secure" / "n1.token"
@@ -57,9 +61,12 @@ def test_agent_token_writes_only_its_own_node(acl_consul: tuple[str, str, NetnsE
 
     n1 = ConsulStore(ConsulOptions(address="http://127.0.0.1:8500", token=secret), retries=False)
     assert ex.call(n1.put, layout.node_key("secure", "n1"), "{}")
-    assert ex.call(n1.put, layout.ipam_key("secure", "10.250.0.0/24"), "n1", cas=0)
+    lease = ex.call(n1.get, layout.ipam_key("secure", "10.250.0.0/24"))  # leased by the setup, for n1
+    assert lease is not None and lease.value == b"n1"
+    assert ex.call(n1.put, layout.ipam_key("secure", "10.250.0.0/24"), "n1", cas=lease.modify_index)
     assert ex.call(n1.get, layout.config_key("secure")) is not None
-    assert ex.call(n1.session_create, "wiremesh-agent secure/n1", 10)
+    ex.call(n1.catalog_register_node, "n1", "192.0.2.1")
+    assert ex.call(n1.session_create, "wiremesh-agent secure/n1", 10, node="n1")
     with pytest.raises(ConsulError, match="permission denied"):
         ex.call(n1.put, layout.node_key("secure", "n2"), "{}")
     with pytest.raises(ConsulError, match="permission denied"):
