@@ -34,8 +34,9 @@ _TRANSIENT_500 = ("rpc error", "leadership lost", "timed out enqueuing operation
                   "i/o timeout", "connection refused", "connection reset", "EOF")
 
 _HINTS = {
-    R.PERMISSION_DENIED: "the Consul token (--token, CONSUL_HTTP_TOKEN) lacks the ACL rights for this",
-    R.ACL_NOT_FOUND: "this Consul does not know the token: check --token / CONSUL_HTTP_TOKEN",
+    R.PERMISSION_DENIED: "the Consul token (--token-file, CONSUL_HTTP_TOKEN_FILE, consul.token_file) lacks the "
+                         "ACL rights for this",
+    R.ACL_NOT_FOUND: "this Consul does not know the token: check --token-file / CONSUL_HTTP_TOKEN_FILE",
     R.NO_LEADER: "Consul's servers have no leader yet: wait for the election, or start enough servers",
     R.NO_PATH_TO_DC: "is the datacenter's name right, and is it joined over the WAN (consul members -wan)?",
     R.TLS: "give the CA that signed Consul's certificate (--ca-file, CONSUL_CACERT, consul.ca_file), and a client "

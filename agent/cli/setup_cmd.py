@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import click
 
+from wiremesh.clustermesh import ConsulStore
 from wiremesh.clustermesh.wizard import (
     ClusterAnswer,
     SetupError,
@@ -147,7 +149,9 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
             a.signing_key_file = str((signing_keys or signing_key_dir()) / f"{a.name}.key")
     if any(a.acl_nodes for a in answers) and acl_out is None:
         raise SetupError("--acl-out", "acl_nodes are listed: say where the tokens go (a directory)")
-    plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"))
+    o = ctx.consul  # a client certificate (--client-cert, CONSUL_CLIENT_CERT) goes to every cluster's Consul
+    plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"), store_for=lambda a: ConsulStore(
+        dataclasses.replace(a.options(), client_cert=o.client_cert, client_key=o.client_key), retries=False))
     summary = plan.summary()
     if not ctx.json:
         info("")
