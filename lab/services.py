@@ -158,6 +158,8 @@ def unload_lookups(lab: "Lab", progress: Progress = _quiet) -> list[str]:
 # --- Consul client agents ------------------------------------------------------------------
 def ensure_client(lab: "Lab", node_name: str, progress: Progress = _quiet, timeout: float = 30.0) -> int:
     """Start the node's Consul client agent unless it runs; return once it has joined its server."""
+    if lab.state.get("acl"):
+        raise LabError("lab services need Consul client agents, which a lab with --acl does not give tokens yet")
     node = lab.node(node_name)
     clients = lab.state.setdefault("consul_clients", {})
     pid: int = clients.get(node_name, 0)
