@@ -172,3 +172,15 @@ def test_lease_refused_by_acls_says_who_assigns_leases() -> None:
     assert e.value.hint and "acl_nodes" in e.value.hint
     s.kv[layout.ipam_key("c1", "10.240.5.0/24")] = KVItem(layout.ipam_key("c1", "10.240.5.0/24"), b"a", 3)
     assert lease_pod_cidr(s, cfg, "a") == "10.240.5.0/24"  # type: ignore[arg-type]  # pre-assigned: no write
+
+
+def test_wizard_agent_toml_names_the_token_file_session_node_and_ca() -> None:
+    from wiremesh.clustermesh.wizard import ClusterAnswer, agent_toml
+
+    a = ClusterAnswer(consul="https://10.0.0.1:8501", name="c1", id=1, pod_cidr="10.240.0.0/16", acl_nodes=["n1"],
+                      ca_file="/etc/wiremesh/ca.pem")
+    text = agent_toml(a, "dc1")
+    assert 'token_file = "/etc/wiremesh/consul-token"' in text and 'session_node = "NODE-NAME"' in text
+    assert 'ca_file = "/etc/wiremesh/ca.pem"' in text and "token =" not in text
+    plain = agent_toml(ClusterAnswer(consul="http://10.0.0.1:8500", name="c1", id=1, pod_cidr="10.240.0.0/16"), "dc1")
+    assert "session_node" not in plain and "ca_file" not in plain
