@@ -67,6 +67,7 @@ from .planner import DesiredState, plan
 from .reconciler import Reconciler
 from .service_plan import plan_services
 from .kvwriter import KVWriter
+from .readiness import ReadinessWatch
 from .rotation import Rotator, now_ms
 from .services import ServiceBackends, load_service_lb
 from .supervisor import Mailbox, Supervisor
@@ -117,6 +118,8 @@ class Agent:
         self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
         self.kv_writer = KVWriter(self.store, self.stop_event)  # writes that must not hold up the loop
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer)
+        self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
+                                        self.supervisor.spawn)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn)
@@ -417,10 +420,14 @@ class Agent:
         fed = self.federation.view()
         announced = {f"{self.cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != self.cfg.node}
         announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
+        own = snap.rotations.rotations.get(self.cfg.node)
+        staging = (own is not None and own.state == "requested") or (
+            self.rotator.next_key is not None and not self.rotator.switch_at)
+        # Peers' readiness is watched only while it matters: this node's rotation staged.
+        self.readiness.follow({self.cfg.cluster: None, **{n: m.datacenter for n, m in fed.members.items()
+                                                         if n != self.cfg.cluster}} if staging else {})
         self.rotator.drive(
-            snap.rotations.rotations.get(self.cfg.node), set(desired.peers),
-            {**snap.rotations.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {}),
-             **fed.ready.get(f"{self.cfg.cluster}/{self.cfg.node}", {})},
+            own, set(desired.peers), self.readiness.view(),
             lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
             self._switch_key, self.registration.publish_now, self.registration.republish.set, announced)
         self.rotator.take_part(announced)
@@ -522,6 +529,7 @@ class Agent:
         self.registration.republish.set()
         self.federation.close()
         self.service_backends.close()
+        self.readiness.close()
         left = self.supervisor.join(["register", "reconcile"], timeout=10)
         if left:
             log.error("threads %s did not stop; the record is left to expire with its session", ", ".join(left))

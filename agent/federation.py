@@ -30,7 +30,6 @@ from wiremesh.clustermesh import (
     parse_mesh,
 )
 
-from wiremesh.clustermesh.rotation import RotationReady
 
 from .metrics import AgentMetrics
 
@@ -58,8 +57,6 @@ class FederationView:
     members: dict[str, MeshMember]
     frozen_cidrs: frozenset[str]  # pod CIDRs of remotes not yet seen: never pruned
     mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
-    # Remote peers' readiness for rotations: rotating "cluster/node" -> {"cluster/peer": ready}
-    ready: dict[str, dict[str, RotationReady]] = field(default_factory=dict)
 
 
 class Federation:
@@ -103,12 +100,7 @@ class Federation:
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
             members = dict(self.membership.members) if self.membership else {}
-            ready: dict[str, dict[str, RotationReady]] = {}
-            for r in self.remotes.values():
-                if r.snapshot is not None and not r.refused:
-                    for rot, peers in r.snapshot.rotations.ready.items():
-                        ready.setdefault(rot, {}).update(peers)
-            return FederationView(nodes, members, frozenset(frozen), self.membership is not None, ready)
+            return FederationView(nodes, members, frozenset(frozen), self.membership is not None)
 
     def status(self) -> dict[str, dict[str, object]]:
         with self.lock:

@@ -4,9 +4,9 @@ A node's token may write exactly (Consul 1.8 refuses the rest with 403):
 
 - its record, `nodes/<node>` (an exact `key` rule);
 - its pod-CIDR lease, `ipam/<its cidr>` (an exact `key` rule, see below);
-- its rotation keys: `rotations/<node>` (exact) and everything under `rotations/<node>/`
-  (its readiness for other nodes' rotations). A `key_prefix "rotations/<node>"` would also match
-  `rotations/<node>x...`, another node's keys: hence the exact rule plus the prefix with a "/";
+- its rotation keys: `rotations/<node>` (exact) and its readiness for other nodes' rotations,
+  everything under `ready/<cluster>/<node>/`. A `key_prefix "ready/<cluster>/<node>"` would also
+  match `.../<node>x...`, another node's keys: hence prefixes end with a "/";
 - sessions on its own Consul node (`session "<session node>"`, by default the node's name), and
   that catalog node itself (`node "<session node>"`, so an agent without a Consul agent of its
   own can register it: see `consul.session_node` in agent.toml). Another node's sessions can be
@@ -55,7 +55,7 @@ def agent_rules(cluster: str, node: str, pod_cidr: str, session_node: str | None
     return {
         "key": {layout.node_key(cluster, node): WRITE, layout.ipam_key(cluster, pod_cidr): WRITE,
                 own_rotation: WRITE},
-        "key_prefix": {f"{layout.ROOT}/": READ, f"{own_rotation}/": WRITE},
+        "key_prefix": {f"{layout.ROOT}/": READ, f"{layout.ready_prefix(cluster)}{node}/": WRITE},
         "session": {consul_node: WRITE},
         "node": {consul_node: WRITE},
         "node_prefix": {"": READ},

@@ -42,9 +42,16 @@ def rotation_key(cluster: str, node: str) -> str:
     return f"{ROOT}/clusters/{cluster}/rotations/{node}"
 
 
+def ready_prefix(cluster: str) -> str:
+    """Readiness words of `cluster`'s nodes for rotations. Outside the cluster's prefix on
+    purpose: every agent watches that one, and a rotation's readiness (one word per peer) would
+    wake each of them for every word; only a node that is rotating watches these."""
+    return f"{ROOT}/ready/{cluster}/"
+
+
 def rotation_ready_key(cluster: str, peer: str, rotating_cluster: str, rotating_node: str) -> str:
     """Peer `peer` (of `cluster`) is ready for the rotation of `rotating_cluster`/`rotating_node`."""
-    return f"{ROOT}/clusters/{cluster}/rotations/{peer}/ready/{rotating_cluster}/{rotating_node}"
+    return f"{ready_prefix(cluster)}{peer}/{rotating_cluster}/{rotating_node}"
 
 
 def services_prefix(cluster: str) -> str:

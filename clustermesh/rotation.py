@@ -1,12 +1,14 @@
 """Key-rotation records in Consul: a node's rotation (request and progress) and peers' readiness.
 
 ```
-wiremesh/v1/clusters/<c>/rotations/<node>                       Rotation: asked for by `wiremesh keys
-                                                                rotate`, then advanced by the node's agent
-wiremesh/v1/clusters/<c>/rotations/<peer>/ready/<rc>/<rnode>    RotationReady: peer <peer> knows node
-                                                                <rnode>'s (of cluster <rc>) next key and
-                                                                will take it once the node commits
+wiremesh/v1/clusters/<c>/rotations/<node>          Rotation: asked for by `wiremesh keys rotate`, then
+                                                   advanced by the node's agent
+wiremesh/v1/ready/<c>/<peer>/<rc>/<rnode>          RotationReady: peer <peer> (of cluster <c>) knows
+                                                   node <rnode>'s (of cluster <rc>) next key
 ```
+
+Readiness lives outside the cluster's prefix (which every agent watches): only a node that is
+rotating watches it (agent.readiness).
 
 A node writes only its own keys: its rotation, and its readiness for other nodes' rotations
 (least-privilege ACLs can say exactly that). No private key is ever in any of them.
@@ -22,7 +24,7 @@ from typing import Any
 
 from . import layout
 from .errors import InvalidRecord
-from .records import SCHEMA, _dump, _envelope, _int, _load, _public_key, _str, check_cluster_name, check_node_name
+from .records import SCHEMA, _dump, _envelope, _int, _load, _public_key, _str, check_node_name
 
 # requested -> staged (next key announced) -> committed (switch time set: no way back) -> switched
 # (the node uses it) -> done | failed; or abandoned (given up cleanly before the commit: the old
@@ -140,11 +142,9 @@ class RotationReady:
 
 @dataclass(frozen=True, slots=True)
 class Rotations:
-    """A cluster's rotation keys, validated: rotations by node, readiness by rotating node."""
+    """A cluster's rotation records, validated, by node."""
 
     rotations: dict[str, Rotation] = field(default_factory=dict)
-    # ("cluster/node" rotating) -> {"cluster/peer": RotationReady}
-    ready: dict[str, dict[str, RotationReady]] = field(default_factory=dict)
 
 
 def parse_rotations(cluster: str, items: Mapping[str, bytes]) -> tuple[Rotations, list[tuple[str, str]]]:
@@ -161,13 +161,30 @@ def parse_rotations(cluster: str, items: Mapping[str, bytes]) -> tuple[Rotations
                     raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {parts[0]!r}", key)
                 out.rotations[rot.node] = rot
             elif len(parts) == 4 and parts[1] == "ready":
-                peer = check_node_name(parts[0], "key", key)
-                rcluster = check_cluster_name(parts[2], "key", key)
-                rnode = check_node_name(parts[3], "key", key)
-                out.ready.setdefault(f"{rcluster}/{rnode}", {})[f"{cluster}/{peer}"] = RotationReady.from_json(
-                    items[key], key)
+                continue  # where readiness was written before it moved to ready/ (left by an older agent)
             else:
-                raise InvalidRecord("key", "not a rotation or a readiness key", key)
+                raise InvalidRecord("key", "not a rotation", key)
+        except InvalidRecord as e:
+            refused.append((key, str(e).removeprefix(f"{key}: ")))
+    return out, refused
+
+
+def parse_ready(cluster: str, items: Mapping[str, bytes], rotating: str) -> tuple[dict[str, RotationReady],
+                                                                                   list[tuple[str, str]]]:
+    """The readiness words of `cluster`'s nodes (every key under its ready/ prefix) for the
+    rotation of `rotating` ("cluster/node") -> ({"cluster/peer": ready}, [(key, reason)] refused)."""
+    pfx = layout.ready_prefix(cluster)
+    out: dict[str, RotationReady] = {}
+    refused: list[tuple[str, str]] = []
+    for key in sorted(items):
+        parts = key[len(pfx):].split("/")
+        try:
+            if len(parts) != 3:
+                raise InvalidRecord("key", "not a readiness key (ready/<cluster>/<peer>/<cluster>/<node>)", key)
+            if f"{parts[1]}/{parts[2]}" != rotating:
+                continue
+            peer = check_node_name(parts[0], "key", key)
+            out[f"{cluster}/{peer}"] = RotationReady.from_json(items[key], key)
         except InvalidRecord as e:
             refused.append((key, str(e).removeprefix(f"{key}: ")))
     return out, refused

@@ -24,7 +24,7 @@ from wiremesh.clustermesh.consul_values import (
     parse_kv_items,
 )
 from wiremesh.clustermesh.records import MAX_RECORD_BYTES
-from wiremesh.clustermesh.rotation import Rotation, RotationReady, parse_rotations
+from wiremesh.clustermesh.rotation import Rotation, RotationReady, parse_rotations, parse_ready
 from wiremesh.clustermesh.services import ServiceDef, parse_services
 from wiremesh.clustermesh.snapshot import ParseCache, parse_cluster
 from wiremesh.clustermesh.store import _SHAPE_ERRORS
@@ -119,13 +119,19 @@ def rotation(data: bytes) -> None:
     for value in _both(raw):
         check_record(cls, value, doc)
     pfx = layout.rotations_prefix("lab")
-    check_rotations({pfx + r.pick(["node1", "node2/ready/lab/node1", "node2/ready/LAB/node1", "a/b", "",
-                                   "node2/ready//"]): raw})
+    check_rotations({pfx + r.pick(["node1", "node2/ready/lab/node1", "a/b", ""]): raw})
+    check_ready({layout.ready_prefix("lab") + r.pick(["node2/lab/node1", "node2/LAB/node1", "node2//", "a/b",
+                                                      ""]): raw})
 
 
 def check_rotations(items: dict[str, bytes]) -> None:
     rot, rejected = parse_rotations("lab", items)
-    _check_split(items, {**rot.rotations, **{k: v for r in rot.ready.values() for k, v in r.items()}}, rejected)
+    _check_split(items, dict(rot.rotations), rejected)
+
+
+def check_ready(items: dict[str, bytes]) -> None:
+    ready, rejected = parse_ready("lab", items, "lab/node1")
+    _check_split(items, ready, rejected)
 
 
 def _check_split(items: dict[str, bytes], good: dict[str, Any], rejected: list[tuple[str, str]]) -> None:

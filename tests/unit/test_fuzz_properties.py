@@ -250,7 +250,7 @@ _CP = layout.cluster_prefix("lab")
 kv_keys = st.sampled_from([layout.config_key("lab"), layout.node_key("lab", "node1"), layout.node_key("lab", "node2"),
                            layout.ipam_key("lab", "10.240.1.0/24"), layout.ipam_key("lab", "10.240.2.0/24"),
                            layout.service_key("lab", "web"), layout.rotation_key("lab", "node1"),
-                           layout.rotation_ready_key("lab", "node2", "lab", "node1"), _CP + "nodes/",
+                           _CP + "rotations/node2/ready/lab/node1", _CP + "nodes/",
                            _CP + "ipam/x_y", _CP + "other"]) | st.text(max_size=20).map(_CP.__add__)
 kv_values = (near_valid(seeds.NODE_RECORD, ("public_key",)) | near_valid(seeds.CLUSTER_CONFIG) | near_valid(
     seeds.SERVICE) | near_valid(seeds.ROTATION) | st.sampled_from([seeds.NODE_RECORD, seeds.CLUSTER_CONFIG])).map(

@@ -299,3 +299,17 @@ def test_stopped_between_the_switch_and_writing_it_down_the_rotation_is_switched
     rec = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
     assert rec.state == "switched" and switched == []  # no second switch, not abandoned
     assert again.announce(record(nxt)).next_public_key == ""
+
+
+def test_readiness_words_are_read_for_one_rotating_node_and_bad_ones_refused() -> None:
+    from wiremesh.clustermesh.rotation import parse_ready
+    nxt = PrivateKey.generate().public_key().base64
+    word = RotationReady(nxt).to_json().encode()
+    items = {layout.rotation_ready_key("c", "b", "c", "a"): word,  # b is ready for c/a
+             layout.rotation_ready_key("c", "d", "x", "a"): word,  # another node's rotation (x/a)
+             layout.rotation_ready_key("c", "e", "c", "a"): b"{",
+             layout.ready_prefix("c") + "f/c": word}
+    ready, refused = parse_ready("c", items, "c/a")
+    assert ready == {"c/b": RotationReady(nxt)}
+    assert {k for k, _ in refused} == {layout.rotation_ready_key("c", "e", "c", "a"), layout.ready_prefix("c") + "f/c"}
+    assert layout.ready_prefix("c") not in layout.cluster_prefix("c")  # no agent's main watch wakes for it

@@ -1,0 +1,98 @@
+"""Peers' readiness for this node's key rotation, watched only while the rotation is staged.
+
+Readiness words live under `ready/<cluster>/` of each cluster (layout.ready_prefix), written by
+that cluster's nodes; a rotating node watches that prefix in its own and in every member
+cluster's datacenter, and stops when its rotation has committed or ended. Nodes that are not
+rotating watch nothing here, so a rotation's words (one per peer) wake only the node they are for.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from wiremesh.clustermesh import ConsulError, ConsulStore, layout
+from wiremesh.clustermesh.rotation import RotationReady, parse_ready
+
+log = logging.getLogger("wiremesh.rotation")
+WATCH_WAIT_S = 30
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class _Watch:
+    cluster: str
+    dc: str | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    ready: dict[str, RotationReady] = field(default_factory=dict)
+
+
+class ReadinessWatch:
+    def __init__(self, store: ConsulStore, me: str, agent_stop: threading.Event, wake: Callable[[], None],
+                 spawn: Callable[[str, Callable[[], object]], object]) -> None:
+        self.store = store
+        self.me = me  # "cluster/node"
+        self.agent_stop = agent_stop
+        self.wake = wake
+        self.spawn = spawn
+        self._lock = threading.Lock()
+        self._watches: dict[str, _Watch] = {}
+        self._logged: dict[str, str] = {}
+
+    def follow(self, clusters: Mapping[str, str | None]) -> None:
+        """Watch the readiness prefix of these clusters (name -> datacenter, None: the local
+        one); {} ends every watch. Called by the loop on every pass: idempotent."""
+        with self._lock:
+            for name in [n for n, w in self._watches.items() if n not in clusters or w.dc != clusters[n]]:
+                self._watches.pop(name).stop.set()
+            for name, dc in clusters.items():
+                if name not in self._watches:
+                    w = self._watches[name] = _Watch(name, dc)
+                    self.spawn(f"ready-{name}", functools.partial(self._loop, w))
+
+    def view(self) -> dict[str, RotationReady]:
+        """Every peer's ("cluster/node") word for this node's rotation, as last seen."""
+        with self._lock:
+            return {p: r for w in self._watches.values() for p, r in w.ready.items()}
+
+    def close(self) -> None:
+        self.follow({})
+
+    def _loop(self, w: _Watch) -> None:
+        delay = 0.2
+        prefix = layout.ready_prefix(w.cluster)
+        while not (w.stop.is_set() or self.agent_stop.is_set()):
+            try:
+                for _index, items in self.store.watch(prefix, _Either(w.stop, self.agent_stop), wait_s=WATCH_WAIT_S,
+                                                      dc=w.dc):
+                    ready, refused = parse_ready(w.cluster, {k: v.value for k, v in items.items()}, self.me)
+                    for key, reason in refused:
+                        if self._logged.get(key) != reason:
+                            self._logged[key] = reason
+                            log.warning("skipping invalid readiness word %s: %s", key, reason)
+                    with self._lock:
+                        changed = ready != w.ready
+                        w.ready = ready
+                    if changed:
+                        self.wake()
+                    delay = 0.2
+            except ConsulError as e:  # the last words seen stay; a rotation waits or times out
+                log.debug("readiness watch of %s: %s", w.cluster, e)
+            w.stop.wait(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
+
+
+class _Either:
+    """Set when either event is (what store.watch checks between its queries)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.a.wait(timeout) or self.b.is_set()
