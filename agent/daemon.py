@@ -76,6 +76,7 @@ log = logging.getLogger("wiremesh.agent")
 
 WATCH_WAIT_S = 30
 BACKOFF_MAX_S = 5.0
+QUIET_MS = 250  # no pass starts this close before a key changes on the device (agent.rotation)
 REJOIN_GRACE_TTLS = 2  # removals held this many session TTLs (+ backoff) after Consul came back
 
 
@@ -328,6 +329,10 @@ class Agent:
 
     def reconcile_once(self, full: bool = False) -> None:
         """One pass of the loop: take the newest snapshot (if any), plan, apply."""
+        if self.rotator.switch_due() and self._desired is not None:
+            # This node's switch time: switch first, before planning (its peers take the new key
+            # PEER_DELAY_MS after switch_at by their own clocks).
+            self._rotation_pass(self._desired, [])
         snap = self._inbox.take()
         if snap is not None:
             self._take_snapshot(snap)
@@ -336,9 +341,7 @@ class Agent:
             return
         self._desired = desired
         t0 = time.perf_counter()
-        if self.rotator.switch_due():
-            # This node's switch time: switch before the pass's device work, not after it (its
-            # peers take the new key PEER_DELAY_MS after switch_at by their own clocks).
+        if self.rotator.switch_due():  # (the first pass after a start: no plan before this one)
             self._rotation_pass(desired, [])
         try:
             if full:
@@ -469,6 +472,12 @@ class Agent:
                                      held if held > time.monotonic() else None) if t), default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
+            precise = self.rotator.next_precise()
+            if precise is not None and 0 < precise - now_ms() <= QUIET_MS:
+                # A key changes on the device at `precise` (a switch, a peer's new key): a pass
+                # started now could still be planning then (100-200 ms on a loaded host, measured),
+                # and the change would come late. Wait for it; the pass then does it first.
+                self.stop_event.wait((precise - now_ms()) / 1000)
             self._wake.clear()
             if self.stop_event.is_set():
                 return

@@ -72,6 +72,7 @@ class Rotator:
         self.ready_sent: dict[str, str] = {}
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
         self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
+        self._peer_times: set[int] = set()  # when peers' new keys are taken (switch_at + PEER_DELAY_MS)
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
@@ -347,6 +348,7 @@ class Rotator:
                 # wake-up first, and without it the key would be taken at the next pass
                 # something else causes (late by Consul's propagation), not at this time.
                 self._wake_at(rec.switch_at + PEER_DELAY_MS)
+                self._peer_times.add(rec.switch_at + PEER_DELAY_MS)
             if self.ready_sent.get(nid) == rec.next_public_key:
                 continue
             rcluster, _, rnode = nid.partition("/")
@@ -359,6 +361,16 @@ class Rotator:
             del self.ready_sent[nid]
         for _nid, (_key, at) in list(self.taken.items()):
             self._wake_at(at + PEER_ROLLBACK_MS)
+
+    def next_precise(self) -> int | None:
+        """The next time (unix ms) the device must change on the dot: this node's switch, or a
+        peer's key taken at its switch + PEER_DELAY_MS. The loop keeps other work away from it."""
+        now = self.clock()
+        self._peer_times = {t for t in self._peer_times if t >= now - 1000}
+        times = [t for t in self._peer_times if t >= now]
+        if self.next_key is not None and self.switch_at >= now:
+            times.append(self.switch_at)
+        return min(times, default=None)
 
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""

@@ -47,7 +47,7 @@ def cpu_times() -> tuple[int, int]:
     return sum(f) - idle, sum(f)
 
 
-def ping_losses(text: str, in_flight_max: int) -> tuple[int, int, float]:
+def ping_losses(text: str, in_flight_max: int, label: str = "") -> tuple[int, int, float]:
     """(sent, lost, longest gap in ms) from `ping -n -D` output, replies read per icmp_seq
     (16 bits, unwrapped); the trailing unanswered packets, if at most `in_flight_max`, were in
     flight when ping stopped. A gap: from the reply before lost packets to the one after."""
@@ -78,6 +78,11 @@ def ping_losses(text: str, in_flight_max: int) -> tuple[int, int, float]:
         after = answered.get(r)
         if after is not None:
             gap = max(gap, (after - before) * 1000)
+    head = min(answered, default=sent + 1) - 1  # lost before the first reply
+    tail = sent - top  # lost after the last one
+    if missing:
+        log(f"    {label}: lost {len(missing)}: {head} before the first reply, {tail} after the last, longest gap "
+            f"{gap:.0f} ms between replies")
     return sent, len(missing), gap
 
 
@@ -152,7 +157,8 @@ def one_run(lab: Lab, nodes: list[str], pairs: list[tuple[str, str]], parallel: 
         rotations = json.loads(p.stdout)["rotations"]
     except (ValueError, KeyError):
         raise SystemExit(f"rotate: exit {p.returncode}: {p.stderr[-1000:]}") from None
-    per_pair = [ping_losses(Path(f.name).read_text(errors="replace"), max(1, rate // 10)) for f in files]
+    per_pair = [ping_losses(Path(f.name).read_text(errors="replace"), max(1, rate // 10), f"{a}->{b}")
+                for (a, b), f in zip(pairs, files)]
     lost = [x[1] for x in per_pair]
     secs = [r["seconds"] for r in rotations]
     return {
