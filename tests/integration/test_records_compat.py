@@ -1,6 +1,9 @@
 """Forward-compatible records in a live 3-node lab: fields an agent does not know are used, not
 refused; a record of a newer major schema version is skipped with one log line.
 
+The lab's cluster requires signed records: a record rewritten here is signed again with its
+node's identity key, as a newer agent that added the fields would have signed it.
+
 Each test writes a "probe": a node record of schema 2.0 written after its other writes. Every agent
 logs a rejected key once, from a snapshot of the whole prefix, so once node1 has logged the probe
 it has also read everything written before it: the tests wait for that instead of sleeping.
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wiremesh.clustermesh import KVItem, layout
-from wiremesh.keys import PrivateKey
+from wiremesh.keys import RECORD_DOMAIN, Certificate, NodeIdentity, PrivateKey, read_signing_key
 from wiremesh.lab import Lab
 
 from .helpers import record_key, wait_until, wg_peers
@@ -36,9 +39,21 @@ def stored(lab: Lab, node: str) -> KVItem:
     return item
 
 
+def signed_by(lab: Lab, node: str, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` signed with `node`'s identity key (its certificate beside it), if the lab has one."""
+    d = Path(lab.node(node).dir)
+    if not (d / "node.crt").exists():
+        return record
+    me = NodeIdentity(Certificate.from_dict(json.loads((d / "node.crt").read_text())),
+                      read_signing_key(d / "identity.key"))
+    body = {k: v for k, v in record.items() if k != "node_signature"}
+    return {**body, "node_signature": me.sign(RECORD_DOMAIN, body)}
+
+
 def write_own_record(lab: Lab, node: str, record: dict[str, Any]) -> None:
     """Overwrite `node`'s record under the session that already holds it (acquiring a key again
-    with its holder's session is a plain write), as the node's own agent would."""
+    with its holder's session is a plain write), as the node's own agent would, signed as it would."""
+    record = signed_by(lab, node, record)
     item = stored(lab, node)
     assert lab.consul(lambda s: s.put(item.key, json.dumps(record), acquire=item.session))
 
