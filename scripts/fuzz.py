@@ -40,7 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "bench" / "results" / "fuzz"
 # Which targets exist, without importing them (the child imports them under instrumentation).
-TARGETS = ["records", "services", "rotation", "snapshot", "consul", "uapi", "cni", "config", "topology", "answers"]
+TARGETS = ["records", "services", "rotation", "snapshot", "consul", "uapi", "cni", "config", "topology", "answers",
+           "certs"]
 SELFTEST = "selftest"  # not in "all": a planted crash, to test this script (WIREMESH_FUZZ_SELFTEST_HANG=1: a hang)
 # Records are refused over 16 KiB: their targets need inputs longer than that.
 MAX_LEN = {"records": 20000, "services": 20000, "rotation": 20000}

@@ -31,7 +31,7 @@ from wiremesh.clustermesh.store import _SHAPE_ERRORS
 from wiremesh.tunnels import TunnelError
 from wiremesh.tunnels.uapi import parse_get
 
-from . import cni, files, seeds
+from . import certs, cni, files, seeds
 from .oracles import Bug, check_invalid_record, loads_or_none, no_leak
 from .seeds import Reader, dumps_json, mutate
 
@@ -259,12 +259,7 @@ def check_uapi(text: str) -> None:
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "records": records, "services": services, "rotation": rotation, "snapshot": snapshot, "consul": consul,
     "uapi": uapi, "cni": cni.cni, "config": files.config, "topology": files.topology, "answers": files.answers,
-    # "certs": node certificates and signed records (issue 12, item 1) do not exist yet. When they do:
-    # a seed certificate and signed record in seeds.py, a `certs(data)` target here built like
-    # `records` (raw bytes, or a valid certificate with a field, the signature or the expiry
-    # mutated), checking a certificate or the module's own error naming a field, never the signing
-    # key in a message; then its name in scripts/fuzz.py's TARGETS and the property test
-    # test_fuzz_properties.test_certificate_is_a_certificate_or_an_error_naming_a_field.
+    "certs": certs.certs,  # node certificates and signed records (tests/fuzz/certs.py)
 }
 
 
@@ -281,5 +276,6 @@ def seed_inputs(name: str) -> list[bytes]:
         "config": [b"\0" + files.toml_text(seeds.AGENT_TOML).encode()],
         "topology": [bytes([0, 0, 0]) + files.yaml_text(seeds.TOPOLOGY)],
         "answers": [b"\0" + files.yaml_text(seeds.ANSWERS)],
+        "certs": [b"\0" + j(certs.CERT.to_dict()).encode(), b"\1\0", b"\2\0", b"\3\0"],
     }.get(name, [])
     return raw + [bytes([a, b]) + bytes([c]) * 40 for a in range(6) for b in range(6) for c in (0, 1, 0x55)]
