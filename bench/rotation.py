@@ -36,6 +36,9 @@ from _common import cpu_seconds, enlarge_udp_buffers, lab_name, pct, udp_rcvbuf_
 from wiremesh.lab import Lab
 
 
+KEEP_PINGS: Path | None = None  # --keep-logs DIR/pings
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -159,6 +162,11 @@ def one_run(lab: Lab, nodes: list[str], pairs: list[tuple[str, str]], parallel: 
         raise SystemExit(f"rotate: exit {p.returncode}: {p.stderr[-1000:]}") from None
     per_pair = [ping_losses(Path(f.name).read_text(errors="replace"), max(1, rate // 10), f"{a}->{b}")
                 for (a, b), f in zip(pairs, files)]
+    if KEEP_PINGS is not None:  # the raw ping output of each pair that lost packets
+        for f, x in zip(files, per_pair):
+            if x[1]:
+                KEEP_PINGS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f.name, KEEP_PINGS / Path(f.name).name)
     lost = [x[1] for x in per_pair]
     secs = [r["seconds"] for r in rotations]
     return {
@@ -229,6 +237,8 @@ def main() -> None:
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR", help="copy the agents' logs here")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
+    global KEEP_PINGS
+    KEEP_PINGS = args.keep_logs / "pings" if args.keep_logs else None
     results = []
     for n in args.nodes:
         results += measure(n, args.parallel, args.rates, args.max_pairs, args.timeout, args.keep_logs,
