@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import re
 from typing import Any
 
 from pyroute2 import IPRoute, WireGuard
@@ -41,6 +43,20 @@ def _attr(msg: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _allowed_ip(a: Any) -> str:
+    """One allowed IP of a dump, "10.9.0.0/24". pyroute2 (0.9.7, seen in a VM with the module)
+    gives WGALLOWEDIP_A_IPADDR as hex bytes ("0a:09:00:00"), and the decoded CIDR as `addr`."""
+    decoded = a.get("addr") if hasattr(a, "get") else None
+    if isinstance(decoded, str) and "/" in decoded:
+        return str(ipaddress.ip_network(decoded, strict=False))
+    raw, mask = a.get_attr("WGALLOWEDIP_A_IPADDR"), a.get_attr("WGALLOWEDIP_A_CIDR_MASK")
+    if isinstance(raw, str) and re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){3}|[0-9a-f]{2}(:[0-9a-f]{2}){15}", raw):
+        raw = ipaddress.ip_address(bytes.fromhex(raw.replace(":", "")))
+    elif isinstance(raw, bytes) and len(raw) in (4, 16):
+        raw = ipaddress.ip_address(raw)
+    return f"{raw}/{mask}"
+
+
 def parse_device(name: str, messages: list[Any]) -> DeviceState:
     """Turn the WG_CMD_GET_DEVICE dump into a DeviceState (the private key becomes its public half)."""
     public_key = None
@@ -61,7 +77,7 @@ def parse_device(name: str, messages: list[Any]) -> DeviceState:
                 endpoint = f"[{addr}]:{ep['port']}" if ":" in addr else f"{addr}:{ep['port']}"
             allowed = set()
             for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or []:
-                allowed.add(f"{a.get_attr('WGALLOWEDIP_A_IPADDR')}/{a.get_attr('WGALLOWEDIP_A_CIDR_MASK')}")
+                allowed.add(_allowed_ip(a))
             hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
             peers[key] = PeerStatus(
                 public_key=PublicKey.from_base64(key).base64,

@@ -165,3 +165,26 @@ def test_unknown_backend(module: Any, backend: str) -> None:
         open_device("wm0", backend)
     assert not isinstance(ei.value, KernelUnsupported)
     assert str(ei.value) == f"backend: must be one of auto, kernel, userspace, not {backend!r}"
+
+
+class DecodedMsg(Msg):
+    """An allowed IP as pyroute2 0.9.7 gives it: the address as hex bytes, the CIDR decoded as `addr`."""
+
+    def __init__(self, addr: str | None, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.addr = addr
+
+    def get(self, name: str) -> Any:
+        return self.addr if name == "addr" else None
+
+
+@pytest.mark.parametrize("allowed, want", [
+    (DecodedMsg("10.9.0.0/24", WGALLOWEDIP_A_IPADDR="0a:09:00:00", WGALLOWEDIP_A_CIDR_MASK=24), "10.9.0.0/24"),
+    (DecodedMsg(None, WGALLOWEDIP_A_IPADDR="0a:09:00:00", WGALLOWEDIP_A_CIDR_MASK=24), "10.9.0.0/24"),
+    (Msg(WGALLOWEDIP_A_IPADDR="fd:00:00:00:00:00:00:00:00:00:00:00:00:00:00:12", WGALLOWEDIP_A_CIDR_MASK=128),
+     "fd00::12/128"),
+    (Msg(WGALLOWEDIP_A_IPADDR=bytes([10, 9, 0, 1]), WGALLOWEDIP_A_CIDR_MASK=32), "10.9.0.1/32"),
+])
+def test_allowed_ips_in_the_forms_pyroute2_gives(allowed: Msg, want: str) -> None:
+    peer = Msg(WGPEER_A_PUBLIC_KEY=P1.encode(), WGPEER_A_ALLOWEDIPS=[allowed])
+    assert parse_device("wm0", [Msg(WGDEVICE_A_PEERS=[peer])]).peers[P1].allowed_ips == frozenset({want})
