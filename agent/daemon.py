@@ -48,7 +48,6 @@ from wiremesh.tunnels import (
     ensure_link_up,
     mtu_of_address,
     open_device,
-    poke,
     vtep_mac,
 )
 from wiremesh.tunnels.pods import set_pod_mtu
@@ -69,6 +68,7 @@ from .service_plan import plan_services
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
 from .rotation import Rotator, now_ms
+from .rotation_link import device_public_key, rotation_pass
 from .services import ServiceBackends, load_service_lb
 from .supervisor import Mailbox, Supervisor
 
@@ -176,7 +176,7 @@ class Agent:
     def setup(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key, generated = load_or_generate(self.cfg.key_file)
-        kept = self.rotator.recover(self._device_public_key())
+        kept = self.rotator.recover(device_public_key(self))
         if kept is not None:  # the device took the next key before a stop: it is the node's key now
             self.key = kept
         self.public_key = self.key.public_key().base64  # derived once: planning needs it on every pass
@@ -332,7 +332,7 @@ class Agent:
         if self.rotator.switch_due() and self._desired is not None:
             # This node's switch time: switch first, before planning (its peers take the new key
             # PEER_DELAY_MS after switch_at by their own clocks).
-            self._rotation_pass(self._desired, [])
+            rotation_pass(self, self._desired, [])
         snap = self._inbox.take()
         if snap is not None:
             self._take_snapshot(snap)
@@ -342,7 +342,7 @@ class Agent:
         self._desired = desired
         t0 = time.perf_counter()
         if self.rotator.switch_due():  # (the first pass after a start: no plan before this one)
-            self._rotation_pass(desired, [])
+            rotation_pass(self, desired, [])
         try:
             if full:
                 self.ensure_device()
@@ -381,7 +381,7 @@ class Agent:
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
-        self._rotation_pass(desired, res.replaced)
+        rotation_pass(self, desired, res.replaced)
 
     def _prune_held_until(self) -> float:
         """Removals wait this long (time.monotonic()) after Consul, local or a remote cluster's,
@@ -394,71 +394,16 @@ class Agent:
     def _may_prune(self) -> bool:
         return self._first_sync and time.monotonic() >= self._prune_held_until()
 
-    # --- key rotation (agent.rotation) ------------------------------------------------------
-    def _device_public_key(self) -> str | None:
-        try:
-            return self.device.show().public_key if self.device.exists() else None
-        except TunnelError:
-            return None
-
-    def _handshakes(self) -> dict[str, float]:
-        """Latest handshake (unix s) per public key on the device."""
-        try:
-            return {k: p.latest_handshake for k, p in self.device.show().peers.items()}
-        except TunnelError:
-            return {}
-
-    def _rotation_pass(self, desired: DesiredState, replaced: list[tuple[str, str]]) -> None:
-        """This node's rotation, and its part in the others': after every pass of the loop."""
-        for node, key in replaced:  # we took a rotating node's new key: start the handshake now
-            self.rotator.took(node, key)
-            try:
-                poke(overlay_address(next(iter(desired.peers[node].allowed_ips))))
-            except (TunnelError, KeyError, StopIteration, ValueError) as e:
-                log.debug("poke %s: %s", node, e)
+    # --- what agent.rotation_link reads ------------------------------------------------------
+    def snapshot(self) -> ClusterSnapshot | None:
         with self._lock:
-            snap = self._snapshot
-        if snap is None:
-            return
-        fed = self.federation.view()
-        announced = {f"{self.cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != self.cfg.node}
-        announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
-        own = snap.rotations.rotations.get(self.cfg.node)
-        staging = (own is not None and own.state == "requested") or (
-            self.rotator.next_key is not None and not self.rotator.switch_at)
-        # Peers' readiness is watched only while it matters: this node's rotation staged.
-        self.readiness.follow({self.cfg.cluster: None, **{n: m.datacenter for n, m in fed.members.items()
-                                                         if n != self.cfg.cluster}} if staging else {})
-        self.rotator.drive(
-            own, set(desired.peers), self.readiness.view(),
-            lambda: {n: hs.get(p.public_key, 0.0) for hs in [self._handshakes()] for n, p in desired.peers.items()},
-            self._switch_key, self.registration.publish_now, self.registration.republish.set, announced)
-        self.rotator.take_part(announced)
-        if self.config is not None and self.config.rotate_every:
-            self.rotator.schedule(self.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations,
-                                  self._key_mtime_ms())
-        if self.rotator.taken and self.rotator.check_taken(self._handshakes()):
-            self._wake.set()  # went back to an old key: plan again at once
+            return self._snapshot
 
-    def _key_mtime_ms(self) -> int:
-        try:
-            return int(self.cfg.key_file.stat().st_mtime * 1000)
-        except OSError:
-            return 0
+    def last_desired(self) -> DesiredState | None:
+        return self._desired
 
-    def _switch_key(self, key: PrivateKey) -> None:
-        """The device takes `key` (a rotation's switch): from now on it is this node's key.
-
-        Then one packet to every peer, so that this node starts its handshakes at once: a peer
-        that took the new key before this switch (this agent late, the peer on time) got no
-        answer to its own handshake and would try again only 5 s later."""
-        self.device.configure(key, self.listen_port)
-        self.key, self.public_key = key, key.public_key().base64
-        for nid, peer in (self._desired.peers.items() if self._desired is not None else ()):
-            try:
-                poke(overlay_address(next(iter(peer.allowed_ips))))
-            except (TunnelError, StopIteration, ValueError) as e:
-                log.debug("poke %s: %s", nid, e)
+    def wake(self) -> None:
+        self._wake.set()
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval
