@@ -139,7 +139,8 @@ class Agent:
 
     def _bootstrap_from_consul(self) -> None:
         """Cluster config and pod-CIDR lease. Waits for Consul unless a cached copy lets us go on."""
-        got = bootstrap(self.store, self.cfg.cluster, self.cfg.node, self.state_file, self.stop_event)
+        got = bootstrap(self.store, self.cfg.cluster, self.cfg.node, self.state_file, self.stop_event,
+                        identity=self.registration.identity)
         if got is None:
             raise StoppedEarly("stopped before Consul answered")
         self.config, self.pod_cidr, self.pod_mtu = got

@@ -27,13 +27,6 @@ from wiremesh.keys import NodeIdentity
 
 log = logging.getLogger("wiremesh.agent")
 BACKOFF_MAX_S = 5.0
-# The identity of the agent whose state file is the key (set by agent.registration, which the
-# agent builds before it bootstraps): `bootstrap` leases that identity's CIDR.
-_IDENTITIES: dict[Path, NodeIdentity | None] = {}
-
-
-def use_identity(state_file: Path, identity: NodeIdentity | None) -> None:
-    _IDENTITIES[Path(state_file)] = identity
 
 
 def load_node_state(path: Path, cluster: str, node: str) -> tuple[ClusterConfig, str, int | None] | None:
@@ -65,7 +58,6 @@ def bootstrap(store: ConsulStore, cluster: str, node: str, path: Path, stop: thr
     lets the node go on: one that has run before starts from it, so neither a Consul outage nor
     a bad write there blocks a restart. None if `stop` was set while waiting.
     """
-    identity = identity or _IDENTITIES.get(Path(path))
     cached = load_node_state(path, cluster, node)
     if cached is not None and identity is not None and cached[1] != identity.certificate.pod_cidr:
         cached = None  # enrolled (again) for another CIDR: the saved lease is no longer this node's

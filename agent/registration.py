@@ -35,7 +35,6 @@ from wiremesh.clustermesh import (
 
 from wiremesh.clustermesh.signed import sign_record
 
-from . import nodestate
 from .config import AgentConfig
 from .errors import AgentError
 from .identity import load_identity
@@ -62,7 +61,6 @@ class Registration:
         # None: unsigned records (and for stand-ins of AgentConfig in tests, which name no key files)
         self.identity = load_identity(cfg) if isinstance(cfg, AgentConfig) else None
         # The agent bootstraps its lease before this loop runs; it leases the certificate's CIDR.
-        nodestate.use_identity(cfg.state_dir / "state.json", self.identity)
         if self.identity is not None:
             log.info("signing records as %r", self.identity)
 
