@@ -8,8 +8,9 @@ first node as an operator would run it. Each (mode, rate) is one rotation of eve
 the command to a second after it returned. Pairs: a ring over every node when there are at most
 --max-pairs nodes (each node in two pairs), else disjoint neighbours (node1-node2,
 node3-node4, ...: every node in one pair). A packet still unanswered when ping is stopped (at
-most 100 ms worth) was in flight, not lost; the longest gap is the time between the replies
-around lost packets (ping sends less while nothing comes back: a count alone understates it).
+most 100 ms worth) was in flight, not lost; the longest gap is the longest run of lost
+packets by their send times (replies held in wireguard-go's queue come late together, so
+reply times would hide it); lossy pairs are named with how late their replies came.
 
 Also printed: the time per node; the host's CPU busy share and the CPU the agents, the
 wireguard-go devices and Consul used (percent of one core, over the command's run: 30 agents
@@ -50,16 +51,18 @@ def cpu_times() -> tuple[int, int]:
     return sum(f) - idle, sum(f)
 
 
-def ping_losses(text: str, in_flight_max: int, label: str = "") -> tuple[int, int, float]:
+def ping_losses(text: str, in_flight_max: int, label: str = "", interval: float = 0.01) -> tuple[int, int, float]:
     """(sent, lost, longest gap in ms) from `ping -n -D` output, replies read per icmp_seq
     (16 bits, unwrapped); the trailing unanswered packets, if at most `in_flight_max`, were in
-    flight when ping stopped. A gap: from the reply before lost packets to the one after."""
+    flight when ping stopped. A gap: the longest run of lost packets, by their send times."""
     m = re.search(r"(\d+) packets transmitted", text)
     if not m:
         raise SystemExit(f"no ping summary: {text[-300:]!r}")
     sent = int(m.group(1))
     answered: dict[int, float] = {}
     base = last = 0
+    rtts = [float(x) for x in re.findall(r" time=([\d.]+) ms", text)]
+    max_rtt = max(rtts, default=0.0)
     for ts, s in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from \S+ icmp_seq=(\d+) ", text, re.M):
         v = int(s)
         if v + base < last - 32768:
@@ -70,22 +73,19 @@ def ping_losses(text: str, in_flight_max: int, label: str = "") -> tuple[int, in
     if sent - top <= in_flight_max:
         sent = top
     missing = [q for q in range(1, sent + 1) if q not in answered]
-    gap = 0.0
+    # The longest run of lost packets, as time by their send times (seq x interval): the replies
+    # around it may come late together (held in wireguard-go's queue), so their print times
+    # would show no gap at all.
+    gap, run, prev = 0.0, 0, None
     for q in missing:
-        before, after = answered.get(q - 1), None
-        if before is None:
-            continue
-        r = q + 1
-        while r <= sent and r not in answered:
-            r += 1
-        after = answered.get(r)
-        if after is not None:
-            gap = max(gap, (after - before) * 1000)
+        run = run + 1 if prev == q - 1 else 1
+        prev = q
+        gap = max(gap, (run + 1) * interval * 1000)
     head = min(answered, default=sent + 1) - 1  # lost before the first reply
     tail = sent - top  # lost after the last one
     if missing:
         log(f"    {label}: lost {len(missing)}: {head} before the first reply, {tail} after the last, longest gap "
-            f"{gap:.0f} ms between replies")
+            f"{gap:.0f} ms of sends lost in a row, replies up to {max_rtt:.0f} ms late")
     return sent, len(missing), gap
 
 
@@ -160,7 +160,7 @@ def one_run(lab: Lab, nodes: list[str], pairs: list[tuple[str, str]], parallel: 
         rotations = json.loads(p.stdout)["rotations"]
     except (ValueError, KeyError):
         raise SystemExit(f"rotate: exit {p.returncode}: {p.stderr[-1000:]}") from None
-    per_pair = [ping_losses(Path(f.name).read_text(errors="replace"), max(1, rate // 10), f"{a}->{b}")
+    per_pair = [ping_losses(Path(f.name).read_text(errors="replace"), max(1, rate // 10), f"{a}->{b}", interval)
                 for (a, b), f in zip(pairs, files)]
     if KEEP_PINGS is not None:  # the raw ping output of each pair that lost packets
         for f, x in zip(files, per_pair):
