@@ -67,16 +67,16 @@ def write_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path,
 
 
 def write_client_config(path: Path, *, datacenter: str, node_name: str, data_dir: Path, bind: str,
-                        join: list[str]) -> None:
-    """A client agent (no server, no UI, no DNS): HTTP on 127.0.0.1 of its namespace only, gossip
-    on the node's underlay address, joined to its cluster's server."""
+                        join: list[str], client_addr: str = "127.0.0.1") -> None:
+    """A client agent (no server, no UI, no DNS): HTTP on `client_addr` (127.0.0.1 of its
+    namespace by default), gossip on `bind`, joined to its cluster's servers `join`."""
     cfg = {
         "datacenter": datacenter,
         "node_name": node_name,
         "server": False,
         "data_dir": str(data_dir),
         "bind_addr": bind,
-        "client_addr": "127.0.0.1",
+        "client_addr": client_addr,
         "retry_join": join,
         "retry_interval": "1s",
         "ports": {"http": HTTP_PORT, "dns": -1, "grpc": -1},

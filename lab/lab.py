@@ -6,6 +6,10 @@ Layout (lab "wm", clusters numbered c = 0, 1, ...):
                                 and its Consul server (datacenter of the cluster)
     netns wmlab-wm-NODE         eth0 10.99.c.1x/24 on br0, a real agent, its WireGuard device wm0
     netns wmlab-wm-wan          (several clusters) the WAN: a bridge joining the hubs (10.98.0.c+1)
+    netns wmlab-wm-hub-sK       (`consul_servers` > 1, one cluster) Consul server K (10.99.0.K+1 on br0);
+                                the hub then runs a Consul client agent joined to them, which the
+                                agents and the operator talk to, so any server, the leader included,
+                                may go without the hub's address changing
     /run/wiremesh-lab/wm/       state.json, Consul's data, each node's agent.toml, key, logs, mount ns
     /sys/fs/cgroup/unified/wiremesh/wm/NODE   the node's cgroup: its pods' processes, where its
                                 eBPF service lookup (pinned in /sys/fs/bpf/wiremesh/wm-NODE) applies
@@ -44,6 +48,7 @@ from wiremesh.clustermesh import (
 )
 
 from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
+from wiremesh.errors import WiremeshError
 
 from . import consul_server, netns, pods, secure, services, stop, teardown
 from .topology import ClusterSpec
@@ -207,6 +212,8 @@ class Lab:
 
     def start_consul(self, cluster: str | None = None) -> None:
         c = self.cluster_state(cluster)
+        for k in range(len(c.get("servers", []))):
+            self.start_consul_server(k, c["name"])
         if c.get("consul_pid") and netns.pid_alive(c["consul_pid"]) and netns.pid_in_netns(c["consul_pid"], c["hub"]):
             return
         c["consul_pid"] = consul_server.start(c["hub"], self.dir / f"consul-{c['name']}.json",
@@ -222,6 +229,67 @@ class Lab:
                          belongs=lambda pid: netns.pid_in_netns(pid, c["hub"]))
         if proc:
             stop.stop([proc], timeout=teardown.DAEMON_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
+
+    # --- several Consul servers (one cluster, `up(consul_servers=N)`) ------------------------
+    def consul_servers(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """The cluster's Consul servers when it has several (netns, ip, pid); [] with one (the hub's)."""
+        return list(self.cluster_state(cluster).get("servers", []))
+
+    def start_consul_server(self, k: int, cluster: str | None = None) -> int:
+        """Start server `k` of the cluster (if it is not running); returns its pid."""
+        c = self.cluster_state(cluster)
+        s = c["servers"][k]
+        if s.get("pid") and netns.pid_alive(s["pid"]) and netns.pid_in_netns(s["pid"], s["netns"]):
+            return int(s["pid"])
+        s["pid"] = consul_server.start(s["netns"], self.dir / f"consul-{c['name']}-s{k}.json",
+                                       self.dir / f"consul-{c['name']}-s{k}.log")
+        self.save()
+        return int(s["pid"])
+
+    def stop_consul_server(self, k: int, cluster: str | None = None, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to server `k` of the cluster; returns once it has exited."""
+        c = self.cluster_state(cluster)
+        s = c["servers"][k]
+        proc = stop.find(s.get("pid", 0), f"Consul server {k} of cluster {c['name']}",
+                         belongs=lambda pid: netns.pid_in_netns(pid, s["netns"]))
+        if proc:
+            stop.stop([proc], sig=sig, timeout=teardown.DAEMON_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
+        s["pid"] = 0
+        self.save()
+
+    def consul_leader(self, cluster: str | None = None) -> int | None:
+        """Which of the cluster's servers leads now (its index), None while there is no leader."""
+        servers = self.consul_servers(cluster)
+        try:
+            leader = self.consul(lambda st: st.leader(), cluster)
+        except WiremeshError:
+            return None
+        ip = leader.rsplit(":", 1)[0]
+        return next((k for k, s in enumerate(servers) if s["ip"] == ip), None)
+
+    def _add_servers(self, c: dict[str, Any], n: int) -> None:
+        """`n` Consul servers on the cluster's switch, each in a namespace of its own; the hub's
+        Consul becomes a client agent joined to them."""
+        ips = [f"10.99.{c['index']}.{k + 2}" for k in range(n)]
+        c["servers"] = [{"netns": f"{c['hub']}-s{k}", "ip": ip, "pid": 0} for k, ip in enumerate(ips)]
+        self.save()
+        for k, s in enumerate(c["servers"]):
+            netns.netns_add(s["netns"])
+            netns.sh("ip", "-n", c["hub"], "link", "add", f"s{k}", "type", "veth", "peer", "name", "eth0",
+                     "netns", s["netns"])
+            netns.sh("ip", "-n", c["hub"], "link", "set", f"s{k}", "master", "br0", "up")
+            netns.sh("ip", "-n", s["netns"], "addr", "add", f"{s['ip']}/24", "dev", "eth0")
+            netns.sh("ip", "-n", s["netns"], "link", "set", "eth0", "up")
+            # One host, one machine id: each server needs a node id of its own to join the others.
+            consul_server.write_config(
+                self.dir / f"consul-{c['name']}-s{k}.json", datacenter=c["datacenter"],
+                node_name=f"consul-{self.name}-{c['name']}-s{k}", data_dir=self.dir / f"consul-{c['name']}-s{k}-data",
+                bind=s["ip"], extra={"bootstrap_expect": n, "retry_join": [i for i in ips if i != s["ip"]],
+                                     "retry_interval": "1s", "disable_host_node_id": True})
+        consul_server.write_client_config(self.dir / f"consul-{c['name']}.json", datacenter=c["datacenter"],
+                                          node_name=f"consul-{self.name}-{c['name']}",
+                                          data_dir=self.dir / f"consul-{c['name']}-data", bind=c["hub_ip"],
+                                          join=ips, client_addr=f"{c['hub_ip']} 127.0.0.1")
 
     def cut_consul(self, cluster: str) -> None:
         """Cut every other cluster off from `cluster`'s Consul (its nodes' tunnels stay reachable)."""
@@ -262,11 +330,12 @@ class Lab:
     def up(self, nodes: int = 3, *, cluster: str = "lab", pod_cidr: str = "10.240.0.0/16",
            node_prefix_len: int = 24, routing: str = "wireguard", session_ttl: int = 10,
            topology: list[ClusterSpec] | None = None, connect: bool = True, progress: Progress = _quiet,
-           wait: bool = True, tls: bool = False, acl: bool = False) -> None:
+           wait: bool = True, tls: bool = False, acl: bool = False, consul_servers: int = 1) -> None:
         """Start the lab: one cluster from the arguments, or every cluster of `topology`.
 
         `tls`: Consul serves HTTPS only, with a CA made for the lab; `acl`: ACLs on, a token per
-        node (see lab.secure).
+        node (see lab.secure). `consul_servers` > 1 (one cluster, no TLS or ACLs): a Consul
+        cluster of that many servers, reached through a client agent in the hub.
 
         With several clusters, `connect=False` stops after the Consul servers are WAN-joined,
         leaving `wiremesh setup` to the caller (and no nodes are added).
@@ -277,6 +346,10 @@ class Lab:
                                          nodes=nodes, node_prefix_len=node_prefix_len)]
         if not 0 <= sum(s.nodes for s in specs) <= 200:
             raise LabError("--nodes: a lab holds 0-200 nodes")
+        if not 1 <= consul_servers <= 7:
+            raise LabError("consul_servers: 1-7")
+        if consul_servers > 1 and (len(specs) > 1 or tls or acl):
+            raise LabError("several Consul servers: only in a lab of one cluster, without TLS or ACLs")
         consul_server.consul_binary()
         netns.make_private_dir(self.root)
         self.dir.mkdir(parents=True)
@@ -295,6 +368,9 @@ class Lab:
         for c in self.state["clusters"]:
             progress(f"cluster {c['name']}: switch {c['hub']} ({c['hub_ip']}/24 on br0)")
             self._add_hub(c, multi)
+            if consul_servers > 1:
+                self._add_servers(c, consul_servers)
+                continue
             others = [d["hub_ip"] for d in self.state["clusters"] if d is not c]
             extra, master = secure.server_config(self, c)
             consul_server.write_config(self.dir / f"consul-{c['name']}.json", datacenter=c["datacenter"],
@@ -405,13 +481,15 @@ class Lab:
         Path(node.dir, "agent.toml").write_text(text)
 
     # --- agents ---------------------------------------------------------------------------
-    def start_agent(self, name: str) -> int:
+    def start_agent(self, name: str, wrapper: list[str] | None = None) -> int:
+        """Start a node's agent (if it is not running); `wrapper` goes before its command line
+        inside the node and must exec it (`env VAR=...`: the pid stays the agent's)."""
         node = self.node(name)
         if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
             return node.pid
         with open(Path(node.dir) / "agent.log", "ab") as out:
             proc = subprocess.Popen(
-                netns.enter_cmd(node.netns, Path(node.mountns))
+                netns.enter_cmd(node.netns, Path(node.mountns)) + (wrapper or [])
                 + [wiremesh_binary(), "agent", "--config", f"{node.dir}/agent.toml"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )

@@ -91,7 +91,7 @@ trap 'on_exit $?' EXIT
 [ "$(id -u)" -eq 0 ] || { say "must run as root (it installs apt packages)"; exit 1; }
 
 # ---- What is there already (checks only; nothing printed, nothing logged) ----
-apt_pkgs=(python3 python3-venv iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux mount kmod ca-certificates iperf3 clang llvm libbpf-dev bpftool iptables curl)
+apt_pkgs=(python3 python3-venv iproute2 wireguard-tools wireguard-go tcpdump iputils-ping procps psmisc util-linux mount kmod ca-certificates iperf3 clang llvm libbpf-dev bpftool iptables curl faketime)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
