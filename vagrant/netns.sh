@@ -87,6 +87,12 @@ stop)
             fi
         done
     done
+    # libvirt keeps its networks' runtime files after net-destroy/net-undefine (dnsmasq's pid
+    # files, naming pids now gone, and the networks' port directories): removed once no
+    # libvirtd runs (a libvirtd not started here may own networks of the same names).
+    if ! pgrep -x libvirtd >/dev/null; then
+        rm -rf /run/libvirt/network/wiremesh-*
+    fi
     say "stopped: no domain, network, volume, daemon or namespace of the lab left"
     ;;
 check)
@@ -98,7 +104,7 @@ check)
         [ -n "$pid" ] && left+=("process $pid: ${args:0:80}")
     done < <(pgrep -a -f '^(/usr/bin/)?qemu-system|libvirt/dnsmasq/wiremesh-|vagrant/qemu-tcg' || true)
     for f in /etc/libvirt/qemu/vagrant_*.xml /run/libvirt/qemu/vagrant_*.xml \
-             /etc/libvirt/qemu/networks/wiremesh-*.xml /run/libvirt/network/wiremesh-*.xml \
+             /etc/libvirt/qemu/networks/wiremesh-*.xml /run/libvirt/network/wiremesh-* \
              /var/lib/libvirt/images/*vagrant* /var/lib/libvirt/images/*wiremesh*; do
         [ -e "$f" ] && left+=("$f")
     done
