@@ -118,7 +118,8 @@ class Agent:
         self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
         self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
         self.kv_writer = KVWriter(self.store, self.stop_event)  # writes that must not hold up the loop
-        self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer)
+        self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
+                               consul_up=lambda: self._consul_ok)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
                                         self.supervisor.spawn)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,

@@ -41,6 +41,7 @@ class ReadinessWatch:
         self._lock = threading.Lock()
         self._watches: dict[str, _Watch] = {}
         self._logged: dict[str, str] = {}
+        self._started = 0
 
     def follow(self, clusters: Mapping[str, str | None]) -> None:
         """Watch the readiness prefix of these clusters (name -> datacenter, None: the local
@@ -51,7 +52,10 @@ class ReadinessWatch:
             for name, dc in clusters.items():
                 if name not in self._watches:
                     w = self._watches[name] = _Watch(name, dc)
-                    self.spawn(f"ready-{name}", functools.partial(self._loop, w))
+                    # A stopped watch may still sit in its blocking query (up to WATCH_WAIT_S):
+                    # each watch gets a thread name of its own.
+                    self._started += 1
+                    self.spawn(f"ready-{name}-{self._started}", functools.partial(self._loop, w))
 
     def view(self) -> dict[str, RotationReady]:
         """Every peer's ("cluster/node") word for this node's rotation, as last seen."""

@@ -54,8 +54,12 @@ def now_ms() -> int:
 
 class Rotator:
     def __init__(self, store: ConsulStore, cluster: str, node: str, key_file: Path,
-                 clock: Callable[[], int] = now_ms, writer: Writer | None = None) -> None:
+                 clock: Callable[[], int] = now_ms, writer: Writer | None = None,
+                 consul_up: Callable[[], bool] = lambda: True) -> None:
         self.store = store
+        self.consul_up = consul_up  # the agent's watch of its Consul answers
+        self._consul_back_at = 0  # when Consul last came back (unix ms)
+        self._consul_was_up = True
         self.writer: Writer = writer or SyncWriter(store)
         self.cluster, self.node = cluster, node
         self.key_file = key_file
@@ -153,6 +157,10 @@ class Rotator:
         now = self.clock()
         self.wake = None
         others = announced or {}
+        up = self.consul_up()
+        if up and not self._consul_was_up:
+            self._consul_back_at = now
+        self._consul_was_up = up
         if own is None or not own.active:
             if self.next_key is not None and own is not None and own.state == "abandoned":
                 self._drop_next(republish)
@@ -193,7 +201,10 @@ class Rotator:
         elif self.rotation.state == "switched":
             hs = handshakes()
             confirmed = {p for p in live if hs.get(p, 0.0) * 1000 >= self.rotation.switch_at - 1000}
-            step = switched_step(now, self.rotation.switch_at, live, confirmed)
+            if not up and live - confirmed:  # peers that missed the commit learn of it only from Consul
+                self.wake = now + 500
+                return
+            step = switched_step(now, max(self.rotation.switch_at, self._consul_back_at), live, confirmed)
             if step.action == "done":
                 self._end("done", "", (), republish, confirmed=tuple(sorted(confirmed)))
             elif step.action == "fail":

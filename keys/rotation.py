@@ -80,15 +80,16 @@ def committed_step(now: int, switch_at: int) -> Step:
     return Step("switch") if now >= switch_at else Step("wait", wake_at=switch_at)
 
 
-def switched_step(now: int, switch_at: int, live: Set[str], confirmed: Set[str]) -> Step:
+def switched_step(now: int, since: int, live: Set[str], confirmed: Set[str]) -> Step:
     """Switched: done once every live peer made a handshake on the new key, failed (finished,
-    with the laggards named) after CONFIRM_TIMEOUT_MS."""
+    with the laggards named) CONFIRM_TIMEOUT_MS after `since`: the switch, or Consul's return
+    if it was away meanwhile (a peer that missed the commit learns the key only from Consul)."""
     lagging = tuple(sorted(live - confirmed))
     if not lagging:
         return Step("done")
-    if now >= switch_at + CONFIRM_TIMEOUT_MS:
+    if now >= since + CONFIRM_TIMEOUT_MS:
         return Step("fail", lagging=lagging)
-    return Step("wait", wake_at=min(now + 200, switch_at + CONFIRM_TIMEOUT_MS), lagging=lagging)
+    return Step("wait", wake_at=min(now + 200, since + CONFIRM_TIMEOUT_MS), lagging=lagging)
 
 
 def commit_order(me: str, staged: Iterable[str]) -> frozenset[str]:

@@ -313,3 +313,25 @@ def test_readiness_words_are_read_for_one_rotating_node_and_bad_ones_refused() -
     assert ready == {"c/b": RotationReady(nxt)}
     assert {k for k, _ in refused} == {layout.rotation_ready_key("c", "e", "c", "a"), layout.ready_prefix("c") + "f/c"}
     assert layout.ready_prefix("c") not in layout.cluster_prefix("c")  # no agent's main watch wakes for it
+
+
+def test_a_switched_rotation_does_not_fail_while_consul_is_away(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    up = [True]
+    rot.consul_up = lambda: up[0]
+    drive(rot, Rotation.new("a", clock.now), {}, switched)
+    ready = {"c/b": RotationReady(read_key_file(rot.next_file).public_key().base64)}
+    drive(rot, rot.rotation, ready, switched)
+    clock.now = rot.switch_at
+    drive(rot, rot.rotation, ready, switched)
+    assert rot.rotation.state == "switched"
+    up[0] = False
+    clock.now += CONFIRM_TIMEOUT_MS + 5000  # b missed the commit and cannot learn of it: no verdict
+    drive(rot, rot.rotation, ready, switched)
+    assert rot.rotation.state == "switched"
+    up[0] = True
+    back = clock.now
+    drive(rot, rot.rotation, ready, switched)
+    assert rot.rotation.state == "switched"  # Consul back: b has CONFIRM_TIMEOUT_MS from now
+    drive(rot, rot.rotation, ready, switched, hs={"c/b": (back + 300) / 1000})
+    assert rot.rotation.state == "done"
