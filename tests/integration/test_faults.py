@@ -29,7 +29,7 @@ from wiremesh.lab import Lab
 from wiremesh.lab.netns import pid_alive, sh
 
 from .conftest import new_lab_name
-from .helpers import FastPinger, enlarge_udp_buffers, wait_until, wg_peers
+from .helpers import FastPinger, enlarge_udp_buffers, ping_ok, wait_until, wg_peers
 from .test_rotation import _DELAY_RELAY
 
 HEAL_S = 5.0  # the issue's bound: affected nodes converge within this of the heal
@@ -117,10 +117,17 @@ def healthy(lab: Lab, n: str) -> bool:
     return h.get("status") == "ok" and h.get("peers_programmed") == len(lab.nodes) - 1
 
 
+def passes_traffic(lab: Lab) -> bool:
+    """node3 and each other node reach each other through the tunnel, both ways (a device
+    configured right may still pass nothing until its peers' handshakes are done)."""
+    return all(ping_ok(lab, a, lab.overlay_ip(b), 0.2) for n in UNTOUCHED for a, b in ((NODE, n), (n, NODE)))
+
+
 def wait_converged(lab: Lab, since: float, what: str, timeout: float = 30.0) -> float:
-    """Wait until every agent is healthy and the mesh clean; seconds since `since`."""
-    wait_until(lambda: all(healthy(lab, n) for n in lab.nodes) and unclean(lab) is None, timeout,
-               interval=0.05, what=f"{what}: convergence (last: {unclean(lab)})")
+    """Wait until every agent is healthy, the mesh clean and node3's tunnels pass traffic;
+    seconds since `since`."""
+    wait_until(lambda: all(healthy(lab, n) for n in lab.nodes) and unclean(lab) is None and passes_traffic(lab),
+               timeout, interval=0.05, what=f"{what}: convergence (last: {unclean(lab)})")
     return time.monotonic() - since
 
 
@@ -205,6 +212,10 @@ def test_consul_leader_lost(mesh: Lab, tmp_path: Path, counted: Any, timing: Any
 # --- 2. a node partitioned ---------------------------------------------------------------------
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "agent/registration.py loop(): the session renewal in flight when the link went down "
+    "(ConsulStore.session_renew: retry_it=True, 5 s timeout per try) returns only ~10 s after the heal, "
+    "logging nothing meanwhile; the expired record is written again only then (heal to traffic: 10.5 s)"))
 def test_node_partitioned(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
     lab = mesh
     hub_if = f"n{lab.node(NODE).index}"
@@ -256,7 +267,7 @@ def test_agent_killed_in_a_loop(mesh: Lab, tmp_path: Path, counted: Any, timing:
 
 
 @pytest.mark.xfail(strict=True, reason="agent/nodestate.py bootstrap(): save_node_state's OSError (ENOSPC) "
-                   "is not caught: the agent exits at start-up when its state dir is full")
+                   "is not caught: the agent exits at start-up when its state dir is full", raises=AssertionError)
 def test_state_dir_full(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
     lab = mesh
     d = lab.node(NODE).dir
@@ -352,6 +363,9 @@ def test_consul_slow_and_lossy(mesh: Lab, tmp_path: Path, counted: Any, timing: 
         time.sleep(2 * SESSION_TTL)  # sessions renewed through it for longer than their TTL
         assert (why := unclean(lab)) is None, f"on a slow Consul: {why}"
         assert healthy(lab, NODE), lab.health(NODE)
+        counters = lab.run(NODE, "iptables", "-w", "-t", "nat", "-L", "OUTPUT", "-n", "-v", "-x", check=True).stdout
+        redirected = sum(int(line.split()[0]) for line in counters.splitlines() if "REDIRECT" in line)
+        assert redirected > 0, f"the agent's Consul traffic never went through the relay: {counters}"
         t_heal = time.monotonic()
         stack.close()  # rules removed, relay gone: the agent's connections break and are made again
         heal = wait_converged(lab, t_heal, "Consul fast again")
@@ -403,9 +417,13 @@ def test_clock_step(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> Non
             # The same preload in the node reads the same file: the step is in place.
             ahead = int(lab.run(NODE, *wrapper, "date", "+%s", check=True).stdout) - time.time()
             assert 590 < ahead < 610, ahead
-            logged = _log_clock(log, at)  # if the agent logged anything since, by its own clock
-            if logged:
-                counted("fault clock: node3's agent log, ahead of the true time", logged - time.time(), "s")
+            # Certificates checked 10 minutes ahead: the agent started again in the shifted time
+            # leases its CIDR on its certificate and verifies its peers' (SIGKILL: the record stays).
+            lab.stop_agent(NODE, signal.SIGKILL)
+            lab.start_agent(NODE, wrapper=wrapper)
+            wait_converged(lab, time.monotonic(), "agent restarted 10 minutes ahead")
+            logged = _log_clock(log, at)  # the agent's log, by its own clock
+            assert logged > time.time() + 500, f"{NODE}'s agent does not run 10 minutes ahead ({logged - time.time():.0f} s)"
             assert (why := unclean(lab)) is None, f"{NODE} 10 minutes ahead: {why}"
             assert all(healthy(lab, n) for n in lab.nodes), {n: lab.health(n) for n in lab.nodes}
             t_heal = time.monotonic()
