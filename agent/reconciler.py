@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "ReconcileResult", "Reconciler"]
 
 PEER = "peer"
+LINGER_S = 1.0  # a replaced peer stays this long without allowed IPs before it is removed
 _PEERS = frozenset({PEER})
 _SERVICES = frozenset({"service"})
 OVERLAY_KINDS = frozenset({"route", "fdb", "neighbour", "vxlan", "mtu", "pod-mtu"})
@@ -121,6 +122,9 @@ class Reconciler:
         self.mtu = MtuTarget([device.name])
         self.pod_mtu: CallbackTarget[int] | None = CallbackTarget("pod-mtu", on_pod_mtu) if on_pod_mtu else None
         self._clock = clock
+        # Old keys of replaced peers (a rotation), left on the device without allowed IPs: the
+        # packets they still hold (queued, being encrypted) go out; removed at this time.
+        self._lingering: dict[str, float] = {}
 
     def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
         """One pass. Pruning only when `prune` (after the first sync); `full` re-reads everything."""
@@ -150,7 +154,14 @@ class Reconciler:
         else:
             actual = self.applied.status
         changes = [c for c in peer_changes(actual, desired.peers, prune=prune, applied=self.applied)
-                   if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))]
+                   if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))
+                   and not (c.remove and c.public_key in self._lingering)]
+        wanted = {p.public_key for p in desired.peers.values()}
+        for key, at in list(self._lingering.items()):
+            if key in wanted:
+                del self._lingering[key]  # desired again (a rotation went back): it stays
+            elif at <= now:
+                changes.append(PeerChange(public_key=key, remove=True))
         self.table.want(PEER, desired.peers)
         for node in [n for n in self.applied if n not in desired.peers]:
             if not any(c.remove and c.name == node for c in changes):
@@ -180,6 +191,7 @@ class Reconciler:
     def _done(self, changes: list[PeerChange], desired: DesiredState, res: ReconcileResult) -> None:
         for ch in changes:
             if ch.remove:
+                self._lingering.pop(ch.public_key, None)
                 res.removed += 1
                 if ch.name and self.applied.get(ch.name, None) is not None and \
                         self.applied[ch.name].public_key == ch.public_key:
@@ -187,6 +199,7 @@ class Reconciler:
                 continue
             if ch.replaces:
                 res.replaced.append((ch.name, ch.public_key))
+                self._lingering[ch.replaces] = self._clock() + LINGER_S
             if ch.update_only or ch.replaces:
                 res.updated += 1  # a key change is an update of the node's peer
             else:
@@ -298,7 +311,8 @@ class Reconciler:
             self.services.fresh = True
 
     def next_retry(self) -> float | None:
-        return self.table.next_retry()
+        times = [t for t in (self.table.next_retry(), min(self._lingering.values(), default=None)) if t is not None]
+        return min(times, default=None)
 
     def objects(self) -> list[ObjectStatus]:
         return self.table.snapshot()

@@ -128,12 +128,11 @@ class KernelDevice(WireGuardDevice):
                         listen_port=listen_port,
                     )
                 # pyroute2 sends one peer per message; each is its own small, atomic update. A
-                # replacing peer comes first and takes the allowed IPs over (the kernel moves
-                # them), then the old key goes: no moment without a peer for those IPs.
+                # replacing peer takes the allowed IPs over (the kernel moves them): no moment
+                # without a peer for those IPs. The old peer stays without any until the caller
+                # removes it a moment later (at once, it would drop what it still holds).
                 for change in changes:
                     wg.set(self.name, peer=change_to_netlink(change))
-                    if change.replaces is not None:
-                        wg.set(self.name, peer={"public_key": change.replaces, "remove": True})
         except NetlinkError as e:
             raise TunnelError(f"{self.name}: configure device: errno {e.code}", e.code) from None
 

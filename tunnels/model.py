@@ -50,7 +50,8 @@ class PeerChange:
 
     `remove` deletes the peer; otherwise the peer is created or updated, `endpoint` is sent
     only when it changed and `allowed_ips` (a full replacement) only when the set changed.
-    With `replaces`, the peer is new and takes the place of the peer with that key.
+    With `replaces`, the peer is new and takes the allowed IPs of the peer with that key, which
+    stays (with none) until removed by a change of its own a moment later.
     """
 
     public_key: str
@@ -59,8 +60,8 @@ class PeerChange:
     allowed_ips: frozenset[str] | None = None
     persistent_keepalive: int | None = None
     update_only: bool = False
-    # The peer's previous public key (a key rotation): it is removed in the same device update,
-    # right after this peer took over its allowed IPs, so traffic never lacks a peer.
+    # The peer's previous public key (a key rotation): its allowed IPs move to this peer in the
+    # same device update; it is removed later (agent.reconciler, LINGER_S), once it holds nothing.
     replaces: str | None = None
     name: str = ""  # who the peer is ("cluster/node"), for logs and status; backends ignore it
 

@@ -126,11 +126,10 @@ def format_set(
         if ch.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines.extend(f"allowed_ip={cidr}" for cidr in sorted(ch.allowed_ips))
-        if ch.replaces is not None:
-            # After the new peer took the allowed IPs over (they move, never vanish): one request,
-            # applied by wireguard-go under one lock, so no packet finds no peer.
-            lines.append(f"public_key={PublicKey.from_base64(ch.replaces).hex}")
-            lines.append("remove=true")
+        # With `replaces`: the new peer takes the old one's allowed IPs over (they move, never
+        # vanish; one request under wireguard-go's lock, so no packet finds no peer). The old
+        # peer stays, with no allowed IP left, until the caller removes it a moment later:
+        # removing it at once drops the packets it still holds (queued or being encrypted).
     return "\n".join(lines) + "\n\n"
 
 

@@ -18,7 +18,7 @@ import wiremesh.agent.reconciler
 import wiremesh.tunnels.targets
 from wiremesh.agent.objects import BACKOFF_MAX, BACKOFF_MIN
 from wiremesh.agent.planner import DesiredState, plan
-from wiremesh.agent.reconciler import Reconciler
+from wiremesh.agent.reconciler import LINGER_S, Reconciler
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
 from wiremesh.keys import PrivateKey
 from wiremesh.tunnels import (
@@ -49,7 +49,7 @@ class FakeDevice(WireGuardDevice):
 
     Models what the reconciler relies on: one `apply` is one transaction (all or nothing), an
     allowed IP belongs to one peer (giving it to a peer takes it from the others), and a change
-    with `replaces` removes the old key in the same step. `steps` holds the keys listed after
+    with `replaces` leaves the old key without allowed IPs (removed later, LINGER_S). `steps` holds the keys listed after
     each change, to check that no moment lists a node twice.
     """
 
@@ -104,8 +104,7 @@ class FakeDevice(WireGuardDevice):
             persistent_keepalive=(c.persistent_keepalive if c.persistent_keepalive is not None
                                   else cur.persistent_keepalive),
         )
-        if c.replaces is not None:
-            peers.pop(c.replaces, None)
+        # (with `replaces`, the old peer stays: its allowed IPs moved above; removed later)
 
     def touched(self, key: str) -> int:
         return sum(1 for call in self.calls for c in call if c.public_key == key)
@@ -514,16 +513,21 @@ def test_key_change_is_one_update_replacing_the_old_key(dp: Dataplane, clock: Cl
 
     assert dev.calls == [[PeerChange(public_key=K4, endpoint="192.0.2.1:51820",
                                      allowed_ips=frozenset({"10.240.1.0/24"}), replaces=K1, name=N1)]]
-    assert set(dev.peers) == {K4, K2}
+    assert set(dev.peers) == {K4, K2, K1}
     assert dev.peers[K4].allowed_ips == frozenset({"10.240.1.0/24"})
     assert dev.peers[K4].endpoint == "192.0.2.1:51820"
-    assert not any({K1, K4} <= step for step in dev.steps)  # never listed twice
+    assert dev.peers[K1].allowed_ips == frozenset()  # kept a moment for what it still holds, routing nothing
     assert res.errors == 0 and res.removed == 0
     assert rec.snapshot()[N1].state == "done"
 
     dev.calls.clear()
     rec.reconcile(desired(peer(K2, 2), nodes={N1: peer(K4, 1)}), prune=True, full=full)
-    assert dev.calls == []
+    assert dev.calls == [] and K1 in dev.peers  # not before LINGER_S, even on a full pass
+    assert rec.next_retry() == clock.now + LINGER_S
+    clock.now += LINGER_S
+    res = rec.reconcile(desired(peer(K2, 2), nodes={N1: peer(K4, 1)}), prune=True, full=full)
+    assert dev.calls == [[PeerChange(public_key=K1, remove=True)]] and set(dev.peers) == {K4, K2}
+    assert res.removed == 1 and rec.next_retry() is None
 
 
 def test_refused_new_key_leaves_the_old_peer_in_place_then_replaces_it(dp: Dataplane, clock: Clock) -> None:
@@ -544,9 +548,11 @@ def test_refused_new_key_leaves_the_old_peer_in_place_then_replaces_it(dp: Datap
     clock.now = rec.next_retry() or 0.0
     dev.calls.clear()
     rec.reconcile(rotated, prune=True)  # the retry: a plain pass
-    assert set(dev.peers) == {K4}  # not K4 added beside a K1 stripped of its allowed IPs
     assert [[(c.public_key, c.replaces) for c in call] for call in dev.calls] == [[(K4, K1)]]
     assert rec.snapshot()[N1].state == "done"
+    clock.now += LINGER_S
+    rec.reconcile(rotated, prune=True)
+    assert set(dev.peers) == {K4}  # K1 gone once it had lingered
 
 
 @pytest.mark.parametrize("prune", [False, True])
@@ -561,6 +567,8 @@ def test_restart_replaces_the_old_key_instead_of_adding_a_second_peer(dp: Datapl
 
     assert dev.calls == [[PeerChange(public_key=K4, endpoint="192.0.2.1:51820",
                                      allowed_ips=frozenset({"10.240.1.0/24"}), replaces=K1, name=N1)]]
+    clock.now += LINGER_S
+    rec.reconcile(desired(nodes={N1: peer(K4, 1)}), prune=prune)
     assert set(dev.peers) == {K4}
 
 
