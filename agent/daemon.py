@@ -419,8 +419,8 @@ class Agent:
                                      held if held > time.monotonic() else None) if t), default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
-            precise = self.rotator.next_precise()
-            if precise is not None and 0 < precise - now_ms() <= QUIET_MS:
+            precise = self.rotator.hold_until(QUIET_MS)
+            if precise is not None:
                 # A key changes on the device at `precise` (a switch, a peer's new key): a pass
                 # started now could still be planning then (100-200 ms on a loaded host, measured),
                 # and the change would come late. Wait for it; the pass then does it first.

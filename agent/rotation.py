@@ -46,6 +46,7 @@ from wiremesh.keys.rotation import (
 from .kvwriter import SyncWriter, Writer
 
 log = logging.getLogger("wiremesh.rotation")
+HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
 
 
 def now_ms() -> int:
@@ -373,15 +374,19 @@ class Rotator:
         for _nid, (_key, at) in list(self.taken.items()):
             self._wake_at(at + PEER_ROLLBACK_MS)
 
-    def next_precise(self) -> int | None:
-        """The next time (unix ms) the device must change on the dot: this node's switch, or a
-        peer's key taken at its switch + PEER_DELAY_MS. The loop keeps other work away from it."""
+    def hold_until(self, quiet_ms: int) -> int | None:
+        """Until when (unix ms) the loop should hold a pass: the next time the device must change
+        on the dot (this node's switch, a peer's key taken at its switch + PEER_DELAY_MS), if it
+        comes within `quiet_ms`; None if none does, or if one is due now (the pass does it)."""
         now = self.clock()
         self._peer_times = {t for t in self._peer_times if t >= now - 1000}
-        times = [t for t in self._peer_times if t >= now]
-        if self.next_key is not None and self.switch_at >= now:
-            times.append(self.switch_at)
-        return min(times, default=None)
+        times = set(self._peer_times)
+        if self.next_key is not None and self.switch_at:
+            times.add(self.switch_at)
+        if any(now - HOLD_DUE_MS <= t <= now for t in times):
+            return None
+        nxt = min((t for t in times if t > now), default=None)
+        return nxt if nxt is not None and nxt - now <= quiet_ms else None
 
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""

@@ -335,3 +335,19 @@ def test_a_switched_rotation_does_not_fail_while_consul_is_away(rig: Any) -> Non
     assert rot.rotation.state == "switched"  # Consul back: b has CONFIRM_TIMEOUT_MS from now
     drive(rot, rot.rotation, ready, switched, hs={"c/b": (back + 300) / 1000})
     assert rot.rotation.state == "done"
+
+
+def test_a_pass_is_held_for_a_key_change_close_ahead_but_never_past_one_due(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    other = record(PrivateKey.generate())
+    nxt = PrivateKey.generate().public_key().base64
+    a = dataclasses.replace(other, next_public_key=nxt, switch_at=T + 1000)
+    rot.take_part({"c/b": a})
+    take = T + 1000 + PEER_DELAY_MS
+    clock.now = take - 500
+    assert rot.hold_until(250) is None  # too far ahead: the pass goes on
+    clock.now = take - 100
+    assert rot.hold_until(250) == take  # close ahead: held until it, then done first
+    rot.next_key, rot.switch_at = PrivateKey.generate(), take + 200  # this node switches just after
+    clock.now = take + 30  # the peer's change is due (the loop woke late): never held for the switch
+    assert rot.hold_until(250) is None
