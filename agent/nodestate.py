@@ -42,12 +42,34 @@ def load_node_state(path: Path, cluster: str, node: str) -> tuple[ClusterConfig,
 
 
 def save_node_state(path: Path, cluster: str, node: str, config: ClusterConfig, pod_cidr: str,
-                    pod_mtu: int | None) -> None:
+                    pod_mtu: int | None) -> bool:
     d = {"cluster": cluster, "node": node, "pod_cidr": pod_cidr, "overlay_ip": overlay_address(pod_cidr),
          "pod_mtu": pod_mtu, "config": json.loads(config.to_json())}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=1) + "\n")
-    os.replace(tmp, path)
+    return write_state_file(path, json.dumps(d, indent=1) + "\n")
+
+
+_unwritable: dict[Path, str] = {}
+
+
+def write_state_file(path: Path, text: str) -> bool:
+    """Write a small state file atomically; False (logged once per file and reason) if the state
+    dir refuses it (full, read-only): the agent goes on from memory, the old file stays whole,
+    and the next write tries again. The state dir is a cache of what Consul holds: losing a
+    write costs a slower start after the next restart, never the dataplane."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        why = e.strerror or str(e)
+        if _unwritable.get(path) != why:
+            _unwritable[path] = why
+            log.warning("state dir: cannot save %s (%s); going on from memory", path, why)
+        return False
+    if _unwritable.pop(path, None) is not None:
+        log.info("state dir: %s saved again", path)
+    return True
 
 
 def bootstrap(store: ConsulStore, cluster: str, node: str, path: Path, stop: threading.Event,

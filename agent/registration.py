@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from wiremesh.clustermesh import (
 from wiremesh.clustermesh.signed import sign_record
 
 from .config import AgentConfig
+from .nodestate import write_state_file
 from .errors import AgentError
 from .identity import load_identity
 from .metrics import AgentMetrics
@@ -79,9 +79,7 @@ class Registration:
             return None
 
     def _save_session(self, session_id: str) -> None:
-        tmp = self._session_file.with_suffix(".tmp")
-        tmp.write_text(session_id + "\n")
-        os.replace(tmp, self._session_file)
+        write_state_file(self._session_file, session_id + "\n")  # a full state dir: kept in memory
 
     def ensure_session(self) -> str:
         if self.session_id:
@@ -162,6 +160,10 @@ class Registration:
         delay = 0.2
         published = False
         interval = max(0.5, self.consul_ttl / 3)
+        # A request of this loop stuck longer than a renewal interval (a partitioned link) is
+        # worth less than a new one once the link heals: time out then, and try again.
+        if hasattr(self.store, "set_thread_timeout"):
+            self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, interval)))
         while not self.stop.is_set():
             try:
                 if not published or self.republish.is_set():
@@ -170,7 +172,9 @@ class Registration:
                     published = True
                 else:
                     assert self.session_id
-                    self.store.session_renew(self.session_id)
+                    # No retries inside: one stuck through a partition (5 s timeout a try) held
+                    # the renewal ~10 s past the heal; the loop retries at once with backoff.
+                    self.store.session_renew(self.session_id, retry=False)
                     self.metrics.session_renewals_total.inc()
                 delay = 0.2
                 self.republish.wait(interval)
@@ -189,7 +193,9 @@ class Registration:
                 self.metrics.sync_errors_total.labels("register").inc()
             if self.stop.wait(delay):
                 return
-            delay = min(BACKOFF_MAX_S, max(0.2, delay * 2))
+            # Never longer between tries than between renewals: after a partition heals the
+            # record must be back before the session's TTL would matter (peers drop it then).
+            delay = min(BACKOFF_MAX_S, interval, max(0.2, delay * 2))
 
     def remove(self) -> None:
         """End the session: behavior=delete removes the record, so peers drop this node at once.

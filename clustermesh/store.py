@@ -107,6 +107,12 @@ class ConsulStore:
         self._local = threading.local()
         self._retries = retries
 
+    def set_thread_timeout(self, seconds: float) -> None:
+        """Requests from the calling thread time out after `seconds` (others keep the option's):
+        for a loop whose request is worthless once late (a session renewal past its TTL)."""
+        self._local.timeout = seconds
+        self._local.client = None
+
     def _http(self) -> Any:
         c = getattr(self._local, "client", None)
         if c is None:
@@ -114,7 +120,7 @@ class ConsulStore:
             o = self.options
             cert = (o.client_cert, o.client_key) if o.client_cert and o.client_key else o.client_cert
             c = consul.Consul(host=self._host, port=self._port, scheme=self._scheme, verify=verify, cert=cert,
-                              connections_timeout=self.options.timeout)
+                              connections_timeout=getattr(self._local, "timeout", None) or self.options.timeout)
             # No proxy, netrc or CA-bundle lookups in the environment on every request: Consul
             # is addressed directly (they were half of a small change's cost).
             c.http.session.trust_env = False
@@ -243,8 +249,8 @@ class ConsulStore:
         reply = self._request("put", "/v1/session/create", "create session", body=body, retry_it=True)
         return self._json("create session", reply, lambda b: _str(b["ID"]))
 
-    def session_renew(self, session_id: str) -> None:
-        reply = self._request("put", f"/v1/session/renew/{session_id}", "renew session", ok_404=True, retry_it=True)
+    def session_renew(self, session_id: str, retry: bool = True) -> None:
+        reply = self._request("put", f"/v1/session/renew/{session_id}", "renew session", ok_404=True, retry_it=retry)
         if reply.status == 404 or not self._json("renew session", reply, lambda b: b):
             raise SessionExpired(f"session {session_id[:8]} expired", reply.status)
 

@@ -177,45 +177,9 @@ def mesh(lab: Lab) -> Iterator[Lab]:
     yield lab
 
 
-# --- 1. the Consul leader killed -----------------------------------------------------------------
+# --- 1. a node partitioned ---------------------------------------------------------------------
 
 
-def test_consul_leader_lost(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
-    lab = mesh
-    leader = lab.consul_leader()
-    assert leader is not None
-    traffic = Traffic(lab, tmp_path, touched=True)  # every node is a Consul client here: all count as touched
-    try:
-        t_kill = time.monotonic()
-        lab.stop_consul_server(leader, sig=signal.SIGKILL)
-        elected = wait_until(lambda: lab.consul_leader() not in (None, leader), 20, interval=0.1,
-                             what="a new Consul leader")
-        timing("fault consul leader: SIGKILL to a new leader", elected)
-        # Longer than a session's TTL (the agents renew through the new leader) and the agents
-        # follow Consul all along: records stay, the mesh stays clean.
-        time.sleep(2 * SESSION_TTL)
-        wait_until(lambda: all(lab.health(n).get("consul") is True for n in lab.nodes), 10,
-                   what="agents watching Consul again without its old leader")
-        assert (why := unclean(lab)) is None, f"without the old leader: {why}"
-        assert time.monotonic() - t_kill > 2 * SESSION_TTL
-        t_heal = time.monotonic()
-        lab.start_consul_server(leader)
-        heal = wait_converged(lab, t_heal, "leader back")
-    finally:
-        lab.start_consul_server(leader)
-        traffic.kill()
-    untouched, touched = report("consul leader SIGKILLed", traffic, heal, counted, timing)
-    assert untouched[1] == 0 and touched is not None and touched[1] == 0, (untouched, touched)
-    assert heal <= HEAL_S
-
-
-# --- 2. a node partitioned ---------------------------------------------------------------------
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "agent/registration.py loop(): the session renewal in flight when the link went down "
-    "(ConsulStore.session_renew: retry_it=True, 5 s timeout per try) returns only ~10 s after the heal, "
-    "logging nothing meanwhile; the expired record is written again only then (heal to traffic: 10.5 s)"))
 def test_node_partitioned(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
     lab = mesh
     hub_if = f"n{lab.node(NODE).index}"
@@ -236,10 +200,11 @@ def test_node_partitioned(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) 
         traffic.kill()
     untouched, _ = report("node partitioned (link down)", traffic, heal, counted, timing)
     assert untouched[1] == 0, untouched
-    assert heal <= HEAL_S
+    log_tail = (Path(lab.node(NODE).dir) / "agent.log").read_text(errors="replace").splitlines()[-25:]
+    assert heal <= HEAL_S, f"healed in {heal:.1f} s; {NODE}'s log:\n" + "\n".join(log_tail)
 
 
-# --- 3. the agent SIGKILLed in a loop -------------------------------------------------------------
+# --- 2. the agent SIGKILLed in a loop -------------------------------------------------------------
 
 
 def test_agent_killed_in_a_loop(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
@@ -263,11 +228,9 @@ def test_agent_killed_in_a_loop(mesh: Lab, tmp_path: Path, counted: Any, timing:
     assert worst <= HEAL_S
 
 
-# --- 4. the state dir full ----------------------------------------------------------------------
+# --- 3. the state dir full ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="agent/nodestate.py bootstrap(): save_node_state's OSError (ENOSPC) "
-                   "is not caught: the agent exits at start-up when its state dir is full", raises=AssertionError)
 def test_state_dir_full(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
     lab = mesh
     d = lab.node(NODE).dir
@@ -309,7 +272,7 @@ def test_state_dir_full(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) ->
     assert heal <= HEAL_S
 
 
-# --- 5. Consul slow and lossy -------------------------------------------------------------------
+# --- 4. Consul slow and lossy -------------------------------------------------------------------
 
 SLOW_MS = 200
 LOSS = 0.1
@@ -375,7 +338,7 @@ def test_consul_slow_and_lossy(mesh: Lab, tmp_path: Path, counted: Any, timing: 
     assert heal <= HEAL_S
 
 
-# --- 6. the clock stepped ---------------------------------------------------------------------
+# --- 5. the clock stepped ---------------------------------------------------------------------
 
 
 def _log_clock(log: Path, at: int) -> float:
@@ -437,4 +400,36 @@ def test_clock_step(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> Non
     untouched, touched = report("clock +10 min on one node", traffic, heal, counted, timing)
     assert untouched[1] == 0, untouched
     assert touched is not None and touched[1] == 0, touched
+    assert heal <= HEAL_S
+
+
+# --- 6. the Consul leader killed (last: in the minutes after a leader is lost, the hub's Consul client agent still picks the
+# dead or rejoining server for some RPCs ("failed to get conn"), which slowed the heal of the
+# next fault (a partition: 7.5-10 s instead of 0.8 s alone)) -------------------------------
+def test_consul_leader_lost(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
+    lab = mesh
+    leader = lab.consul_leader()
+    assert leader is not None
+    traffic = Traffic(lab, tmp_path, touched=True)  # every node is a Consul client here: all count as touched
+    try:
+        t_kill = time.monotonic()
+        lab.stop_consul_server(leader, sig=signal.SIGKILL)
+        elected = wait_until(lambda: lab.consul_leader() not in (None, leader), 20, interval=0.1,
+                             what="a new Consul leader")
+        timing("fault consul leader: SIGKILL to a new leader", elected)
+        # Longer than a session's TTL (the agents renew through the new leader) and the agents
+        # follow Consul all along: records stay, the mesh stays clean.
+        time.sleep(2 * SESSION_TTL)
+        wait_until(lambda: all(lab.health(n).get("consul") is True for n in lab.nodes), 10,
+                   what="agents watching Consul again without its old leader")
+        assert (why := unclean(lab)) is None, f"without the old leader: {why}"
+        assert time.monotonic() - t_kill > 2 * SESSION_TTL
+        t_heal = time.monotonic()
+        lab.start_consul_server(leader)
+        heal = wait_converged(lab, t_heal, "leader back")
+    finally:
+        lab.start_consul_server(leader)
+        traffic.kill()
+    untouched, touched = report("consul leader SIGKILLed", traffic, heal, counted, timing)
+    assert untouched[1] == 0 and touched is not None and touched[1] == 0, (untouched, touched)
     assert heal <= HEAL_S
