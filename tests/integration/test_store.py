@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from wiremesh.clustermesh import (
+    ClusterConfig,
     ConsulError,
     ConsulOptions,
     ConsulReason,
@@ -33,6 +34,7 @@ from wiremesh.clustermesh import (
     TransactionFailed,
 )
 from wiremesh.clustermesh.acl import ensure_agent_token
+from wiremesh.clustermesh.clusters import init_cluster
 
 from .helpers import wait_until
 
@@ -251,6 +253,7 @@ def test_acl_refusals_are_typed(consul: Consul, store: ConsulStore) -> None:
         consul.store(str(uuid.uuid4())).get("wiremesh/v1/x")
     assert (ui.value.status, ui.value.reason) == (403, ConsulReason.ACL_NOT_FOUND)
 
+    init_cluster(store, ClusterConfig(name="lab", id=7, pod_cidr="10.251.0.0/16"), force=True)  # tokens lease
     tok = ensure_agent_token(store, "lab", "n1")
     again = ensure_agent_token(store, "lab", "n1")
     assert again.created is False and again.secret_id == tok.secret_id
