@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_seconds, enlarge_udp_buffers, lab_name, pct, udp_rcvbuf_errors
+from _common import cpu_seconds, lab_name, pct
+from wiremesh.lab.udpbuf import enlarge_udp_buffers, udp_rcvbuf_errors
 from wiremesh.lab import Lab
 
 
@@ -138,7 +139,7 @@ def one_run(lab: Lab, nodes: list[str], pairs: list[tuple[str, str]], parallel: 
                                  stdout=f, stderr=f))
     try:
         time.sleep(1)
-        drops0 = udp_rcvbuf_errors(lab)
+        drops0 = sum(udp_rcvbuf_errors(lab).values())
         cpu0 = cpu_by_kind(lab)
         busy0, total0 = cpu_times()
         t0 = time.monotonic()
@@ -148,7 +149,7 @@ def one_run(lab: Lab, nodes: list[str], pairs: list[tuple[str, str]], parallel: 
         busy1, total1 = cpu_times()
         cpu1 = cpu_by_kind(lab)
         time.sleep(1)
-        drops = udp_rcvbuf_errors(lab) - drops0
+        drops = sum(udp_rcvbuf_errors(lab).values()) - drops0
     finally:
         for pr in pingers:
             pr.send_signal(2)

@@ -15,6 +15,7 @@ import pytest
 
 from wiremesh.keys import read_key_file
 from wiremesh.lab import Lab
+from wiremesh.lab.udpbuf import enlarge_udp_buffers, udp_rcvbuf_errors  # noqa: F401 - the tests' names
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> float:
@@ -175,57 +176,3 @@ def iperf3_json(path: Path) -> dict[str, Any]:
         return d
     except ValueError:
         return {"error": f"no JSON: {text[-300:]!r}"}
-
-
-def enlarge_udp_buffers(lab: Lab, size: int = 4 << 20) -> int:
-    """Give every node's wireguard-go UDP sockets `size`-byte buffers (SO_RCVBUFFORCE and
-    SO_SNDBUFFORCE on a pidfd_getfd copy of each socket), as wireguard-go has done by itself
-    since 2023 (7 MiB). The lab's wireguard-go 0.0.20220316 keeps the 208 KiB default, which a
-    2-core host under load overflows (UdpRcvbufErrors): losses that are no test's subject.
-    Returns how many sockets it changed."""
-    import ctypes
-    import os
-    import socket
-
-    from wiremesh.lab.netns import pids_in_netns
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    changed = 0
-    for node in lab.nodes.values():
-        for pid in pids_in_netns(node.netns):
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() != "wireguard-go":
-                    continue
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    try:
-                        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                            continue
-                    except OSError:
-                        continue
-                    dup = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
-                    if dup < 0:
-                        continue
-                    s = socket.socket(fileno=dup)
-                    try:
-                        if s.type == socket.SOCK_DGRAM and s.family in (socket.AF_INET, socket.AF_INET6):
-                            s.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
-                            s.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE
-                            changed += 1
-                    finally:
-                        s.close()
-            finally:
-                os.close(pidfd)
-    return changed
-
-
-def udp_rcvbuf_errors(lab: Lab) -> dict[str, int]:
-    """Per node: UDP datagrams dropped for a full receive buffer (nstat UdpRcvbufErrors)."""
-    out = {}
-    for n in lab.nodes:
-        text = lab.run(n, "nstat", "-az", "UdpRcvbufErrors").stdout
-        out[n] = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("UdpRcvbufErrors"))
-    return out
