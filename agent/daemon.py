@@ -2,22 +2,26 @@
 
 Threads (each started, tracked and joined by agent.supervisor):
 - registration (agent.registration): keeps a Consul session (TTL, behavior=delete) alive and
-  the node record published under it; re-creates both when Consul lost them.
+  the node record published under it; re-creates both when Consul lost them; makes the record
+  writes a key rotation asks for.
 - watch: blocking queries on the cluster's prefix; each answer becomes a validated, immutable
   snapshot handed to the reconcile loop through a mailbox. The watches never change the agent.
-- federation: one watch for the mesh membership and one per remote cluster (agent.federation).
-- reconcile: the one loop that owns the agent's state: takes the newest snapshot, follows the
-  cluster config, plans the desired state and applies the diff; wakes on a snapshot, a
-  federation change, an object's retry, SIGHUP, or the periodic full pass that repairs drift.
+- federation: one watch for the mesh membership and one follower per remote cluster.
+- kv-writer: Consul writes the loop must not wait for (readiness, rotation progress).
+- reconcile: the one loop that owns the agent's state; each pass is agent.passes (inputs ->
+  plan -> reconcile -> report -> rotation). It wakes on a snapshot, a federation change, an
+  object's retry, a rotation's time, SIGHUP, or the periodic full pass that repairs drift.
 
 Nothing here removes a peer or route before the first full snapshot has arrived, and a Consul
-outage only stops updates: the last good state stays programmed.
+outage only stops updates: the last good state stays programmed. A thread that dies makes
+/healthz fail naming it, and the agent exit non-zero soon after (systemd or the lab restarts
+it): never half-running.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from http.server import ThreadingHTTPServer
+import ipaddress
 import logging
 import signal
 import threading
@@ -41,8 +45,6 @@ from wiremesh.clustermesh import (
 from wiremesh.keys import PrivateKey, load_or_generate
 from wiremesh.errors import WiremeshError
 from wiremesh.tunnels import (
-    DeviceNotFound,
-    TunnelError,
     enable_forwarding,
     ensure_address,
     ensure_link_up,
@@ -50,7 +52,6 @@ from wiremesh.tunnels import (
     open_device,
     vtep_mac,
 )
-from wiremesh.tunnels.pods import set_pod_mtu
 
 from .cni import CniState
 
@@ -62,15 +63,15 @@ from .metrics import AgentMetrics, reject_label, serve
 from .nodestate import bootstrap, save_node_state
 from .report import object_report, peer_report
 from .registration import Registration
-from .planner import DesiredState, plan
-from .reconciler import Reconciler
-from .service_plan import plan_services
+from .passes import Pass
+from .planner import DesiredState, tunnel_mtu
+from .reconciler import ReconcileResult, Reconciler
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
 from .rotation import Rotator, now_ms
-from .rotation_link import device_public_key, rotation_pass
+from .rotation_link import RecordPublisher, device_public_key
 from .services import ServiceBackends, load_service_lb
-from .supervisor import Mailbox, Supervisor
+from .supervisor import FATAL_GRACE_S, Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
 
@@ -78,6 +79,7 @@ WATCH_WAIT_S = 30
 BACKOFF_MAX_S = 5.0
 QUIET_MS = 250  # no pass starts this close before a key changes on the device (agent.rotation)
 REJOIN_GRACE_TTLS = 2  # removals held this many session TTLs (+ backoff) after Consul came back
+EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread of the agent died; restart it
 
 
 class StoppedEarly(AgentError):
@@ -96,11 +98,10 @@ class Agent:
         self._snapshot: ClusterSnapshot | None = None  # the newest snapshot the loop has taken
         self._stored_own: NodeRecord | None = None  # this node's record as Consul has it
         self._own_cache: tuple[object, NodeRecord] | None = None
-        self._plan_memo: dict[str, Any] = {}  # planner's per-node parts, reused for unchanged records
         self._inbox: Mailbox[ClusterSnapshot] = Mailbox(self._wake)
-        self._desired: DesiredState | None = None  # as of the last pass (for the status endpoint)
+        self._taking: ClusterSnapshot | None = None  # a snapshot whose intake failed: taken again
         self._passes = [0, 0]  # reconcile passes done: all, full (drift repair); for /healthz
-        self.supervisor = Supervisor()
+        self.supervisor = Supervisor(self.stop_event)
         self._first_sync = False
         self._consul_ok = False
         self._rejoined_at = 0.0  # when the local Consul came back after an outage (time.monotonic())
@@ -114,17 +115,22 @@ class Agent:
         self.pod_cidr: str | None = None
         self.underlay_mtu: int | None = None
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
-        self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event)
-        self.reconciler = Reconciler(self.device, on_pod_mtu=self._apply_pod_mtu)
-        self.service_backends = ServiceBackends(self.store, self.supervisor.spawn, self._wake.set)
+        self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event,
+                                         on_published=self._wake.set)
+        cni = CniState(cfg.state_dir)
+        self.reconciler = Reconciler(self.device, pods=lambda: [(p.netns, p.container_id, p.ifname)
+                                                                for p in cni.attachments()])
+        self.service_backends = ServiceBackends(self.store, self.supervisor.follow, self._wake.set)
         self.kv_writer = KVWriter(self.store, self.stop_event)  # writes that must not hold up the loop
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
                                consul_up=lambda: self._consul_ok)
+        self.publisher = RecordPublisher(self.registration, self.rotator)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
-                                        self.supervisor.spawn)
+                                        self.supervisor.follow)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
-                                     spawn=self.supervisor.spawn)
+                                     spawn=self.supervisor.spawn, follow=self.supervisor.follow)
+        self.loop_pass = Pass(self)
         self.pod_mtu: int | None = None
         self._http: ThreadingHTTPServer | None = None
 
@@ -196,52 +202,42 @@ class Agent:
             self.reconciler.attach_services(lb)
         self.ensure_device()
 
-    def _apply_pod_mtu(self, mtu: int) -> None:
-        """Record the pod MTU for the CNI plugin and give it to every pod already on the node."""
-        if mtu != self.pod_mtu:
-            log.info("pod MTU %s -> %d", self.pod_mtu, mtu)
-            self.pod_mtu = mtu
-            self._save_cached()
-        changed = 0
-        for a in CniState(self.cfg.state_dir).attachments():
-            try:
-                changed += set_pod_mtu(a.netns, a.container_id, a.ifname, mtu)
-            except TunnelError as e:
-                log.warning("pod %s/%s: MTU %d not set: %s", a.container_id[:12], a.ifname, mtu, e)
-        if changed:
-            log.info("set MTU %d on %d pod interface(s)", mtu, changed)
-
-    def ensure_device(self) -> None:
+    def ensure_device(self, desired: DesiredState | None = None) -> None:
         """Create the device if it is missing and give it identity, port, address, MTU and link up.
 
         Each step reads first and changes only what differs, so running it on a healthy device
-        changes nothing (it runs on every full pass, and whenever the device went missing).
+        changes nothing (it runs on every full pass, and whenever the device went missing). At
+        start-up (no plan yet) the device gets the node's key and the cluster's address and MTU.
         """
-        assert self.config and self.key
+        assert self.config and self.key and self.pod_cidr
         existed = self.device.exists()
         self.device.create()
-        changed = self.device.configure(self.key, self.listen_port)
-        desired = plan(self.cfg.node, self.public_key, self.config, {},
-                       local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu)
-        assert desired.address
-        ensure_address(self.cfg.interface, desired.address)
+        spec = desired.device if desired is not None and desired.device is not None else None
+        changed = self.device.configure(spec.private_key if spec else self.key,
+                                        spec.listen_port if spec else self.listen_port)
+        ip = ipaddress.ip_address(overlay_address(self.pod_cidr))
+        address = desired.address if desired is not None and desired.address else f"{ip}/{ip.max_prefixlen}"
+        mtu = desired.mtu if desired is not None else tunnel_mtu(self.config, self.underlay_mtu)
+        ensure_address(self.cfg.interface, address)
         # The MTU is set here only on a new device: later changes go through the reconciler,
         # which orders them around a routing-mode switch.
-        ensure_link_up(self.cfg.interface, desired.mtu if not existed else None)
+        ensure_link_up(self.cfg.interface, mtu if not existed else None)
         if not existed or changed:
             log.info("device %s (%s backend) %s%s, overlay %s, listen port %d", self.cfg.interface,
                      self.device.backend, "kept" if existed else "created", ", identity set" if changed else "",
-                     desired.address, self.listen_port)
+                     address, self.listen_port)
 
     # --- watch ----------------------------------------------------------------------------
     def _watch_loop(self) -> None:
         delay = 0.2
         prefix = layout.cluster_prefix(self.cfg.cluster)
         cache = ParseCache()  # records are parsed again only when their ModifyIndex changed
+        last_config = self.config  # the watch's own: as of its last snapshot (the loop owns self.config)
         while not self.stop_event.is_set():
             try:
                 for index, items in self.store.watch(prefix, self.stop_event, wait_s=WATCH_WAIT_S):
-                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=self.config, cache=cache)
+                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=last_config, cache=cache)
+                    last_config = snap.config or last_config
                     if not self._consul_ok:
                         log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
                         if self._first_sync:  # back after an outage: records may be re-registering
@@ -260,6 +256,16 @@ class Agent:
             self.metrics.sync_errors_total.labels("watch").inc()
             self.stop_event.wait(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
+
+    def intake(self) -> None:
+        """The pass's first stage: the newest snapshot, if one came (one whose intake failed is
+        taken again on the retry, unless a newer one came meanwhile)."""
+        snap = self._inbox.take() or self._taking
+        if snap is None:
+            return
+        self._taking = snap
+        self._take_snapshot(snap)
+        self._taking = None
 
     def _take_snapshot(self, snap: ClusterSnapshot) -> None:
         """Follow a new snapshot: log what it rejected, adopt its config. Only the loop calls this."""
@@ -304,69 +310,17 @@ class Agent:
             self._logged_once[key] = msg
             log.warning("%s", msg)
 
-    # --- reconcile ------------------------------------------------------------------------
-    def desired(self) -> DesiredState | None:
-        with self._lock:
-            snap = self._snapshot
-        if snap is None or self.config is None or self.key is None:
-            return None
-        fed = self.federation.view()
-        desired = plan(self.cfg.node, self.public_key, self.config, snap.nodes,
-                       local_pod_cidr=self.pod_cidr, underlay_mtu=self.underlay_mtu,
-                       persistent_keepalive=self.cfg.persistent_keepalive, remotes=fed.nodes,
-                       keep_cidrs=fed.frozen_cidrs, keep_foreign=not fed.mesh_synced, memo=self._plan_memo,
-                       now_ms=now_ms(), refused_keys=frozenset(self.rotator.refused))
-        if self.reconciler.services is None:
-            return desired
-        # Global services: their backends' health in the local cluster and every member cluster.
-        clusters: dict[str, str | None] = {self.cfg.cluster: None}
-        clusters.update((n, m.datacenter) for n, m in fed.members.items() if n != self.cfg.cluster)
-        self.service_backends.follow(set(snap.services), clusters)
-        ids = {n: m.id for n, m in fed.members.items()} | {self.cfg.cluster: self.config.id}
-        st = plan_services(self.cfg.cluster, snap.services, self.service_backends.view(),
-                           self.service_backends.settled(), ids)
-        for s in st.skipped:
-            self._once(f"service:{s.split(' ', 1)[0]}", f"service {s}")
-        return dataclasses.replace(desired, services=st.frontends, keep_services=st.unsettled)
+    # --- reconcile ---------------------------------------------------------------------------
+    def reconcile_once(self, full: bool = False) -> bool:
+        """One pass of the loop (agent.passes); False if it failed (retried with backoff)."""
+        return self.loop_pass.run(full)
 
-    def reconcile_once(self, full: bool = False) -> None:
-        """One pass of the loop: take the newest snapshot (if any), plan, apply."""
-        if self.rotator.switch_due() and self._desired is not None:
-            # This node's switch time: switch first, before planning (its peers take the new key
-            # PEER_DELAY_MS after switch_at by their own clocks).
-            rotation_pass(self, self._desired, [])
-        snap = self._inbox.take()
-        if snap is not None:
-            self._take_snapshot(snap)
-        desired = self.desired()
-        if desired is None:
-            return
-        self._desired = desired
-        t0 = time.perf_counter()
-        if self.rotator.switch_due():  # (the first pass after a start: no plan before this one)
-            rotation_pass(self, desired, [])
-        try:
-            if full:
-                self.ensure_device()
-            try:
-                res = self.reconciler.reconcile(desired, prune=self._may_prune(), full=full)
-            except DeviceNotFound:
-                if self.stop_event.is_set():
-                    return  # stopping: never start a new wireguard-go on the way out
-                log.warning("device %s is gone; creating it again", self.cfg.interface)
-                self.ensure_device()
-                self.reconciler.forget_overlay()
-                res = self.reconciler.reconcile(desired, prune=self._may_prune(), full=True)
-        except TunnelError as e:
-            self.metrics.sync_errors_total.labels("dataplane").inc()
-            log.warning("reconcile failed: %s", e)
-            return
-        except Exception:  # noqa: BLE001 - the next pass retries; the agent stays up
-            self.metrics.sync_errors_total.labels("dataplane").inc()
-            log.exception("reconcile failed unexpectedly")
-            return
-        finally:
-            self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+    def desired(self) -> DesiredState | None:
+        """The desired state as of the last planned pass."""
+        return self.loop_pass.desired
+
+    def report(self, desired: DesiredState, res: ReconcileResult, full: bool) -> None:
+        """The pass's report stage: status, metrics, what changed, the pod MTU for the CNI plugin."""
         self._peers = (len(desired.peers), res.programmed)
         self._passes[0] += 1
         self._passes[1] += 1 if full else 0
@@ -383,7 +337,10 @@ class Agent:
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
-        rotation_pass(self, desired, res.replaced)
+        if desired.pod_mtu is not None and desired.pod_mtu != self.pod_mtu:
+            log.info("pod MTU %s -> %d", self.pod_mtu, desired.pod_mtu)
+            self.pod_mtu = desired.pod_mtu
+            self._save_cached()  # the CNI plugin gives new pods this MTU
 
     def _prune_held_until(self) -> float:
         """Removals wait this long (time.monotonic()) after Consul, local or a remote cluster's,
@@ -393,7 +350,7 @@ class Agent:
         return max(self._rejoined_at, self.federation.rejoined_at) + REJOIN_GRACE_TTLS * self.cfg.session_ttl \
             + BACKOFF_MAX_S
 
-    def _may_prune(self) -> bool:
+    def may_prune(self) -> bool:
         return self._first_sync and time.monotonic() >= self._prune_held_until()
 
     # --- what agent.rotation_link reads ------------------------------------------------------
@@ -402,7 +359,7 @@ class Agent:
             return self._snapshot
 
     def last_desired(self) -> DesiredState | None:
-        return self._desired
+        return self.loop_pass.desired
 
     def wake(self) -> None:
         self._wake.set()
@@ -416,7 +373,8 @@ class Agent:
             rot_mono = time.monotonic() + max(0, rot - now_ms()) / 1000 if rot else None
             held = self._prune_held_until()  # removals held after an outage: a pass when the hold ends
             retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono,
-                                     held if held > time.monotonic() else None) if t), default=None)
+                                     held if held > time.monotonic() else None, self.loop_pass.retry_at) if t),
+                        default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             precise = self.rotator.hold_until(QUIET_MS)
@@ -430,8 +388,9 @@ class Agent:
                 return
             full = self._full_pass.is_set() or time.monotonic() >= next_full
             self._full_pass.clear()
-            self.reconcile_once(full=full)
-            if full:
+            if not self.reconcile_once(full=full) and full:
+                self._full_pass.set()  # the retry is a full pass too
+            elif full:
                 next_full = time.monotonic() + self.cfg.resync_interval
 
     # --- health ---------------------------------------------------------------------------
@@ -450,8 +409,15 @@ class Agent:
             "passes": self._passes[0], "full_passes": self._passes[1],
             "clusters": self.federation.status(),
         }
-        ok = device_ok and self._first_sync
-        detail["status"] = "ok" if ok and self._consul_ok else ("degraded" if ok else "starting")
+        dead = dict(self.supervisor.dead)
+        if dead:
+            detail["dead_threads"] = dead  # the agent exits soon, to be restarted
+        failing = self.loop_pass.failures
+        if failing:
+            detail["failed_passes"] = failing  # in a row; retried with backoff
+        ok = device_ok and self._first_sync and not dead
+        detail["status"] = ("failed: thread " + ", ".join(sorted(dead)) + " died") if dead else \
+            "ok" if ok and self._consul_ok and not failing else ("degraded" if ok else "starting")
         return ok, detail
 
     # --- life cycle -----------------------------------------------------------------------
@@ -459,7 +425,7 @@ class Agent:
         if self.cfg.health_bind:  # first, so /healthz answers "starting" while Consul is awaited
             try:
                 self._http = serve(self.cfg.health_bind, self.metrics, self.health,
-                                   lambda: peer_report(self.reconciler, self._desired),
+                                   lambda: peer_report(self.reconciler, self.loop_pass.desired),
                                    lambda: object_report(self.reconciler, self.cfg.node, self.cfg.cluster,
                                                          self.supervisor.alive()))
             except OSError as e:
@@ -499,7 +465,8 @@ class Agent:
             self._http.server_close()
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT. SIGHUP forces a full reconcile pass."""
+        """Run until SIGTERM/SIGINT (0), or until a thread died (EXIT_THREAD_DIED, after
+        FATAL_GRACE_S in which /healthz names it). SIGHUP forces a full reconcile pass."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         def hup(*_: object) -> None:
@@ -511,7 +478,16 @@ class Agent:
         except StoppedEarly:
             log.info("stopped before Consul answered")
             return 0
-        self.stop_event.wait()  # a signal handler sets it (lock waits are interruptible on POSIX)
+        # The main thread waits for a signal (it sets stop_event) or a thread's death.
+        while not self.stop_event.wait(0.5):
+            if self.supervisor.died.is_set():
+                dead = ", ".join(f"{n} ({why})" for n, why in sorted(self.supervisor.dead.items()))
+                log.critical("thread %s died: /healthz fails; exiting in %.0f s to be restarted", dead, FATAL_GRACE_S)
+                if self.stop_event.wait(FATAL_GRACE_S):
+                    break
+                # The record stays (its session is adopted by the next run): peers keep the tunnel.
+                self.shutdown(remove_record=False)
+                return EXIT_THREAD_DIED
         log.info("stopping")
         self.shutdown(remove_record=True)
         return 0

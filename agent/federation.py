@@ -62,7 +62,8 @@ class FederationView:
 class Federation:
     def __init__(self, store: ConsulStore, local: str, stop: threading.Event, on_change: Callable[[], None],
                  metrics: AgentMetrics, local_pod_cidr: Callable[[], str | None] = lambda: None,
-                 spawn: Callable[[str, Callable[[], object]], object] | None = None) -> None:
+                 spawn: Callable[[str, Callable[[], object]], object] | None = None,
+                 follow: Callable[[str, Callable[[], object]], object] | None = None) -> None:
         self.store = store
         self.local = local
         self.stop = stop
@@ -74,7 +75,8 @@ class Federation:
         self.local_pod_cidr = local_pod_cidr  # the local cluster's live config, to check its mesh record
         self._last_good: dict[str, MeshMember] = {}
         self._logged: dict[str, str] = {}
-        self._spawn = spawn or _thread
+        self._spawn = spawn or _thread  # the mesh watch: a loop for the agent's life
+        self._follow = follow or _thread  # one per remote cluster, keyed by a generation (never collide)
         # When a remote cluster last came back after being unreachable (time.monotonic()): its
         # nodes' sessions may have expired meanwhile, their records reappear only as their
         # agents register again; the agent holds removals for a while after it.
@@ -165,7 +167,7 @@ class Federation:
                 if name not in self.remotes:
                     r = Remote(mem)
                     self.remotes[name] = r
-                    self._spawn(f"watch-{name}", functools.partial(self._remote_loop, r))
+                    self._follow(f"watch-{name}", functools.partial(self._remote_loop, r))
                     log.info("watching cluster %s (datacenter %s, id %d, pod CIDR %s)", name, mem.datacenter,
                              mem.id, mem.pod_cidr)
         self.on_change()

@@ -25,7 +25,7 @@ BACKOFF_MAX_S = 5.0
 
 
 class Writer(Protocol):
-    def put(self, key: str, value: str) -> None: ...
+    def put(self, key: str, value: str, cas: int | None = None) -> None: ...
     def delete(self, key: str) -> None: ...
     def pending(self) -> int: ...
 
@@ -37,9 +37,9 @@ class SyncWriter:
         self.store = store
         self.failed = 0
 
-    def put(self, key: str, value: str) -> None:
+    def put(self, key: str, value: str, cas: int | None = None) -> None:
         try:
-            self.store.put(key, value)
+            self.store.put(key, value, cas=cas)
         except ConsulError as e:
             self.failed += 1
             log.warning("write of %s failed: %s", key, e)
@@ -59,7 +59,9 @@ class KVWriter:
     def __init__(self, store: ConsulStore, stop: threading.Event) -> None:
         self.store = store
         self.stop = stop
-        self._queue: OrderedDict[str, str | None] = OrderedDict()
+        # key -> (value or _DELETE, cas): a put with `cas` is made only if the key's ModifyIndex is
+        # that (0: only if absent); refused, it is dropped (someone else wrote the key first).
+        self._queue: OrderedDict[str, tuple[str | None, int | None]] = OrderedDict()
         self._cv = threading.Condition()
         self._busy = False
 
@@ -67,15 +69,15 @@ class KVWriter:
         """Start writing (what was asked for before waits in order)."""
         spawn("kv-writer", self._run)
 
-    def put(self, key: str, value: str) -> None:
-        self._ask(key, value)
+    def put(self, key: str, value: str, cas: int | None = None) -> None:
+        self._ask(key, value, cas)
 
     def delete(self, key: str) -> None:
-        self._ask(key, _DELETE)
+        self._ask(key, _DELETE, None)
 
-    def _ask(self, key: str, value: str | None) -> None:
+    def _ask(self, key: str, value: str | None, cas: int | None) -> None:
         with self._cv:
-            self._queue[key] = value  # a key already waiting keeps its place, with the newest value
+            self._queue[key] = (value, cas)  # a key already waiting keeps its place, with the newest value
             self._cv.notify()
 
     def pending(self) -> int:
@@ -98,13 +100,14 @@ class KVWriter:
                 self._cv.wait_for(lambda: bool(self._queue) or self.stop.is_set())
                 if self.stop.is_set():
                     return
-                key, value = next(iter(self._queue.items()))
+                key, asked = next(iter(self._queue.items()))
+                value, cas = asked
                 self._busy = True
             try:
                 if value is _DELETE:
                     self.store.delete(key)
-                else:
-                    self.store.put(key, value)
+                elif not self.store.put(key, value, cas=cas):
+                    log.info("write of %s not made: the key changed meanwhile (cas %s)", key, cas)
             except ConsulError as e:
                 with self._cv:
                     self._busy = False
@@ -115,7 +118,7 @@ class KVWriter:
                 continue
             delay = 0.2
             with self._cv:
-                if self._queue.get(key, _DELETE) == value and key in self._queue:
+                if self._queue.get(key) == asked:
                     del self._queue[key]  # not asked again meanwhile (a newer value would stay)
                 self._busy = False
                 self._cv.notify_all()

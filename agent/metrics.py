@@ -46,6 +46,15 @@ class AgentMetrics:
         )
         self.objects_in_error = Gauge("wiremesh_objects_in_error",
                                       "Dataplane objects (peers, routes, ...) whose last programming failed", registry=r)
+        self.pass_errors_total = Counter(
+            "wiremesh_pass_errors_total", "Passes of the reconcile loop that failed, by the stage that raised",
+            ["stage"], registry=r)
+        # How long the loop could not answer a wake-up (one pass from its start to its end): a
+        # key switch due meanwhile waits this long. Fine buckets: a switch is timed to the ms.
+        self.loop_blocked_seconds = Histogram(
+            "wiremesh_loop_blocked_seconds", "Time the reconcile loop was busy with one pass", registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         self._last_sync_mono: float | None = None
         self.last_sync_age.set_function(self._age)
 

@@ -146,49 +146,51 @@ class StatusTable:
             return [replace(st) for _, st in sorted(self._entries.items())]
 
 
-def sync(table: StatusTable, target: Target[str, V], desired: Mapping[str, V], *, prune: bool,
-         keep: Callable[[str], bool] | None = None, now: float | None = None) -> SyncCounts:
+def sync(table: StatusTable, target: Target[K, V], desired: Mapping[K, V], *, prune: bool,
+         keep: Callable[[K], bool] | None = None, now: float | None = None) -> SyncCounts:
     """Make the kernel's objects of one kind equal `desired`, one object at a time.
 
     Reads the kernel's objects, updates each wanted one that differs (unless it failed and its
     retry is not due), and with `prune` deletes those nobody wants (except what `keep` protects).
-    A failure is recorded on that object alone; the others go on.
+    A failure is recorded on that object alone; the others go on. Keys are the target's own
+    type (a CIDR, a MAC, a Frontend); the status table names each by its text.
     """
     now = table.clock() if now is None else now
     kind = target.kind
-    table.want(kind, desired)
+    table.want(kind, {str(k): v for k, v in desired.items()})
     counts = SyncCounts()
     actual = target.read()
-    table.settle_deletes(kind, actual)
-    for key in sorted(desired):
-        want = desired[key]
+    table.settle_deletes(kind, {str(k): v for k, v in actual.items()})
+    for key in sorted(desired, key=str):
+        name, want = str(key), desired[key]
         if actual.get(key) == want:
-            table.done(kind, key)
+            table.done(kind, name)
             continue
-        if not table.due(kind, key, now):
+        if not table.due(kind, name, now):
             counts.errors += 1
             continue
         try:
             target.update(key, want)
         except TunnelError as e:
             counts.errors += 1
-            delay = table.failed(kind, key, e, now)
-            log.warning("%s %s: %s (attempt %d, retry in %.1fs)", kind, key, e,
-                        (table.get(kind, key) or ObjectStatus(kind, key)).attempts, delay)
+            delay = table.failed(kind, name, e, now)
+            log.warning("%s %s: %s (attempt %d, retry in %.1fs)", kind, name, e,
+                        (table.get(kind, name) or ObjectStatus(kind, name)).attempts, delay)
             continue
-        table.done(kind, key)
+        table.done(kind, name)
         counts.changed += 1
     if prune:
-        for key in sorted(set(actual) - set(desired)):
-            if (keep is not None and keep(key)) or not table.due(kind, key, now):
+        for key in sorted(set(actual) - set(desired), key=str):
+            name = str(key)
+            if (keep is not None and keep(key)) or not table.due(kind, name, now):
                 continue
             try:
                 target.delete(key, actual[key])
             except TunnelError as e:
                 counts.errors += 1
-                table.failed(kind, key, e, now, op="delete")
-                log.warning("%s %s: removing failed: %s", kind, key, e)
+                table.failed(kind, name, e, now, op="delete")
+                log.warning("%s %s: removing failed: %s", kind, name, e)
                 continue
-            table.forget(kind, key)
+            table.forget(kind, name)
             counts.removed += 1
     return counts

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
+from wiremesh.clustermesh import ClusterConfig, ClusterSnapshot, NodeRecord, overlay_address
+from wiremesh.keys import PrivateKey
 from wiremesh.keys.rotation import peer_key
 from wiremesh.tunnels import Backend as LBBackend
 from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
+
+from .federation import FederationView
+from .service_plan import BackendsView, plan_services
 
 WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -38,9 +42,25 @@ class Mtus:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """The WireGuard device's identity: the private key it holds and its listen port.
+
+    The key is this node's current one, or its next one from the switch time of its rotation
+    on: a key switch is one change of the desired device like any other."""
+
+    private_key: PrivateKey
+    listen_port: int
+
+    @property
+    def public_key(self) -> str:
+        return self.private_key.public_key().base64
+
+
+@dataclass(frozen=True, slots=True)
 class DesiredState:
     """What the node's dataplane should hold."""
 
+    device: DeviceSpec | None = None  # None: leave the device's key and port as they are
     peers: dict[str, PeerConfig] = field(default_factory=dict)  # by node ("cluster/node"); key is an attribute
     routes: frozenset[Route] = frozenset()
     address: str | None = None  # the local overlay address, as CIDR on the WireGuard device
@@ -97,7 +117,57 @@ def mtus(config: ClusterConfig, underlay_mtu: int | None) -> Mtus:
     return Mtus(wg, wg - extra)
 
 
-def plan(
+@dataclass(frozen=True, slots=True)
+class LocalNode:
+    """This node as the pass sees it: its settings, its key, what it leased."""
+
+    name: str
+    cluster: str
+    config: ClusterConfig
+    device: DeviceSpec
+    pod_cidr: str | None
+    underlay_mtu: int | None = None
+    persistent_keepalive: int = 0
+    wg_device: str = "wm0"
+    vxlan_device: str = "wm-vxlan"
+
+
+@dataclass(frozen=True, slots=True)
+class PassInputs:
+    """Everything one pass plans from, gathered by each input's owner into one frozen value.
+
+    `backends` is None on a node without the eBPF service lookup (no services planned)."""
+
+    local: LocalNode
+    snapshot: ClusterSnapshot
+    federation: FederationView
+    backends: BackendsView | None = None
+    now_ms: int = 0
+    refused_keys: frozenset[str] = frozenset()
+
+
+def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState:
+    """The whole desired dataplane of one pass: device, peers, routes, VXLAN, MTUs, services.
+
+    Pure: a function of `inputs` (`memo` is a cache of per-node parts between passes; it never
+    changes the result)."""
+    me, fed = inputs.local, inputs.federation
+    desired = plan_mesh(me.name, me.device.public_key, me.config, inputs.snapshot.nodes,
+                        local_pod_cidr=me.pod_cidr, underlay_mtu=me.underlay_mtu,
+                        persistent_keepalive=me.persistent_keepalive, wg_device=me.wg_device,
+                        vxlan_device=me.vxlan_device, remotes=fed.nodes, keep_cidrs=fed.frozen_cidrs,
+                        keep_foreign=not fed.mesh_synced, memo=memo, now_ms=inputs.now_ms,
+                        refused_keys=inputs.refused_keys)
+    desired = replace(desired, device=me.device)
+    if inputs.backends is None:
+        return desired
+    ids = {n: m.id for n, m in fed.members.items()} | {me.cluster: me.config.id}
+    st = plan_services(me.cluster, inputs.snapshot.services, inputs.backends, ids)
+    return replace(desired, services=st.frontends, keep_services=st.unsettled,
+                   skipped=desired.skipped + tuple(f"service {s}" for s in st.skipped))
+
+
+def plan_mesh(
     local_node: str,
     local_public_key: str,
     config: ClusterConfig,

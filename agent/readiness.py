@@ -32,16 +32,15 @@ class _Watch:
 
 class ReadinessWatch:
     def __init__(self, store: ConsulStore, me: str, agent_stop: threading.Event, wake: Callable[[], None],
-                 spawn: Callable[[str, Callable[[], object]], object]) -> None:
+                 follow: Callable[[str, Callable[[], object]], object]) -> None:
         self.store = store
         self.me = me  # "cluster/node"
         self.agent_stop = agent_stop
         self.wake = wake
-        self.spawn = spawn
+        self.follow_thread = follow  # starts a follower thread (agent.supervisor)
         self._lock = threading.Lock()
         self._watches: dict[str, _Watch] = {}
         self._logged: dict[str, str] = {}
-        self._started = 0
 
     def follow(self, clusters: Mapping[str, str | None]) -> None:
         """Watch the readiness prefix of these clusters (name -> datacenter, None: the local
@@ -53,9 +52,8 @@ class ReadinessWatch:
                 if name not in self._watches:
                     w = self._watches[name] = _Watch(name, dc)
                     # A stopped watch may still sit in its blocking query (up to WATCH_WAIT_S):
-                    # each watch gets a thread name of its own.
-                    self._started += 1
-                    self.spawn(f"ready-{name}-{self._started}", functools.partial(self._loop, w))
+                    # `follow` keys each one by a generation, so its successor never collides.
+                    self.follow_thread(f"ready-{name}", functools.partial(self._loop, w))
 
     def view(self) -> dict[str, RotationReady]:
         """Every peer's ("cluster/node") word for this node's rotation, as last seen."""

@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wiremesh.tunnels import (
-    CallbackTarget,
     FdbTarget,
     MtuTarget,
     NeighbourTarget,
     PeerChange,
     PeerConfig,
     PeerStatus,
+    PodMtuTarget,
     RouteTarget,
     ServiceLB,
     ServiceTarget,
@@ -39,7 +39,7 @@ from wiremesh.tunnels import (
 )
 
 from .objects import BACKOFF_MAX, BACKOFF_MIN, ObjectStatus, StatusTable, sync
-from .planner import DesiredState
+from .planner import DesiredState, DeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class ReconcileResult:
     routes_added: int = 0
     routes_removed: int = 0
     failed: list[str] = field(default_factory=list)
+    device_key_changed: bool = False  # the device took a new private key (a rotation's switch) in this pass
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key rotations applied
 
 
@@ -101,13 +102,14 @@ class Reconciler:
         self,
         device: WireGuardDevice,
         clock: Callable[[], float] = time.monotonic,
-        on_pod_mtu: Callable[[int], object] | None = None,
+        pods: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
         vxlan_device: str = "wm-vxlan",
         service_lb: ServiceLB | None = None,
     ) -> None:
         self.device = device
         self.services = ServiceTarget(service_lb) if service_lb is not None else None
         self._services_applied: object = None
+        self._device_applied: DeviceSpec | None = None  # key and port as last set or read
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
         self.applied = Applied()  # node -> the peer as this process last programmed it
@@ -120,7 +122,9 @@ class Reconciler:
         self.fdb = FdbTarget(vxlan_device)
         self.neighbours = NeighbourTarget(vxlan_device)
         self.mtu = MtuTarget([device.name])
-        self.pod_mtu: CallbackTarget[int] | None = CallbackTarget("pod-mtu", on_pod_mtu) if on_pod_mtu else None
+        # Every pod's veth (pods: lists (netns, container id, ifname) of the node's pods).
+        self.pod_mtu = PodMtuTarget(pods) if pods is not None else None
+        self._pod_mtu_applied: int | None = None
         self._clock = clock
         # Old keys of replaced peers (a rotation), left on the device without allowed IPs: the
         # packets they still hold (queued, being encrypted) go out; removed at this time.
@@ -131,6 +135,7 @@ class Reconciler:
         with self.lock:
             now = self._clock()
             res = ReconcileResult()
+            self._device(desired, full, res)
             self._peers(desired, prune, full, now, res)
             overlay = _overlay_key(desired) if prune else None
             if full or overlay is None or overlay != self._overlay_applied or \
@@ -139,6 +144,19 @@ class Reconciler:
                 self._overlay_applied = overlay if not errors else None
             self._services(desired, prune, full, now, res)
             return res
+
+    # --- device -------------------------------------------------------------------------------
+    def _device(self, desired: DesiredState, full: bool, res: ReconcileResult) -> None:
+        """The device's private key and listen port, first: a rotation's switch is due on the dot,
+        and peers' changes that follow it are made with the device's new key."""
+        want = desired.device
+        if want is None or (want == self._device_applied and not full):
+            return
+        had = self._device_applied
+        changed = self.device.configure(want.private_key, want.listen_port)  # reads first: no change, no write
+        self._device_applied = want
+        # (With nothing set by this process yet, a change may have been the port alone: a poke too many.)
+        res.device_key_changed = changed and (had is None or had.private_key != want.private_key)
 
     # --- peers ----------------------------------------------------------------------------
     def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
@@ -244,11 +262,9 @@ class Reconciler:
                 errors += sync(self.table, self.neighbours, dict(desired.neighbours), prune=prune, now=now).errors
         pods = self.pod_mtu
         pod_first = pods is not None and desired.pod_mtu is not None and \
-            desired.pod_mtu < pods.applied.get("pods", desired.pod_mtu + 1)
-        if pods is not None:
-            pods.applied.clear()  # pods come and go: each overlay pass hands the MTU on to all of them
+            (self._pod_mtu_applied is None or desired.pod_mtu < self._pod_mtu_applied)  # unknown: shrink first
         if pods is not None and desired.pod_mtu is not None and pod_first:
-            errors += sync(self.table, pods, {"pods": desired.pod_mtu}, prune=False, now=now).errors
+            errors += self._pods(desired.pod_mtu, now)
         r = sync(self.table, self.routes, {rt.dst: rt for rt in desired.routes}, prune=prune, keep=desired.kept,
                  now=now)
         res.routes_added, res.routes_removed = r.changed, r.removed
@@ -270,8 +286,18 @@ class Reconciler:
         if wg_now is not None and wg_mtu is not None and not grow_wg_first:
             errors += sync(self.table, self.mtu, {wg: wg_mtu}, prune=False, now=now).errors
         if pods is not None and desired.pod_mtu is not None and not pod_first:
-            errors += sync(self.table, pods, {"pods": desired.pod_mtu}, prune=False, now=now).errors
+            errors += self._pods(desired.pod_mtu, now)
         res.errors += errors
+        return errors
+
+    def _pods(self, mtu: int, now: float) -> int:
+        """Every pod gets `mtu` (pods come and go: each overlay pass hands it on to all of them)."""
+        assert self.pod_mtu is not None
+        errors = sync(self.table, self.pod_mtu, {"pods": mtu}, prune=False, now=now).errors
+        if not errors:
+            if self.pod_mtu.changed:
+                log.info("set MTU %d on %d pod interface(s)", mtu, self.pod_mtu.changed)
+            self._pod_mtu_applied = mtu
         return errors
 
     # --- services --------------------------------------------------------------------------
@@ -286,10 +312,8 @@ class Reconciler:
                 not self.table.pending_retry(_SERVICES, now):
             return
         target.fresh = target.fresh or full
-        want = {str(fe): tuple(bs) for fe, bs in desired.services.items()}
-        target.frontends.update((str(fe), fe) for fe in desired.services)
-        keep = {str(fe) for fe in desired.keep_services}
-        counts = sync(self.table, target, want, prune=prune, keep=keep.__contains__, now=now)
+        want = {fe: tuple(bs) for fe, bs in desired.services.items()}
+        counts = sync(self.table, target, want, prune=prune, keep=desired.keep_services.__contains__, now=now)
         res.errors += counts.errors
         if counts.changed or counts.removed:
             log.info("services: %d frontend(s) programmed, %d removed", counts.changed, counts.removed)
@@ -305,6 +329,7 @@ class Reconciler:
         """Make the next pass re-read everything (after the device was re-created)."""
         self._overlay_applied = None
         self._device_read = False
+        self._device_applied = None
         self.applied.clear()
         self._services_applied = None
         if self.services is not None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wiremesh.clustermesh import (
@@ -43,12 +45,29 @@ from .metrics import AgentMetrics
 log = logging.getLogger("wiremesh.agent")
 BACKOFF_MAX_S = 5.0
 CONSUL_TTL_MIN_DEFAULT = 10  # Consul's default session_ttl_min
-PUBLISH_NOW_WAIT_S = 0.3
+# A commit not started this soon after it was asked for is given up (the rotation picks a new
+# switch time): it was picked a second ahead, and a write that lands after it is a late switch.
+COMMIT_START_WITHIN_S = 0.3
+
+
+@dataclass(slots=True)
+class Publication:
+    """A write of the record asked of the registration thread; `done` once Consul answered.
+
+    `commit_at`: a key rotation's switch time, carried by this write only (the commit); once it
+    is written, `on_written` runs on the registration thread before any other write of the
+    record can start (the rotator then announces that time in every later write)."""
+
+    commit_at: int = 0
+    on_written: Callable[[], None] | None = None
+    asked_at: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
 
 
 class Registration:
     def __init__(self, store: ConsulStore, cfg: AgentConfig, record: Callable[[], NodeRecord],
-                 metrics: AgentMetrics, stop: threading.Event) -> None:
+                 metrics: AgentMetrics, stop: threading.Event, on_published: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.cfg = cfg
         self.record = record
@@ -56,6 +75,9 @@ class Registration:
         self.stop = stop
         self.republish = threading.Event()  # set: write the record again at once
         self._publishing = threading.Lock()  # one write at a time, each of the newest record
+        self._asked: Publication | None = None  # the write the loop thread asked for, if any
+        self._ask_lock = threading.Lock()
+        self.on_published = on_published  # an asked-for write was answered (wakes the agent's loop)
         self.session_id: str | None = None
         self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
         # None: unsigned records (and for stand-ins of AgentConfig in tests, which name no key files)
@@ -119,33 +141,49 @@ class Registration:
         self._save_session(self.session_id)
         return self.session_id
 
-    def publish_now(self) -> bool:
-        """Write the record from the caller's thread; True once Consul took it.
+    def ask(self, commit_at: int = 0, on_written: Callable[[], None] | None = None) -> Publication:
+        """Have the record written by the registration thread now; the caller never waits.
 
-        For writes that order a protocol (a key rotation's staging and commit): the caller goes
-        on only when the record is in Consul. A failure is logged; the loop writes it again."""
-        # Not behind a registration write stuck on a slow Consul: the caller picked a switch
-        # time a second ahead and must know soon whether the record carries it.
-        if not self._publishing.acquire(timeout=PUBLISH_NOW_WAIT_S):
-            log.warning("record not written: another write of it has taken over %.1f s", PUBLISH_NOW_WAIT_S)
-            return False
-        try:
-            self._publish()
-            return True
-        except (ConsulError, AgentError) as e:
-            log.warning("record not written (%s); the registration loop tries again", e)
-            self.republish.set()
-            return False
-        finally:
-            self._publishing.release()
+        For writes that order a protocol (a key rotation's staging and commit): the caller
+        looks at the Publication on a later pass. A newer request replaces one not started."""
+        pub = Publication(commit_at, on_written)
+        with self._ask_lock:
+            old, self._asked = self._asked, pub
+        if old is not None:
+            old.done.set()  # replaced before it was written: not ok
+        self.republish.set()
+        return pub
 
     def publish(self) -> None:
-        with self._publishing:  # the record is built inside: a write never undoes a newer one
-            self._publish()
+        with self._ask_lock:
+            pub, self._asked = self._asked, None
+        if pub is not None and pub.commit_at and time.monotonic() - pub.asked_at > COMMIT_START_WITHIN_S:
+            log.warning("rotation commit not written: the registration thread came to it %.1f s late",
+                        time.monotonic() - pub.asked_at)
+            self._answer(pub, False)
+            pub = None
+        try:
+            with self._publishing:  # the record is built inside: a write never undoes a newer one
+                self._publish(pub.commit_at if pub is not None else 0)
+                if pub is not None and pub.on_written is not None:
+                    pub.on_written()
+        except BaseException:
+            if pub is not None:
+                self._answer(pub, False)
+            raise
+        if pub is not None:
+            self._answer(pub, True)
 
-    def _publish(self) -> None:
+    def _answer(self, pub: Publication, ok: bool) -> None:
+        pub.ok = ok
+        pub.done.set()
+        self.on_published()
+
+    def _publish(self, commit_at: int = 0) -> None:
         session = self.ensure_session()
         rec = self.record()
+        if commit_at and rec.next_public_key:
+            rec = replace(rec, switch_at=commit_at)  # the commit's own write
         if self.identity is not None:
             rec = sign_record(rec, self.identity)
         key = layout.node_key(self.cfg.cluster, self.cfg.node)

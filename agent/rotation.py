@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -44,6 +43,7 @@ from wiremesh.keys.rotation import (
 )
 
 from .kvwriter import SyncWriter, Writer
+from .nodestate import write_state_file
 
 log = logging.getLogger("wiremesh.rotation")
 HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
@@ -81,7 +81,8 @@ class Rotator:
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
-        self._proposed: tuple[int, int] | None = None  # (switch time, thread) of the commit being written
+        self._committing = 0  # the switch time of a commit whose write is under way (0: none)
+        self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -140,20 +141,20 @@ class Rotator:
     # --- what this node announces ------------------------------------------------------------
     def announce(self, rec: NodeRecord) -> NodeRecord:
         nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
-        at = self.switch_at
-        if not at and self._proposed and self._proposed[1] == threading.get_ident():
-            at = self._proposed[0]  # the commit's own write: no other writer may carry it before it is made
+        at = self.switch_at  # (the commit's own write adds its time itself: agent.registration)
         return replace(rec, next_public_key=nxt, switch_at=at if nxt else 0, key_epoch=self.epoch)
 
     # --- the rotating side --------------------------------------------------------------------
     def drive(self, own: Rotation | None, live: set[str], ready: Mapping[str, RotationReady],
-              handshakes: Callable[[], Mapping[str, float]], switch: Callable[[PrivateKey], None],
-              publish: Callable[[], bool], republish: Callable[[], None],
+              handshakes: Callable[[], Mapping[str, float]], switch: Callable[[PrivateKey], bool | None],
+              publish: Callable[[int], bool | None], republish: Callable[[], None],
               announced: Mapping[str, NodeRecord] | None = None) -> None:
         """One step of this node's rotation, if one is asked for or under way.
 
-        `publish`: write this node's record now, True once Consul took it (staging and commit
-        are ordered by it); `republish`: have it written soon. `announced`: other nodes'
+        `publish(commit_at)`: write this node's record now (with `commit_at`, the commit's switch
+        time in it), without waiting: None while the write is under way (ask again on a later
+        pass: the agent wakes for its answer), then True once Consul took it, False if not
+        (staging and commit are ordered by it); `republish`: have it written soon. `announced`: other nodes'
         records (node id -> record), for the order of commits and their switch times."""
         now = self.clock()
         self.wake = None
@@ -191,7 +192,7 @@ class Rotator:
             # The next key was lost (its file removed): nothing can be switched to.
             self._end("abandoned", "the next key file is gone", (), republish)
             return
-        if self.rotation.state == "staged" and not self.switch_at:
+        if self.rotation.state == "staged" and (self._committing or not self.switch_at):
             self._staged(now, live, ready, others, publish, republish)
         elif self.rotation.state in ("staged", "committed"):
             step = committed_step(now, self.switch_at)
@@ -217,9 +218,12 @@ class Rotator:
                 self.wake = step.wake_at
 
     def _staged(self, now: int, live: set[str], ready: Mapping[str, RotationReady],
-                others: Mapping[str, NodeRecord], publish: Callable[[], bool],
+                others: Mapping[str, NodeRecord], publish: Callable[[int], bool | None],
                 republish: Callable[[], None]) -> None:
         assert self.rotation is not None and self.next_key is not None
+        if self._committing:  # the commit's write is under way: nothing is decided again before it ends
+            self._commit(now, self._committing, len(live), publish, republish)
+            return
         nxt = self.next_key.public_key().base64
         ok = {p for p, r in ready.items() if r.next_public_key == nxt}
         ahead = commit_order(self._me, [n for n, r in others.items() if r.next_public_key and not r.switch_at])
@@ -236,23 +240,34 @@ class Rotator:
         # Every live peer is ready: commit. Once the record with the switch time is written,
         # peers may act on it: the node switches at that time whatever happens next.
         at = switch_time(now + COMMIT_LEAD_MS, [r.switch_at for r in others.values() if r.next_public_key and r.switch_at])
-        self._proposed = (at, threading.get_ident())
-        try:
-            committed = publish()
-        finally:
-            self._proposed = None
+        self._committing = at
+        self._commit(now, at, len(live), publish, republish)
+
+    def _commit(self, now: int, at: int, live: int, publish: Callable[[int], bool | None],
+                republish: Callable[[], None]) -> None:
+        assert self.rotation is not None
+        committed = publish(at)
+        if committed is None:
+            self.wake = now + 1000  # (the answer wakes the loop; this only if it never comes)
+            return
+        self._committing = 0
         if not committed:
             log.warning("rotation %s: the switch time could not be written; trying again", self.rotation.id)
             republish()  # withdraw it, in case it was written after all
             self.wake = now + 1000
             return
         self.switch_at = at
-        log.info("rotation %s: every live peer ready (%d); switching at +%d ms", self.rotation.id, len(live),
+        log.info("rotation %s: every live peer ready (%d); switching at +%d ms", self.rotation.id, live,
                  self.switch_at - self.clock())
         self._write(replace(self.rotation, state="committed", switch_at=self.switch_at, lagging=(), updated_at=now))
         self.wake = self.switch_at
 
-    def _stage(self, now: int, publish: Callable[[], bool]) -> None:
+    def committed(self, at: int) -> None:
+        """The commit's write with switch time `at` is in Consul (called by the writing thread,
+        before any other write of the record starts): every later write announces it."""
+        self.switch_at = at
+
+    def _stage(self, now: int, publish: Callable[[int], bool | None]) -> None:
         assert self.rotation is not None
         if self.next_key is None:
             self.next_key = PrivateKey.generate()
@@ -260,18 +275,21 @@ class Rotator:
         self.switch_at, self.staged_at = 0, now
         nxt = self.next_key.public_key()
         # The record first: a readiness word this node writes later is then ordered after it.
-        if not publish():
-            self.wake = now + 1000
+        done = publish(0)
+        if not done:
+            self.wake = now + 1000  # under way (its answer wakes the loop) or failed: again then
             return
         log.info("rotation %s: next key %s announced", self.rotation.id, nxt.fingerprint)
         self._write(replace(self.rotation, state="staged", switch_at=0, epoch_from=self.epoch,
                             epoch_to=self.epoch + 1, next_fingerprint=nxt.fingerprint, updated_at=now))
         self.wake = now + 100
 
-    def _switch(self, now: int, switch: Callable[[PrivateKey], None], republish: Callable[[], None]) -> None:
+    def _switch(self, now: int, switch: Callable[[PrivateKey], bool | None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None and self.next_key is not None
         key, at = self.next_key, self.switch_at
-        switch(key)  # the device takes the new key: from here on it is the node's key
+        if switch(key) is False:  # the device does not hold it yet (planned a moment before the time)
+            self.wake = now + 1
+            return
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0
@@ -315,10 +333,10 @@ class Rotator:
             return 0
 
     def _write_epoch(self, epoch: int) -> None:
+        """The new epoch, in memory at once and in its file if the state dir takes it (a full
+        disk is logged once; the record announces the epoch from memory)."""
         self.epoch = epoch
-        tmp = self.epoch_file.with_suffix(".tmp")
-        tmp.write_text(f"{epoch}\n")
-        os.replace(tmp, self.epoch_file)
+        write_state_file(self.epoch_file, f"{epoch}\n")
 
     # --- scheduled rotation ---------------------------------------------------------------------
     def schedule(self, every_s: int, nodes: list[str], rotations: Mapping[str, Rotation], key_age_from: int) -> None:
@@ -341,13 +359,12 @@ class Rotator:
         if now < due:
             self._wake_at(due)
             return
-        try:
-            rot = Rotation.new(self.node, now)
-            if self.store.put(layout.rotation_key(self.cluster, self.node), rot.to_json(),
-                              cas=0 if mine is None else None):
-                log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
-        except ConsulError as e:
-            log.warning("scheduled rotation not asked for (%s); trying again", e)
+        if self._scheduled is not None and self._scheduled.updated_at >= since:
+            return  # asked already: the writer thread writes it (Consul may be slow or away)
+        rot = self._scheduled = Rotation.new(self.node, now)
+        # Only if nobody wrote one meanwhile (cas 0: the key must not exist), by the writer thread.
+        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json(), cas=0 if mine is None else None)
+        log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
 
     # --- the peer side ------------------------------------------------------------------------
     def take_part(self, announced: Mapping[str, NodeRecord]) -> None:

@@ -1,6 +1,11 @@
-"""Where the agent meets key rotation (agent.rotation): after every pass of the loop, this
-node's rotation is driven and its part in the others' is played; the device's switch and the
-handshakes the state machine reads come from here.
+"""Where the agent meets key rotation (agent.rotation): the last stage of every pass drives
+this node's rotation and plays its part in the others'.
+
+The device's key is not set here: from this node's switch time on, the pass plans the next key
+for the device and the reconciler sets it, first of all its changes. This stage then confirms
+the switch to the rotator, starts handshakes at once (one packet to every peer after a switch,
+to a peer whose new key was just taken), and asks for the record writes the rotation needs of
+the registration thread, never waiting for Consul itself.
 
 Functions over the Agent (agent.daemon) rather than methods of it: the daemon owns the loop,
 this module what a rotation needs of it.
@@ -9,18 +14,43 @@ this module what a rotation needs of it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from wiremesh.clustermesh import overlay_address
 from wiremesh.keys import PrivateKey
-from wiremesh.tunnels import TunnelError, poke
+from wiremesh.tunnels import PeerConfig, TunnelError, poke
 
 from .planner import DesiredState
+from .reconciler import ReconcileResult
+from .registration import Publication, Registration
+from .rotation import Rotator
 
 if TYPE_CHECKING:
     from .daemon import Agent
 
 log = logging.getLogger("wiremesh.agent")
+
+
+class RecordPublisher:
+    """The rotator's `publish(commit_at)`: the registration thread writes the record, the loop
+    looks at the answer on a later pass (None until it came)."""
+
+    def __init__(self, registration: Registration, rotator: Rotator) -> None:
+        self.registration = registration
+        self.rotator = rotator
+        self._pub: Publication | None = None
+
+    def __call__(self, commit_at: int) -> bool | None:
+        pub = self._pub
+        if pub is not None and pub.commit_at == commit_at:
+            if not pub.done.is_set():
+                return None
+            self._pub = None
+            return pub.ok
+        on_written = (lambda: self.rotator.committed(commit_at)) if commit_at else None
+        self._pub = self.registration.ask(commit_at, on_written)
+        return None
 
 
 def device_public_key(agent: Agent) -> str | None:
@@ -38,31 +68,44 @@ def handshakes(agent: Agent) -> dict[str, float]:
         return {}
 
 
-def rotation_pass(agent: Agent, desired: DesiredState, replaced: list[tuple[str, str]]) -> None:
-    """This node's rotation, and its part in the others': after every pass of the loop."""
-    cfg, rotator = agent.cfg, agent.rotator
-    for node, key in replaced:  # we took a rotating node's new key: start the handshake now
-        rotator.took(node, key)
+def _poke(peers: Iterable[tuple[str, PeerConfig]]) -> None:
+    """One packet to each peer's overlay address: WireGuard starts its handshake at once."""
+    for nid, peer in peers:
         try:
-            poke(overlay_address(next(iter(desired.peers[node].allowed_ips))))
-        except (TunnelError, KeyError, StopIteration, ValueError) as e:
-            log.debug("poke %s: %s", node, e)
+            poke(overlay_address(next(iter(peer.allowed_ips))))
+        except (TunnelError, StopIteration, ValueError) as e:
+            log.debug("poke %s: %s", nid, e)
+
+
+def rotation_pass(agent: Agent, desired: DesiredState, res: ReconcileResult) -> None:
+    """This node's rotation, and its part in the others': after the pass has reconciled."""
+    cfg, rotator = agent.cfg, agent.rotator
+    if res.device_key_changed:
+        # A peer that took the new key before this switch (this agent late, the peer on time) got
+        # no answer to its own handshake and would try again only 5 s later.
+        _poke(desired.peers.items())
+    for node, key in res.replaced:  # we took a rotating node's new key: start the handshake now
+        rotator.took(node, key)
+        if node in desired.peers:
+            _poke([(node, desired.peers[node])])
     snap = agent.snapshot()
     if snap is None:
         return
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node}
     announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
-    own = snap.rotations.rotations.get(cfg.node)
-    staging = (own is not None and own.state == "requested") or (rotator.next_key is not None and not rotator.switch_at)
-    # Peers' readiness is watched only while it matters: this node's rotation staged.
-    agent.readiness.follow({cfg.cluster: None, **{n: m.datacenter for n, m in fed.members.items()
-                                                  if n != cfg.cluster}} if staging else {})
+
+    def switched(key: PrivateKey) -> bool:
+        """The device took `key` in this pass (it was planned): from now on it is the node's key."""
+        if desired.device is None or desired.device.private_key != key:
+            return False  # the switch time came after this pass was planned: the next one does it
+        agent.key, agent.public_key = key, key.public_key().base64
+        return True
+
     rotator.drive(
-        own, set(desired.peers), agent.readiness.view(),
+        snap.rotations.rotations.get(cfg.node), set(desired.peers), agent.readiness.view(),
         lambda: {n: hs.get(p.public_key, 0.0) for hs in [handshakes(agent)] for n, p in desired.peers.items()},
-        lambda key: switch_key(agent, key), agent.registration.publish_now, agent.registration.republish.set,
-        announced)
+        switched, agent.publisher, agent.registration.republish.set, announced)
     rotator.take_part(announced)
     if agent.config is not None and agent.config.rotate_every:
         rotator.schedule(agent.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations, key_mtime_ms(agent))
@@ -70,24 +113,16 @@ def rotation_pass(agent: Agent, desired: DesiredState, replaced: list[tuple[str,
         agent.wake()  # went back to an old key: plan again at once
 
 
+def staging(agent: Agent) -> bool:
+    """This node's rotation is asked for or staged (its peers' readiness matters)."""
+    snap = agent.snapshot()
+    own = snap.rotations.rotations.get(agent.cfg.node) if snap is not None else None
+    r = agent.rotator
+    return (own is not None and own.state == "requested") or (r.next_key is not None and not r.switch_at)
+
+
 def key_mtime_ms(agent: Agent) -> int:
     try:
         return int(agent.cfg.key_file.stat().st_mtime * 1000)
     except OSError:
         return 0
-
-
-def switch_key(agent: Agent, key: PrivateKey) -> None:
-    """The device takes `key` (a rotation's switch): from now on it is this node's key.
-
-    Then one packet to every peer, so that this node starts its handshakes at once: a peer
-    that took the new key before this switch (this agent late, the peer on time) got no
-    answer to its own handshake and would try again only 5 s later."""
-    agent.device.configure(key, agent.listen_port)
-    agent.key, agent.public_key = key, key.public_key().base64
-    last = agent.last_desired()
-    for nid, peer in (last.peers.items() if last is not None else ()):
-        try:
-            poke(overlay_address(next(iter(peer.allowed_ips))))
-        except (TunnelError, StopIteration, ValueError) as e:
-            log.debug("poke %s: %s", nid, e)

@@ -18,6 +18,14 @@ from wiremesh.tunnels import Frontend
 
 
 @dataclass(frozen=True, slots=True)
+class BackendsView:
+    """Service backends' health as the pass sees it (agent.services gathers it)."""
+
+    clusters: Mapping[str, Mapping[str, ClusterBackends]] = field(default_factory=dict)  # service -> cluster -> ..
+    settled: Mapping[str, bool] = field(default_factory=dict)  # service -> every cluster answered (or stale)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceState:
     """What the lookup should hold: frontends with their backends, and those to leave alone."""
 
@@ -29,11 +37,11 @@ class ServiceState:
 def plan_services(
     local: str,
     services: Mapping[str, ServiceDef],
-    backends: Mapping[str, Mapping[str, ClusterBackends]],
-    settled: Mapping[str, bool],
+    view: BackendsView,
     cluster_ids: Mapping[str, int],
 ) -> ServiceState:
-    """`backends`: service -> cluster -> its backends; `settled`: service -> every cluster answered."""
+    """Frontends and their backends for `services`, from the backends' health in `view`."""
+    backends, settled = view.clusters, view.settled
     frontends: dict[Frontend, tuple[LBBackend, ...]] = {}
     unsettled: set[Frontend] = set()
     skipped: list[str] = []

@@ -22,6 +22,8 @@ from wiremesh.clustermesh import ConsulError, ConsulStore, Endpoint, ServiceHeal
 from wiremesh.clustermesh.services import Backend, ClusterBackends
 from wiremesh.tunnels import ServiceLB, TunnelError, ensure_cgroup2
 
+from .service_plan import BackendsView
+
 log = logging.getLogger("wiremesh.services")
 
 GRACE_S = 10.0  # a cluster that cannot be read keeps its backends this long, then they go stale
@@ -47,11 +49,11 @@ def backends_of(cluster: str, health: ServiceHealth) -> tuple[Backend, ...]:
 
 
 class ServiceBackends:
-    def __init__(self, store: ConsulStore, spawn: Callable[[str, Callable[[], object]], object],
+    def __init__(self, store: ConsulStore, follow: Callable[[str, Callable[[], object]], object],
                  on_change: Callable[[], None], clock: Callable[[], float] = time.monotonic,
                  grace_s: float = GRACE_S) -> None:
         self.store = store
-        self.spawn = spawn
+        self.spawn = follow  # each watch a follower thread: a successor never collides with its predecessor
         self.on_change = on_change
         self.clock = clock
         self.grace_s = grace_s
@@ -76,6 +78,11 @@ class ServiceBackends:
             self.closed = True
             for w in self.watches.values():
                 w.stop.set()
+
+    def gather(self, services: set[str], clusters: Mapping[str, str | None]) -> BackendsView:
+        """Follow `services` in `clusters` (see follow) and return their backends as of now."""
+        self.follow(services, clusters)
+        return BackendsView(self.view(), self.settled())
 
     def view(self) -> dict[str, dict[str, ClusterBackends]]:
         """service -> cluster -> its backends, stale or not, as of now."""

@@ -1,13 +1,22 @@
-"""The owner of the agent's threads: starts each one, knows which are alive, joins them all.
+"""The owner of the agent's threads: starts each one, knows which are alive, joins them all,
+and notices the one that died.
 
-Every thread of the agent is started here (registration, the watches, the reconcile loop, one
-watch per federated cluster), so shutdown can tell which loops have really ended before it
-removes the node's record. A thread that raises is logged with its name and counted; the
-loops themselves catch what they expect, so this only ever sees bugs.
+Two kinds of thread:
+- loops (registration, the watch, the reconcile loop, the mesh watch, the KV writer): one each,
+  for the agent's whole life. One that raises, or returns while the agent is not stopping, is
+  *dead*: the agent cannot do its work any more, and says so (`/healthz` fails naming it; the
+  agent exits non-zero after `FATAL_GRACE_S`, so that systemd or the lab restarts it).
+- followers (a service's health in one cluster, a remote cluster, readiness): started and
+  stopped as what they follow comes and goes. Each is keyed by a generation, so a follower
+  stopped a moment ago (it may still sit in its blocking query) and its successor never
+  collide. A follower that raises is dead as well: what it followed is frozen otherwise.
+
+The loops catch what they expect; what reaches this module is a bug, and a bug must be loud.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -17,31 +26,58 @@ from typing import Generic, TypeVar
 log = logging.getLogger("wiremesh.agent")
 T = TypeVar("T")
 
+FATAL_GRACE_S = 5.0  # a dead thread: /healthz says so this long, then the agent exits non-zero
+
 
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, stopping: threading.Event | None = None) -> None:
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
-        self.crashed: list[str] = []
+        self._gen = itertools.count(1)
+        self.stopping = stopping or threading.Event()  # set by the agent on its way out
+        self.dead: dict[str, str] = {}  # thread -> why it died
+        self.died = threading.Event()  # set at the first death
+        self.died_at: float | None = None  # time.monotonic() of the first death
 
     def spawn(self, name: str, fn: Callable[[], object]) -> threading.Thread:
-        """Start `fn` in a thread called `name` (unique among the living; a finished one is replaced)."""
-
-        def main() -> None:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - a loop that died must be visible, never silent
-                self.crashed.append(name)
-                log.exception("thread %s ended with an error", name)
-
+        """Start the loop `fn` in a thread called `name`: unique for the agent's life."""
         with self._lock:
             old = self._threads.get(name)
             if old is not None and old.is_alive():
                 raise RuntimeError(f"thread {name} is already running")
-            t = threading.Thread(target=main, name=name, daemon=True)
+        return self._start(name, fn, loop=True)
+
+    def follow(self, name: str, fn: Callable[[], object]) -> threading.Thread:
+        """Start a follower `fn` in a thread called `name#<generation>` (never collides)."""
+        with self._lock:
+            for n in [n for n, t in self._threads.items() if "#" in n and not t.is_alive()]:
+                del self._threads[n]  # finished followers: forgotten
+        return self._start(f"{name}#{next(self._gen)}", fn, loop=False)
+
+    def _start(self, name: str, fn: Callable[[], object], loop: bool) -> threading.Thread:
+        def main() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - a thread that died must be visible, never silent
+                self._died(name, f"{type(e).__name__}: {e}")
+                log.error("thread %s ended with an error", name, exc_info=True)
+                return
+            if loop and not self.stopping.is_set():
+                self._died(name, "returned while the agent was running")
+                log.error("thread %s returned while the agent was running", name)
+
+        t = threading.Thread(target=main, name=name, daemon=True)
+        with self._lock:
             self._threads[name] = t
         t.start()
         return t
+
+    def _died(self, name: str, why: str) -> None:
+        with self._lock:
+            self.dead[name] = why
+            if self.died_at is None:
+                self.died_at = time.monotonic()
+        self.died.set()
 
     def alive(self) -> list[str]:
         with self._lock:
@@ -52,8 +88,9 @@ class Supervisor:
 
         Returns the names of those still running.
         """
+        wanted = set(names) if names is not None else None
         with self._lock:
-            chosen = [t for n, t in self._threads.items() if names is None or n in set(names)]
+            chosen = [t for n, t in self._threads.items() if wanted is None or n in wanted]
         deadline = time.monotonic() + timeout
         for t in chosen:
             t.join(max(0.0, deadline - time.monotonic()))

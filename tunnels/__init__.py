@@ -19,13 +19,13 @@ from .links import (
     sync_routes,
 )
 from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, sync_fdb, sync_neighbours, vtep_mac
-from .targets import CallbackTarget, FdbTarget, MtuTarget, NeighbourTarget, RouteTarget, ServiceTarget, Target, VxlanTarget
+from .targets import FdbTarget, PodMtuTarget, MtuTarget, NeighbourTarget, RouteTarget, ServiceTarget, Target, VxlanTarget
 from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 from .bpf import (Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
                   ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
 
 __all__ = [
-    "CallbackTarget",
+    "PodMtuTarget",
     "FdbTarget",
     "MtuTarget",
     "NeighbourTarget",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterable, Mapping
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -22,6 +22,7 @@ from .errors import DeviceNotFound, TunnelError
 from .links import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_WIREMESH, Route
 from .bpf import Backend as LBBackend
 from .bpf import Frontend, ServiceLB
+from .pods import set_pod_mtu
 from .vxlan import NTF_SELF, NUD_PERMANENT, VxlanSpec
 
 K = TypeVar("K")
@@ -196,27 +197,8 @@ class MtuTarget:
         pass  # an MTU is never removed; an interface nobody wants goes with its own target
 
 
-class CallbackTarget(Generic[V]):
-    """One value applied through a function, remembered once applied (e.g. every pod's MTU)."""
-
-    def __init__(self, kind: str, apply: Callable[[V], object]) -> None:
-        self.kind = kind
-        self.apply = apply
-        self.applied: dict[str, V] = {}
-
-    def read(self) -> dict[str, V]:
-        return dict(self.applied)
-
-    def update(self, key: str, want: V) -> None:
-        self.apply(want)
-        self.applied[key] = want
-
-    def delete(self, key: str, have: V) -> None:
-        self.applied.pop(key, None)
-
-
 class ServiceTarget:
-    """The service load balancer's frontends (eBPF maps), keyed by "VIP:port/proto".
+    """The service load balancer's frontends (eBPF maps), keyed by Frontend.
 
     `read` reports the maps as they are on a fresh read (`fresh`, set by the caller on full
     passes and the first one) and as last written otherwise: reading 10 000 frontends back
@@ -228,16 +210,46 @@ class ServiceTarget:
     def __init__(self, lb: ServiceLB) -> None:
         self.lb = lb
         self.fresh = True
-        self.frontends: dict[str, Frontend] = {}  # key -> frontend, of what is wanted and what was read
 
-    def read(self) -> dict[str, tuple[LBBackend, ...]]:
+    def read(self) -> dict[Frontend, tuple[LBBackend, ...]]:
         entries = self.lb.read() if self.fresh else self.lb.table.snapshot()
         self.fresh = False
-        self.frontends.update((str(fe), fe) for fe in entries)
-        return {str(fe): tuple(e.backends) for fe, e in entries.items()}
+        return {fe: tuple(e.backends) for fe, e in entries.items()}
 
-    def update(self, key: str, want: tuple[LBBackend, ...]) -> None:
-        self.lb.update(self.frontends[key], want)
+    def update(self, key: Frontend, want: tuple[LBBackend, ...]) -> None:
+        self.lb.update(key, want)
 
-    def delete(self, key: str, have: tuple[LBBackend, ...]) -> None:
-        self.lb.delete(self.frontends[key])
+    def delete(self, key: Frontend, have: tuple[LBBackend, ...]) -> None:
+        self.lb.delete(key)
+
+
+class PodMtuTarget:
+    """The MTU of every pod's veth (both ends), keyed "pods": one value for all of them.
+
+    Pods come and go between passes, so `read` reports nothing and every update hands the MTU to
+    every pod `pods()` lists (netns, container id, ifname); each end is changed only if it
+    differs. A pod that went away meanwhile is skipped; one the kernel refuses fails the update.
+    """
+
+    kind = "pod-mtu"
+
+    def __init__(self, pods: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        self.pods = pods
+        self.changed = 0  # pod interfaces changed by the last update
+
+    def read(self) -> dict[str, int]:
+        return {}
+
+    def update(self, key: str, want: int) -> None:
+        self.changed = 0
+        failed: list[str] = []
+        for netns, container_id, ifname in self.pods():
+            try:
+                self.changed += set_pod_mtu(netns, container_id, ifname, want)
+            except TunnelError as e:
+                failed.append(f"{container_id[:12]}/{ifname}: {e}")
+        if failed:
+            raise TunnelError(f"pod MTU {want} not set on {len(failed)} pod(s): {'; '.join(failed[:3])}")
+
+    def delete(self, key: str, have: int) -> None:
+        pass  # an MTU is never removed

@@ -14,7 +14,7 @@ from wiremesh.agent.planner import (
     Mtus,
     gateway_address,
     mtus,
-    plan,
+    plan_mesh,
     tunnel_mtu,
 )
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
@@ -34,7 +34,7 @@ def nodes(make_node: MakeNode) -> dict[str, NodeRecord]:
 
 def test_every_other_node_becomes_a_peer(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
     me = nodes["n1"]
-    st = plan("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
+    st = plan_mesh("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
     assert set(st.peers) == {"lab/n2", "lab/n3"}  # peers are nodes; the public key is an attribute
     for name in ("n2", "n3"):
         rec = nodes[name]
@@ -47,13 +47,13 @@ def test_every_other_node_becomes_a_peer(cluster_config: ClusterConfig, nodes: d
 
 
 def test_routes_use_the_given_wireguard_device(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24", wg_device="wg7")
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24", wg_device="wg7")
     assert {r.ifname for r in st.routes} == {"wg7"}
 
 
 def test_local_node_is_excluded(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
     me = nodes["n2"]
-    st = plan("n2", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
+    st = plan_mesh("n2", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
     assert me.public_key not in {p.public_key for p in st.peers.values()}
     assert "lab/n2" not in st.peers
     assert me.pod_cidr not in {r.dst for r in st.routes}
@@ -63,7 +63,7 @@ def test_local_node_is_excluded(cluster_config: ClusterConfig, nodes: dict[str, 
 def test_local_node_excluded_by_name_even_with_another_key(cluster_config: ClusterConfig,
                                                             nodes: dict[str, NodeRecord]) -> None:
     # During rotation our record may still carry the old key: it is still us.
-    st = plan("n1", "bmV3LWtleS1ub3QteWV0LXB1Ymxpc2hlZC0uLi4uLi4=", cluster_config, nodes,
+    st = plan_mesh("n1", "bmV3LWtleS1ub3QteWV0LXB1Ymxpc2hlZC0uLi4uLi4=", cluster_config, nodes,
               local_pod_cidr="10.240.1.0/24")
     assert "lab/n1" not in st.peers
     assert len(st.peers) == 2
@@ -73,7 +73,7 @@ def test_record_with_local_public_key_under_another_name_is_ignored(
         cluster_config: ClusterConfig, nodes: dict[str, NodeRecord], make_node: MakeNode) -> None:
     me = nodes["n1"]
     nodes["impostor"] = make_node("impostor", "10.240.9.0/24", public_key=me.public_key)
-    st = plan("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
+    st = plan_mesh("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr)
     assert me.public_key not in {p.public_key for p in st.peers.values()}
     assert "lab/impostor" not in st.peers
     assert "10.240.9.0/24" not in {r.dst for r in st.routes}
@@ -81,35 +81,35 @@ def test_record_with_local_public_key_under_another_name_is_ignored(
 
 
 def test_address_is_overlay_host_route(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
     assert st.address == "10.240.1.1/32"
 
 
 def test_ipv6_address_is_slash_128() -> None:
     cfg = ClusterConfig(name="v6", id=2, pod_cidr="fd00:240::/48", node_prefix_len=64, service_cidr="fd00:96::/108")
-    st = plan("a", "x", cfg, {}, local_pod_cidr="fd00:240:0:1::/64")
+    st = plan_mesh("a", "x", cfg, {}, local_pod_cidr="fd00:240:0:1::/64")
     assert st.address == "fd00:240:0:1::1/128"
 
 
 def test_no_pod_cidr_yet_means_no_address(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None)
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None)
     assert st.address is None
     assert len(st.peers) == 2
 
 
 def test_persistent_keepalive_passed_to_every_peer(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None, persistent_keepalive=25)
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None, persistent_keepalive=25)
     assert {p.persistent_keepalive for p in st.peers.values()} == {25}
 
 
 def test_alone_in_the_cluster(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, {"n1": nodes["n1"]}, local_pod_cidr="10.240.1.0/24")
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, {"n1": nodes["n1"]}, local_pod_cidr="10.240.1.0/24")
     assert st == DesiredState(address="10.240.1.1/32", mtu=None, local_range=cluster_config.pod_cidr)
 
 
 def test_plan_is_deterministic(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    a = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
-    b = plan("n1", nodes["n1"].public_key, cluster_config, dict(reversed(list(nodes.items()))),
+    a = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
+    b = plan_mesh("n1", nodes["n1"].public_key, cluster_config, dict(reversed(list(nodes.items()))),
              local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
     assert a == b
 
@@ -139,13 +139,13 @@ def test_unknown_underlay_means_no_mtu(cluster_config: ClusterConfig, underlay: 
 
 def test_plan_carries_the_mtu(nodes: dict[str, NodeRecord]) -> None:
     cfg = ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16")
-    assert plan("n1", "k", cfg, nodes, local_pod_cidr=None, underlay_mtu=1500).mtu == 1420
+    assert plan_mesh("n1", "k", cfg, nodes, local_pod_cidr=None, underlay_mtu=1500).mtu == 1420
     cfg = ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16", mtu=1300)
-    assert plan("n1", "k", cfg, nodes, local_pod_cidr=None, underlay_mtu=1500).mtu == 1300
+    assert plan_mesh("n1", "k", cfg, nodes, local_pod_cidr=None, underlay_mtu=1500).mtu == 1300
 
 
 def test_plan_carries_the_pod_mtu(cluster_config: ClusterConfig, nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None, underlay_mtu=1500)
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr=None, underlay_mtu=1500)
     assert (st.mtu, st.pod_mtu) == (1420, 1420)
 
 
@@ -219,7 +219,7 @@ def _vx_plan(nodes: dict[str, NodeRecord], **kw: object) -> DesiredState:
     cfg = ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16", routing="vxlan", vni=42)
     args: dict[str, object] = {"local_pod_cidr": "10.240.1.0/24", "underlay_mtu": 1500}
     args.update(kw)
-    return plan("n1", nodes["n1"].public_key, cfg, nodes, **args)  # type: ignore[arg-type]
+    return plan_mesh("n1", nodes["n1"].public_key, cfg, nodes, **args)  # type: ignore[arg-type]
 
 
 def test_gateway_address_is_the_network_address() -> None:
@@ -269,7 +269,7 @@ def test_local_vxlan_spec(vx_nodes: dict[str, NodeRecord]) -> None:
 
 def test_vxlan_spec_mtu_follows_config_mtu(vx_nodes: dict[str, NodeRecord]) -> None:
     cfg = ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16", routing="vxlan", mtu=1300)
-    st = plan("n1", vx_nodes["n1"].public_key, cfg, vx_nodes, local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
+    st = plan_mesh("n1", vx_nodes["n1"].public_key, cfg, vx_nodes, local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
     assert st.vxlan is not None and st.vxlan.mtu == 1300
     assert (st.mtu, st.pod_mtu) == (1350, 1300)
 
@@ -294,13 +294,13 @@ def test_node_without_vtep_mac_is_routed_over_wireguard(vx_nodes: dict[str, Node
 
 def test_missing_vtep_mac_is_not_skipped_in_wireguard_mode(cluster_config: ClusterConfig,
                                                            nodes: dict[str, NodeRecord]) -> None:
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
     assert st.skipped == ()
 
 
 def test_allowed_ips_are_the_whole_pod_cidr_in_both_modes(vx_nodes: dict[str, NodeRecord]) -> None:
     vx = _vx_plan(vx_nodes)
-    wg = plan("n1", vx_nodes["n1"].public_key, ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16"),
+    wg = plan_mesh("n1", vx_nodes["n1"].public_key, ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16"),
               vx_nodes, local_pod_cidr="10.240.1.0/24", underlay_mtu=1500)
     assert vx.peers == wg.peers
     for name in ("n2", "n3"):
@@ -331,7 +331,7 @@ def test_a_second_local_node_with_a_taken_key_is_skipped(cluster_config: Cluster
                                                          make_node: MakeNode) -> None:
     n2 = nodes["n2"]
     nodes["n9"] = make_node("n9", "10.240.9.0/24", public_key=n2.public_key)
-    st = plan("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
+    st = plan_mesh("n1", nodes["n1"].public_key, cluster_config, nodes, local_pod_cidr="10.240.1.0/24")
     assert st.peers["lab/n2"].allowed_ips == frozenset({n2.pod_cidr})
     assert "lab/n9" not in st.peers
     assert st.skipped == ("lab/n9: its public key is already in use",)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from wiremesh.agent.planner import DesiredState, plan
+from wiremesh.agent.planner import DesiredState, plan_mesh
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
 from wiremesh.tunnels import PeerConfig, Route, vtep_mac
 
@@ -34,7 +34,7 @@ def remotes(make_node: MakeNode) -> dict[str, dict[str, NodeRecord]]:
 
 
 def _plan(local_nodes: dict[str, NodeRecord], config: ClusterConfig = LOCAL, **kw: object) -> DesiredState:
-    return plan("n1", local_nodes["n1"].public_key, config, local_nodes, local_pod_cidr="10.240.1.0/24",
+    return plan_mesh("n1", local_nodes["n1"].public_key, config, local_nodes, local_pod_cidr="10.240.1.0/24",
                 **kw)  # type: ignore[arg-type]
 
 

@@ -30,7 +30,7 @@ def test_follow_again_while_an_old_watch_still_blocks() -> None:
     store = BlockingStore({layout.rotation_ready_key("c", "b", "c", "a"): RotationReady(nxt).to_json().encode()})
     stop, woke = threading.Event(), threading.Event()
     sup = Supervisor()
-    rw = ReadinessWatch(store, "c/a", stop, woke.set, sup.spawn)  # type: ignore[arg-type]
+    rw = ReadinessWatch(store, "c/a", stop, woke.set, sup.follow)  # type: ignore[arg-type]
     try:
         for _ in range(3):  # a rotation, ended, and the next: a new watch while the old one blocks
             rw.follow({"c": None})
@@ -39,7 +39,7 @@ def test_follow_again_while_an_old_watch_still_blocks() -> None:
             assert rw.view() == {"c/b": RotationReady(nxt)}
             rw.follow({})
             assert rw.view() == {}
-        assert not sup.crashed
+        assert not sup.dead
     finally:
         stop.set()
         rw.close()

@@ -17,7 +17,7 @@ import pytest
 import wiremesh.agent.reconciler
 import wiremesh.tunnels.targets
 from wiremesh.agent.objects import BACKOFF_MAX, BACKOFF_MIN
-from wiremesh.agent.planner import DesiredState, plan
+from wiremesh.agent.planner import DesiredState, plan_mesh
 from wiremesh.agent.reconciler import LINGER_S, Reconciler
 from wiremesh.clustermesh import ClusterConfig, NodeRecord, overlay_address
 from wiremesh.keys import PrivateKey
@@ -210,7 +210,7 @@ class Dataplane:
         return int(self.mtu.have[name])
 
     def pod_mtu(self, mtu: int) -> None:
-        """The reconciler's on_pod_mtu callback."""
+        """What the reconciler's pod MTU target does (every pod gets `mtu`)."""
         self.log.append(("pod-mtu", "update", "pods", mtu))
         if self.pod_mtu_error is not None:
             raise self.pod_mtu_error
@@ -219,7 +219,9 @@ class Dataplane:
                    **kw: Any) -> Reconciler:
         """A Reconciler whose kernel targets are this dataplane's fakes."""
         dev = dev if dev is not None else FakeDevice()
-        rec = Reconciler(dev, clock=clock or Clock(), on_pod_mtu=self.pod_mtu if pod_mtu else None, **kw)
+        rec = Reconciler(dev, clock=clock or Clock(), pods=(lambda: []) if pod_mtu else None, **kw)
+        if pod_mtu:
+            rec.pod_mtu = _PodMtu(self.pod_mtu)  # type: ignore[assignment]
         self.links.add(dev.name)
         self.mtu.have.setdefault(dev.name, 1280)
         self.vxlan_name = rec.vxlan_device
@@ -254,6 +256,25 @@ class Clock:
 
 def _no_kernel(*a: Any, **kw: Any) -> Any:
     raise AssertionError("a unit test reached the kernel (netlink)")
+
+
+class _PodMtu:
+    """The pod MTU target, its update handed to the fake dataplane."""
+
+    kind = "pod-mtu"
+    changed = 0
+
+    def __init__(self, apply: Any) -> None:
+        self.apply = apply
+
+    def read(self) -> dict[str, int]:
+        return {}
+
+    def update(self, key: str, want: int) -> None:
+        self.apply(want)
+
+    def delete(self, key: str, have: int) -> None:
+        pass
 
 
 def make_dataplane(monkeypatch: pytest.MonkeyPatch) -> Dataplane:
@@ -719,7 +740,7 @@ def records(make_node: Any) -> dict[str, NodeRecord]:
 def planned(records: dict[str, NodeRecord], routing: str = "wireguard", underlay_mtu: int | None = 1500,
             mtu: int = 0) -> DesiredState:
     cfg = ClusterConfig(name="lab", id=1, pod_cidr="10.240.0.0/16", routing=routing, mtu=mtu)
-    return plan("n1", records["n1"].public_key, cfg, records, local_pod_cidr="10.240.1.0/24",
+    return plan_mesh("n1", records["n1"].public_key, cfg, records, local_pod_cidr="10.240.1.0/24",
                 underlay_mtu=underlay_mtu)
 
 

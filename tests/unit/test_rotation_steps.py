@@ -123,16 +123,20 @@ class Publisher:
         self.rot, self.key, self.ok = rot, key, True
         self.published: list[NodeRecord] = []
 
-    def __call__(self) -> bool:
+    def __call__(self, commit_at: int = 0) -> bool:
+        """A write made at once (the agent's answers come a pass later: agent.rotation_link)."""
         if self.ok:
-            self.published.append(self.rot.announce(record(self.key)))
+            rec = self.rot.announce(record(self.key))
+            self.published.append(dataclasses.replace(rec, switch_at=commit_at) if commit_at else rec)
+            if commit_at:
+                self.rot.committed(commit_at)
         return self.ok
 
 
 def drive(rot: Rotator, own: Rotation | None, ready: Mapping[str, RotationReady], switched: list[PrivateKey],
           hs: Mapping[str, float] | None = None, publish: Any = None,
           announced: Mapping[str, NodeRecord] | None = None) -> None:
-    rot.drive(own, {"c/b"}, ready, lambda: dict(hs or {}), switched.append, publish or (lambda: True),
+    rot.drive(own, {"c/b"}, ready, lambda: dict(hs or {}), switched.append, publish or (lambda _at: True),
               lambda: None, announced)
 
 

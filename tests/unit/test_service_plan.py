@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent.service_plan import plan_services
+from wiremesh.agent.service_plan import BackendsView, plan_services
 from wiremesh.agent.services import ServiceBackends, backends_of
 from wiremesh.clustermesh import ConsulUnavailable, ServiceHealth, ServiceInstance
 from wiremesh.clustermesh.services import Backend, ClusterBackends, ServiceDef, ServicePort
@@ -22,8 +22,8 @@ IDS = {"east": 1, "west": 2}
 
 
 def test_each_port_is_a_frontend_with_the_affinity_s_backends() -> None:
-    st = plan_services("east", {"web": WEB}, {"web": {"east": ClusterBackends((E1,)), "west": ClusterBackends((W1,))}},
-                       {"web": True}, IDS)
+    st = plan_services("east", {"web": WEB}, BackendsView({"web": {"east": ClusterBackends((E1,)), "west": ClusterBackends((W1,))}},
+                       {"web": True}), IDS)
     assert st.frontends == {
         Frontend("10.96.0.11", 80, "tcp"): (LBBackend("10.240.1.2", 8080, 1),),  # local affinity: east only
         Frontend("10.96.0.11", 53, "udp"): (LBBackend("10.240.1.2", 5353, 1),),  # target_port wins
@@ -32,19 +32,20 @@ def test_each_port_is_a_frontend_with_the_affinity_s_backends() -> None:
 
 
 def test_failover_to_the_remote_cluster_carries_its_cluster_id() -> None:
-    st = plan_services("east", {"web": WEB}, {"web": {"east": ClusterBackends(()), "west": ClusterBackends((W1,))}},
-                       {"web": True}, IDS)
+    st = plan_services("east", {"web": WEB},
+                       BackendsView({"web": {"east": ClusterBackends(()), "west": ClusterBackends((W1,))}}, {"web": True}),
+                       IDS)
     assert st.frontends[Frontend("10.96.0.11", 80)] == (LBBackend("10.241.1.2", 8080, 2),)
 
 
 def test_a_service_whose_health_is_not_read_yet_is_left_as_it_is() -> None:
-    st = plan_services("east", {"web": WEB}, {}, {"web": False}, IDS)
+    st = plan_services("east", {"web": WEB}, BackendsView({}, {"web": False}), IDS)
     assert st.frontends == {}
     assert st.unsettled == {Frontend("10.96.0.11", 80, "tcp"), Frontend("10.96.0.11", 53, "udp")}
 
 
 def test_no_healthy_backend_is_an_empty_frontend() -> None:
-    st = plan_services("east", {"web": WEB}, {"web": {"east": ClusterBackends(())}}, {"web": True}, IDS)
+    st = plan_services("east", {"web": WEB}, BackendsView({"web": {"east": ClusterBackends(())}}, {"web": True}), IDS)
     assert st.frontends[Frontend("10.96.0.11", 80)] == ()
 
 

@@ -1,0 +1,142 @@
+"""One pass of the agent's reconcile loop, stage by stage, each guarded.
+
+    snapshot   take the newest cluster snapshot (config, rejected records, own record)
+    inputs     each input's owner hands over its part, frozen into one PassInputs value:
+               the snapshot, federation (remote clusters' nodes), service backends' health,
+               this node's key (the next one from its switch time on) and rotation state
+    plan       plan(inputs) -> DesiredState: device, peers, routes, VXLAN, FDB, neighbours,
+               pod MTU, services (pure: agent.planner)
+    reconcile  one reconciler over one target contract (update / delete / prune) per kind
+               of kernel object (agent.reconciler, tunnels.targets)
+    report     status, metrics, log lines
+    rotation   this node's key rotation and its part in the others' (agent.rotation_link)
+
+A new kind of kernel object (policy maps, tc programs on pod veths, a flow ring buffer) is one
+more section of DesiredState and `plan`, and one more target in the reconciler: nothing else
+here changes. Followers (health watches, readiness) are started and stopped in `inputs`, by
+their owners, never in `plan`.
+
+A stage that raises ends the pass: counted (`wiremesh_pass_errors_total{stage}`), logged once
+per distinct error (its traceback at -v), and the loop tries again after a backoff (0.2 s
+doubling to 5 s; a clean pass resets it). Nothing here waits for Consul: writes go through the
+registration and writer threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from wiremesh.tunnels import DeviceNotFound, TunnelError
+
+from .planner import DesiredState, DeviceSpec, LocalNode, PassInputs, plan
+from .reconciler import ReconcileResult
+from .rotation import now_ms
+from .rotation_link import rotation_pass, staging
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger("wiremesh.agent")
+T = TypeVar("T")
+
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+class PassFailed(Exception):
+    """A stage of the pass raised; the loop retries after a backoff."""
+
+
+class Pass:
+    """The loop's pass and what it keeps between passes (its backoff, the planner's memo)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.memo: dict[str, object] = {}  # planner's per-node parts, reused for unchanged records
+        self.failures = 0  # passes failed in a row
+        self.retry_at: float | None = None  # time.monotonic() of the retry after a failed pass
+        self._logged: dict[str, str] = {}  # stage -> the error last logged for it
+        self.desired: DesiredState | None = None  # as of the last planned pass (status endpoint)
+
+    def run(self, full: bool) -> bool:
+        """One pass; False if a stage failed (and the retry is scheduled)."""
+        t0 = time.perf_counter()
+        try:
+            self._run(full)
+        except PassFailed:
+            self.failures += 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
+            self.retry_at = time.monotonic() + delay
+            return False
+        finally:
+            self.agent.metrics.loop_blocked_seconds.observe(time.perf_counter() - t0)
+        if self.failures:
+            log.info("pass succeeded again after %d failed", self.failures)
+        self.failures, self.retry_at, self._logged = 0, None, {}
+        return True
+
+    def _stage(self, name: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a pass that raises is retried, never the end of the loop
+            self.agent.metrics.pass_errors_total.labels(name).inc()
+            msg = f"{type(e).__name__}: {e}"
+            if self._logged.get(name) != msg:
+                self._logged[name] = msg
+                log.warning("pass failed at %s (retrying with backoff): %s", name, msg)
+                log.debug("traceback of the failed %s stage", name, exc_info=True)
+            raise PassFailed(name) from e
+
+    def _run(self, full: bool) -> None:
+        a = self.agent
+        self._stage("snapshot", a.intake)
+        inputs = self._stage("inputs", self.gather)
+        if inputs is None:
+            return  # nothing to plan from yet (no snapshot)
+        desired = self._stage("plan", plan, inputs, self.memo)
+        self.desired = desired
+        res = self._stage("reconcile", self.apply, desired, full)
+        if res is None:
+            return
+        self._stage("report", a.report, desired, res, full)
+        self._stage("rotation", rotation_pass, a, desired, res)
+
+    # --- stages -------------------------------------------------------------------------------
+    def gather(self) -> PassInputs | None:
+        """Each input from its owner, frozen. Followers start and stop here, never in planning."""
+        a = self.agent
+        snap = a.snapshot()
+        if snap is None or a.config is None or a.key is None:
+            return None
+        fed = a.federation.view()
+        clusters: dict[str, str | None] = {a.cfg.cluster: None}
+        clusters.update((n, m.datacenter) for n, m in fed.members.items() if n != a.cfg.cluster)
+        backends = a.service_backends.gather(set(snap.services), clusters) if a.reconciler.services else None
+        # Peers' readiness is watched only while it matters: this node's rotation staged.
+        a.readiness.follow(clusters if staging(a) else {})
+        r = a.rotator
+        key = r.next_key if r.switch_due() and r.next_key is not None else a.key  # the switch: planned like the rest
+        local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
+                          device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
+                          persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
+        return PassInputs(local, snap, fed, backends, now_ms(), frozenset(r.refused))
+
+    def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
+        a = self.agent
+        if full:
+            a.ensure_device(desired)
+        try:
+            return a.reconciler.reconcile(desired, prune=a.may_prune(), full=full)
+        except DeviceNotFound:
+            if a.stop_event.is_set():
+                return None  # stopping: never start a new wireguard-go on the way out
+            log.warning("device %s is gone; creating it again", a.cfg.interface)
+            a.ensure_device(desired)
+            a.reconciler.forget_overlay()
+            return a.reconciler.reconcile(desired, prune=a.may_prune(), full=True)
+        except TunnelError:
+            a.metrics.sync_errors_total.labels("dataplane").inc()
+            raise
