@@ -52,7 +52,7 @@ def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
             token = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
                                  show_default=False) or ctx.consul.token
             a = wizard.ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
-                              ca_file=ctx.consul.ca_file)
+                                     ca_file=ctx.consul.ca_file)
             try:
                 facts = wizard.probe(a, f"clusters[{i}]")
                 break
@@ -68,7 +68,7 @@ def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
                 raise wizard.SetupError("datacenter", f"this Consul is datacenter {facts.datacenter!r}, not {dc!r}")
             if any(a.datacenter == dc for a in answers):
                 raise wizard.SetupError("datacenter", f"datacenter {dc!r} is already in this setup",
-                                 "each cluster needs its own Consul datacenter")
+                                        "each cluster needs its own Consul datacenter")
             return dc
 
         dc = _ask("  Datacenter", dc_ok, default=facts.datacenter)
@@ -86,7 +86,7 @@ def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
             for c in others:
                 if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):
                     raise wizard.SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
-                                     f"try {wizard.suggest_pod_cidr(answers, others) or 'another range'}")
+                                            f"try {wizard.suggest_pod_cidr(answers, others) or 'another range'}")
             return cidr
 
         cidr = _ask("  Pod CIDR", cidr_ok, default=known.pod_cidr if known else wizard.suggest_pod_cidr(answers, others))
@@ -95,7 +95,7 @@ def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
         pod_mtu = click.prompt(f"  Pod MTU (0: derive on each node{'; ' + hint if hint else ''})",
                                type=click.IntRange(0, 9000), default=0, err=True)
         answers.append(wizard.ClusterAnswer(consul=address, name=name, id=cid, pod_cidr=cidr, datacenter=dc,
-                                     token=token, ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
+                                            token=token, ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
     return answers
 
 

@@ -398,9 +398,9 @@ class Lab:
 
     def setup_answers(self) -> list[wizard.ClusterAnswer]:
         return [wizard.ClusterAnswer(consul=self.consul_address(c["name"]), name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"],
-                              datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
-                              node_prefix_len=c["node_prefix_len"], signing_key_file=signing.answer_key_file(self, c["name"]),
-                              unsigned=not signing.signed(self)) for c in self.state["clusters"]]
+                                     datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
+                                     node_prefix_len=c["node_prefix_len"], signing_key_file=signing.answer_key_file(self, c["name"]),
+                                     unsigned=not signing.signed(self)) for c in self.state["clusters"]]
 
     def wait_federated(self, timeout: float = 60) -> None:
         """Wait until every cluster's Consul knows every other datacenter (WAN federation)."""
