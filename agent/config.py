@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wiremesh.clustermesh import ConsulOptions, InvalidRecord, check_cluster_name, check_node_name
-from wiremesh.clustermesh.tokens import TokenFileError, read_token_file
+from wiremesh.clustermesh import (ConsulOptions, InvalidRecord, TokenFileError, check_cluster_name, check_node_name,
+                                  read_token_file)
 from wiremesh.tunnels import BACKENDS
 
 from .errors import ConfigError

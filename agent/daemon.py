@@ -53,7 +53,7 @@ from wiremesh.tunnels import (
     vtep_mac,
 )
 
-from .cni import CniState
+from wiremesh.tunnels import CniState
 
 from . import __version__
 from .config import AgentConfig

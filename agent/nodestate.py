@@ -20,8 +20,7 @@ from pathlib import Path
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from wiremesh.clustermesh import (ClusterConfig, ConsulError, ConsulStore, ConsulUnavailable, InvalidRecord,
-                                  lease_pod_cidr, load_cluster_config, overlay_address)
-from wiremesh.clustermesh.ipam import lease_certified
+                                  lease_certified, lease_pod_cidr, load_cluster_config, overlay_address)
 from wiremesh.errors import WiremeshError
 from wiremesh.keys import NodeIdentity
 

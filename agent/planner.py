@@ -23,7 +23,7 @@ from typing import Any
 
 from wiremesh.clustermesh import ClusterConfig, ClusterSnapshot, NodeRecord, overlay_address
 from wiremesh.keys import PrivateKey
-from wiremesh.keys.rotation import peer_key
+from wiremesh.keys import peer_key
 from wiremesh.tunnels import Backend as LBBackend
 from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, layout
-from wiremesh.clustermesh.rotation import RotationReady, parse_ready
+from wiremesh.clustermesh import RotationReady, parse_ready
 
 log = logging.getLogger("wiremesh.rotation")
 WATCH_WAIT_S = 30

@@ -34,7 +34,7 @@ from wiremesh.clustermesh import (
     layout,
 )
 
-from wiremesh.clustermesh.signed import sign_record
+from wiremesh.clustermesh import sign_record
 
 from .config import AgentConfig
 from .nodestate import write_state_file

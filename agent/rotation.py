@@ -29,9 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRecord, layout
-from wiremesh.clustermesh.rotation import Rotation, RotationReady
+from wiremesh.clustermesh import Rotation, RotationReady
 from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
-from wiremesh.keys.rotation import (
+from wiremesh.keys import (
     COMMIT_LEAD_MS,
     PEER_DELAY_MS,
     PEER_ROLLBACK_MS,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from wiremesh.clustermesh.services import ClusterBackends, ServiceDef, select_backends
+from wiremesh.clustermesh import ClusterBackends, ServiceDef, select_backends
 from wiremesh.tunnels import Backend as LBBackend
 from wiremesh.tunnels import Frontend
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, Endpoint, ServiceHealth
-from wiremesh.clustermesh.services import Backend, ClusterBackends
+from wiremesh.clustermesh import Backend, ClusterBackends
 from wiremesh.tunnels import ServiceLB, TunnelError, ensure_cgroup2
 
 from .service_plan import BackendsView

@@ -14,11 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wiremesh.clustermesh import ConsulOptions, ConsulStore, NodeRecord, overlay_address  # noqa: E402
-from wiremesh.keys import PrivateKey  # noqa: E402
-from wiremesh.lab import Lab  # noqa: E402
+from wiremesh.clustermesh import ConsulOptions, ConsulStore, NodeRecord, overlay_address
+from wiremesh.keys import PrivateKey
+from wiremesh.lab import Lab
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

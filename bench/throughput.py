@@ -18,11 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wiremesh.lab import Lab  # noqa: E402
+from wiremesh.lab import Lab
 
 
 def iperf(lab: Lab, client: str, server_ip: str, seconds: int) -> float:

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from wiremesh.keys import LEASE_DOMAIN, RECORD_DOMAIN, Certificate, CertificateError, NodeIdentity, VerifyKey
-from wiremesh.keys.signing import CERT_DOMAIN
+from wiremesh.keys import CERT_DOMAIN, LEASE_DOMAIN, RECORD_DOMAIN, Certificate, CertificateError, NodeIdentity, VerifyKey
 
 from .errors import InvalidRecord
 from .records import MAX_RECORD_BYTES, ClusterConfig, NodeRecord, check_node_name

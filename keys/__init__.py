@@ -3,6 +3,17 @@
 from .certificate import Certificate, NodeIdentity, issue
 from .errors import CertificateError, KeyMaterialError
 from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
+from .rotation import (
+    COMMIT_LEAD_MS,
+    PEER_DELAY_MS,
+    PEER_ROLLBACK_MS,
+    commit_order,
+    committed_step,
+    peer_key,
+    staged_step,
+    switch_time,
+    switched_step,
+)
 from .signing import (
     CERT_DOMAIN,
     LEASE_DOMAIN,
@@ -16,24 +27,33 @@ from .signing import (
 )
 
 __all__ = [
+    "canonical",
     "CERT_DOMAIN",
     "Certificate",
     "CertificateError",
+    "COMMIT_LEAD_MS",
+    "commit_order",
+    "committed_step",
+    "issue",
     "KEY_LEN",
     "KeyMaterialError",
     "LEASE_DOMAIN",
-    "NodeIdentity",
-    "PrivateKey",
-    "PublicKey",
-    "RECORD_DOMAIN",
-    "SigningKey",
-    "VerifyKey",
-    "canonical",
-    "issue",
     "load_or_generate",
     "load_or_generate_signing_key",
+    "NodeIdentity",
+    "PEER_DELAY_MS",
+    "peer_key",
+    "PEER_ROLLBACK_MS",
+    "PrivateKey",
+    "PublicKey",
     "read_key_file",
     "read_signing_key",
+    "RECORD_DOMAIN",
+    "SigningKey",
+    "staged_step",
+    "switch_time",
+    "switched_step",
+    "VerifyKey",
     "write_key_file",
     "write_signing_key",
 ]

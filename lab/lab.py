@@ -45,9 +45,8 @@ from wiremesh.clustermesh import (
     init_cluster,
     load_cluster_config,
     overlay_address,
+    wizard,
 )
-
-from wiremesh.clustermesh.wizard import ClusterAnswer, apply_setup, prepare
 from wiremesh.errors import WiremeshError
 
 from . import consul_server, netns, pods, secure, services, stop, teardown
@@ -397,11 +396,11 @@ class Lab:
         if wait:
             self.wait_converged(progress=progress)
 
-    def setup_answers(self) -> list[ClusterAnswer]:
-        return [ClusterAnswer(consul=self.consul_address(c["name"]), name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"],
-                              datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
-                              node_prefix_len=c["node_prefix_len"], signing_key_file=signing.answer_key_file(self, c["name"]),
-                              unsigned=not signing.signed(self)) for c in self.state["clusters"]]
+    def setup_answers(self) -> list[wizard.ClusterAnswer]:
+        return [wizard.ClusterAnswer(consul=self.consul_address(c["name"]), name=c["name"], id=c["id"], pod_cidr=c["pod_cidr"],
+                                     datacenter=c["datacenter"], routing=c["routing"], mtu=c.get("mtu", 0),
+                                     node_prefix_len=c["node_prefix_len"], signing_key_file=signing.answer_key_file(self, c["name"]),
+                                     unsigned=not signing.signed(self)) for c in self.state["clusters"]]
 
     def wait_federated(self, timeout: float = 60) -> None:
         """Wait until every cluster's Consul knows every other datacenter (WAN federation)."""
@@ -418,9 +417,9 @@ class Lab:
         self.wait_federated()
 
         def run() -> dict[str, str]:
-            plan, stores = prepare(self.setup_answers(), progress,
+            plan, stores = wizard.prepare(self.setup_answers(), progress,
                                    store_for=lambda a: ConsulStore(self.consul_options(a.name), retries=False))
-            return apply_setup(plan, stores, progress)
+            return wizard.apply_setup(plan, stores, progress)
         return self.hub_executor().call(run)
 
     def add_node(self, name: str | None = None, *, cluster: str | None = None, progress: Progress = _quiet,

@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from wiremesh.tunnels.netns import NetnsExecutor as _TunnelsNetnsExecutor
+from wiremesh.tunnels import NetnsExecutor as _TunnelsNetnsExecutor
 
 from . import stop
 from .errors import LabError

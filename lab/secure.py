@@ -31,9 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from wiremesh.clustermesh import ConsulOptions
-from wiremesh.clustermesh.acl import ensure_agent_token
-from wiremesh.clustermesh.tokens import read_token_file, write_token_file
+from wiremesh.clustermesh import ConsulOptions, ensure_agent_token, read_token_file, write_token_file
 
 from .errors import LabError
 

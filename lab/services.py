@@ -28,19 +28,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulStore, InvalidRecord, layout, load_cluster_config
-from wiremesh.clustermesh.services import (
+from wiremesh.agent import backends_of
+from wiremesh.clustermesh import (
     AFFINITIES,
     ClusterBackends,
+    ConsulError,
+    ConsulOptions,
+    ConsulStore,
+    InvalidRecord,
     ServiceDef,
     ServicePort,
     allocate_vip,
     check_service_name,
     check_vip,
+    layout,
+    load_cluster_config,
     select_backends,
 )
-
-from wiremesh.agent.services import backends_of
 
 from . import consul_server, netns, stop
 from .errors import LabError
@@ -97,7 +101,7 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 # --- each node's eBPF service lookup: its cgroup and pins --------------------------------------
 def cgroup_root(lab: "Lab") -> Path:
     """The lab's cgroup v2 group; one child per node."""
-    from wiremesh.tunnels.bpf import CGROUP2
+    from wiremesh.tunnels import CGROUP2
 
     return CGROUP2 / "wiremesh" / lab.name
 
@@ -107,8 +111,7 @@ def prepare_lookup(lab: "Lab", node_name: str, progress: Progress = _quiet) -> d
     a bpffs mounted inside it would be an instance nobody else sees) and make the node's cgroup.
     Returns the Node fields `cgroup` and `pin_dir`, or {} where the machine cannot do it (the
     node then runs without global services)."""
-    from wiremesh.tunnels.bpf import cgroup_for, ensure_cgroup2, mount_bpffs, pin_dir_for
-    from wiremesh.tunnels.errors import TunnelError
+    from wiremesh.tunnels import TunnelError, cgroup_for, ensure_cgroup2, mount_bpffs, pin_dir_for
 
     try:
         mount_bpffs()
@@ -132,7 +135,7 @@ def join_cgroup(node: "Node | None") -> list[str]:
 def unload_lookups(lab: "Lab", progress: Progress = _quiet) -> list[str]:
     """Detach and unpin every node's eBPF lookup and remove the lab's cgroups (processes must be
     gone). Also what the state does not name: every pin directory and cgroup of the lab's name."""
-    from wiremesh.tunnels.bpf import PIN_ROOT, ServiceLB, remove_cgroup
+    from wiremesh.tunnels import PIN_ROOT, ServiceLB, remove_cgroup
 
     removed = []
     root = cgroup_root(lab)
@@ -469,7 +472,7 @@ def expected_backends(lab: "Lab", name: str) -> dict[str, set[tuple[str, int]]]:
 
 def programmed(lab: "Lab", node_name: str, name: str) -> dict[str, Any] | None:
     """What NODE's eBPF maps hold for service NAME: {frontend, service_id, backends}, None if nothing."""
-    from wiremesh.tunnels.bpf import Frontend, read_pinned
+    from wiremesh.tunnels import Frontend, read_pinned
 
     node = lab.node(node_name)
     svc = service_state(lab, name)

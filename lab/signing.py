@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wiremesh.clustermesh import ClusterConfig
-from wiremesh.clustermesh.enroll import enroll
+from wiremesh.clustermesh import ClusterConfig, enroll
 from wiremesh.keys import load_or_generate_signing_key
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -126,47 +126,6 @@ def owned_routes(ifnames: Iterable[str]) -> set[Route]:
     """Routes via these devices in the main table that wiremesh made (by protocol number)."""
     with IPRoute() as ipr:
         return set(_owned_routes(ipr, _indexes(ipr, ifnames)).values())
-
-
-def sync_routes(desired: Iterable[Route], *, devices: Iterable[str], prune: bool,
-                keep: Callable[[str], bool] | None = None) -> tuple[int, int]:
-    """Make wiremesh's routes via `devices` equal `desired`, keyed by destination.
-
-    A destination that moves to another device or gateway is replaced in one step (no gap);
-    with `prune`, owned routes to destinations no longer desired are deleted, except those
-    `keep(dst)` protects. Returns
-    (added or changed, removed). Already there, or already gone, is no error.
-    """
-    want = {r.dst: r for r in (Route(str(ipaddress.ip_network(r.dst, strict=False)), r.ifname, r.via) for r in desired)}
-    added = removed = 0
-    with IPRoute() as ipr:
-        names = _indexes(ipr, set(devices) | {r.ifname for r in want.values()})
-        index = {v: k for k, v in names.items()}
-        have = _owned_routes(ipr, names)
-        for dst, r in sorted(want.items()):
-            if have.get(dst) == r:
-                continue
-            if r.ifname not in index:
-                raise DeviceNotFound(f"{r.ifname}: no such interface (route {dst})")
-            kw: dict[str, object] = {"dst": dst, "oif": index[r.ifname], "proto": RTPROT_WIREMESH, "table": MAIN_TABLE}
-            if r.via:
-                kw.update(gateway=r.via, flags=RTNH_F_ONLINK)
-            try:
-                ipr.route("replace", **kw)
-                added += 1
-            except NetlinkError as e:
-                raise _nl_error(f"{r.ifname}: route {dst}{' via ' + r.via if r.via else ''}", e) from e
-        if prune:
-            for dst, r in sorted(have.items()):
-                if dst in want or (keep is not None and keep(dst)):
-                    continue
-                try:
-                    ipr.route("del", dst=dst, oif=index[r.ifname], proto=RTPROT_WIREMESH, table=MAIN_TABLE)
-                    removed += 1
-                except NetlinkError as e:
-                    if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
-                        raise _nl_error(f"{r.ifname}: delete route {dst}", e) from e
-    return added, removed
 
 
 def set_mtu(ifname: str, mtu: int) -> bool:

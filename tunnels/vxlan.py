@@ -11,14 +11,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 
-from .errors import DeviceNotFound, TunnelError
+from .errors import TunnelError
 from .links import delete_link
 
 VXLAN_PORT = 4789
@@ -141,68 +140,3 @@ def read_vxlan(name: str) -> VxlanSpec | None:
 def delete_vxlan(name: str) -> bool:
     """Remove the VXLAN device (its FDB, neighbours and routes go with it); gone already is fine."""
     return delete_link(name)
-
-
-def sync_fdb(name: str, desired: Mapping[str, str], *, prune: bool) -> tuple[int, int]:
-    """Make the device's unicast FDB entries (MAC -> remote VTEP address) equal `desired`."""
-    added = removed = 0
-    with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            raise DeviceNotFound(f"{name}: no such interface")
-        have: dict[str, str] = {}
-        for e in ipr.fdb("dump", ifindex=idx):
-            if e.get("ifindex") != idx:
-                continue
-            mac, dst = e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")
-            if mac and dst:
-                have[mac] = dst
-        for mac, dst in sorted(desired.items()):
-            if have.get(mac) == dst:
-                continue
-            try:
-                ipr.fdb("replace", ifindex=idx, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
-                added += 1
-            except NetlinkError as e:
-                raise _err(f"{name}: fdb {mac} dst {dst}", e) from e
-        if prune:
-            for mac, dst in sorted(have.items()):
-                if mac in desired:
-                    continue
-                try:
-                    ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst, flags=NTF_SELF)
-                    removed += 1
-                except NetlinkError as e:
-                    if e.code not in (errno.ENOENT, errno.ENODEV):
-                        raise _err(f"{name}: delete fdb {mac}", e) from e
-    return added, removed
-
-
-def sync_neighbours(name: str, desired: Mapping[str, str], *, prune: bool) -> tuple[int, int]:
-    """Make the device's permanent neighbour entries (IP -> MAC) equal `desired`."""
-    added = removed = 0
-    with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            raise DeviceNotFound(f"{name}: no such interface")
-        have: dict[str, str] = {}
-        for n in ipr.neigh("dump", ifindex=idx):
-            if n.get("ifindex") == idx and n["state"] & NUD_PERMANENT:
-                have[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
-        for ip, mac in sorted(desired.items()):
-            if have.get(ip) == mac:
-                continue
-            try:
-                ipr.neigh("replace", ifindex=idx, dst=ip, lladdr=mac, state=NUD_PERMANENT)
-                added += 1
-            except NetlinkError as e:
-                raise _err(f"{name}: neighbour {ip} lladdr {mac}", e) from e
-        if prune:
-            for ip in sorted(set(have) - set(desired)):
-                try:
-                    ipr.neigh("del", ifindex=idx, dst=ip)
-                    removed += 1
-                except NetlinkError as e:
-                    if e.code not in (errno.ENOENT, errno.ENODEV):
-                        raise _err(f"{name}: delete neighbour {ip}", e) from e
-    return added, removed

@@ -1,8 +1,8 @@
 """wiremesh: an encrypted WireGuard overlay mesh for Linux hosts, coordinated through Consul.
 
 The source folders stay at the top of the repository (agent/, tunnels/, keys/, clustermesh/,
-lab/); this package reaches them through symlinks, so that users, tests and benchmarks import
-`wiremesh.agent`, `wiremesh.tunnels`, ... and nothing generic lands at the top of site-packages.
+lab/, cli/, cni/); pyproject.toml maps each to its one import name (`wiremesh.agent`, ...), so
+nothing generic lands at the top of site-packages and no module has a second name.
 """
 
 from .errors import WiremeshError

@@ -1,6 +1,6 @@
 """Fuzz target for `wiremesh-cni`: its stdin (the network config) and CNI_* environment, through main().
 
-The kernel is stubbed (tunnels.pods, as tests/unit/test_cni.py does) and every stateDir lands
+The kernel is stubbed (the tunnels face's pod functions, as tests/unit/test_cni.py does) and every stateDir lands
 under the fuzzer's scratch directory, so nothing outside it is touched.
 """
 
@@ -38,7 +38,7 @@ def _safe_state_dir(state_dir: str) -> Path:
 
 
 class FakePods:
-    """tunnels.pods without the kernel: ADD succeeds unless `fail`; CHECK reports `problems`."""
+    """The pod functions of tunnels without the kernel: ADD succeeds unless `fail`; CHECK reports `problems`."""
 
     def __init__(self) -> None:
         self.fail = False
@@ -46,7 +46,7 @@ class FakePods:
 
     def add_pod_interface(self, netns: str, container_id: str, ifname: str, address: str, gateway: str,
                           mtu: int | None) -> Any:
-        from wiremesh.tunnels.pods import PodInterface
+        from wiremesh.tunnels import PodInterface
 
         if self.fail:
             raise TunnelError("create veth: Operation not permitted", 1)
@@ -69,10 +69,10 @@ PODS = FakePods()
 
 @contextlib.contextmanager
 def stubbed_kernel() -> Iterator[None]:
-    """tunnels.pods replaced by PODS and every stateDir mapped under root(), for the block."""
-    import wiremesh.tunnels.pods as pods
-    from wiremesh.agent.cni import plugin
-    from wiremesh.agent.cni.state import CniState
+    """The tunnels face's pod functions replaced by PODS and every stateDir mapped under root(), for the block."""
+    import wiremesh.tunnels as pods  # the plugin imports them from the face
+    from wiremesh.cni import plugin
+    from wiremesh.tunnels import CniState
 
     names = ("add_pod_interface", "del_pod_interface", "check_pod_interface", "set_pod_mtu")
     saved = {n: getattr(pods, n) for n in names}
@@ -96,7 +96,7 @@ def _subclasses(cls: type) -> set[str]:
     return out
 
 
-# The spec's error codes (agent.cni.plugin).
+# The spec's error codes (cni.plugin).
 ERROR_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 999}
 # The plugin's last-resort handler names the exception class: one of wiremesh's own is an expected
 # failure (a TunnelError of the kernel); any other class there is a bug that reached the runtime.
@@ -143,7 +143,7 @@ def cni(data: bytes) -> None:
 def check_cni(env: dict[str, str], stdin: bytes) -> None:
     """main() exits 0 (with a result for ADD and VERSION) or 1 with one CNI error JSON on stdout;
     an exception of another family than wiremesh's is never what the runtime gets."""
-    from wiremesh.agent.cni import plugin
+    from wiremesh.cni import plugin
 
     env = {k: v.replace("\x00", "") for k, v in env.items()}  # an environment cannot hold NUL
     code, out = run_main(env, stdin)
@@ -166,7 +166,7 @@ def check_cni(env: dict[str, str], stdin: bytes) -> None:
 def run_main(env: dict[str, str], stdin: bytes) -> tuple[Any, Any]:
     """`wiremesh-cni` as a runtime runs it: main() with this environment and stdin (read as UTF-8,
     strictly, as Python reads a pipe under a UTF-8 locale) -> (exit code, its JSON output or None)."""
-    from wiremesh.agent.cni import plugin
+    from wiremesh.cni import plugin
 
     saved_env = {k: v for k, v in os.environ.items() if k.startswith("CNI_")}
     saved_io = sys.stdin, sys.stdout

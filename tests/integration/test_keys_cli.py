@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from wiremesh.agent.cli.main import cli
+from wiremesh.cli.main import cli
 from wiremesh.clustermesh import ConsulStore, NodeRecord, layout, overlay_address
 from wiremesh.clustermesh.rotation import parse_rotations
 from wiremesh.keys import PrivateKey
@@ -129,7 +129,7 @@ def test_two_commands_at_once_make_one_rotation(consul: Consul, cluster: ConsulS
     go = tmp_path / "go"
     script = ("import os, sys, time\n"
               f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
-              "from wiremesh.agent.cli.main import main\n"
+              "from wiremesh.cli.main import main\n"
               "sys.argv = ['wiremesh'] + sys.argv[1:]\n"
               "main()\n")
     args = ["--consul", consul.address, "-o", "json", "keys", "rotate", "r2", "--cluster", C]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from wiremesh.agent.cli.main import cli
+from wiremesh.cli.main import cli
 from wiremesh.keys import PrivateKey, read_key_file, write_key_file
 
 

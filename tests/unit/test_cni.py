@@ -1,4 +1,4 @@
-"""agent.cni.plugin: the CNI protocol (commands, config, environment, error codes) without the kernel.
+"""cni.plugin: the CNI protocol (commands, config, environment, error codes) without the kernel.
 
 Every function of tunnels.pods is replaced: ADD is driven only as far as its error paths, and DEL
 and CHECK run against a fake pod interface, so no test needs root or touches netlink.
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import wiremesh.tunnels.pods
-from wiremesh.agent.cni.plugin import (
+import wiremesh.tunnels
+from wiremesh.cni.plugin import (
     DECODE_FAILURE,
     INCOMPATIBLE_VERSION,
     INTERNAL,
@@ -32,7 +32,7 @@ from wiremesh.agent.cni.plugin import (
     parse_env,
     run,
 )
-from wiremesh.agent.cni.state import Attachment, CniState
+from wiremesh.tunnels.podstate import Attachment, CniState
 from wiremesh.tunnels import TunnelError
 
 CID = "c0ffee1234"
@@ -72,10 +72,10 @@ class Pods:
 
 
 def patch_pods(monkeypatch: pytest.MonkeyPatch) -> Pods:
-    # The plugin imports these inside its functions, from tunnels.pods: patch the module's attributes.
+    # The plugin imports these inside its functions, from the tunnels face: patch the face's attributes.
     p = Pods()
     for name in ("del_pod_interface", "check_pod_interface", "add_pod_interface", "set_pod_mtu"):
-        monkeypatch.setattr(wiremesh.tunnels.pods, name, getattr(p, name))
+        monkeypatch.setattr(wiremesh.tunnels, name, getattr(p, name))
     return p
 
 

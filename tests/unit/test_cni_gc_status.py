@@ -1,4 +1,4 @@
-"""agent.cni.plugin: the CNI 1.1 verbs GC and STATUS, without the kernel (tunnels.pods is replaced)."""
+"""cni.plugin: the CNI 1.1 verbs GC and STATUS, without the kernel (the tunnels face's pod functions are replaced)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import wiremesh.tunnels.pods
-from wiremesh.agent.cni.plugin import (
+import wiremesh.tunnels
+from wiremesh.cni.plugin import (
     INCOMPATIBLE_VERSION,
     INTERNAL,
     INVALID_CONFIG,
@@ -22,7 +22,7 @@ from wiremesh.agent.cni.plugin import (
     parse_valid_attachments,
     run,
 )
-from wiremesh.agent.cni.state import Attachment, CniState
+from wiremesh.tunnels.podstate import Attachment, CniState
 from wiremesh.tunnels import TunnelError
 
 from .test_cni import NODE_STATE, Pods, assert_error, conf, patch_pods, write_node_state
@@ -261,7 +261,7 @@ def test_gc_goes_on_after_a_failure_and_reports_it(tmp_path: Path, monkeypatch: 
             raise TunnelError("wmp-c1: delete: Operation not permitted", errno.EPERM)
         return True
 
-    monkeypatch.setattr(wiremesh.tunnels.pods, "del_pod_interface", del_pod_interface)
+    monkeypatch.setattr(wiremesh.tunnels, "del_pod_interface", del_pod_interface)
     out = assert_error(run(gc_env(), gc_conf(tmp_path, listed(("c3", "eth0")))), INTERNAL, "1.1.0")
     assert tried == [("c1", "eth0"), ("c1", "net1"), ("c2", "eth0")]
     assert "removed 1 of 3" in out["msg"] and "container c1 interface eth0" in out["msg"]

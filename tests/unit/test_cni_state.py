@@ -1,4 +1,4 @@
-"""agent.cni.state: host-local style address leases and attachments under the agent's state dir."""
+"""tunnels.podstate: host-local style address leases and attachments under the agent's state dir."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wiremesh.agent.cni import Attachment, CniState, NodeInfo
-from wiremesh.agent.cni.state import NodeStateUnavailable, NoFreeAddress
+from wiremesh.tunnels import Attachment, CniState, NodeInfo
+from wiremesh.tunnels.podstate import NodeStateUnavailable, NoFreeAddress
 
 CIDR = "10.240.1.0/24"
 

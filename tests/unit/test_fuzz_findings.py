@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz import seeds
-from wiremesh.agent.cni import plugin
+from wiremesh.cni import plugin
 from wiremesh.agent.config import load_config, parse_config
 from wiremesh.agent.errors import ConfigError
 from wiremesh.clustermesh import ClusterConfig, ConsulOptions, ConsulStore, InvalidRecord, NodeRecord

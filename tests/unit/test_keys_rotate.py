@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from wiremesh.agent.cli import keys_cmd, rotate_cmd
-from wiremesh.agent.cli.main import cli
+from wiremesh.cli import keys_cmd, rotate_cmd
+from wiremesh.cli.main import cli
 from wiremesh.clustermesh import ClusterConfig, ConsulUnavailable, KVItem, NodeRecord, layout
 from wiremesh.clustermesh.rotation import Rotation, parse_rotations
 from wiremesh.clustermesh.watch import Stop
@@ -136,7 +136,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, cluster_config: ClusterConfig,
         kv.put(layout.node_key(C, name), make_node(name, cidr, key_epoch=3).to_json())
         kv.kv[layout.node_key(C, name)] = replace(kv.kv[layout.node_key(C, name)], session=f"s-{name}")
     kv.puts.clear()
-    monkeypatch.setattr("wiremesh.agent.cli.target.ConsulStore", lambda options: kv)
+    monkeypatch.setattr("wiremesh.cli.target.ConsulStore", lambda options: kv)
     return kv
 
 
@@ -545,7 +545,7 @@ def test_age(ms: int, text: str) -> None:
 @pytest.fixture
 def empty_kv(monkeypatch: pytest.MonkeyPatch) -> FakeKV:
     kv = FakeKV()
-    monkeypatch.setattr("wiremesh.agent.cli.cluster.ConsulStore", lambda options: kv)
+    monkeypatch.setattr("wiremesh.cli.cluster.ConsulStore", lambda options: kv)
     return kv
 
 

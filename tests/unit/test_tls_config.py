@@ -149,7 +149,7 @@ def probe_opts(ctx: Any) -> None:
 def test_cli_takes_consuls_tls_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    main = importlib.import_module("wiremesh.agent.cli.main")
+    main = importlib.import_module("wiremesh.cli.main")
 
     f = files(tmp_path)
     monkeypatch.setenv("CONSUL_CACERT", f["ca.pem"])

@@ -1,5 +1,8 @@
 """What the CNI plugin keeps on the node: address leases and attachments, under the agent's state dir.
 
+Here in tunnels, below both of its users: the CNI plugin writes it, the agent reads the
+attachments (every pod veth gets the pod MTU).
+
     <state_dir>/state.json                      written by the agent: pod CIDR, pod MTU
     <state_dir>/cni/lock                        flock held by every ADD, DEL, CHECK and GC
     <state_dir>/cni/ipam/<ip>                   one file per leased address: "<container>/<ifname>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wiremesh.clustermesh import ClusterSnapshot, ConsulError, ConsulStore, MeshMember, Rejected, layout, parse_cluster, parse_mesh
-from wiremesh.clustermesh.store import KVItem
+from wiremesh.clustermesh import KVItem
 
 
 @dataclass

@@ -76,8 +76,7 @@ def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: i
 
 def _signing(store: ConsulStore, cfg: ClusterConfig, key_path: Path | None, unsigned: bool) -> ClusterConfig:
     """`cfg` with its signing settings: the stored config's, or for a new cluster a signing key's."""
-    from wiremesh.clustermesh import layout
-    from wiremesh.clustermesh.enroll import default_signing_key_path
+    from wiremesh.clustermesh import default_signing_key_path, layout
     from wiremesh.keys import load_or_generate_signing_key
 
     item = store.get(layout.config_key(cfg.name))

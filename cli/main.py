@@ -11,8 +11,7 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import ConsulOptions
-from wiremesh.clustermesh.tokens import read_token_file
+from wiremesh.clustermesh import ConsulOptions, read_token_file
 from wiremesh.errors import WiremeshError
 
 from .. import __version__
@@ -22,14 +21,14 @@ from .output import Ctx
 # Command groups are imported only when used: `wiremesh agent` then never loads rich, the lab or
 # the status code, which keeps a long-running agent's memory down.
 COMMANDS = {
-    "agent": "wiremesh.agent.cli.agent_cmd:agent",
-    "cluster": "wiremesh.agent.cli.cluster:cluster",
-    "keys": "wiremesh.agent.cli.keys_cmd:keys",
-    "lab": "wiremesh.lab.cli:lab",
-    "node": "wiremesh.agent.cli.node_cmd:node",
-    "service": "wiremesh.agent.cli.service_cmd:service",
-    "setup": "wiremesh.agent.cli.setup_cmd:setup",
-    "status": "wiremesh.agent.cli.status:status",
+    "agent": "wiremesh.cli.agent_cmd:agent",
+    "cluster": "wiremesh.cli.cluster:cluster",
+    "keys": "wiremesh.cli.keys_cmd:keys",
+    "lab": "wiremesh.cli.lab_cmd:lab",
+    "node": "wiremesh.cli.node_cmd:node",
+    "service": "wiremesh.cli.service_cmd:service",
+    "setup": "wiremesh.cli.setup_cmd:setup",
+    "status": "wiremesh.cli.status:status",
 }
 
 

@@ -8,22 +8,7 @@ from typing import Any
 
 import click
 
-from wiremesh.clustermesh import ConsulStore
-from wiremesh.clustermesh.wizard import (
-    ClusterAnswer,
-    SetupError,
-    agent_toml,
-    apply_setup,
-    create_agent_tokens,
-    check_id,
-    check_name,
-    check_pod_cidr,
-    load_answers,
-    prepare,
-    probe,
-    suggest_id,
-    suggest_pod_cidr,
-)
+from wiremesh.clustermesh import ConsulStore, wizard
 
 from .output import Ctx, emit, info
 
@@ -35,7 +20,7 @@ def _ask(prompt: str, check: Any, default: Any = None, type: Any = str, hide_inp
                              show_default=default not in (None, ""))
         try:
             return check(value)
-        except SetupError as e:
+        except wizard.SetupError as e:
             info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
 
 
@@ -52,10 +37,10 @@ def _underlay_mtu() -> int | None:
     return None
 
 
-def interview(ctx: Ctx) -> list[ClusterAnswer]:
+def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
     info("wiremesh setup: connect clusters (one Consul datacenter each) into one mesh.\n")
     count = click.prompt("How many clusters", type=click.IntRange(1, 32), default=2, err=True)
-    answers: list[ClusterAnswer] = []
+    answers: list[wizard.ClusterAnswer] = []
     taken: dict[int, str] = {}
     taken_cidrs: list[str] = []
     mtu = _underlay_mtu()
@@ -66,12 +51,12 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
             address = click.prompt("  Consul HTTP address", default=default_consul, err=True)
             token = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
                                  show_default=False) or ctx.consul.token
-            a = ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
-                              ca_file=ctx.consul.ca_file)
+            a = wizard.ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
+                                     ca_file=ctx.consul.ca_file)
             try:
-                facts = probe(a, f"clusters[{i}]")
+                facts = wizard.probe(a, f"clusters[{i}]")
                 break
-            except SetupError as e:
+            except wizard.SetupError as e:
                 info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
         info(f"  reached: datacenter {facts.datacenter!r}, WAN-federated with {', '.join(facts.datacenters)}")
         for m in facts.mesh.values():
@@ -80,37 +65,37 @@ def interview(ctx: Ctx) -> list[ClusterAnswer]:
 
         def dc_ok(dc: str, facts: Any = facts) -> str:
             if dc != facts.datacenter:
-                raise SetupError("datacenter", f"this Consul is datacenter {facts.datacenter!r}, not {dc!r}")
+                raise wizard.SetupError("datacenter", f"this Consul is datacenter {facts.datacenter!r}, not {dc!r}")
             if any(a.datacenter == dc for a in answers):
-                raise SetupError("datacenter", f"datacenter {dc!r} is already in this setup",
-                                 "each cluster needs its own Consul datacenter")
+                raise wizard.SetupError("datacenter", f"datacenter {dc!r} is already in this setup",
+                                        "each cluster needs its own Consul datacenter")
             return dc
 
         dc = _ask("  Datacenter", dc_ok, default=facts.datacenter)
         existing = next((m for m in facts.mesh.values() if m.datacenter == dc), None)
-        name = _ask("  Cluster name", lambda v: check_name(v, answers), default=existing.name if existing else dc)
+        name = _ask("  Cluster name", lambda v: wizard.check_name(v, answers), default=existing.name if existing else dc)
         known = facts.mesh.get(name)
-        cid = _ask("  Cluster id (1-255)", lambda v: check_id(v, answers, taken, name), type=int,
-                   default=known.id if known else suggest_id(answers, taken))
+        cid = _ask("  Cluster id (1-255)", lambda v: wizard.check_id(v, answers, taken, name), type=int,
+                   default=known.id if known else wizard.suggest_id(answers, taken))
         others = [c for c in taken_cidrs if not (known and c == known.pod_cidr)]
 
         def cidr_ok(v: str) -> str:
-            cidr = check_pod_cidr(v, answers)
+            cidr = wizard.check_pod_cidr(v, answers)
             import ipaddress
 
             for c in others:
                 if ipaddress.ip_network(c).overlaps(ipaddress.ip_network(cidr)):
-                    raise SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
-                                     f"try {suggest_pod_cidr(answers, others) or 'another range'}")
+                    raise wizard.SetupError("pod_cidr", f"{cidr} overlaps {c}, in use in the mesh",
+                                            f"try {wizard.suggest_pod_cidr(answers, others) or 'another range'}")
             return cidr
 
-        cidr = _ask("  Pod CIDR", cidr_ok, default=known.pod_cidr if known else suggest_pod_cidr(answers, others))
+        cidr = _ask("  Pod CIDR", cidr_ok, default=known.pod_cidr if known else wizard.suggest_pod_cidr(answers, others))
         routing = click.prompt("  Routing mode", type=click.Choice(["wireguard", "vxlan"]), default="wireguard", err=True)
         hint = f"detected underlay MTU {mtu}: pods get {mtu - 80 - (50 if routing == 'vxlan' else 0)}" if mtu else ""
         pod_mtu = click.prompt(f"  Pod MTU (0: derive on each node{'; ' + hint if hint else ''})",
                                type=click.IntRange(0, 9000), default=0, err=True)
-        answers.append(ClusterAnswer(consul=address, name=name, id=cid, pod_cidr=cidr, datacenter=dc,
-                                     token=token, ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
+        answers.append(wizard.ClusterAnswer(consul=address, name=name, id=cid, pod_cidr=cidr, datacenter=dc,
+                                            token=token, ca_file=ctx.consul.ca_file, routing=routing, mtu=pod_mtu))
     return answers
 
 
@@ -139,18 +124,18 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
     A new cluster gets a signing key (a file kept here, never in Consul) and refuses unsigned
     records: enroll each node with `wiremesh node enroll` (answers: `unsigned: true` to opt out).
     """
-    answers = load_answers(answers_file) if answers_file else interview(ctx)
+    answers = wizard.load_answers(answers_file) if answers_file else interview(ctx)
     for a in answers:  # --token / CONSUL_HTTP_TOKEN and --ca-file stand in for answers that give none
         a.token = a.token or ctx.consul.token
         a.ca_file = a.ca_file or ctx.consul.ca_file
         if not a.unsigned and not a.signing_key_file:
-            from wiremesh.clustermesh.enroll import signing_key_dir
+            from wiremesh.clustermesh import signing_key_dir
 
             a.signing_key_file = str((signing_keys or signing_key_dir()) / f"{a.name}.key")
     if any(a.acl_nodes for a in answers) and acl_out is None:
-        raise SetupError("--acl-out", "acl_nodes are listed: say where the tokens go (a directory)")
+        raise wizard.SetupError("--acl-out", "acl_nodes are listed: say where the tokens go (a directory)")
     o = ctx.consul  # a client certificate (--client-cert, CONSUL_CLIENT_CERT) goes to every cluster's Consul
-    plan, stores = prepare(answers, progress=lambda m: info(f"  {m}"), store_for=lambda a: ConsulStore(
+    plan, stores = wizard.prepare(answers, progress=lambda m: info(f"  {m}"), store_for=lambda a: ConsulStore(
         dataclasses.replace(a.options(), client_cert=o.client_cert, client_key=o.client_key), retries=False))
     summary = plan.summary()
     if not ctx.json:
@@ -162,7 +147,7 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
         info("nothing to change: every datacenter already has this setup" if not plan.changes
              else f"dry run: {plan.changes} change(s) not written")
         if not dry_run and acl_out is not None:
-            create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
+            wizard.create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
         if ctx.json:
             emit(ctx, {"clusters": summary, "changes": plan.changes, "applied": False})
         return
@@ -170,9 +155,9 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
                                      default=False, err=True):
         info("nothing written")
         raise SystemExit(1)
-    result = apply_setup(plan, stores, progress=lambda m: info(f"  {m}"))
+    result = wizard.apply_setup(plan, stores, progress=lambda m: info(f"  {m}"))
     if acl_out is not None:
-        create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
+        wizard.create_agent_tokens(answers, stores, acl_out, progress=lambda m: info(f"  {m}"))
     if ctx.json:
         emit(ctx, {"clusters": summary, "changes": plan.changes, "result": result, "applied": True})
         return
@@ -183,7 +168,7 @@ def setup(ctx: Ctx, answers_file: Path | None, yes: bool, dry_run: bool, acl_out
                  f"(enroll each node: wiremesh node enroll NODE --cluster {a.name} --signing-key {a.signing_key_file} ...)")
     info("\nEach node's agent.toml needs:")
     for a, f in zip(plan.answers, plan.facts):
-        click.echo(agent_toml(a, f.datacenter))
+        click.echo(wizard.agent_toml(a, f.datacenter))
 
 
 __all__ = ["setup"]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import load_config
-from ..identity import load_identity
+from wiremesh.agent import load_config, load_identity
 
 
 @click.command()
@@ -28,6 +27,6 @@ def agent(config_path: Path, check: bool) -> None:
             c = identity.certificate
             click.echo(f"certificate: serial {c.serial}, pod CIDR {c.pod_cidr}, valid until {c.not_after}", err=True)
         return
-    from ..daemon import Agent
+    from wiremesh.agent import Agent
 
     raise SystemExit(Agent(cfg).run())

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, layout, load_cluster_config
-from wiremesh.clustermesh.services import (
+from wiremesh.clustermesh import (
     AFFINITIES,
     PROTOCOLS,
     ClusterBackends,
@@ -22,8 +22,7 @@ from wiremesh.clustermesh.services import (
 )
 from wiremesh.errors import WiremeshError
 
-from ..config import load_config
-from ..services import backends_of
+from wiremesh.agent import backends_of, load_config
 from .output import Ctx, emit, info
 from .target import CONFIG_OPTION, target
 from .view import collect

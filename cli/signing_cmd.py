@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import ConsulStore, layout, load_cluster_config, parse_cluster
-from wiremesh.clustermesh.enroll import EnrollError, attach_signing_key, default_signing_key_path, update_config
+from wiremesh.clustermesh import (ConsulStore, EnrollError, attach_signing_key, default_signing_key_path, layout,
+                                  load_cluster_config, parse_cluster, update_config)
 from wiremesh.keys import load_or_generate_signing_key, read_signing_key
 
 from .output import Ctx, emit, info

@@ -27,11 +27,12 @@ from wiremesh.clustermesh import (
     ConsulUnavailable,
     InvalidRecord,
     KVItem,
+    Rotation,
     check_node_name,
     layout,
     parse_cluster,
+    parse_rotations,
 )
-from wiremesh.clustermesh.rotation import Rotation, parse_rotations
 from wiremesh.errors import WiremeshError
 
 from .output import Ctx, emit, info

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import ConsulStore
-from wiremesh.clustermesh.enroll import DEFAULT_VALIDITY_S, default_signing_key_path, enroll, node_serials, revoke
+from wiremesh.clustermesh import DEFAULT_VALIDITY_S, ConsulStore, default_signing_key_path, enroll, node_serials, revoke
 from wiremesh.keys import SigningKey, VerifyKey, load_or_generate_signing_key, read_signing_key
 
 from .cluster import _duration

@@ -7,11 +7,10 @@ from typing import Any
 
 import click
 
-from wiremesh.clustermesh.services import AFFINITIES
+from wiremesh.clustermesh import AFFINITIES
+from wiremesh.lab import Lab, LabError, services
 
-from . import services
-from .errors import LabError
-from .lab import Lab
+from .output import Ctx, emit
 
 
 def _say(msg: str) -> None:
@@ -137,8 +136,6 @@ def vip(name: str, service_name: str, cluster: str | None) -> None:
 
 
 def _emit(obj: Any, rows: list[dict[str, Any]]) -> None:
-    from wiremesh.agent.cli.output import Ctx, emit
-
     table = []
     for r in rows:
         vips = r["vips"]

@@ -13,7 +13,7 @@ GC and STATUS (CNI 1.1) need cniVersion 1.1.0. GC removes every attachment the n
 the runtime's `cni.dev/valid-attachments` does not list; STATUS says whether ADD can be served.
 
 The agent writes the node's pod CIDR and MTU to <stateDir>/state.json; the plugin leases
-addresses from that CIDR (see agent.cni.state) and never talks to Consul.
+addresses from that CIDR (see wiremesh.tunnels.podstate) and never talks to Consul.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from wiremesh.errors import WiremeshError
 
 if TYPE_CHECKING:
-    from .state import CniState, NodeInfo
+    from wiremesh.tunnels import CniState, NodeInfo
 
 SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = SUPPORTED[-1]
@@ -182,7 +182,7 @@ def _result(version: str, a: Any, iface: Any) -> dict[str, Any]:
 
 
 def _state(conf: dict[str, Any]) -> CniState:
-    from .state import CniState
+    from wiremesh.tunnels import CniState
 
     return CniState(Path(conf.get("stateDir", DEFAULT_STATE_DIR)))
 
@@ -198,7 +198,7 @@ def _remove(state: CniState, cid: str, ifname: str) -> None:
 
     The lease is given back only once the veth is gone, so that a failure never leaves an
     address that a new pod could get while the old pod's route still points at the old veth."""
-    from wiremesh.tunnels.pods import del_pod_interface
+    from wiremesh.tunnels import del_pod_interface
 
     del_pod_interface(cid, ifname)
     state.release(cid, ifname)
@@ -206,10 +206,8 @@ def _remove(state: CniState, cid: str, ifname: str) -> None:
 
 
 def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    from wiremesh.tunnels import TunnelError
-    from wiremesh.tunnels.pods import PodInterface, add_pod_interface, check_pod_interface
-
-    from .state import Attachment, NodeStateUnavailable, NoFreeAddress
+    from wiremesh.tunnels import (Attachment, NodeStateUnavailable, NoFreeAddress, PodInterface, TunnelError,
+                                  add_pod_interface, check_pod_interface)
 
     state = _state(conf)
     try:
@@ -252,7 +250,7 @@ def cmd_del(conf: dict[str, Any], env: dict[str, str]) -> None:
 
 
 def cmd_check(conf: dict[str, Any], env: dict[str, str]) -> None:
-    from wiremesh.tunnels.pods import check_pod_interface
+    from wiremesh.tunnels import check_pod_interface
 
     require_version(conf, "CHECK", "0.4.0")
     prev = conf.get("prevResult")
@@ -301,7 +299,7 @@ def cmd_gc(conf: dict[str, Any]) -> None:
 
 def cmd_status(conf: dict[str, Any]) -> None:
     """Ready (no error) when ADD can be served: the agent's state.json is usable and addresses are left."""
-    from .state import NodeStateUnavailable
+    from wiremesh.tunnels import NodeStateUnavailable
 
     require_version(conf, "STATUS", "1.1.0")
     state = _state(conf)

@@ -15,7 +15,7 @@ from wiremesh.keys import PublicKey
 from wiremesh.errors import WiremeshError
 from wiremesh.tunnels import DeviceState, open_device
 
-from ..config import load_config
+from wiremesh.agent import load_config
 from .output import Ctx, emit, info
 from .view import collect
 

@@ -8,7 +8,7 @@ import click
 
 from wiremesh.clustermesh import ConsulStore
 
-from ..config import load_config
+from wiremesh.agent import load_config
 from .output import Ctx
 
 CONFIG_OPTION = click.option(

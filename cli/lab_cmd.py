@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from .errors import LabError
-from .lab import Lab, list_labs
-from .topology import DEFAULT_TOPOLOGY, load_topology
+from wiremesh.lab import DEFAULT_TOPOLOGY, Lab, LabError, list_labs, load_topology
+
+from .output import Ctx, emit
 
 
 def _say(msg: str) -> None:
@@ -105,8 +105,6 @@ def ping_matrix(lab_: Lab) -> list[dict[str, Any]]:
 
 
 def _print_status(obj: Any, lab_: Lab) -> None:
-    from wiremesh.agent.cli.output import Ctx, emit
-
     ctx = obj if obj is not None else Ctx()
     rows, data = [], []
     for n, node in sorted(lab_.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].index)):
@@ -136,8 +134,6 @@ def status(obj: Any, name: str) -> None:
 @click.pass_obj
 def list_(obj: Any) -> None:
     """Labs on this machine."""
-    from wiremesh.agent.cli.output import Ctx, emit
-
     labs = list_labs()
     emit(obj or Ctx(), labs, ["lab"], [[x] for x in labs])
 
@@ -230,8 +226,6 @@ def pod_del(name: str, pod_name: str) -> None:
 @click.pass_obj
 def pod_list(obj: Any, name: str) -> None:
     """Pods of the lab with their node and address."""
-    from wiremesh.agent.cli.output import Ctx, emit
-
     pods = Lab(name).load().pods
     emit(obj or Ctx(), [p.__dict__ for p in pods.values()], ["pod", "node", "address", "netns"],
          [[p.name, p.node, p.address, p.netns] for p in pods.values()])
@@ -260,6 +254,6 @@ def down(name: str, all_: bool) -> None:
         click.echo(f"lab {n}: {'removed' if removed else 'nothing to remove'}", err=True)
 
 
-from .service_cli import service as _service_group  # noqa: E402 - the group lives in its own module
+from .lab_service_cmd import service as _service_group  # noqa: E402 - the group lives in its own module
 
 lab.add_command(_service_group)

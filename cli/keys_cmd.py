@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from wiremesh.clustermesh import layout
-from wiremesh.clustermesh.rotation import Rotation
+from wiremesh.clustermesh import Rotation, layout
 from wiremesh.keys import PublicKey, load_or_generate, read_key_file
 
 from .output import Ctx, emit, info
