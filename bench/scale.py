@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -91,9 +94,10 @@ class ScaleBench:
         return json.loads(self.get("/healthz"))  # type: ignore[no-any-return]
 
     def peer_changes(self) -> float:
-        """wiremesh_peer_changes_total, every op summed: grows by one per peer programmed."""
+        """wiremesh_peer_changes_total of ops add and update: grows by one per peer programmed.
+        Not remove: a replaced key lingers 1 s on the device and its removal then is no trial's."""
         return sum(float(line.rsplit(" ", 1)[1]) for line in self.get("/metrics").decode().splitlines()
-                   if line.startswith("wiremesh_peer_changes_total{"))
+                   if line.startswith(('wiremesh_peer_changes_total{op="add"}', 'wiremesh_peer_changes_total{op="update"}')))
 
     # --- records --------------------------------------------------------------------------
     def grow(self, n: int) -> None:
@@ -232,7 +236,40 @@ class ScaleBench:
         return len(device)
 
 
-def measure(sizes: list[int], trials: int) -> list[dict[str, Any]]:
+class Profiler:
+    """py-spy sampling the agent during one size's trials (--profile DIR): collapsed stacks in
+    DIR/agent-N-peers-KIND.txt (flamegraph.pl or speedscope read them). It slows the agent a
+    little: figures of a profiled run are not to be compared with an unprofiled one."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if out is not None and not Path(self.exe).exists():
+            raise SystemExit("--profile needs py-spy (pip install py-spy into the venv)")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, pid: int, name: str) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([self.exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                      "--threads", "--output", str(self.out / f"{name}.txt")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def measure(sizes: list[int], trials: int, profile: Path | None = None) -> list[dict[str, Any]]:
+    profiler = Profiler(profile)
     lab = Lab(lab_name("scale"))
     rows: list[dict[str, Any]] = []
     try:
@@ -253,7 +290,11 @@ def measure(sizes: list[int], trials: int) -> list[dict[str, Any]]:
                 time.sleep(1.0)  # let the load's last passes and watch deliveries finish
                 poll_cpu = bench.poll_cost()
                 for kind, first in (("endpoint", 0), ("key", n // 2)):
-                    r = bench.trials(kind, trials, first, poll_cpu)
+                    profiler.start(bench.node.pid, f"agent-{n}-peers-{kind}")
+                    try:
+                        r = bench.trials(kind, trials, first, poll_cpu)
+                    finally:
+                        profiler.stop()
                     rows.append({"peers": n, "change": kind, **r,
                                  "agent_rss_mib": round(rss_kib(bench.node.pid) / 1024, 1),
                                  "wg_rss_mib": round(rss_kib(bench.wg_pid) / 1024, 1),
@@ -281,6 +322,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30, help="changes timed per size and kind")
     ap.add_argument("--smoke", action="store_true",
                     help="the smallest run that still measures everything (--sizes 3 10 --trials 3), in seconds")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="sample the agent with py-spy during each size's trials (collapsed stacks in DIR)")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
     if args.smoke:
@@ -289,7 +332,7 @@ def main() -> None:
     if sizes[0] < 1 or args.trials < 1:
         raise SystemExit("--sizes and --trials must be positive")
     stop_on_sigterm()
-    rows = measure(sizes, args.trials)
+    rows = measure(sizes, args.trials, args.profile)
     if args.output == "json":
         print(json.dumps(rows, indent=2))
     else:
