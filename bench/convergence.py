@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from _common import FakeNodes, bare_watcher, figure, finished, lab_name, pct, rss_kib, stop_on_sigterm, wait_leader
+from _common import FakeNodes, bare_watcher, cpu_seconds, figure, finished, lab_name, pct, rss_kib, stop_on_sigterm, wait_leader
 from wiremesh.clustermesh import layout
 from wiremesh.lab import Lab
 from wiremesh.lab.topology import load_topology
@@ -50,6 +50,8 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
         time.sleep(0.5)
         agent_lat: list[float] = []
         bare_lat: list[float] = []
+        pids = [lab.node(nd).pid for nd in nodes]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         free = [str(s) for s in cluster.pod_network.subnets(new_prefix=cluster.node_prefix_len)][200:]
         for i in range(trials):
             name, cidr = f"bench{i}", free[i]
@@ -76,6 +78,7 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
                 bare_lat.append(seen[key][1] - t_put)
             lab.consul(lambda s: (s.delete(key), s.delete(layout.ipam_key(cluster.name, cidr))), target)
             time.sleep(0.2)
+        cpu_per_trial = (sum(cpu_seconds(p) for p in pids) - cpu0) / trials  # the /peers polls included
         rss = [rss_kib(lab.node(nd).pid) / 1024 for nd in nodes]
         return {
             "nodes": f"2x{n} (cross)" if cross else n, "trials": trials, "lab_up_s": round(up_s, 1),
@@ -86,6 +89,7 @@ def measure(n: int, trials: int, cross: bool = False) -> dict[str, object]:
             "bare_watch_p99_ms": round(pct(bare_lat, 99) * 1000, 1) if bare_lat else None,
             "ratio_p50_vs_bare_watch": round(pct(agent_lat, 50) / pct(bare_lat, 50), 2) if bare_lat else None,
             "ratio_p99_vs_bare_watch": round(pct(agent_lat, 99) / pct(bare_lat, 99), 2) if bare_lat else None,
+            "agents_cpu_ms_per_trial": round(cpu_per_trial * 1000, 1),
             "rss_mib_mean": round(statistics.mean(rss), 1), "rss_mib_max": round(max(rss), 1),
         }
     finally:
@@ -121,7 +125,7 @@ def main() -> None:
         print(json.dumps(results, indent=2))
     else:
         cols = ["nodes", "agents_p50_ms", "agents_p99_ms", "agents_max_ms", "bare_watch_p50_ms", "bare_watch_p99_ms",
-                "ratio_p50_vs_bare_watch", "ratio_p99_vs_bare_watch", "rss_mib_mean", "rss_mib_max", "lab_up_s"]
+                "ratio_p50_vs_bare_watch", "ratio_p99_vs_bare_watch", "agents_cpu_ms_per_trial", "rss_mib_mean", "rss_mib_max", "lab_up_s"]
         print("  ".join(cols))
         for r in results:
             print("  ".join(str(r[c]).rjust(len(c)) for c in cols))
@@ -129,6 +133,8 @@ def main() -> None:
         figure(f"convergence at {r['nodes']} agents, p50/p99 vs bare watcher",
                f"{r['agents_p50_ms']}/{r['agents_p99_ms']} ms vs {r['bare_watch_p50_ms']}/{r['bare_watch_p99_ms']} ms, "
                f"ratio x{r['ratio_p50_vs_bare_watch']}/x{r['ratio_p99_vs_bare_watch']} (aim <= x2)")
+        figure(f"CPU of all agents per new node at {r['nodes']} agents", f"{r['agents_cpu_ms_per_trial']} ms "
+               "(their /peers polls included)")
         figure(f"agent RSS at {r['nodes']} agents", f"mean {r['rss_mib_mean']} MiB, max {r['rss_mib_max']} MiB")
     finished("convergence")
 
