@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_seconds, lab_name, pct
+from _common import cpu_seconds, figure, finished, lab_name, pct, stop_on_sigterm, wait_leader
 from wiremesh.lab.udpbuf import enlarge_udp_buffers, udp_rcvbuf_errors
 from wiremesh.lab import Lab
 
@@ -192,6 +192,7 @@ def measure(n: int, modes: list[int], rates: list[int], max_pairs: int, timeout:
         log(f"{n} nodes: lab up...")
         t0 = time.monotonic()
         lab.up(n, progress=lambda m: None)
+        wait_leader(lab)
         log(f"{n} nodes: lab up in {time.monotonic() - t0:.0f} s; wireguard-go UDP buffers to 4 MiB on "
             f"{enlarge_udp_buffers(lab)} sockets")
         nodes = sorted(lab.nodes, key=lambda x: int(x.removeprefix("node")))
@@ -236,8 +237,15 @@ def main() -> None:
     ap.add_argument("--pps-budget", type=int, default=6000,
                     help="pings per second in all, both ways (fewer pairs at higher rates)")
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR", help="copy the agents' logs here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest run that still measures everything (--nodes 3 --parallel 1 --rates 100)")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
+    if args.smoke:
+        args.nodes, args.parallel, args.rates, args.timeout = [3], [1], [100], 120
+    if min(args.nodes + args.parallel + args.rates) < 1:
+        raise SystemExit("--nodes, --parallel and --rates must be positive")
+    stop_on_sigterm()
     global KEEP_PINGS
     KEEP_PINGS = args.keep_logs / "pings" if args.keep_logs else None
     results = []
@@ -246,7 +254,16 @@ def main() -> None:
                            args.pps_budget)
     if args.output == "json":
         print(json.dumps(results, indent=2))
-        return
+    else:
+        table(results)
+    for r in results:
+        figure(f"rotate --all at {r['nodes']} nodes, {r['mode']}, pings at {r['rate_pps']}/s",
+               f"{r['rotate_all_s']} s, {r['done']}/{r['rotations']} done, lost {r['lost']} of {r['sent']} packets, "
+               f"longest gap {r['longest_gap_ms']} ms")
+    finished("rotation")
+
+
+def table(results: list[dict[str, Any]]) -> None:
     cols = ["nodes", "mode", "rate_pps", "rotate_all_s", "done", "per_node_p50_s", "per_node_max_s", "pairs", "sent",
             "lost", "lost_max_pair", "longest_gap_ms", "udp_rcvbuf_drops", "cpu_busy_pct", "cpu_agents_pct",
             "cpu_wireguard-go_pct", "cpu_consul_pct"]

@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import bare_watcher, cpu_seconds, fake_record, lab_name, pct, rss_kib
+from _common import (FakeNodes, bare_watcher, cpu_seconds, figure, finished, lab_name, pct, rss_kib, stop_on_sigterm,
+                     wait_leader)
 from wiremesh.clustermesh import KVOp, NodeRecord, layout
 from wiremesh.keys import PrivateKey
 from wiremesh.lab import Lab
@@ -48,6 +52,7 @@ from wiremesh.lab import Lab
 POD_CIDR = "10.240.0.0/12"  # 4 096 /24s: room for the largest size
 POLL_S = 0.02  # /metrics polling while a change is awaited (its timing comes from /peers)
 SETTLE_S = 0.1  # quiet time between two trials, so each change is measured alone
+LINGER_WAIT_S = 5.0  # replaced keys linger 1 s on the device (agent/reconciler.py LINGER_S), then go
 TXN_PEERS = 32  # a lease and a record each: Consul 1.8 takes at most 64 operations per transaction
 
 
@@ -67,6 +72,7 @@ class ScaleBench:
         self.lab = lab
         self.node = lab.node(next(iter(lab.nodes)))
         self.cluster = lab.cluster_config()
+        self.fakes = FakeNodes(lab, self.cluster)  # signed records and leases, as enrolled nodes write
         self.records: list[NodeRecord] = []
         leased = set(lab.consul(lambda s: s.list(layout.ipam_prefix(self.cluster.name)))[1])
         self.free = [str(n) for n in self.cluster.pod_network.subnets(new_prefix=self.cluster.node_prefix_len)
@@ -88,9 +94,10 @@ class ScaleBench:
         return json.loads(self.get("/healthz"))  # type: ignore[no-any-return]
 
     def peer_changes(self) -> float:
-        """wiremesh_peer_changes_total, every op summed: grows by one per peer programmed."""
+        """wiremesh_peer_changes_total of ops add and update: grows by one per peer programmed.
+        Not remove: a replaced key lingers 1 s on the device and its removal then is no trial's."""
         return sum(float(line.rsplit(" ", 1)[1]) for line in self.get("/metrics").decode().splitlines()
-                   if line.startswith("wiremesh_peer_changes_total{"))
+                   if line.startswith(('wiremesh_peer_changes_total{op="add"}', 'wiremesh_peer_changes_total{op="update"}')))
 
     # --- records --------------------------------------------------------------------------
     def grow(self, n: int) -> None:
@@ -100,11 +107,11 @@ class ScaleBench:
         new = []
         for i in range(len(self.records), n):
             cidr = self.free[i]
-            new.append(fake_record(self.cluster.name, f"peer{i}", cidr, f"10.99.0.{100 + i % 150}:{20000 + i}"))
+            new.append(self.fakes.record(f"peer{i}", cidr, f"10.99.0.{100 + i % 150}:{20000 + i}"))
         for k in range(0, len(new), TXN_PEERS):
             ops = []
             for rec in new[k:k + TXN_PEERS]:
-                ops += [KVOp.set(layout.ipam_key(self.cluster.name, rec.pod_cidr), rec.name),
+                ops += [KVOp.set(layout.ipam_key(self.cluster.name, rec.pod_cidr), self.fakes.lease(rec.name, rec.pod_cidr)),
                         KVOp.set(layout.node_key(self.cluster.name, rec.name), rec.to_json())]
             self.lab.consul(lambda s: s.txn(ops))
         self.records += new
@@ -131,9 +138,9 @@ class ScaleBench:
         rec = self.records[i]
         self.changes += 1
         if kind == "endpoint":
-            new = replace(rec, endpoint=f"10.99.0.{100 + self.changes % 150}:{40000 + self.changes % 20000}")
+            new = self.fakes.change(rec, endpoint=f"10.99.0.{100 + self.changes % 150}:{40000 + self.changes % 20000}")
         else:
-            new = replace(rec, public_key=PrivateKey.generate().public_key().base64)
+            new = self.fakes.change(rec, public_key=PrivateKey.generate().public_key().base64)
         self.records[i] = new
         return new
 
@@ -197,8 +204,9 @@ class ScaleBench:
             time.sleep(SETTLE_S)
         close_round()
         passes1 = self.health()
-        self.verify_device(kind)
+        on_device = self.verify_device(kind)
         return {
+            "programmed": on_device,
             "p50_ms": round(pct(lat, 50) * 1000, 1), "p99_ms": round(pct(lat, 99) * 1000, 1),
             "bare_watch_p50_ms": round(pct(bare, 50) * 1000, 1) if bare else None,
             "agent_cpu_ms": round((cpu_agent - polls * poll_cpu) / trials * 1000, 2),
@@ -208,23 +216,66 @@ class ScaleBench:
             "full_passes": passes1["full_passes"] - passes0["full_passes"],
         }
 
-    def verify_device(self, kind: str) -> None:
-        """The device itself holds every record as it now is: each peer once, with its endpoint."""
-        p = self.lab.run(self.node.name, "wg", "show", "wm0", "endpoints", timeout=60, check=True)
-        device = dict(line.split("\t") for line in p.stdout.splitlines())
+    def verify_device(self, kind: str) -> int:
+        """The device itself holds every record as it now is: each peer once, with its endpoint.
+
+        A peer whose key was replaced stays on the device, without allowed IPs, for a second
+        (the agent's linger, agent/reconciler.py LINGER_S) before it is removed: wait that out."""
         want = {r.public_key: r.endpoint for r in self.records}
+        deadline = time.monotonic() + LINGER_WAIT_S
+        while True:
+            p = self.lab.run(self.node.name, "wg", "show", "wm0", "endpoints", timeout=60, check=True)
+            device = dict(line.split("\t") for line in p.stdout.splitlines())
+            if device == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if device != want:
             wrong = [k[:8] for k in set(device) ^ set(want) | {k for k in want if device.get(k) != want[k]}]
             raise SystemExit(f"after the {kind} trials the device differs from the records "
                              f"({len(device)} peers on the device, {len(want)} records; e.g. {wrong[:5]})")
+        return len(device)
 
 
-def measure(sizes: list[int], trials: int) -> list[dict[str, Any]]:
+class Profiler:
+    """py-spy sampling the agent during one size's trials (--profile DIR): collapsed stacks in
+    DIR/agent-N-peers-KIND.txt (flamegraph.pl or speedscope read them). It slows the agent a
+    little: figures of a profiled run are not to be compared with an unprofiled one."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if out is not None and not Path(self.exe).exists():
+            raise SystemExit("--profile needs py-spy (pip install py-spy into the venv)")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, pid: int, name: str) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([self.exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                      "--threads", "--output", str(self.out / f"{name}.txt")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def measure(sizes: list[int], trials: int, profile: Path | None = None) -> list[dict[str, Any]]:
+    profiler = Profiler(profile)
     lab = Lab(lab_name("scale"))
     rows: list[dict[str, Any]] = []
     try:
         say(f"lab {lab.name}: one node, pod CIDR {POD_CIDR}")
         lab.up(1, pod_cidr=POD_CIDR)
+        wait_leader(lab)
         bench = ScaleBench(lab)
         try:
             for n in sizes:
@@ -239,7 +290,11 @@ def measure(sizes: list[int], trials: int) -> list[dict[str, Any]]:
                 time.sleep(1.0)  # let the load's last passes and watch deliveries finish
                 poll_cpu = bench.poll_cost()
                 for kind, first in (("endpoint", 0), ("key", n // 2)):
-                    r = bench.trials(kind, trials, first, poll_cpu)
+                    profiler.start(bench.node.pid, f"agent-{n}-peers-{kind}")
+                    try:
+                        r = bench.trials(kind, trials, first, poll_cpu)
+                    finally:
+                        profiler.stop()
                     rows.append({"peers": n, "change": kind, **r,
                                  "agent_rss_mib": round(rss_kib(bench.node.pid) / 1024, 1),
                                  "wg_rss_mib": round(rss_kib(bench.wg_pid) / 1024, 1),
@@ -250,6 +305,7 @@ def measure(sizes: list[int], trials: int) -> list[dict[str, Any]]:
     finally:
         say(f"lab {lab.name}: down")
         lab.down()
+        lab.close()
     for kind in ("endpoint", "key"):
         mine = [r for r in rows if r["change"] == kind]
         base = mine[0]
@@ -264,16 +320,35 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000],
                     help="peer counts, measured in ascending order in one lab; the smallest is the baseline")
     ap.add_argument("--trials", type=int, default=30, help="changes timed per size and kind")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest run that still measures everything (--sizes 3 10 --trials 3), in seconds")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="sample the agent with py-spy during each size's trials (collapsed stacks in DIR)")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.trials = [3, 10], 3
     sizes = sorted(set(args.sizes))
     if sizes[0] < 1 or args.trials < 1:
         raise SystemExit("--sizes and --trials must be positive")
-    rows = measure(sizes, args.trials)
+    stop_on_sigterm()
+    rows = measure(sizes, args.trials, args.profile)
     if args.output == "json":
         print(json.dumps(rows, indent=2))
-        return
-    cols = ["peers", "change", "p50_ms", "p99_ms", "bare_watch_p50_ms", "agent_cpu_ms", "wg_cpu_ms",
+    else:
+        table(rows, sizes)
+    for kind in ("endpoint", "key"):
+        mine = [r for r in rows if r["change"] == kind]
+        figure(f"{kind} change p50/p99 at {mine[-1]['peers']} vs {mine[0]['peers']} peers",
+               f"{mine[-1]['p50_ms']}/{mine[-1]['p99_ms']} ms vs {mine[0]['p50_ms']}/{mine[0]['p99_ms']} ms, "
+               f"p50 x{mine[-1]['p50_vs_base']}, agent CPU x{mine[-1]['cpu_vs_base']}")
+    figure(f"agent RSS at {rows[-1]['peers']} peers", f"{rows[-1]['agent_rss_mib']} MiB")
+    figure(f"peers programmed at {rows[-1]['peers']} peers", f"{rows[-1]['programmed']} of {rows[-1]['peers']}")
+    finished("scale")
+
+
+def table(rows: list[dict[str, Any]], sizes: list[int]) -> None:
+    cols = ["peers", "programmed", "change", "p50_ms", "p99_ms", "bare_watch_p50_ms", "agent_cpu_ms", "wg_cpu_ms",
             "p50_vs_base", "cpu_vs_base", "agent_rss_mib", "wg_rss_mib", "full_passes", "load_s"]
     print("  ".join(cols))
     for r in rows:

@@ -73,7 +73,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from _common import netns_command, pct
+from _common import figure, finished, netns_command, pct
 from wiremesh.tunnels.bpf import (
     Backend,
     Frontend,
@@ -668,8 +668,13 @@ def main() -> None:
     ap.add_argument("--cold-starts", type=int, default=5, help="cold starts of the largest size timed")
     ap.add_argument("--iptables", choices=["auto", "nft", "legacy"], default="auto",
                     help="iptables backend (auto: the one `iptables` is)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest run that still measures everything "
+                         "(--sizes 1 100 --seconds 0.3 --rounds 1 --changes 10 --cold-starts 1)")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.seconds, args.rounds, args.changes, args.cold_starts = [1, 100], 0.3, 1, 10, 1
     sizes = sorted(set(args.sizes))
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace, cgroups, BPF, iptables)")
@@ -712,6 +717,9 @@ def main() -> None:
         print(json.dumps(rep, indent=2))
     else:
         print_table(rep)
+    for a in rep["aims"]:
+        figure(a["aim"], f"{a['figure']} ({'met' if a['met'] else 'NOT met'})")
+    finished("service_lookup")
 
 
 if __name__ == "__main__":

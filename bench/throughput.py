@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import subprocess
 import sys
 import time
 
+from _common import figure, finished, lab_name, stop_on_sigterm, wait_leader
 from wiremesh.lab import Lab
 
 
@@ -45,12 +45,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest run that still measures everything (--seconds 1 --rounds 1)")
     ap.add_argument("--output", choices=["table", "json"], default="table")
     args = ap.parse_args()
-    lab = Lab("tput" + secrets.token_hex(2))
+    if args.smoke:
+        args.seconds, args.rounds = 1, 1
+    if args.seconds < 1 or args.rounds < 1:
+        raise SystemExit("--seconds and --rounds must be positive")
+    stop_on_sigterm()
+    lab = Lab(lab_name("tput"))
     servers: list[subprocess.Popen[bytes]] = []
     try:
         lab.up(2)
+        wait_leader(lab)
         lab.add_pod("client", "node1")
         server = lab.add_pod("server", "node2")
         for where in ("server", "node2"):
@@ -80,11 +88,15 @@ def main() -> None:
                 ratio = "1.000" if k == "bare" else f"{out['ratio_vs_bare'][k]:.3f}"
                 label = {"bare": "bare wireguard-go", "wireguard": "pods, wireguard", "vxlan": "pods, vxlan"}[k]
                 print(f"{label:<22}{med[k]:>15.3f}{ratio:>15}  {out['all_gbit_s'][k]}")
+        for k in ("bare", "wireguard", "vxlan"):
+            figure(f"throughput {k}", f"{med[k]:.3f} Gbit/s" + ("" if k == "bare" else f", x{out['ratio_vs_bare'][k]:.3f} of bare"))
     finally:
         for s in servers:
             s.kill()
             s.wait()
         lab.down()
+        lab.close()
+    finished("throughput")
 
 
 if __name__ == "__main__":
