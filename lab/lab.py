@@ -81,6 +81,22 @@ def wiremesh_binary() -> str:
     return str(exe) if exe.exists() else (shutil.which("wiremesh") or "wiremesh")
 
 
+AGENT_PIDFILE = "agent.pid"  # written by lab/keeper.py: the pid of the agent it runs now
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _kept_pid(node: "Node") -> int | None:
+    """The agent's pid as its keeper last wrote it, if that process lives."""
+    pid = _read_pid(Path(node.dir) / AGENT_PIDFILE)
+    return pid if pid and netns.pid_alive(pid) else None
+
+
 @dataclass
 class Node:
     name: str
@@ -140,7 +156,13 @@ class Lab:
 
     @property
     def nodes(self) -> dict[str, Node]:
-        return {n: Node(**d) for n, d in self.state.get("nodes", {}).items()}
+        out = {}
+        for n, d in self.state.get("nodes", {}).items():
+            node = Node(**d)
+            if node.pid:
+                node.pid = _kept_pid(node) or node.pid  # the keeper restarted the agent: its new pid
+            out[n] = node
+        return out
 
     def node(self, name: str) -> Node:
         try:
@@ -486,15 +508,25 @@ class Lab:
         node = self.node(name)
         if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
             return node.pid
+        pidfile = Path(node.dir) / AGENT_PIDFILE
+        pidfile.unlink(missing_ok=True)
         with open(Path(node.dir) / "agent.log", "ab") as out:
+            # The keeper (lab/keeper.py) starts the agent again when it exits non-zero, as
+            # systemd would on a host; the pid recorded is the agent's own (from its pid file).
             proc = subprocess.Popen(
-                netns.enter_cmd(node.netns, Path(node.mountns)) + (wrapper or [])
-                + [wiremesh_binary(), "agent", "--config", f"{node.dir}/agent.toml"],
+                netns.enter_cmd(node.netns, Path(node.mountns))
+                + [sys.executable, str(Path(__file__).with_name("keeper.py")), str(pidfile), "--"]
+                + (wrapper or []) + [wiremesh_binary(), "agent", "--config", f"{node.dir}/agent.toml"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )
-        self.state["nodes"][name]["pid"] = proc.pid
+        deadline = time.monotonic() + 10
+        while (pid := _read_pid(pidfile)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"agent of {name} did not start; see {node.dir}/agent.log")
+            time.sleep(0.005)
+        self.state["nodes"][name]["pid"] = pid
         self.save()
-        return proc.pid
+        return pid
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
         """Send `sig` to a node's agent; with `wait`, return once it has exited (SIGKILL after

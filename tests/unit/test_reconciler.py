@@ -757,7 +757,7 @@ def test_fake_targets_stand_in_for_every_kernel_call(dp: Dataplane, clock: Clock
     assert module["link_exists"] == dp.link_exists
     assert module["link_mtu"] == dp.link_mtu
     # The kernel functions of the old all-or-nothing model are not used any more.
-    old = {"sync_routes", "ensure_vxlan", "sync_fdb", "sync_neighbours", "delete_vxlan", "set_mtu", "read_vxlan"}
+    old = {"ensure_vxlan", "delete_vxlan", "set_mtu", "read_vxlan"}
     assert not old & set(module)
     with pytest.raises(AssertionError):
         vars(wiremesh.tunnels.targets)["IPRoute"]()
