@@ -172,7 +172,7 @@ class Rotator:
             if own.state == "committed" and own.switch_at and self.next_key is not None:
                 self.switch_at = own.switch_at  # resumed after a restart
         if self.rotation.state == "requested":
-            self._stage(now, publish)
+            self._stage(now, publish, republish)
             return
         if self.rotation.state in ("staged", "committed") and (self.switched_before_stop or (
                 self.next_key is None and self._key_file_is(self.rotation.next_fingerprint))):
@@ -267,11 +267,16 @@ class Rotator:
         before any other write of the record starts): every later write announces it."""
         self.switch_at = at
 
-    def _stage(self, now: int, publish: Callable[[int], bool | None]) -> None:
+    def _stage(self, now: int, publish: Callable[[int], bool | None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None
         if self.next_key is None:
-            self.next_key = PrivateKey.generate()
-            write_key_file(self.next_file, self.next_key)  # 0600, atomic; the current key stays
+            nxt = PrivateKey.generate()
+            try:
+                write_key_file(self.next_file, nxt)  # 0600, atomic; the current key stays
+            except KeyMaterialError as e:  # (a full or read-only state dir): the rotation says why
+                self._end("failed", f"the next key could not be saved ({e})", (), republish)
+                return
+            self.next_key = nxt
         self.switch_at, self.staged_at = 0, now
         nxt = self.next_key.public_key()
         # The record first: a readiness word this node writes later is then ordered after it.

@@ -84,16 +84,17 @@ def rotation_pass(agent: Agent, desired: DesiredState, res: ReconcileResult) -> 
         # A peer that took the new key before this switch (this agent late, the peer on time) got
         # no answer to its own handshake and would try again only 5 s later.
         _poke(desired.peers.items())
-    for node, key in res.replaced:  # we took a rotating node's new key: start the handshake now
-        rotator.took(node, key)
+    snap = agent.snapshot()
+    fed = agent.federation.view()
+    announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}
+    announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
+    for node, key in res.replaced:  # we took a node's new key: start the handshake now
+        if node in announced and announced[node].next_public_key == key:
+            rotator.took(node, key)  # a rotation's: gone back from if no handshake comes on it
         if node in desired.peers:
             _poke([(node, desired.peers[node])])
-    snap = agent.snapshot()
     if snap is None:
         return
-    fed = agent.federation.view()
-    announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node}
-    announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
 
     def switched(key: PrivateKey) -> bool:
         """The device took `key` in this pass (it was planned): from now on it is the node's key."""
