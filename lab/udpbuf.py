@@ -1,5 +1,6 @@
 """UDP buffers of a lab's wireguard-go devices: made large enough for a loaded host, and what
-they dropped counted. Shared by the tests and the benchmarks."""
+they dropped counted; so are the packets its TUN queue dropped. Shared by the tests and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -60,4 +61,19 @@ def udp_rcvbuf_errors(lab: Lab) -> dict[str, int]:
     for n in lab.nodes:
         text = lab.run(n, "nstat", "-az", "UdpRcvbufErrors").stdout
         out[n] = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("UdpRcvbufErrors"))
+    return out
+
+
+def tun_queue_drops(lab: Lab, ifname: str = "wm0") -> dict[str, int]:
+    """Per node: packets the kernel dropped at the WireGuard device's transmit queue (a TUN's
+    500 packets fill while wireguard-go does not read: a starved process, not a lost tunnel)."""
+    import json
+
+    out = {}
+    for n in lab.nodes:
+        p = lab.run(n, "ip", "-s", "-j", "link", "show", ifname)
+        try:
+            out[n] = int(json.loads(p.stdout)[0]["stats64"]["tx"]["dropped"])
+        except (ValueError, LookupError):
+            out[n] = -1  # no such device (a stopped node)
     return out

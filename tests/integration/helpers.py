@@ -15,7 +15,7 @@ import pytest
 
 from wiremesh.keys import read_key_file
 from wiremesh.lab import Lab
-from wiremesh.lab.udpbuf import enlarge_udp_buffers, udp_rcvbuf_errors  # noqa: F401 - the tests' names
+from wiremesh.lab.udpbuf import enlarge_udp_buffers, tun_queue_drops, udp_rcvbuf_errors  # noqa: F401 - the tests' names
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> float:
@@ -152,6 +152,22 @@ class FastPinger:
         self.started = self.stopped = time.monotonic()
         self.proc = lab.popen(node, "ping", "-n", "-D", "-i", str(interval), "-W", "1", addr,
                               stdout=self._f, stderr=subprocess.STDOUT)
+
+    def answered(self) -> int:
+        """The highest icmp_seq answered so far (16 bits, unwrapped as ping_losses does)."""
+        base = last = 0
+        for s in re.findall(r"icmp_seq=(\d+) ", self.out.read_text(errors="replace")):
+            v = int(s)
+            if v + base < last - 32768:
+                base += 65536
+            last = v + base
+        return last
+
+    def wait_answered(self, seq: int, timeout: float) -> None:
+        """Wait until packet `seq` or a later one is answered: ping's rate is the host's (on two
+        busy cores `ping -i 0.001` reaches 150-1000/s), so a figure of packets is waited for."""
+        wait_until(lambda: self.answered() >= seq or self.proc.poll() is not None, timeout, interval=0.1,
+                   what=f"{self.node} -> {self.addr}: packet {seq} answered (now {self.answered()})")
 
     def stop(self) -> tuple[int, int, list[Gap]]:
         self.stopped = time.monotonic()
