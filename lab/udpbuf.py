@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,36 +23,49 @@ def enlarge_udp_buffers(lab: Lab, size: int = 4 << 20) -> int:
     since 2023 (7 MiB). The lab's wireguard-go 0.0.20220316 keeps the 208 KiB default, which a
     2-core host under load overflows (UdpRcvbufErrors): losses that are no test's subject.
     Returns how many sockets it changed."""
-    libc = ctypes.CDLL(None, use_errno=True)
     changed = 0
     for node in lab.nodes.values():
         for pid in pids_in_netns(node.netns):
             try:
                 if Path(f"/proc/{pid}/comm").read_text().strip() != "wireguard-go":
                     continue
-                pidfd = os.pidfd_open(pid)
             except OSError:
                 continue
+            changed += force_socket_buffers(pid, size, lambda s: s.type == socket.SOCK_DGRAM)
+    return changed
+
+
+def force_socket_buffers(pid: int, size: int, which: Callable[[socket.socket], bool]) -> int:
+    """Give process `pid`'s IPv4/IPv6 sockets that `which` picks `size`-byte receive and send
+    buffers (SO_RCVBUFFORCE, SO_SNDBUFFORCE on a pidfd_getfd copy); returns how many."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    changed = 0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    try:
-                        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                            continue
-                    except OSError:
-                        continue
-                    dup = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
-                    if dup < 0:
-                        continue
-                    s = socket.socket(fileno=dup)
-                    try:
-                        if s.type == socket.SOCK_DGRAM and s.family in (socket.AF_INET, socket.AF_INET6):
-                            s.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
-                            s.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE
-                            changed += 1
-                    finally:
-                        s.close()
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            dup = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
+            if dup < 0:
+                continue
+            s = socket.socket(fileno=dup)
+            try:
+                if s.family in (socket.AF_INET, socket.AF_INET6) and which(s):
+                    s.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
+                    s.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE
+                    changed += 1
             finally:
-                os.close(pidfd)
+                s.close()
+    except OSError:
+        pass  # it exited
+    finally:
+        os.close(pidfd)
     return changed
 
 
