@@ -144,6 +144,22 @@ def set_mtu(ifname: str, mtu: int) -> bool:
         return True
 
 
+def set_txqueuelen(ifname: str, qlen: int) -> bool:
+    """Set an interface's transmit queue length if it differs; True if it changed."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise DeviceNotFound(f"{ifname}: no such interface")
+        (link,) = ipr.link("get", index=idx[0])
+        if link.get("txqlen") == qlen:
+            return False
+        try:
+            ipr.link("set", index=idx[0], txqlen=qlen)
+        except NetlinkError as e:
+            raise _nl_error(f"{ifname}: set txqueuelen {qlen}", e) from e
+        return True
+
+
 def enable_forwarding() -> None:
     """Let this network namespace route packets between pods and tunnels."""
     for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):

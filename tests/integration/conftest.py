@@ -74,7 +74,27 @@ def fresh_lab() -> Iterator[Lab]:
         lab.down()
 
 
-def _our_daemons() -> set[int]:
+# Every process this run starts inherits this marker (os.environ: nsenter, `env VAR=...`, the
+# agents and the wireguard-go they start all pass their environment on), so a concurrent run's
+# daemons on the same machine are told apart from ours by /proc/PID/environ.
+RUN_MARKER = "WIREMESH_TEST_RUN"
+
+
+def _marker_of(pid: int) -> str | None:
+    """The value of RUN_MARKER in a process's initial environment (None: not set, or gone)."""
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    prefix = RUN_MARKER.encode() + b"="
+    for kv in env:
+        if kv.startswith(prefix):
+            return kv[len(prefix):].decode(errors="replace")
+    return None
+
+
+def _our_daemons(run: str) -> set[int]:
+    """The live wireguard-go and Consul processes started by this run (marker `run`)."""
     import subprocess
 
     from wiremesh.lab.netns import pid_alive
@@ -82,20 +102,22 @@ def _our_daemons() -> set[int]:
     pids = set()
     for name in ("wireguard-go", "consul"):  # one pgrep each: a pattern over 15 characters matches nothing
         out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-        pids |= {int(p) for p in out.split() if pid_alive(int(p))}
+        pids |= {int(p) for p in out.split() if _marker_of(int(p)) == run and pid_alive(int(p))}
     return pids
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """Every wireguard-go and Consul a test started is gone when the tests are."""
-    before = _our_daemons()
+    """Every wireguard-go and Consul this run started is gone when the tests are; another run's,
+    on the same machine at the same time, are not ours to count."""
+    run = secrets.token_hex(8)
+    os.environ[RUN_MARKER] = run
     yield
     if os.geteuid() != 0:
         return
     import time
 
     deadline = time.monotonic() + 5
-    while (left := _our_daemons() - before) and time.monotonic() < deadline:
+    while (left := _our_daemons(run)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"processes left running by the tests: {sorted(left)}"

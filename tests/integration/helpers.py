@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,12 @@ import pytest
 
 from wiremesh.keys import read_key_file
 from wiremesh.lab import Lab
-from wiremesh.lab.udpbuf import enlarge_udp_buffers, udp_rcvbuf_errors  # noqa: F401 - the tests' names
+from wiremesh.lab.udpbuf import (  # noqa: F401 - the tests' names
+    enlarge_udp_buffers,
+    force_socket_buffers,
+    tun_queue_drops,
+    udp_rcvbuf_errors,
+)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> float:
@@ -141,6 +147,10 @@ def ping_losses(text: str, in_flight_max: int = 100) -> tuple[int, int, list[Gap
     return sent, sum(g[1] - g[0] + 1 for g in gaps), gaps
 
 
+def _icmp(s: socket.socket) -> bool:
+    return s.proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+
+
 class FastPinger:
     """`ping -D -i INTERVAL` (1 000/s by default) inside a node or pod, replies written to a
     file (a pipe would fill and stall ping); `.stop()` returns (sent, lost, gaps) as ping_losses
@@ -152,6 +162,27 @@ class FastPinger:
         self.started = self.stopped = time.monotonic()
         self.proc = lab.popen(node, "ping", "-n", "-D", "-i", str(interval), "-W", "1", addr,
                               stdout=self._f, stderr=subprocess.STDOUT)
+        # ping's own receive buffer (64 KiB: ~100 replies) overflows when a busy host leaves it
+        # without CPU for 0.1 s: replies the mesh delivered, counted lost (/proc/net/raw drops).
+        # 4 MiB holds seconds of them; the count is then the mesh's alone.
+        wait_until(lambda: self.proc.poll() is not None or force_socket_buffers(self.proc.pid, 4 << 20, _icmp),
+                   10, interval=0.001, what=f"ping in {node} to open its socket")
+
+    def answered(self) -> int:
+        """The highest icmp_seq answered so far (16 bits, unwrapped as ping_losses does)."""
+        base = last = 0
+        for s in re.findall(r"icmp_seq=(\d+) ", self.out.read_text(errors="replace")):
+            v = int(s)
+            if v + base < last - 32768:
+                base += 65536
+            last = v + base
+        return last
+
+    def wait_answered(self, seq: int, timeout: float) -> None:
+        """Wait until packet `seq` or a later one is answered: ping's rate is the host's (on two
+        busy cores `ping -i 0.001` reaches 150-1000/s), so a figure of packets is waited for."""
+        wait_until(lambda: self.answered() >= seq or self.proc.poll() is not None, timeout, interval=0.1,
+                   what=f"{self.node} -> {self.addr}: packet {seq} answered (now {self.answered()})")
 
     def stop(self) -> tuple[int, int, list[Gap]]:
         self.stopped = time.monotonic()

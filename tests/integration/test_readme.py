@@ -12,7 +12,7 @@ from pathlib import Path
 from wiremesh.lab import Lab
 from tests.readme_runner import parse, run
 
-from .conftest import new_lab_name
+from .conftest import RUN_MARKER, new_lab_name
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_SKIPPED = 6  # examples that cannot run here stay visibly few (the 6th boots VMs)
@@ -25,7 +25,8 @@ def test_every_readme_example_runs_as_written() -> None:
     examples = [e for b in blocks if not b.skip for e in b.examples]
     assert len(examples) >= 10, "the README lost its walk-through"
     name = new_lab_name()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WIREMESH_", "CONSUL_HTTP"))}
+    # The run's marker stays: what the examples start is this run's (conftest.nothing_left_behind).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WIREMESH_", "CONSUL_HTTP")) or k == RUN_MARKER}
     env.update(WIREMESH_LAB=name, NO_COLOR="1")
     try:
         for ex in examples:
