@@ -270,13 +270,13 @@ class Rotator:
     def _stage(self, now: int, publish: Callable[[int], bool | None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None
         if self.next_key is None:
-            nxt = PrivateKey.generate()
+            made = PrivateKey.generate()
             try:
-                write_key_file(self.next_file, nxt)  # 0600, atomic; the current key stays
+                write_key_file(self.next_file, made)  # 0600, atomic; the current key stays
             except KeyMaterialError as e:  # (a full or read-only state dir): the rotation says why
                 self._end("failed", f"the next key could not be saved ({e})", (), republish)
                 return
-            self.next_key = nxt
+            self.next_key = made
         self.switch_at, self.staged_at = 0, now
         nxt = self.next_key.public_key()
         # The record first: a readiness word this node writes later is then ordered after it.
