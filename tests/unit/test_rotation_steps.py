@@ -355,3 +355,40 @@ def test_a_pass_is_held_for_a_key_change_close_ahead_but_never_past_one_due(rig:
     rot.next_key, rot.switch_at = PrivateKey.generate(), take + 200  # this node switches just after
     clock.now = take + 30  # the peer's change is due (the loop woke late): never held for the switch
     assert rot.hold_until(250) is None
+
+
+def test_a_next_key_that_cannot_be_saved_fails_the_rotation_with_the_reason(rig: Any, tmp_path: Path) -> None:
+    rot, store, clock, key, switched = rig
+    (tmp_path / "full").write_text("")  # a file where a directory should be: writing under it fails
+    rot.next_file = tmp_path / "full" / "private.key.next"
+    pub = Publisher(rot, key)
+    drive(rot, Rotation.new("a", clock.now), {}, switched, publish=pub)
+    ended = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
+    assert ended.state == "failed" and "next key could not be saved" in ended.error
+    assert rot.next_key is None and pub.published == [] and switched == []
+
+
+def test_a_commit_under_way_is_decided_only_by_its_answer(rig: Any) -> None:
+    """The record write of a commit is the registration thread's: the loop asks, then looks."""
+    rot, store, clock, key, switched = rig
+    answers: list[bool | None] = []
+    asked: list[int] = []
+
+    def publish(commit_at: int) -> bool | None:
+        asked.append(commit_at)
+        return answers.pop(0) if answers else True
+
+    drive(rot, Rotation.new("a", clock.now), {}, switched, publish=publish)
+    staged = Rotation.from_json(store.kv[layout.rotation_key("c", "a")])
+    nxt = read_key_file(rot.next_file).public_key().base64
+    answers[:] = [None, None]  # under way, twice
+    drive(rot, staged, {"c/b": RotationReady(nxt)}, switched, publish=publish)
+    at = asked[-1]
+    assert at and rot.switch_at == 0 and rot.wake == clock.now + 1000
+    clock.now += 30
+    drive(rot, staged, {}, switched, publish=publish)  # b's word gone meanwhile: nothing is decided again
+    assert asked[-1] == at and rot.switch_at == 0
+    rot.committed(at)  # the registration thread wrote it
+    drive(rot, staged, {}, switched, publish=publish)
+    assert rot.switch_at == at and rot.wake == at
+    assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "committed"
