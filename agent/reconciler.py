@@ -1,9 +1,14 @@
 """Makes the dataplane match a DesiredState, object by object, by the smallest diff.
 
-Every object kind is a target with update, delete and prune (see agent.objects): WireGuard
-peers (keyed by node: the public key is an attribute), routes, the VXLAN device, its FDB and
-neighbour entries, the WireGuard MTU and the pod MTU. Each object has its own status and
-backoff; one the kernel refuses never blocks the others, and its retry wakes the loop.
+One contract for every kind of kernel object: a target that reads what the kernel holds and
+updates, deletes and prunes one object (agent.objects.sync), or a batch (the device's peers,
+agent.peers: one device update per pass). In order: the device's key and port (first: a key
+switch is due on the dot), peers, then the overlay (routes, the VXLAN device, its FDB and
+neighbour entries, the WireGuard MTU and the pod MTU, ordered so that packets keep flowing
+through a routing-mode switch), then global services (eBPF maps, keyed by Frontend). Each
+object has its own status and backoff; one the kernel refuses never blocks the others, and its
+retry wakes the loop. A new kind of object is one more target here and one more section of
+DesiredState.
 
 Peers are compared against what this process last programmed on most passes (O(changes));
 the device itself is read on the first pass and on every full pass, which catches drift.
@@ -21,33 +26,25 @@ from wiremesh.tunnels import (
     FdbTarget,
     MtuTarget,
     NeighbourTarget,
-    PeerChange,
-    PeerConfig,
-    PeerStatus,
     PodMtuTarget,
     RouteTarget,
     ServiceLB,
     ServiceTarget,
-    TunnelError,
     VxlanSpec,
     VxlanTarget,
     WireGuardDevice,
-    as_status,
     link_exists,
     link_mtu,
-    peer_changes,
 )
 
 from .objects import BACKOFF_MAX, BACKOFF_MIN, ObjectStatus, StatusTable, sync
+from .peers import LINGER_S, PEER, PeerTarget  # noqa: F401 - LINGER_S: the reconciler's to tell
 from .planner import DesiredState, DeviceSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "ReconcileResult", "Reconciler"]
 
-PEER = "peer"
-LINGER_S = 1.0  # a replaced peer stays this long without allowed IPs before it is removed
-_PEERS = frozenset({PEER})
 _SERVICES = frozenset({"service"})
 OVERLAY_KINDS = frozenset({"route", "fdb", "neighbour", "vxlan", "mtu", "pod-mtu"})
 
@@ -66,37 +63,6 @@ class ReconcileResult:
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key rotations applied
 
 
-class Applied(dict[str, PeerConfig]):
-    """node -> the peer as this process last programmed it, with the same peers by public key as
-    the device would report them kept up to date beside it (so a pass needs no O(peers) rebuild)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.status: dict[str, PeerStatus] = {}
-
-    def __setitem__(self, node: str, cfg: PeerConfig) -> None:
-        old = self.get(node)
-        if old is not None and old.public_key != cfg.public_key:
-            self.status.pop(old.public_key, None)
-        super().__setitem__(node, cfg)
-        self.status.update(as_status({node: cfg}))
-
-    def __delitem__(self, node: str) -> None:
-        self.status.pop(self[node].public_key, None)
-        super().__delitem__(node)
-
-    def pop(self, node: str, default: PeerConfig | None = None) -> PeerConfig | None:  # type: ignore[override]
-        if node in self:
-            cfg = self[node]
-            del self[node]
-            return cfg
-        return default
-
-    def clear(self) -> None:
-        super().clear()
-        self.status.clear()
-
-
 class Reconciler:
     def __init__(
         self,
@@ -112,9 +78,7 @@ class Reconciler:
         self._device_applied: DeviceSpec | None = None  # key and port as last set or read
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
-        self.applied = Applied()  # node -> the peer as this process last programmed it
-        self._device_read = False  # peers compared against the device itself at least once
-        self._pruning: object = None  # what pruning may touch, as of the last device read
+        self.peers = PeerTarget(device, self.table, clock)  # one batch per pass
         self._overlay_applied: object = None  # the desired overlay as of the last clean sync
         self.vxlan_device = vxlan_device
         self.routes = RouteTarget([device.name, vxlan_device])
@@ -126,9 +90,6 @@ class Reconciler:
         self.pod_mtu = PodMtuTarget(pods) if pods is not None else None
         self._pod_mtu_applied: int | None = None
         self._clock = clock
-        # Old keys of replaced peers (a rotation), left on the device without allowed IPs: the
-        # packets they still hold (queued, being encrypted) go out; removed at this time.
-        self._lingering: dict[str, float] = {}
 
     def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
         """One pass. Pruning only when `prune` (after the first sync); `full` re-reads everything."""
@@ -160,84 +121,10 @@ class Reconciler:
 
     # --- peers ----------------------------------------------------------------------------
     def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
-        actual: dict[str, PeerStatus]
-        # The device is read on full passes and whenever memory cannot tell the whole truth: the
-        # first pass, when pruning starts or what it must keep changes (peers this process never
-        # programmed may now go), and when a failed peer is retried (its state is unknown).
-        pruning = (prune, desired.keep_cidrs, desired.keep_foreign)
-        if full or not self._device_read or pruning != self._pruning or self.table.pending_retry(_PEERS, now):
-            self._pruning = pruning
-            actual = dict(self.device.show().peers)
-            self._device_read = True
-        else:
-            actual = self.applied.status
-        changes = [c for c in peer_changes(actual, desired.peers, prune=prune, applied=self.applied)
-                   if not (c.remove and any(desired.kept(ip) for ip in actual[c.public_key].allowed_ips))
-                   and not (c.remove and c.public_key in self._lingering)]
-        wanted = {p.public_key for p in desired.peers.values()}
-        for key, at in list(self._lingering.items()):
-            if key in wanted:
-                del self._lingering[key]  # desired again (a rotation went back): it stays
-            elif at <= now:
-                changes.append(PeerChange(public_key=key, remove=True))
-        self.table.want(PEER, desired.peers)
-        for node in [n for n in self.applied if n not in desired.peers]:
-            if not any(c.remove and c.name == node for c in changes):
-                del self.applied[node]  # not desired, and kept (or already gone) on the device
-        ready = [c for c in changes if c.remove or self.table.due(PEER, c.name, now)]
-        if ready:
-            try:
-                self.device.apply(ready)
-                self._done(ready, desired, res)
-            except TunnelError:
-                # Find the culprit(s): apply one by one so the good peers still land.
-                for ch in ready:
-                    try:
-                        self.device.apply([ch])
-                        self._done([ch], desired, res)
-                    except TunnelError as e:
-                        self._failed(ch, e, now, res)
-        changed = {c.name for c in changes}
-        present = set(actual)
-        for node, want in desired.peers.items():
-            if node not in changed and want.public_key in present:
-                if self.applied.get(node) != want:
-                    self.applied[node] = want
-                self.table.done(PEER, node)
-        res.programmed = self.table.count(PEER, "done")
-
-    def _done(self, changes: list[PeerChange], desired: DesiredState, res: ReconcileResult) -> None:
-        for ch in changes:
-            if ch.remove:
-                self._lingering.pop(ch.public_key, None)
-                res.removed += 1
-                if ch.name and self.applied.get(ch.name, None) is not None and \
-                        self.applied[ch.name].public_key == ch.public_key:
-                    del self.applied[ch.name]
-                continue
-            if ch.replaces:
-                res.replaced.append((ch.name, ch.public_key))
-                self._lingering[ch.replaces] = self._clock() + LINGER_S
-            if ch.update_only or ch.replaces:
-                res.updated += 1  # a key change is an update of the node's peer
-            else:
-                res.added += 1
-            self.applied[ch.name] = desired.peers[ch.name]
-            self.table.done(PEER, ch.name)
-
-    def _failed(self, ch: PeerChange, e: TunnelError, now: float, res: ReconcileResult) -> None:
-        res.errors += 1
-        name = ch.name or ch.public_key[:8]
-        res.failed.append(f"{name}: {e}")
-        if ch.remove:
-            log.warning("removing peer %s failed: %s", name, e)  # retried on the next full pass
-            return
-        self.applied.pop(ch.name, None)  # unknown state: compare against the device next time
-        self._device_read = False
-        delay = self.table.failed(PEER, ch.name, e, now)
-        st = self.table.get(PEER, ch.name)
-        log.warning("programming peer %s failed (attempt %d, retry in %.1fs): %s", name,
-                    st.attempts if st else 1, delay, e)
+        out = self.peers.sync(desired.peers, desired.kept, (prune, desired.keep_cidrs, desired.keep_foreign),
+                              prune=prune, full=full, now=now)
+        res.added, res.updated, res.removed, res.errors = out.added, out.updated, out.removed, res.errors + out.errors
+        res.programmed, res.failed, res.replaced = out.programmed, res.failed + out.failed, out.replaced
 
     # --- overlay --------------------------------------------------------------------------
     def _overlay(self, desired: DesiredState, prune: bool, now: float, res: ReconcileResult) -> int:
@@ -328,15 +215,14 @@ class Reconciler:
     def forget_overlay(self) -> None:
         """Make the next pass re-read everything (after the device was re-created)."""
         self._overlay_applied = None
-        self._device_read = False
+        self.peers.forget()
         self._device_applied = None
-        self.applied.clear()
         self._services_applied = None
         if self.services is not None:
             self.services.fresh = True
 
     def next_retry(self) -> float | None:
-        times = [t for t in (self.table.next_retry(), min(self._lingering.values(), default=None)) if t is not None]
+        times = [t for t in (self.table.next_retry(), self.peers.next_retry()) if t is not None]
         return min(times, default=None)
 
     def objects(self) -> list[ObjectStatus]:
