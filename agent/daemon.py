@@ -132,6 +132,7 @@ class Agent:
                                      spawn=self.supervisor.spawn, follow=self.supervisor.follow)
         self.loop_pass = Pass(self)
         self.pod_mtu: int | None = None
+        self._pod_mtu_saved = True  # the pod MTU above is the one state.json holds
         self._http: ThreadingHTTPServer | None = None
 
     # --- start-up -------------------------------------------------------------------------
@@ -152,12 +153,14 @@ class Agent:
             raise StoppedEarly("stopped before Consul answered")
         self.config, self.pod_cidr, self.pod_mtu = got
 
-    def _save_cached(self) -> None:
+    def _save_cached(self) -> bool:
         assert self.config is not None and self.pod_cidr is not None
-        save_node_state(self.state_file, self.cfg.cluster, self.cfg.node, self.config, self.pod_cidr, self.pod_mtu)
+        return save_node_state(self.state_file, self.cfg.cluster, self.cfg.node, self.config, self.pod_cidr, self.pod_mtu)
 
     def _record(self) -> NodeRecord:
         """This node's record; fields a newer agent added to the stored one are kept in it."""
+        if self.rotator.resume_pending:  # (a write now could withdraw a commit made before a restart)
+            raise AgentError("this node's rotation commit is not known yet: the record waits for the first snapshot")
         return keep_unknown(self._own_record(), self._stored_own)
 
     def _own_record(self) -> NodeRecord:
@@ -212,9 +215,9 @@ class Agent:
         assert self.config and self.key and self.pod_cidr
         existed = self.device.exists()
         self.device.create()
-        spec = desired.device if desired is not None and desired.device is not None else None
-        changed = self.device.configure(spec.private_key if spec else self.key,
-                                        spec.listen_port if spec else self.listen_port)
+        # Identity and port only at start-up: in a pass the reconciler's device step sets them
+        # (and tells the rotation stage when the key changed, for its handshakes).
+        changed = self.device.configure(self.key, self.listen_port) if desired is None else False
         ip = ipaddress.ip_address(overlay_address(self.pod_cidr))
         address = desired.address if desired is not None and desired.address else f"{ip}/{ip.max_prefixlen}"
         mtu = desired.mtu if desired is not None else tunnel_mtu(self.config, self.underlay_mtu)
@@ -315,6 +318,15 @@ class Agent:
         """One pass of the loop (agent.passes); False if it failed (retried with backoff)."""
         return self.loop_pass.run(full)
 
+    def save_pod_mtu(self, mtu: int | None) -> None:
+        """Record the pod MTU for the CNI plugin (new pods get it); tried again until saved."""
+        if mtu is None or (mtu == self.pod_mtu and self._pod_mtu_saved):
+            return
+        if mtu != self.pod_mtu:
+            log.info("pod MTU %s -> %d", self.pod_mtu, mtu)
+            self.pod_mtu = mtu
+        self._pod_mtu_saved = self._save_cached()
+
     def desired(self) -> DesiredState | None:
         """The desired state as of the last planned pass."""
         return self.loop_pass.desired
@@ -337,10 +349,6 @@ class Agent:
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
-        if desired.pod_mtu is not None and desired.pod_mtu != self.pod_mtu:
-            log.info("pod MTU %s -> %d", self.pod_mtu, desired.pod_mtu)
-            self.pod_mtu = desired.pod_mtu
-            self._save_cached()  # the CNI plugin gives new pods this MTU
 
     def _prune_held_until(self) -> float:
         """Removals wait this long (time.monotonic()) after Consul, local or a remote cluster's,

@@ -25,7 +25,8 @@ BACKOFF_MAX_S = 5.0
 
 
 class Writer(Protocol):
-    def put(self, key: str, value: str, cas: int | None = None) -> None: ...
+    def put(self, key: str, value: str, cas: int | None = None,
+            unless: Callable[[bytes], bool] | None = None) -> None: ...
     def delete(self, key: str) -> None: ...
     def pending(self) -> int: ...
 
@@ -37,9 +38,10 @@ class SyncWriter:
         self.store = store
         self.failed = 0
 
-    def put(self, key: str, value: str, cas: int | None = None) -> None:
+    def put(self, key: str, value: str, cas: int | None = None,
+            unless: Callable[[bytes], bool] | None = None) -> None:
         try:
-            self.store.put(key, value, cas=cas)
+            _put(self.store, key, value, cas, unless)
         except ConsulError as e:
             self.failed += 1
             log.warning("write of %s failed: %s", key, e)
@@ -61,7 +63,7 @@ class KVWriter:
         self.stop = stop
         # key -> (value or _DELETE, cas): a put with `cas` is made only if the key's ModifyIndex is
         # that (0: only if absent); refused, it is dropped (someone else wrote the key first).
-        self._queue: OrderedDict[str, tuple[str | None, int | None]] = OrderedDict()
+        self._queue: OrderedDict[str, tuple[str | None, int | None, Callable[[bytes], bool] | None]] = OrderedDict()
         self._cv = threading.Condition()
         self._busy = False
 
@@ -69,15 +71,19 @@ class KVWriter:
         """Start writing (what was asked for before waits in order)."""
         spawn("kv-writer", self._run)
 
-    def put(self, key: str, value: str, cas: int | None = None) -> None:
-        self._ask(key, value, cas)
+    def put(self, key: str, value: str, cas: int | None = None,
+            unless: Callable[[bytes], bool] | None = None) -> None:
+        """Write `value` (the newest asked for wins). With `cas`, only if the key's ModifyIndex
+        is that (0: absent); with `unless`, only if the stored value does not satisfy it (read
+        just before, the write made with its ModifyIndex)."""
+        self._ask(key, value, cas, unless)
 
     def delete(self, key: str) -> None:
-        self._ask(key, _DELETE, None)
+        self._ask(key, _DELETE, None, None)
 
-    def _ask(self, key: str, value: str | None, cas: int | None) -> None:
+    def _ask(self, key: str, value: str | None, cas: int | None, unless: Callable[[bytes], bool] | None) -> None:
         with self._cv:
-            self._queue[key] = (value, cas)  # a key already waiting keeps its place, with the newest value
+            self._queue[key] = (value, cas, unless)  # a key already waiting keeps its place, with the newest value
             self._cv.notify()
 
     def pending(self) -> int:
@@ -101,12 +107,12 @@ class KVWriter:
                 if self.stop.is_set():
                     return
                 key, asked = next(iter(self._queue.items()))
-                value, cas = asked
+                value, cas, unless = asked
                 self._busy = True
             try:
                 if value is _DELETE:
                     self.store.delete(key)
-                elif not self.store.put(key, value, cas=cas):
+                elif not _put(self.store, key, value, cas, unless):
                     log.info("write of %s not made: the key changed meanwhile (cas %s)", key, cas)
             except ConsulError as e:
                 with self._cv:
@@ -122,3 +128,12 @@ class KVWriter:
                     del self._queue[key]  # not asked again meanwhile (a newer value would stay)
                 self._busy = False
                 self._cv.notify_all()
+
+
+def _put(store: ConsulStore, key: str, value: str, cas: int | None, unless: Callable[[bytes], bool] | None) -> bool:
+    if unless is not None and cas is None:
+        item = store.get(key)
+        if item is not None and unless(item.value):
+            return False
+        cas = item.modify_index if item is not None else 0
+    return bool(store.put(key, value, cas=cas))

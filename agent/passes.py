@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from wiremesh.tunnels import DeviceNotFound, TunnelError
@@ -66,7 +67,9 @@ class Pass:
         t0 = time.perf_counter()
         try:
             self._run(full)
-        except PassFailed:
+        except PassFailed as e:
+            if str(e) in ("snapshot", "inputs", "plan"):
+                self._switch_anyway()
             self.failures += 1
             delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
             self.retry_at = time.monotonic() + delay
@@ -102,7 +105,20 @@ class Pass:
         if res is None:
             return
         self._stage("report", a.report, desired, res, full)
-        self._stage("rotation", rotation_pass, a, desired, res)
+        self._stage("rotation", rotation_pass, a, desired)
+
+    def _switch_anyway(self) -> None:
+        """This node's switch time came while a stage before the reconciler failed: the device
+        takes the next key all the same (with the last plan's peers), never later than planned."""
+        a, r = self.agent, self.agent.rotator
+        if not r.switch_due() or r.next_key is None or self.desired is None or self.desired.device is None:
+            return
+        desired = replace(self.desired, device=DeviceSpec(r.next_key, self.desired.device.listen_port))
+        try:
+            self._stage("switch", a.reconciler.switch_device, desired)
+            self._stage("rotation", rotation_pass, a, desired)
+        except PassFailed:
+            pass
 
     # --- stages -------------------------------------------------------------------------------
     def gather(self) -> PassInputs | None:
@@ -126,9 +142,11 @@ class Pass:
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent
-        if full:
-            a.ensure_device(desired)
+        a.save_pod_mtu(desired.pod_mtu)  # before pods get it: the CNI plugin gives new pods the same
+        t0 = time.perf_counter()
         try:
+            if full:
+                a.ensure_device(desired)
             return a.reconciler.reconcile(desired, prune=a.may_prune(), full=full)
         except DeviceNotFound:
             if a.stop_event.is_set():
@@ -140,3 +158,5 @@ class Pass:
         except TunnelError:
             a.metrics.sync_errors_total.labels("dataplane").inc()
             raise
+        finally:
+            a.metrics.reconcile_seconds.observe(time.perf_counter() - t0)

@@ -83,6 +83,8 @@ class ReadinessWatch:
                     delay = 0.2
             except ConsulError as e:  # the last words seen stay; a rotation waits or times out
                 log.debug("readiness watch of %s: %s", w.cluster, e)
+            except Exception:  # noqa: BLE001 - one bad answer: this watch backs off, the agent goes on
+                log.warning("readiness watch of %s failed unexpectedly; retrying", w.cluster, exc_info=True)
             w.stop.wait(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
 

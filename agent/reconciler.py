@@ -76,6 +76,10 @@ class Reconciler:
         self.services = ServiceTarget(service_lb) if service_lb is not None else None
         self._services_applied: object = None
         self._device_applied: DeviceSpec | None = None  # key and port as last set or read
+        # Events the rotation stage consumes (take_events), kept across passes that fail after
+        # making them: the device's key changed; (node, new key) of peers whose key was replaced.
+        self._key_changed = False
+        self._replaced: list[tuple[str, str]] = []
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
         self.peers = PeerTarget(device, self.table, clock)  # one batch per pass
@@ -118,6 +122,19 @@ class Reconciler:
         self._device_applied = want
         # (With nothing set by this process yet, a change may have been the port alone: a poke too many.)
         res.device_key_changed = changed and (had is None or had.private_key != want.private_key)
+        self._key_changed = self._key_changed or res.device_key_changed
+
+    def switch_device(self, desired: DesiredState) -> None:
+        """Only the device's key and port (a rotation's switch due while planning fails)."""
+        with self.lock:
+            self._device(desired, False, ReconcileResult())
+
+    def take_events(self) -> tuple[bool, list[tuple[str, str]]]:
+        """(the device's key changed, peers' keys replaced) since the last call."""
+        with self.lock:
+            out = (self._key_changed, self._replaced)
+            self._key_changed, self._replaced = False, []
+            return out
 
     # --- peers ----------------------------------------------------------------------------
     def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
@@ -125,6 +142,7 @@ class Reconciler:
                               prune=prune, full=full, now=now)
         res.added, res.updated, res.removed, res.errors = out.added, out.updated, out.removed, res.errors + out.errors
         res.programmed, res.failed, res.replaced = out.programmed, res.failed + out.failed, out.replaced
+        self._replaced.extend(out.replaced)
 
     # --- overlay --------------------------------------------------------------------------
     def _overlay(self, desired: DesiredState, prune: bool, now: float, res: ReconcileResult) -> int:

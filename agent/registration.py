@@ -60,6 +60,7 @@ class Publication:
 
     commit_at: int = 0
     on_written: Callable[[], None] | None = None
+    next_key: str = ""  # the next public key the commit was decided for
     asked_at: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
@@ -141,12 +142,13 @@ class Registration:
         self._save_session(self.session_id)
         return self.session_id
 
-    def ask(self, commit_at: int = 0, on_written: Callable[[], None] | None = None) -> Publication:
+    def ask(self, commit_at: int = 0, on_written: Callable[[], None] | None = None,
+            next_key: str = "") -> Publication:
         """Have the record written by the registration thread now; the caller never waits.
 
         For writes that order a protocol (a key rotation's staging and commit): the caller
         looks at the Publication on a later pass. A newer request replaces one not started."""
-        pub = Publication(commit_at, on_written)
+        pub = Publication(commit_at, on_written, next_key)
         with self._ask_lock:
             old, self._asked = self._asked, pub
         if old is not None:
@@ -164,26 +166,29 @@ class Registration:
             pub = None
         try:
             with self._publishing:  # the record is built inside: a write never undoes a newer one
-                self._publish(pub.commit_at if pub is not None else 0)
-                if pub is not None and pub.on_written is not None:
+                carried = self._publish(pub.commit_at if pub is not None else 0, pub.next_key if pub is not None else "")
+                if pub is not None and carried and pub.on_written is not None:
                     pub.on_written()
         except BaseException:
             if pub is not None:
                 self._answer(pub, False)
             raise
         if pub is not None:
-            self._answer(pub, True)
+            self._answer(pub, carried)
 
     def _answer(self, pub: Publication, ok: bool) -> None:
         pub.ok = ok
         pub.done.set()
         self.on_published()
 
-    def _publish(self, commit_at: int = 0) -> None:
+    def _publish(self, commit_at: int = 0, next_key: str = "") -> bool:
+        """Write the record; True unless a commit was asked for a next key it no longer holds."""
         session = self.ensure_session()
         rec = self.record()
-        if commit_at and rec.next_public_key:
-            rec = replace(rec, switch_at=commit_at)  # the commit's own write
+        carried = not commit_at
+        if commit_at and rec.next_public_key and rec.next_public_key == next_key:
+            rec = replace(rec, switch_at=commit_at)  # the commit's own write (for the key it was decided for)
+            carried = True
         if self.identity is not None:
             rec = sign_record(rec, self.identity)
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
@@ -193,6 +198,7 @@ class Registration:
             raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")
         self.metrics.registrations_total.inc()
         log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
+        return carried
 
     def loop(self) -> None:
         delay = 0.2

@@ -53,6 +53,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _active(value: bytes) -> bool:
+    """A stored rotation still under way (a scheduled request must not replace it)."""
+    try:
+        return Rotation.from_json(value).active
+    except InvalidRecord:
+        return False
+
+
 class Rotator:
     def __init__(self, store: ConsulStore, cluster: str, node: str, key_file: Path,
                  clock: Callable[[], int] = now_ms, writer: Writer | None = None,
@@ -83,6 +91,7 @@ class Rotator:
         self._me = f"{cluster}/{node}"
         self._committing = 0  # the switch time of a commit whose write is under way (0: none)
         self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
+        self.resume_pending = False  # resume() could not read Consul: this node's commit unknown
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -125,7 +134,9 @@ class Rotator:
             item = self.store.get(key)
             own = Rotation.from_json(item.value, key) if item is not None else None
         except (ConsulError, InvalidRecord) as e:
-            log.warning("rotation: this node's rotation not read at start-up (%s)", e)
+            log.warning("rotation: this node's rotation not read at start-up (%s); the record waits for "
+                        "the first snapshot", e)
+            self.resume_pending = True  # no record written before adopt(): it could withdraw a commit
             return
         if rec is not None and rec.next_public_key == nxt.base64 and rec.switch_at:
             self.switch_at = rec.switch_at
@@ -164,11 +175,13 @@ class Rotator:
             self._consul_back_at = now
         self._consul_was_up = up
         if own is None or not own.active:
-            if self.next_key is not None and own is not None and own.state == "abandoned":
+            # (A committed rotation is never withdrawn: its peers switch at its time whatever.)
+            if self.next_key is not None and own is not None and own.state == "abandoned" and not self.switch_at:
                 self._drop_next(republish)
             return
         if self.rotation is None or self.rotation.id != own.id:
             self.rotation = own
+            self._committing = 0  # a commit under way was for another rotation: never this one's
             if own.state == "committed" and own.switch_at and self.next_key is not None:
                 self.switch_at = own.switch_at  # resumed after a restart
         if self.rotation.state == "requested":
@@ -262,10 +275,29 @@ class Rotator:
         self._write(replace(self.rotation, state="committed", switch_at=self.switch_at, lagging=(), updated_at=now))
         self.wake = self.switch_at
 
-    def committed(self, at: int) -> None:
-        """The commit's write with switch time `at` is in Consul (called by the writing thread,
-        before any other write of the record starts): every later write announces it."""
-        self.switch_at = at
+    def committed(self, at: int, next_public_key: str) -> None:
+        """The commit's write with switch time `at` for `next_public_key` is in Consul (called by
+        the writing thread, before any other write of the record starts): every later write
+        announces it."""
+        if self.next_key is not None and self.next_key.public_key().base64 == next_public_key:
+            self.switch_at = at
+
+    def publication_tag(self) -> tuple[str, str]:
+        """What a record write asked for belongs to: this rotation and its next key (an answer
+        for another is never taken as this one's)."""
+        nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
+        return (self.rotation.id if self.rotation is not None else "", nxt)
+
+    def adopt(self, own: NodeRecord | None) -> None:
+        """This node's record as Consul has it: a commit announced there before a restart that
+        could not read it (resume) is this node's commit (it switches at that time)."""
+        if not self.resume_pending:
+            return
+        self.resume_pending = False
+        if own is not None and self.next_key is not None and not self.switch_at and own.switch_at and \
+                own.next_public_key == self.next_key.public_key().base64:
+            self.switch_at = own.switch_at
+            log.info("rotation: committed before a restart; switching at %d as announced", self.switch_at)
 
     def _stage(self, now: int, publish: Callable[[int], bool | None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None
@@ -307,6 +339,7 @@ class Rotator:
     def _end(self, state: str, error: str, lagging: tuple[str, ...], republish: Callable[[], None],
              confirmed: tuple[str, ...] = ()) -> None:
         assert self.rotation is not None
+        self._committing = 0
         if state == "abandoned":
             self._drop_next(republish)
         (log.info if state == "done" else log.warning)("rotation %s: %s%s", self.rotation.id, state,
@@ -315,7 +348,7 @@ class Rotator:
                             confirmed=confirmed or self.rotation.confirmed, updated_at=self.clock()))
 
     def _drop_next(self, republish: Callable[[], None]) -> None:
-        self.next_key, self.switch_at, self.staged_at = None, 0, 0
+        self.next_key, self.switch_at, self.staged_at, self._committing = None, 0, 0, 0
         self.next_file.unlink(missing_ok=True)
         republish()
 
@@ -367,8 +400,10 @@ class Rotator:
         if self._scheduled is not None and self._scheduled.updated_at >= since:
             return  # asked already: the writer thread writes it (Consul may be slow or away)
         rot = self._scheduled = Rotation.new(self.node, now)
-        # Only if nobody wrote one meanwhile (cas 0: the key must not exist), by the writer thread.
-        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json(), cas=0 if mine is None else None)
+        # By the writer thread, only if nobody wrote a rotation meanwhile: cas 0 (the key must not
+        # exist), or the ModifyIndex of the ended one it reads just before (never over an active one).
+        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json(),
+                        cas=0 if mine is None else None, unless=_active)
         log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
 
     # --- the peer side ------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from wiremesh.keys import PrivateKey
 from wiremesh.tunnels import PeerConfig, TunnelError, poke
 
 from .planner import DesiredState
-from .reconciler import ReconcileResult
 from .registration import Publication, Registration
 from .rotation import Rotator
 
@@ -40,16 +39,19 @@ class RecordPublisher:
         self.registration = registration
         self.rotator = rotator
         self._pub: Publication | None = None
+        self._tag: tuple[str, str, int] = ("", "", 0)  # (rotation, next key, commit time) it was asked for
 
     def __call__(self, commit_at: int) -> bool | None:
+        tag = (*self.rotator.publication_tag(), commit_at)
         pub = self._pub
-        if pub is not None and pub.commit_at == commit_at:
+        if pub is not None and self._tag == tag:
             if not pub.done.is_set():
                 return None
             self._pub = None
             return pub.ok
-        on_written = (lambda: self.rotator.committed(commit_at)) if commit_at else None
-        self._pub = self.registration.ask(commit_at, on_written)
+        nxt = tag[1]
+        on_written = (lambda: self.rotator.committed(commit_at, nxt)) if commit_at else None
+        self._pub, self._tag = self.registration.ask(commit_at, on_written, nxt), tag
         return None
 
 
@@ -77,10 +79,13 @@ def _poke(peers: Iterable[tuple[str, PeerConfig]]) -> None:
             log.debug("poke %s: %s", nid, e)
 
 
-def rotation_pass(agent: Agent, desired: DesiredState, res: ReconcileResult) -> None:
-    """This node's rotation, and its part in the others': after the pass has reconciled."""
+def rotation_pass(agent: Agent, desired: DesiredState) -> None:
+    """This node's rotation, and its part in the others': after the pass has reconciled (or
+    switched the device alone). What the reconciler did since the last time (a switch, peers'
+    new keys) is taken from it, also from passes that failed after doing it."""
     cfg, rotator = agent.cfg, agent.rotator
-    if res.device_key_changed:
+    key_changed, replaced = agent.reconciler.take_events()
+    if key_changed:
         # A peer that took the new key before this switch (this agent late, the peer on time) got
         # no answer to its own handshake and would try again only 5 s later.
         _poke(desired.peers.items())
@@ -88,13 +93,14 @@ def rotation_pass(agent: Agent, desired: DesiredState, res: ReconcileResult) -> 
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}
     announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
-    for node, key in res.replaced:  # we took a node's new key: start the handshake now
+    for node, key in replaced:  # we took a node's new key: start the handshake now
         if node in announced and announced[node].next_public_key == key:
             rotator.took(node, key)  # a rotation's: gone back from if no handshake comes on it
         if node in desired.peers:
             _poke([(node, desired.peers[node])])
     if snap is None:
         return
+    rotator.adopt(snap.nodes.get(cfg.node))
 
     def switched(key: PrivateKey) -> bool:
         """The device took `key` in this pass (it was planned): from now on it is the node's key."""

@@ -130,6 +130,9 @@ class ServiceBackends:
                     log.warning("health of service %s in cluster %s unreadable (%s); its backends are kept for "
                                 "%.0fs", w.service, w.cluster, e, self.grace_s)
                     self.on_change()
+            except Exception:  # noqa: BLE001 - one bad answer: this watch backs off, the agent goes on
+                log.warning("health watch of service %s in cluster %s failed unexpectedly; retrying", w.service,
+                            w.cluster, exc_info=True)
             w.stop.wait(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
 

@@ -248,6 +248,9 @@ class PodMtuTarget:
                 self.changed += set_pod_mtu(netns, container_id, ifname, want)
             except TunnelError as e:
                 failed.append(f"{container_id[:12]}/{ifname}: {e}")
+            except OSError as e:  # its network namespace went with the pod meanwhile: nothing to set
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    failed.append(f"{container_id[:12]}/{ifname}: {e.strerror or e}")
         if failed:
             raise TunnelError(f"pod MTU {want} not set on {len(failed)} pod(s): {'; '.join(failed[:3])}")
 

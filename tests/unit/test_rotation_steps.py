@@ -129,7 +129,7 @@ class Publisher:
             rec = self.rot.announce(record(self.key))
             self.published.append(dataclasses.replace(rec, switch_at=commit_at) if commit_at else rec)
             if commit_at:
-                self.rot.committed(commit_at)
+                self.rot.committed(commit_at, rec.next_public_key)
         return self.ok
 
 
@@ -388,7 +388,7 @@ def test_a_commit_under_way_is_decided_only_by_its_answer(rig: Any) -> None:
     clock.now += 30
     drive(rot, staged, {}, switched, publish=publish)  # b's word gone meanwhile: nothing is decided again
     assert asked[-1] == at and rot.switch_at == 0
-    rot.committed(at)  # the registration thread wrote it
+    rot.committed(at, nxt)  # the registration thread wrote it
     drive(rot, staged, {}, switched, publish=publish)
     assert rot.switch_at == at and rot.wake == at
     assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "committed"

@@ -71,12 +71,18 @@ def test_a_follower_that_raises_is_dead() -> None:
     assert list(sup.dead) == ["watch-west#1"] and "ZeroDivisionError" in sup.dead["watch-west#1"]
 
 
+class _NoRotation:
+    def switch_due(self) -> bool:
+        return False
+
+
 class _Agent:
     """What a Pass uses of the agent, with stages that fail on demand."""
 
     def __init__(self) -> None:
         self.metrics = AgentMetrics()
         self.fail: str | None = None
+        self.rotator = _NoRotation()
 
     def intake(self) -> None:
         if self.fail == "snapshot":
