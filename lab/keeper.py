@@ -62,6 +62,8 @@ def main(argv: list[str]) -> int:
             started = time.monotonic()
             child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
             _write_pid(pidfile, child.pid)
+            if stopping:  # asked to stop while starting it: it never saw the signal
+                child.terminate()
             rc = child.wait()
             if stopping or rc <= 0:  # asked to stop, a clean exit, or ended by a signal: not restarted
                 return rc if rc >= 0 else 128 - rc
@@ -74,8 +76,9 @@ def main(argv: list[str]) -> int:
                 return rc
             delay = min(BACKOFF_MAX_S, delay * 2)
     finally:
-        try:
-            os.unlink(pidfile)
+        try:  # only its own child's pid: a newer keeper's file stays
+            if child is not None and open(pidfile).read().strip() == str(child.pid):
+                os.unlink(pidfile)
         except OSError:
             pass
 

@@ -92,9 +92,9 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _kept_pid(node: "Node") -> int | None:
-    """The agent's pid as its keeper last wrote it, if that process lives."""
+    """The agent's pid as its keeper last wrote it, if that process lives (in the node)."""
     pid = _read_pid(Path(node.dir) / AGENT_PIDFILE)
-    return pid if pid and netns.pid_alive(pid) else None
+    return pid if pid and netns.pid_alive(pid) and netns.pid_in_netns(pid, node.netns) else None
 
 
 @dataclass
@@ -106,6 +106,7 @@ class Node:
     underlay: str
     dir: str
     pid: int = 0
+    keeper_pid: int = 0  # lab/keeper.py, which runs the agent (and starts it again if it fails)
     cluster: str = ""
     cgroup: str = ""  # cgroup v2 group of the node's pods ("": no service lookup)
     pin_dir: str = ""  # where the node's agent pins its eBPF programs and maps
@@ -508,6 +509,17 @@ class Lab:
         node = self.node(name)
         if node.pid and netns.pid_alive(node.pid) and netns.pid_in_netns(node.pid, node.netns):
             return node.pid
+        keeper = self.state["nodes"][name].get("keeper_pid", 0)
+        if keeper and netns.pid_alive(keeper) and netns.pid_in_netns(keeper, node.netns):
+            # Its keeper is between two runs of the agent (the restart backoff): the agent comes back.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and netns.pid_alive(keeper):
+                pid = _kept_pid(node)
+                if pid:
+                    self.state["nodes"][name]["pid"] = pid
+                    self.save()
+                    return pid
+                time.sleep(0.05)
         pidfile = Path(node.dir) / AGENT_PIDFILE
         pidfile.unlink(missing_ok=True)
         with open(Path(node.dir) / "agent.log", "ab") as out:
@@ -524,7 +536,7 @@ class Lab:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"agent of {name} did not start; see {node.dir}/agent.log")
             time.sleep(0.005)
-        self.state["nodes"][name]["pid"] = pid
+        self.state["nodes"][name].update(pid=pid, keeper_pid=proc.pid)
         self.save()
         return pid
 
@@ -532,13 +544,22 @@ class Lab:
         """Send `sig` to a node's agent; with `wait`, return once it has exited (SIGKILL after
         10 s, and an error if even that fails). Its wireguard-go keeps running, as on a host."""
         node = self.node(name)
-        proc = stop.find(node.pid, f"agent of {name}", belongs=lambda pid: netns.pid_in_netns(pid, node.netns))
-        if proc and wait:
-            stop.stop([proc], sig=sig, timeout=teardown.AGENT_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
-        elif proc:
-            proc.signal(sig)
-            proc.close()
-        self.state["nodes"][name]["pid"] = 0
+        belongs = lambda pid: netns.pid_in_netns(pid, node.netns)  # noqa: E731
+        proc = stop.find(node.pid, f"agent of {name}", belongs=belongs)
+        # SIGTERM and SIGKILL end the agent for good: its keeper too (told first, so that it does
+        # not start the agent again; it forwards SIGTERM). Other signals are the agent's alone.
+        ending = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
+        keeper = stop.find(self.state["nodes"][name].get("keeper_pid", 0), f"keeper of {name}'s agent",
+                           belongs=belongs) if ending else None
+        procs = [p for p in (keeper, proc) if p]
+        if procs and wait:
+            stop.stop(procs, sig=sig, timeout=teardown.AGENT_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
+        else:
+            for p in procs:
+                p.signal(sig)
+                p.close()
+        if ending or not proc:
+            self.state["nodes"][name].update(pid=0, keeper_pid=0)
         self.save()
 
     def health(self, name: str) -> dict[str, Any]:

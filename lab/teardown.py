@@ -101,7 +101,10 @@ def stop_lab_processes(lab: "Lab", names: Iterable[str], progress: Progress) -> 
     nodes = lab.state.get("nodes", {})
     stopped: list[stop.Process] = []
     try:
-        agents = [_find(n.get("pid", 0), f"agent of {name}", n["netns"]) for name, n in nodes.items()]
+        live = lab.nodes  # the agents' pids as their keepers last wrote them (a restart changes it)
+        agents = [_find(n.get("keeper_pid", 0), f"keeper of {name}'s agent", n["netns"]) for name, n in nodes.items()]
+        agents += [_find(live[name].pid if name in live else n.get("pid", 0), f"agent of {name}", n["netns"])
+                   for name, n in nodes.items()]
         stopped += _stop("agents", [p for p in agents if p], AGENT_TIMEOUT, progress)
         hubs = _hub_names(lab, names)
         stopped += _stop("processes in nodes and pods", _in([n for n in names if n not in hubs], known),
