@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wiremesh.tunnels import (
+    PeerChange,
+    PeerConfig,
     FdbTarget,
     MtuTarget,
     NeighbourTarget,
@@ -128,6 +130,15 @@ class Reconciler:
         """Only the device's key and port (a rotation's switch due while planning fails)."""
         with self.lock:
             self._device(desired, False, ReconcileResult())
+
+    def renew_peer(self, node: str, peer: PeerConfig) -> None:
+        """Make node's peer again on the device (same key, endpoint, allowed IPs): a fresh entry
+        with no handshake state, which initiates one with the next packet (agent.rotation.KICK_MS)."""
+        with self.lock:
+            self.device.apply([PeerChange(public_key=peer.public_key, remove=True, name=node)])
+            self.device.apply([PeerChange(public_key=peer.public_key, endpoint=peer.endpoint,
+                                          allowed_ips=peer.allowed_ips,
+                                          persistent_keepalive=peer.persistent_keepalive, name=node)])
 
     def take_events(self) -> tuple[bool, list[tuple[str, str]]]:
         """(the device's key changed, peers' keys replaced) since the last call."""

@@ -47,6 +47,11 @@ from .nodestate import write_state_file
 
 log = logging.getLogger("wiremesh.rotation")
 HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
+# A peer whose new key got no handshake this long after it was taken is made again on the device
+# (once): when the node's and this peer's handshake initiations cross (both sides switched within
+# a round trip, common on a loaded host), each answers the other's and rejects the answer to its
+# own, and wireguard-go would try again only after 5 s. A fresh peer entry initiates at once.
+KICK_MS = 300
 
 
 def now_ms() -> int:
@@ -84,6 +89,7 @@ class Rotator:
         # peer side: rotating node id -> the next key we said we are ready for
         self.ready_sent: dict[str, str] = {}
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
+        self._kicked: set[str] = set()  # taken peers already made again (KICK_MS)
         self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
         self._peer_times: set[int] = set()  # when peers' new keys are taken (switch_at + PEER_DELAY_MS)
         self.wake: int | None = None
@@ -428,8 +434,10 @@ class Rotator:
             rcluster, _, rnode = nid.partition("/")
             self.writer.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
             del self.ready_sent[nid]
-        for _nid, (_key, at) in list(self.taken.items()):
+        for nid, (_key, at) in list(self.taken.items()):
             self._wake_at(at + PEER_ROLLBACK_MS)
+            if nid not in self._kicked:
+                self._wake_at(at + KICK_MS)
 
     def hold_until(self, quiet_ms: int) -> int | None:
         """Until when (unix ms) the loop should hold a pass: the next time the device must change
@@ -448,6 +456,17 @@ class Rotator:
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""
         self.taken[nid] = (new_key, self.clock())
+        self._kicked.discard(nid)
+
+    def kicks_due(self, handshakes: Mapping[str, float]) -> list[str]:
+        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken, once each:
+        the agent makes them again on the device (see KICK_MS)."""
+        now, due = self.clock(), []
+        for nid, (key, at) in self.taken.items():
+            if nid not in self._kicked and now >= at + KICK_MS and handshakes.get(key, 0.0) * 1000 < at - 1000:
+                self._kicked.add(nid)
+                due.append(nid)
+        return due
 
     def check_taken(self, handshakes: Mapping[str, float]) -> bool:
         """Go back from a new key with no handshake after PEER_ROLLBACK_MS; True if one was refused."""

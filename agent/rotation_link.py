@@ -116,8 +116,18 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     rotator.take_part(announced)
     if agent.config is not None and agent.config.rotate_every:
         rotator.schedule(agent.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations, key_mtime_ms(agent))
-    if rotator.taken and rotator.check_taken(handshakes(agent)):
-        agent.wake()  # went back to an old key: plan again at once
+    if rotator.taken:
+        hs = handshakes(agent)
+        for nid in rotator.kicks_due(hs):
+            if nid in desired.peers:
+                log.info("rotation of %s: no handshake on its new key yet; making its peer again", nid)
+                try:
+                    agent.reconciler.renew_peer(nid, desired.peers[nid])
+                except TunnelError as e:
+                    log.warning("rotation of %s: peer not made again: %s", nid, e)
+                _poke([(nid, desired.peers[nid])])
+        if rotator.check_taken(hs):
+            agent.wake()  # went back to an old key: plan again at once
 
 
 def staging(agent: Agent) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent.rotation import Rotator
+from wiremesh.agent.rotation import KICK_MS, Rotator
 from wiremesh.clustermesh import NodeRecord, layout
 from wiremesh.clustermesh.consul_values import KVItem
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
@@ -392,3 +392,19 @@ def test_a_commit_under_way_is_decided_only_by_its_answer(rig: Any) -> None:
     drive(rot, staged, {}, switched, publish=publish)
     assert rot.switch_at == at and rot.wake == at
     assert Rotation.from_json(store.kv[layout.rotation_key("c", "a")]).state == "committed"
+
+
+def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    new = PrivateKey.generate().public_key().base64
+    rot.took("c/b", new)
+    clock.now += KICK_MS - 1
+    assert rot.kicks_due({}) == []
+    clock.now += 1
+    assert rot.kicks_due({}) == ["c/b"]  # crossed handshakes, or a node late: the peer is made again
+    assert rot.kicks_due({}) == []  # once
+    assert rot.kicks_due({new: clock.now / 1000}) == []
+    other = PrivateKey.generate().public_key().base64
+    rot.took("c/c", other)
+    clock.now += KICK_MS
+    assert rot.kicks_due({other: clock.now / 1000}) == []  # its handshake came: nothing to do
