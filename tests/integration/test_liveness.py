@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from wiremesh.clustermesh import MeshMember, NodeRecord, layout
 from wiremesh.clustermesh.rotation import Rotation
 from wiremesh.clustermesh.services import ServicePort
@@ -107,7 +106,7 @@ def pass_errors(lab: Lab, node: str) -> dict[str, float]:
     code, body = lab.http_get(n.health_url + "/metrics", timeout=2.0, cluster=n.cluster or None)
     assert code == 200
     out = {}
-    for m in re.finditer(r'^wiremesh_pass_errors_total\{stage="([^"]+)"\} ([0-9.e+]+)$', body.decode(), re.M):
+    for m in re.finditer(r'^wiremesh_pass_errors_total\{stage="([^"]+)"\} ([0-9.e+]+)$', body.decode(), re.MULTILINE):
         out[m.group(1)] = float(m.group(2))
     return out
 
@@ -229,7 +228,8 @@ def test_service_deleted_and_created_again_within_a_blocking_wait(live: Lab,
             first = {n: {w: max(g) for w, g in gens[n].items()} for n in nodes}
             passes = {n: lab.health(n).get("passes", 0) for n in nodes}
             delete_all()
-            wait_until(lambda: all(lab.health(n).get("passes", 0) > passes[n] for n in nodes), 15, interval=0.02,
+            wait_until(lambda: all(lab.health(n).get("passes", 0) > passes[n] for n in nodes),  # noqa: B023
+                       15, interval=0.02,
                        what="a pass on every agent after the deletion")
             define_all()
             t0 = time.monotonic()
@@ -388,7 +388,7 @@ def test_state_dir_full_while_a_rotation_is_staged(live: Lab, tmp_path: Path,
 
 
 def _keeper_lines(text: str) -> list[int]:
-    return [int(m.group(1)) for m in re.finditer(r"^keeper: \S+ exited with (-?\d+); starting it again", text, re.M)]
+    return [int(m.group(1)) for m in re.finditer(r"^keeper: \S+ exited with (-?\d+); starting it again", text, re.MULTILINE)]
 
 
 def test_keeper_restarts_an_agent_that_exits_non_zero(live: Lab) -> None:
