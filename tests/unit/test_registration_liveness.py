@@ -19,7 +19,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from wiremesh.agent.metrics import AgentMetrics
 from wiremesh.agent.registration import Registration
 from wiremesh.agent.rotation import Rotator
@@ -121,7 +120,7 @@ def drive_until(r: Any, pred: Callable[[], bool], ready: dict[str, RotationReady
         assert time.monotonic() < deadline, f"timed out; rotation {r.rot.rotation}"
         item = r.store.get(layout.rotation_key("c", "a"))
         own = Rotation.from_json(item.value) if item is not None else None
-        r.rot.drive(own, {"c/b"}, ready, lambda: {}, lambda _k: True, r.pub, r.reg.republish.set, {})
+        r.rot.drive(own, {"c/b"}, ready, dict, lambda _k: True, r.pub, r.reg.republish.set, {})
         r.wake.wait(0.05)
         r.wake.clear()
 
