@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -359,9 +360,19 @@ def test_state_dir_full_while_a_rotation_is_staged(live: Lab, tmp_path: Path,
         def unmount() -> None:  # what the agent wrote meanwhile goes back to the real dir
             lab.run(node, "sh", "-c", f"rm -f {d}/fill; cp -a {d}/. {saved}/; umount {d}; umount -l {full}; "
                     f"rmdir {full}")
+            kept = {f.name for f in saved.iterdir()}
             for f in saved.iterdir():
                 if f.is_file() and f.name != "agent.log":
                     (Path(d) / f.name).write_bytes(f.read_bytes())
+            for f in Path(d).iterdir():  # what the agent removed meanwhile (private.key.next) goes too
+                if f.is_file() and f.name not in kept and f.name not in ("agent.log", "agent.pid"):
+                    f.unlink()
+            epoch_file = Path(d) / "private.key.epoch"
+            on_disk = epoch_file.read_text().strip() if epoch_file.exists() else "absent"
+            now = record(lab, "east", node)
+            if now is not None and on_disk != str(now.key_epoch):
+                warnings.warn(f"{node}: epoch file says {on_disk} once space is back, its record "
+                              f"{now.key_epoch}: never written again (a restart would announce the old epoch)")
         stack.callback(unmount)
         lab.run(node, "sh", "-c", f"dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true")
         assert lab.run(node, "sh", "-c", f"echo x > {d}/probe").returncode != 0, "the state dir is not full"
