@@ -358,7 +358,7 @@ def test_state_dir_full_while_a_rotation_is_staged(live: Lab, tmp_path: Path,
                 f"cp -a \"$f\" {full}/; done; mount --bind {full} {d}", check=True)
 
         def unmount() -> None:  # what the agent wrote meanwhile goes back to the real dir
-            lab.run(node, "sh", "-c", f"rm -f {d}/fill; cp -a {d}/. {saved}/; umount {d}; umount -l {full}; "
+            lab.run(node, "sh", "-c", f"rm -f {d}/fill {d}/.hold; cp -a {d}/. {saved}/; umount {d}; umount -l {full}; "
                     f"rmdir {full}")
             kept = {f.name for f in saved.iterdir()}
             for f in saved.iterdir():
@@ -374,7 +374,9 @@ def test_state_dir_full_while_a_rotation_is_staged(live: Lab, tmp_path: Path,
                 warnings.warn(f"{node}: epoch file says {on_disk} once space is back, its record "
                               f"{now.key_epoch}: never written again (a restart would announce the old epoch)")
         stack.callback(unmount)
-        lab.run(node, "sh", "-c", f"dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true")
+        # A second name for the current key file: the switch's rename over it then frees nothing
+        # (else the old key's page and inode would hold the epoch file it writes next).
+        lab.run(node, "sh", "-c", f"ln {d}/private.key {d}/.hold && dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true")
         assert lab.run(node, "sh", "-c", f"echo x > {d}/probe").returncode != 0, "the state dir is not full"
         os.kill(held, signal.SIGCONT)
         t0 = time.monotonic()
