@@ -98,6 +98,7 @@ class Rotator:
         self._committing = 0  # the switch time of a commit whose write is under way (0: none)
         self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
         self.resume_pending = False  # resume() could not read Consul: this node's commit unknown
+        self._epoch_saved = True  # the epoch above is the one its file holds
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -176,6 +177,8 @@ class Rotator:
         now = self.clock()
         self.wake = None
         others = announced or {}
+        if not self._epoch_saved:  # a full state dir refused it: again, until it is saved
+            self._write_epoch(self.epoch)
         up = self.consul_up()
         if up and not self._consul_was_up:
             self._consul_back_at = now
@@ -380,7 +383,7 @@ class Rotator:
         """The new epoch, in memory at once and in its file if the state dir takes it (a full
         disk is logged once; the record announces the epoch from memory)."""
         self.epoch = epoch
-        write_state_file(self.epoch_file, f"{epoch}\n")
+        self._epoch_saved = write_state_file(self.epoch_file, f"{epoch}\n")
 
     # --- scheduled rotation ---------------------------------------------------------------------
     def schedule(self, every_s: int, nodes: list[str], rotations: Mapping[str, Rotation], key_age_from: int) -> None:
