@@ -45,6 +45,8 @@ T = TypeVar("T")
 
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
+SLOW_PASS_S = 0.05  # a pass this long is logged with its stages' times (at most every SLOW_LOG_EVERY_S)
+SLOW_LOG_EVERY_S = 10.0
 
 
 class PassFailed(Exception):
@@ -61,10 +63,13 @@ class Pass:
         self.retry_at: float | None = None  # time.monotonic() of the retry after a failed pass
         self._logged: dict[str, str] = {}  # stage -> the error last logged for it
         self.desired: DesiredState | None = None  # as of the last planned pass (status endpoint)
+        self._times: dict[str, float] = {}  # stage -> seconds, of the pass under way
+        self._slow_logged = 0.0
 
     def run(self, full: bool) -> bool:
         """One pass; False if a stage failed (and the retry is scheduled)."""
         t0 = time.perf_counter()
+        self._times = {}
         try:
             self._run(full)
         except PassFailed as e:
@@ -75,13 +80,19 @@ class Pass:
             self.retry_at = time.monotonic() + delay
             return False
         finally:
-            self.agent.metrics.loop_blocked_seconds.observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.agent.metrics.loop_blocked_seconds.observe(took)
+            if took >= SLOW_PASS_S and time.monotonic() - self._slow_logged >= SLOW_LOG_EVERY_S:
+                self._slow_logged = time.monotonic()
+                log.info("slow pass%s: %.0f ms (%s)", " (full)" if full else "", took * 1000,
+                         ", ".join(f"{k} {v * 1000:.0f}" for k, v in self._times.items()))
         if self.failures:
             log.info("pass succeeded again after %d failed", self.failures)
         self.failures, self.retry_at, self._logged = 0, None, {}
         return True
 
     def _stage(self, name: str, fn: Callable[..., T], *args: object) -> T:
+        t0 = time.perf_counter()
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - a pass that raises is retried, never the end of the loop
@@ -92,6 +103,8 @@ class Pass:
                 log.warning("pass failed at %s (retrying with backoff): %s", name, msg)
                 log.debug("traceback of the failed %s stage", name, exc_info=True)
             raise PassFailed(name) from e
+        finally:
+            self._times[name] = time.perf_counter() - t0
 
     def _run(self, full: bool) -> None:
         a = self.agent

@@ -104,8 +104,10 @@ class Reconciler:
             res = ReconcileResult()
             self._device(desired, full, res)
             self._peers(desired, prune, full, now, res)
-            overlay = _overlay_key(desired) if prune else None
-            if full or overlay is None or overlay != self._overlay_applied or \
+            # Skipped when nothing of it changed since its last clean sync (pruning or not: while
+            # removals are held after an outage, every pass would otherwise re-read it all).
+            overlay = (_overlay_key(desired), prune)
+            if full or overlay != self._overlay_applied or \
                     self.table.pending_retry(OVERLAY_KINDS, now):
                 errors = self._overlay(desired, prune, now, res)
                 self._overlay_applied = overlay if not errors else None
@@ -223,8 +225,8 @@ class Reconciler:
         target = self.services
         if target is None:
             return
-        key = (desired.services, desired.keep_services) if prune else None
-        if not full and key is not None and key == self._services_applied and \
+        key = (desired.services, desired.keep_services, prune)
+        if not full and key == self._services_applied and \
                 not self.table.pending_retry(_SERVICES, now):
             return
         target.fresh = target.fresh or full
