@@ -546,17 +546,21 @@ class Lab:
         node = self.node(name)
         belongs = lambda pid: netns.pid_in_netns(pid, node.netns)  # noqa: E731
         proc = stop.find(node.pid, f"agent of {name}", belongs=belongs)
-        # SIGTERM and SIGKILL end the agent for good: its keeper too (told first, so that it does
-        # not start the agent again; it forwards SIGTERM). Other signals are the agent's alone.
+        # SIGTERM, SIGINT and SIGKILL end the agent for good, and its keeper with it: the keeper
+        # gets SIGTERM (it forwards it, and never starts the agent again; after SIGKILL, sent to
+        # the agent itself, it would not either, but it may be between two runs). Other signals
+        # are the agent's alone.
         ending = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
         keeper = stop.find(self.state["nodes"][name].get("keeper_pid", 0), f"keeper of {name}'s agent",
                            belongs=belongs) if ending else None
-        procs = [p for p in (keeper, proc) if p]
-        if procs and wait:
-            stop.stop(procs, sig=sig, timeout=teardown.AGENT_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
-        else:
-            for p in procs:
-                p.signal(sig)
+        if sig == signal.SIGKILL and proc:  # the agent dies at once, as a crash would
+            proc.signal(sig)
+        signals = [(p, signal.SIGTERM if p is keeper else sig) for p in (keeper, proc) if p]
+        for p, s_ in signals:
+            if wait:
+                stop.stop([p], sig=s_, timeout=teardown.AGENT_TIMEOUT, kill_timeout=teardown.KILL_TIMEOUT)
+            else:
+                p.signal(s_)
                 p.close()
         if ending or not proc:
             self.state["nodes"][name].update(pid=0, keeper_pid=0)
