@@ -51,7 +51,7 @@ HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no
 # (once): when the node's and this peer's handshake initiations cross (both sides switched within
 # a round trip, common on a loaded host), each answers the other's and rejects the answer to its
 # own, and wireguard-go would try again only after 5 s. A fresh peer entry initiates at once.
-KICK_MS = 300
+KICK_MS = 150
 
 
 def now_ms() -> int:

@@ -91,9 +91,15 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+def _pidfile(node: "Node") -> Path:
+    """Where the node's keeper writes its agent's pid: in the lab's own directory, not the
+    node's state dir (a test may fill that, or mount over it inside the node)."""
+    return Path(node.dir).parent.parent / "pids" / f"{node.name}.{AGENT_PIDFILE}"
+
+
 def _kept_pid(node: "Node") -> int | None:
     """The agent's pid as its keeper last wrote it, if that process lives (in the node)."""
-    pid = _read_pid(Path(node.dir) / AGENT_PIDFILE)
+    pid = _read_pid(_pidfile(node))
     return pid if pid and netns.pid_alive(pid) and netns.pid_in_netns(pid, node.netns) else None
 
 
@@ -520,7 +526,8 @@ class Lab:
                     self.save()
                     return pid
                 time.sleep(0.05)
-        pidfile = Path(node.dir) / AGENT_PIDFILE
+        pidfile = _pidfile(node)
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
         pidfile.unlink(missing_ok=True)
         with open(Path(node.dir) / "agent.log", "ab") as out:
             # The keeper (lab/keeper.py) starts the agent again when it exits non-zero, as
@@ -539,6 +546,10 @@ class Lab:
         self.state["nodes"][name].update(pid=pid, keeper_pid=proc.pid)
         self.save()
         return pid
+
+    def agent_pidfile(self, name: str) -> Path:
+        """Where the keeper of a node's agent writes the agent's pid (lab/keeper.py)."""
+        return _pidfile(self.node(name))
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
         """Send `sig` to a node's agent; with `wait`, return once it has exited (SIGKILL after

@@ -22,7 +22,7 @@ import pytest
 
 from wiremesh.lab import LAB_ROOT
 
-from .conftest import _our_daemons
+from .conftest import RUN_MARKER, _our_daemons
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
@@ -37,7 +37,7 @@ def leftovers() -> dict[str, set[str]]:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {
         "network namespaces": {line.split()[0] for line in netns.splitlines() if line.strip()},
-        "wireguard-go/consul pids": {str(p) for p in _our_daemons()},
+        "wireguard-go/consul pids": {str(p) for p in _our_daemons(os.environ.get(RUN_MARKER, ""))},
         "BPF pins": {p.name for p in BPF_ROOT.iterdir()} if BPF_ROOT.is_dir() else set(),
         "lab directories": {p.name for p in LAB_ROOT.iterdir()} if LAB_ROOT.is_dir() else set(),
     }

@@ -410,7 +410,7 @@ def test_keeper_restarts_an_agent_that_exits_non_zero(live: Lab) -> None:
     good = toml.read_text()
     try:
         lab.stop_agent(node)  # SIGTERM: exits 0, not restarted
-        wait_until(lambda: not (Path(lab.node(node).dir) / "agent.pid").exists(), 10, what="the keeper to exit")
+        wait_until(lambda: not lab.agent_pidfile(node).exists(), 10, what="the keeper to exit")
         toml.write_text(good + "\nthis is not toml = [\n")  # the agent refuses to start: exits non-zero
         at = log_size(lab, node)
         first = lab.start_agent(node)
@@ -443,7 +443,7 @@ def test_keeper_does_not_restart_a_killed_agent(live: Lab) -> None:
         at = log_size(lab, node)
         lab.stop_agent(node, signal.SIGKILL)
         wait_until(lambda: not pid_alive(keeper), 15, interval=0.05, what="the keeper to exit")
-        pidfile = Path(lab.node(node).dir) / "agent.pid"
+        pidfile = lab.agent_pidfile(node)
         assert not pidfile.exists(), f"the keeper left (or wrote) a pid: {pidfile.read_text()}"
         assert not _keeper_lines(log_since(lab, node, at)), log_since(lab, node, at)
         assert lab.health(node).get("status") == "down"
