@@ -61,8 +61,6 @@ class ReconcileResult:
     routes_added: int = 0
     routes_removed: int = 0
     failed: list[str] = field(default_factory=list)
-    device_key_changed: bool = False  # the device took a new private key (a rotation's switch) in this pass
-    replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key rotations applied
 
 
 class Reconciler:
@@ -125,8 +123,8 @@ class Reconciler:
         changed = self.device.configure(want.private_key, want.listen_port)  # reads first: no change, no write
         self._device_applied = want
         # (With nothing set by this process yet, a change may have been the port alone: a poke too many.)
-        res.device_key_changed = changed and (had is None or had.private_key != want.private_key)
-        self._key_changed = self._key_changed or res.device_key_changed
+        if changed and (had is None or had.private_key != want.private_key):
+            self._key_changed = True  # for the rotation stage (take_events)
 
     def switch_device(self, desired: DesiredState) -> None:
         """Only the device's key and port (a rotation's switch due while planning fails)."""
@@ -154,8 +152,8 @@ class Reconciler:
         out = self.peers.sync(desired.peers, desired.kept, (prune, desired.keep_cidrs, desired.keep_foreign),
                               prune=prune, full=full, now=now)
         res.added, res.updated, res.removed, res.errors = out.added, out.updated, out.removed, res.errors + out.errors
-        res.programmed, res.failed, res.replaced = out.programmed, res.failed + out.failed, out.replaced
-        self._replaced.extend(out.replaced)
+        res.programmed, res.failed = out.programmed, res.failed + out.failed
+        self._replaced.extend(out.replaced)  # for the rotation stage (take_events)
 
     # --- overlay --------------------------------------------------------------------------
     def _overlay(self, desired: DesiredState, prune: bool, now: float, res: ReconcileResult) -> int:

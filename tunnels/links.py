@@ -130,33 +130,27 @@ def owned_routes(ifnames: Iterable[str]) -> set[Route]:
 
 def set_mtu(ifname: str, mtu: int) -> bool:
     """Set an interface's MTU if it differs; True if it changed."""
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise DeviceNotFound(f"{ifname}: no such interface")
-        (link,) = ipr.link("get", index=idx[0])
-        if link.get("mtu") == mtu:
-            return False
-        try:
-            ipr.link("set", index=idx[0], mtu=mtu)
-        except NetlinkError as e:
-            raise _nl_error(f"{ifname}: set mtu {mtu}", e) from e
-        return True
+    return _set_link(ifname, "mtu", mtu, f"set mtu {mtu}")
 
 
 def set_txqueuelen(ifname: str, qlen: int) -> bool:
     """Set an interface's transmit queue length if it differs; True if it changed."""
+    return _set_link(ifname, "txqlen", qlen, f"set txqueuelen {qlen}")
+
+
+def _set_link(ifname: str, attr: str, value: int, what: str) -> bool:
+    """Set one numeric link attribute if it differs (read first); True if it changed."""
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             raise DeviceNotFound(f"{ifname}: no such interface")
         (link,) = ipr.link("get", index=idx[0])
-        if link.get("txqlen") == qlen:
+        if link.get(attr) == value:
             return False
         try:
-            ipr.link("set", index=idx[0], txqlen=qlen)
+            ipr.link("set", index=idx[0], **{attr: value})
         except NetlinkError as e:
-            raise _nl_error(f"{ifname}: set txqueuelen {qlen}", e) from e
+            raise _nl_error(f"{ifname}: {what}", e) from e
         return True
 
 

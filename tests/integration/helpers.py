@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import contextlib
 import re
 import socket
@@ -207,3 +209,11 @@ def iperf3_json(path: Path) -> dict[str, Any]:
         return d
     except ValueError:
         return {"error": f"no JSON: {text[-300:]!r}"}
+
+
+def keep_agent_logs(lab: Lab, keep: Path) -> None:
+    """Copy every node's agent.log into `keep` (before the lab goes, for a failure's post-mortem)."""
+    for n in lab.nodes:
+        log = Path(lab.node(n).dir) / "agent.log"
+        if log.exists():
+            shutil.copy(log, keep / f"{n}.log")

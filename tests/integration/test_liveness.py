@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import time
 import warnings
@@ -41,7 +40,7 @@ from wiremesh.lab.netns import pid_alive
 from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
-from .helpers import device_key, wait_until
+from .helpers import keep_agent_logs, device_key, wait_until
 
 PROGRAMMED_S = 5.0  # the bound: a node added afterwards is programmed within this
 SERVICE = "liveness"
@@ -56,11 +55,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.up(topology=load_topology(clusters=2, nodes=2))
         yield lab
     finally:
-        keep = tmp_path_factory.mktemp("agent-logs")
-        for n in lab.nodes:
-            log = Path(lab.node(n).dir) / "agent.log"
-            if log.exists():
-                shutil.copy(log, keep / f"{n}.log")
+        keep_agent_logs(lab, tmp_path_factory.mktemp("agent-logs"))
         lab.down()
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -37,6 +36,7 @@ from .conftest import new_lab_name
 from .helpers import (
     IPERF_PORT,
     FastPinger,
+    keep_agent_logs,
     Gap,
     device_key,
     enlarge_udp_buffers,
@@ -74,11 +74,7 @@ def rot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert enlarge_udp_buffers(lab) >= len(lab.nodes)
         yield lab
     finally:
-        keep = tmp_path_factory.mktemp("agent-logs")
-        for n in lab.nodes:
-            log = Path(lab.node(n).dir) / "agent.log"
-            if log.exists():
-                shutil.copy(log, keep / f"{n}.log")
+        keep_agent_logs(lab, tmp_path_factory.mktemp("agent-logs"))
         lab.down()
 
 
