@@ -8,6 +8,8 @@ Threads (each started, tracked and joined by agent.supervisor):
   snapshot handed to the reconcile loop through a mailbox. The watches never change the agent.
 - federation: one watch for the mesh membership and one follower per remote cluster.
 - kv-writer: Consul writes the loop must not wait for (readiness, rotation progress).
+- staged-watch (agent.staged): while a peer rotates its key, reads the device every 20 ms for
+  the peer's first handshake with its new key (its switch, proven by the data plane).
 - reconcile: the one loop that owns the agent's state; each pass is agent.passes (inputs ->
   plan -> reconcile -> report -> rotation). It wakes on a snapshot, a federation change, an
   object's retry, a rotation's time, SIGHUP, or the periodic full pass that repairs drift.
@@ -72,6 +74,7 @@ from .readiness import ReadinessWatch
 from .rotation import Rotator, now_ms
 from .rotation_link import RecordPublisher, device_public_key
 from .services import ServiceBackends, load_service_lb
+from .staged import SwitchProofs
 from .supervisor import FATAL_GRACE_S, Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
@@ -142,6 +145,7 @@ class Agent:
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
                                consul_up=lambda: self._consul_ok)
         self.publisher = RecordPublisher(self.registration, self.rotator)
+        self.proofs = SwitchProofs(self.device, self._wake.set)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
                                         self.supervisor.follow)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
@@ -460,7 +464,8 @@ class Agent:
         self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
         for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
-                         ("reconcile", self._reconcile_loop)):
+                         ("reconcile", self._reconcile_loop),
+                         ("staged-watch", lambda: self.proofs.run(self.stop_event))):
             self.supervisor.spawn(name, fn)
 
     def shutdown(self, remove_record: bool = True) -> None:

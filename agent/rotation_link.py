@@ -84,6 +84,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     switched the device alone). What the reconciler did since the last time (a switch, peers'
     new keys) is taken from it, also from passes that failed after doing it."""
     cfg, rotator = agent.cfg, agent.rotator
+    agent.proofs.watch(desired.staged)
     key_changed, replaced = agent.reconciler.take_events()
     if key_changed:
         # A peer that took the new key before this switch (this agent late, the peer on time) got

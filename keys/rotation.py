@@ -106,9 +106,12 @@ def switch_time(earliest: int, committed: Iterable[int]) -> int:
     return t
 
 
-def peer_key(public_key: str, next_public_key: str, switch_at: int, now: int, refused: Set[str]) -> str:
+def peer_key(public_key: str, next_public_key: str, switch_at: int, now: int, refused: Set[str],
+             proven: Set[str] = frozenset()) -> str:
     """The key a peer programs for a node whose record announces `next_public_key`, committed
-    to switch at `switch_at` (0: staged, not committed: the current key stays)."""
-    if next_public_key and switch_at and now >= switch_at + PEER_DELAY_MS and next_public_key not in refused:
+    to switch at `switch_at` (0: staged, not committed: the current key stays), or `proven`: the
+    node's handshake initiation with it reached this peer's device (it switched, commit seen or not)."""
+    if next_public_key and next_public_key not in refused and (
+            next_public_key in proven or (switch_at and now >= switch_at + PEER_DELAY_MS)):
         return next_public_key
     return public_key
