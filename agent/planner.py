@@ -205,7 +205,7 @@ def plan_mesh(
     vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
     peers: dict[str, PeerConfig] = {}
     taken = {local_public_key}
-    staged: dict[str, PeerConfig] = {}
+    to_stage: list[tuple[str, NodeRecord, str]] = []
     routes: set[Route] = set()
     fdb: dict[str, str] = {}
     neigh: dict[str, str] = {}
@@ -221,7 +221,7 @@ def plan_mesh(
             continue
         taken.add(key)
         nid = node_id(config.name, name)
-        _stage(nid, rec, key, refused_keys, taken, staged)
+        to_stage.append((nid, rec, key))
         settings = (vxlan_mode, persistent_keepalive, wg_device, vxlan_device, key)
         hit = memo.get(nid) if memo is not None else None
         if hit is not None and hit[0] is rec and hit[1] == settings:
@@ -255,12 +255,15 @@ def plan_mesh(
                 continue
             claimed.append(net)
             taken.add(key)
-            _stage(node_id(cluster, name), rec, key, refused_keys, taken, staged)
+            to_stage.append((node_id(cluster, name), rec, key))
             peers[node_id(cluster, name)] = PeerConfig(
                 public_key=key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
                 persistent_keepalive=persistent_keepalive,
             )
             routes.add(Route(rec.pod_cidr, wg_device))
+    staged: dict[str, PeerConfig] = {}
+    for nid, rec, key in to_stage:  # after every node's own key is taken: a next key never evicts one
+        _stage(nid, rec, key, refused_keys, taken, staged)
     m = mtus(config, underlay_mtu)
     address = vxlan = None
     if local_pod_cidr:
