@@ -26,6 +26,11 @@ for that, so the switch is agreed on first, then done by every side's own clock:
 3. switched, then done once every live peer made a handshake on the new key (or failed,
    naming the laggards, after CONFIRM_TIMEOUT_MS: the new key stays, never half).
 
+A peer that missed the commit (Consul stopped the moment it landed) learns of the switch from
+the data plane: it holds the announced next key as a locked second peer entry from the staged
+step on, and the node's first handshake initiation with its new key shows there (agent.staged;
+`peer_key`'s `proven`).
+
 Two neighbours switching less than SWITCH_SPACING_MS apart each drop what they had queued for
 the other (each replaces the other's key, a new peer on the device, after its own switch and
 before the other could handshake; measured: 14 pings at ~600/s). So commits are ordered: a node
