@@ -6,9 +6,10 @@ the next key in `<key_file>.next` (0600) and announced in the node's record (`ne
 written into the record (synchronously: the write is the point of no return) -> at `switch_at`
 the device takes the new key, the key file is replaced by it (atomically), the record carries
 it -> done once every live peer made a handshake on it. The peer side: on seeing an announced
-next key, write that it is ready; the planner replaces the node's key at
-`switch_at + PEER_DELAY_MS` (agent.planner, by its own clock); right after, one packet to the
-node starts the handshake at once; if no handshake on the new key comes within
+next key, stage it on the device (a locked second entry: agent.staged) and write that it is
+ready; the planner replaces the node's key once the node's first handshake with it shows on
+that entry (or at `switch_at + PEER_DELAY_MS` by its own clock if none does); right after, one
+packet to the node starts the handshake at once; if no handshake on the new key comes within
 PEER_ROLLBACK_MS, go back to the old one.
 
 Everything here runs in the agent's loop thread; its Consul writes (readiness, progress) go
@@ -47,11 +48,14 @@ from .nodestate import write_state_file
 
 log = logging.getLogger("wiremesh.rotation")
 HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
-# A peer whose new key got no handshake this long after it was taken is made again on the device
-# (once): when the node's and this peer's handshake initiations cross (both sides switched within
-# a round trip, common on a loaded host), each answers the other's and rejects the answer to its
-# own, and wireguard-go would try again only after 5 s. A fresh peer entry initiates at once.
+# A peer whose new key got no handshake this long after it was taken, although something came
+# from the node on it, is made again on the device (once): the node's and this peer's handshake
+# initiations crossed (each answers the other's and rejects the answer to its own), and
+# wireguard-go would try again only after 5 s. A fresh peer entry initiates at once. With nothing
+# received, it waits KICK_IDLE_MS (a loaded host's handshake may take that long): making the
+# entry again drops what it holds queued.
 KICK_MS = 150
+KICK_IDLE_MS = 1000
 
 
 def now_ms() -> int:
@@ -441,6 +445,7 @@ class Rotator:
             self._wake_at(at + PEER_ROLLBACK_MS)
             if nid not in self._kicked:
                 self._wake_at(at + KICK_MS)
+                self._wake_at(at + KICK_IDLE_MS)
 
     def hold_until(self, quiet_ms: int) -> int | None:
         """Until when (unix ms) the loop should hold a pass: the next time the device must change
@@ -461,12 +466,16 @@ class Rotator:
         self.taken[nid] = (new_key, self.clock())
         self._kicked.discard(nid)
 
-    def kicks_due(self, handshakes: Mapping[str, float]) -> list[str]:
-        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken, once each:
-        the agent makes them again on the device (see KICK_MS)."""
+    def kicks_due(self, handshakes: Mapping[str, float], received: Mapping[str, int] | None = None) -> list[str]:
+        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken although
+        the device `received` bytes on it (or none KICK_IDLE_MS after), once each: the agent
+        makes them again on the device (see KICK_MS)."""
         now, due = self.clock(), []
         for nid, (key, at) in self.taken.items():
-            if nid not in self._kicked and now >= at + KICK_MS and handshakes.get(key, 0.0) * 1000 < at - 1000:
+            if nid in self._kicked or handshakes.get(key, 0.0) * 1000 >= at - 1000:
+                continue
+            crossed = (received or {}).get(key, 1) > 0
+            if now >= at + (KICK_MS if crossed else KICK_IDLE_MS):
                 self._kicked.add(nid)
                 due.append(nid)
         return due

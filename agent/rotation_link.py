@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from wiremesh.clustermesh import overlay_address
 from wiremesh.keys import PrivateKey
-from wiremesh.tunnels import PeerConfig, TunnelError, poke
+from wiremesh.tunnels import PeerConfig, PeerStatus, TunnelError, poke
 
 from .planner import DesiredState
 from .registration import Publication, Registration
@@ -62,12 +62,17 @@ def device_public_key(agent: Agent) -> str | None:
         return None
 
 
-def handshakes(agent: Agent) -> dict[str, float]:
-    """Latest handshake (unix s) per public key on the device."""
+def device_peers(agent: Agent) -> dict[str, PeerStatus]:
+    """The device's peers by public key ({} if it cannot be read)."""
     try:
-        return {k: p.latest_handshake for k, p in agent.device.show().peers.items()}
+        return dict(agent.device.show().peers)
     except TunnelError:
         return {}
+
+
+def handshakes(agent: Agent) -> dict[str, float]:
+    """Latest handshake (unix s) per public key on the device."""
+    return {k: p.latest_handshake for k, p in device_peers(agent).items()}
 
 
 def _poke(peers: Iterable[tuple[str, PeerConfig]]) -> None:
@@ -118,8 +123,9 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     if agent.config is not None and agent.config.rotate_every:
         rotator.schedule(agent.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations, key_mtime_ms(agent))
     if rotator.taken:
-        hs = handshakes(agent)
-        for nid in rotator.kicks_due(hs):
+        peers = device_peers(agent)
+        hs = {k: p.latest_handshake for k, p in peers.items()}
+        for nid in rotator.kicks_due(hs, {k: p.rx_bytes for k, p in peers.items()}):
             if nid in desired.peers:
                 log.info("rotation of %s: no handshake on its new key yet; making its peer again", nid)
                 try:

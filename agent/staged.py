@@ -31,12 +31,13 @@ log = logging.getLogger("wiremesh.rotation")
 POLL_S = 0.02  # how often the device is read while staged entries exist (N's queue: 128 packets)
 
 
-def used(peers: Mapping[str, PeerStatus], keys: Iterable[str]) -> set[str]:
-    """Of `keys`, those the device has received from (a handshake message or a packet)."""
+def used(peers: Mapping[str, PeerStatus], keys: Iterable[str], *, locked: bool = False) -> set[str]:
+    """Of `keys`, those the device has received from (a handshake message or a packet); with
+    `locked`, only those still staged on it (a key taken meanwhile is no news)."""
     out = set()
     for k in keys:
         p = peers.get(k)
-        if p is not None and (p.rx_bytes > 0 or p.latest_handshake > 0):
+        if p is not None and (p.rx_bytes > 0 or p.latest_handshake > 0) and (p.staged or not locked):
             out.add(k)
     return out
 
@@ -87,7 +88,7 @@ class SwitchProofs:
                 self._changed.clear()
                 continue
             try:
-                seen = used(self._device.show().peers, keys)
+                seen = used(self._device.show().peers, keys, locked=True)
             except TunnelError:
                 seen = set()
             if seen:

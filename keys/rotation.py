@@ -11,15 +11,23 @@ sessions. So the rotating node switches first and its peers replace its key a mo
 
 Nothing is lost as long as every peer replaces the key within (128 / packet rate) of the switch
 (128 ms at 1 000 packets/s). Consul's propagation delay (50 ms to over 1 s) cannot be trusted
-for that, so the switch is agreed on first, then done by every side's own clock:
+for that. Each peer holds the announced next key as a second, locked peer entry (a preshared
+key the node does not use: agent.staged); the node's first handshake initiation with its new
+key arrives there right after its switch, proves it (only the node holds that key) and cannot
+complete, so the node's packets stay queued; the peer then takes the key (agent.planner, within
+POLL + one pass: 10-30 ms measured) and its own handshake completes at once. A peer never takes
+the key earlier by its clock: its handshake would cross the node's (each side answers the
+other's initiation and rejects the answer to its own; wireguard-go then waits 5 s). The switch
+is agreed on first, so that everyone knows when it happens:
 
 1. staged: the node announces its next public key (no switch time yet); every live peer writes
    that it is ready (it knows the key).
 2. committed: once every live peer is ready, the node picks `switch_at` (COMMIT_LEAD_MS ahead)
    and writes it into its record. That write is the point of no return: the node switches at
    `switch_at` whatever happens after it (a restart switches late, a Consul outage does not
-   matter: nothing more is read or written), and peers take the new key at
-   `switch_at + PEER_DELAY_MS` by their own clocks. A switch time is never moved or withdrawn,
+   matter: nothing more is read or written), and peers take the new key on the node's proof,
+   or at `switch_at + PEER_DELAY_MS` by their own clocks if none came (the node's initiation
+   lost, or no staged entry). A switch time is never moved or withdrawn,
    so a peer can never take a key the node did not switch to. Before the commit nothing is
    decided: the node gives up cleanly (abandoned, the old key stays) if its peers are not ready
    within READY_TIMEOUT_MS.
@@ -38,8 +46,8 @@ commits only when no node it sees staged and not yet committed comes before it (
 and picks a switch time apart from every switch time committed (`switch_time`). Every write a
 node makes after seeing something is ordered after that something in Consul, and a node commits
 only on seeing every peer's readiness, so of two nodes staged at once the later one always sees
-the earlier one's commit before its own. Clock skew between hosts must stay well under 128 ms
-minus PEER_DELAY_MS (NTP keeps it to milliseconds).
+the earlier one's commit before its own. Clock skew between hosts matters only for the fallback
+(NTP keeps it to milliseconds).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from dataclasses import dataclass
 COMMIT_LEAD_MS = 1000  # switch_at = commit + this: every live peer has seen the commit by then
 READY_TIMEOUT_MS = 15000  # staged this long with peers not ready: abandoned (nothing was changed)
 ORDER_TIMEOUT_MS = 3 * READY_TIMEOUT_MS  # waiting this long for nodes before it to commit: abandoned
-PEER_DELAY_MS = 40  # peers replace the key this long after switch_at (the node switches first)
+PEER_DELAY_MS = 1000  # no proof of the switch this long after switch_at: the peer takes the key by its clock
 CONFIRM_TIMEOUT_MS = 15000  # after the switch: peers that did not handshake on the new key lag
 PEER_ROLLBACK_MS = 6000  # a peer that got no handshake on the new key this long after taking it goes back
 SWITCH_SPACING_MS = 300  # switch times of different nodes are at least this far apart

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent.rotation import KICK_MS, Rotator
+from wiremesh.agent.rotation import KICK_IDLE_MS, KICK_MS, Rotator
 from wiremesh.clustermesh import NodeRecord, layout
 from wiremesh.clustermesh.consul_values import KVItem
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
@@ -399,12 +399,20 @@ def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: An
     new = PrivateKey.generate().public_key().base64
     rot.took("c/b", new)
     clock.now += KICK_MS - 1
-    assert rot.kicks_due({}) == []
+    assert rot.kicks_due({}, {new: 148}) == []
     clock.now += 1
-    assert rot.kicks_due({}) == ["c/b"]  # crossed handshakes, or a node late: the peer is made again
+    assert rot.kicks_due({}, {new: 0}) == []  # nothing came back yet: a slow handshake, not a crossed one
+    assert rot.kicks_due({}, {new: 148}) == ["c/b"]  # crossed handshakes: the peer is made again
     assert rot.kicks_due({}) == []  # once
     assert rot.kicks_due({new: clock.now / 1000}) == []
     other = PrivateKey.generate().public_key().base64
     rot.took("c/c", other)
     clock.now += KICK_MS
     assert rot.kicks_due({other: clock.now / 1000}) == []  # its handshake came: nothing to do
+    idle = PrivateKey.generate().public_key().base64
+    rot.took("c/d", idle)
+    clock.now += KICK_IDLE_MS - 1
+    done = {other: clock.now / 1000}
+    assert rot.kicks_due(done, {idle: 0}) == []
+    clock.now += 1
+    assert rot.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
