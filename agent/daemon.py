@@ -145,7 +145,7 @@ class Agent:
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
                                consul_up=lambda: self._consul_ok)
         self.publisher = RecordPublisher(self.registration, self.rotator)
-        self.proofs = SwitchProofs(self.device, self._wake.set)
+        self.proofs = SwitchProofs(self.device, self._wake.set, consul_up=lambda: self._consul_ok)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
                                         self.supervisor.follow)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,

@@ -89,7 +89,6 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     switched the device alone). What the reconciler did since the last time (a switch, peers'
     new keys) is taken from it, also from passes that failed after doing it."""
     cfg, rotator = agent.cfg, agent.rotator
-    agent.proofs.watch(desired.staged)
     key_changed, replaced = agent.reconciler.take_events()
     if key_changed:
         # A peer that took the new key before this switch (this agent late, the peer on time) got
@@ -99,6 +98,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}
     announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
+    agent.proofs.watch(desired.staged, {n: announced[n].switch_at for n in desired.staged if n in announced})
     for node, key in replaced:  # we took a node's new key: start the handshake now
         if node in announced and announced[node].next_public_key == key:
             rotator.took(node, key)  # a rotation's: gone back from if no handshake comes on it

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from wiremesh.agent.planner import plan_mesh
-from wiremesh.agent.staged import SwitchProofs, used
+from wiremesh.agent.staged import LEAD_MS, SLOW_POLL_S, SwitchProofs, hot, used
 from wiremesh.clustermesh import ClusterConfig, NodeRecord
 from wiremesh.keys import PrivateKey
 from wiremesh.tunnels import STAGED_PSK, DeviceState, PeerChange, PeerConfig, PeerStatus, peer_changes
@@ -141,10 +141,21 @@ def test_the_watch_wakes_the_loop_when_a_staged_entry_is_used() -> None:
     t = threading.Thread(target=proofs.run, args=(stop,), daemon=True)
     t.start()
     try:
-        proofs.watch({"lab/n2": PeerConfig(public_key=NEXT.base64, staged=True)})
+        proofs.watch({"lab/n2": PeerConfig(public_key=NEXT.base64, staged=True)}, {"lab/n2": 0})
         dev.peers[NEXT.base64] = _status(NEXT.base64, staged=True, rx=148)  # the node's initiation
         assert woke.wait(10)
         assert proofs.proven({NEXT.base64}) == {NEXT.base64}
     finally:
         stop.set()
         t.join(10)
+
+
+def test_the_device_is_read_often_only_while_a_switch_may_be_happening() -> None:
+    from wiremesh.keys import PEER_DELAY_MS
+    keys = {"committed-soon": 10_000, "committed-long-ago": 1_000, "uncommitted": 0}
+    assert hot(keys, 9_000, consul_up=True) == (set(), (10_000 - LEAD_MS - 9_000) / 1000)
+    assert hot(keys, 10_000 - LEAD_MS, consul_up=True)[0] == {"committed-soon"}
+    assert hot(keys, 10_000 + PEER_DELAY_MS, consul_up=True)[0] == {"committed-soon"}
+    assert hot(keys, 50_000, consul_up=True) == (set(), SLOW_POLL_S)
+    # Consul away: a commit may have landed unseen
+    assert hot(keys, 50_000, consul_up=False)[0] == {"uncommitted"}
