@@ -408,7 +408,7 @@ class Agent:
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             precise = self.rotator.hold_until(QUIET_MS)
-            if precise is not None:
+            if precise is not None and not self.proofs.news():  # (a node's proven switch is never held)
                 # A key changes on the device at `precise` (a switch, a peer's new key): a pass
                 # started now could still be planning then (100-200 ms on a loaded host, measured),
                 # and the change would come late. Wait for it; the pass then does it first.

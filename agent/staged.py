@@ -81,6 +81,7 @@ class SwitchProofs:
         self._checked: set[str] = set()  # announced next keys the loop looked up on the device once
         self._watch: dict[str, int] = {}  # staged key -> its node's switch time (0: none seen)
         self._changed = threading.Event()
+        self._news = False  # proofs the loop has not taken yet
 
     def proven(self, announced: set[str]) -> frozenset[str]:
         """Of the next keys nodes announce, those proven. A key announced for the first time is
@@ -95,7 +96,13 @@ class SwitchProofs:
                 self._checked -= new  # (looked up again on the next pass)
         with self._lock:
             self._proven = (self._proven & announced) | found
+            self._news = False
             return frozenset(self._proven)
+
+    def news(self) -> bool:
+        """A proof came that the loop has not planned with yet: a pass is due at once (one held
+        for a key change due shortly would let the node's queue overflow)."""
+        return self._news
 
     def watch(self, staged: Mapping[str, PeerConfig], switch_times: Mapping[str, int]) -> None:
         """The staged entries as now planned (by node), with each node's switch time as this
@@ -133,5 +140,6 @@ class SwitchProofs:
         if seen:
             with self._lock:
                 self._proven |= seen
+                self._news = True
             log.info("rotation: %d node(s) seen using their next key on the data plane; taking it", len(seen))
             self._wake()
