@@ -366,8 +366,10 @@ class Agent:
             if n:
                 self.metrics.peer_changes_total.labels(op).inc(n)
         if res.added or res.updated or res.removed or res.routes_added or res.routes_removed:
-            log.info("reconciled: +%d ~%d -%d peers, +%d -%d routes (%d/%d programmed)", res.added, res.updated,
-                     res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers))
+            shown = res.peer_changes[:6] + ([f"... {len(res.peer_changes) - 6} more"] if len(res.peer_changes) > 6 else [])
+            log.info("reconciled: +%d ~%d -%d peers, +%d -%d routes (%d/%d programmed)%s", res.added, res.updated,
+                     res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers),
+                     f" [{' '.join(shown)}]" if shown else "")
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())

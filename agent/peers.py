@@ -52,6 +52,7 @@ class PeerCounts:
     programmed: int = 0
     failed: list[str] = field(default_factory=list)
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key changes applied
+    changes: list[str] = field(default_factory=list)  # "+node", "~node", "-node" (or "-key8...") as applied
 
 
 class Applied(dict[str, PeerConfig]):
@@ -170,6 +171,8 @@ class PeerTarget:
 
     def _done(self, changes: list[PeerChange], desired: Mapping[str, PeerConfig], res: PeerCounts) -> None:
         for ch in changes:
+            res.changes.append(("-" if ch.remove else "~" if ch.update_only or ch.replaces or ch.recreate else "+")
+                               + (ch.name or ch.public_key[:8] + "..."))
             if ch.remove:
                 self._lingering.pop(ch.public_key, None)
                 res.removed += 1
