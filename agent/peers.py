@@ -144,8 +144,14 @@ class PeerTarget:
         self.table.want(PEER, peers)
         self.table.want(STAGED, staged_named)
         for node in [n for n in self.applied if n not in desired]:
-            if not any(c.remove and c.name == node for c in changes):
-                del self.applied[node]  # not desired, and kept (or already gone) on the device
+            if any(c.remove and c.name == node for c in changes):
+                continue
+            # Not desired and already gone, or a staged entry (its key may now be the node's):
+            # forgotten. Kept on the device (pruning held): remembered as it is there, so that
+            # the node coming back as it was (a remote cluster's Consul back without its
+            # records for a moment) changes nothing on the device.
+            if _kind(node) == STAGED or self.applied[node].public_key not in actual:
+                del self.applied[node]
         ready = [c for c in changes if c.remove or self.table.due(_kind(c.name), c.name, now)]
         if ready:
             try:
