@@ -146,7 +146,6 @@ class PassInputs:
     federation: FederationView
     backends: BackendsView | None = None
     now_ms: int = 0
-    refused_keys: frozenset[str] = frozenset()
     proven_keys: frozenset[str] = frozenset()  # next keys their nodes are seen to use (agent.staged)
 
 
@@ -161,7 +160,7 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                         persistent_keepalive=me.persistent_keepalive, wg_device=me.wg_device,
                         vxlan_device=me.vxlan_device, remotes=fed.nodes, keep_cidrs=fed.frozen_cidrs,
                         keep_foreign=not fed.mesh_synced, memo=memo, now_ms=inputs.now_ms,
-                        refused_keys=inputs.refused_keys, proven_keys=inputs.proven_keys)
+                        proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)
     if inputs.backends is None:
         return desired
@@ -187,7 +186,6 @@ def plan_mesh(
     keep_foreign: bool = False,
     memo: dict[str, Any] | None = None,
     now_ms: int = 0,
-    refused_keys: frozenset[str] = frozenset(),
     proven_keys: frozenset[str] = frozenset(),
 ) -> DesiredState:
     """Every other node of the cluster, and every node of every accepted federated cluster,
@@ -215,7 +213,7 @@ def plan_mesh(
         if name == local_node or rec.public_key == local_public_key:
             continue
         # A node rotating its key: the next one, from a moment after its announced switch time.
-        key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys, proven_keys)
+        key = peer_key(rec.public_key, rec.next_public_key, proven_keys)
         if key in taken:
             skipped.append(f"{config.name}/{name}: its public key is already in use")
             continue
@@ -245,7 +243,7 @@ def plan_mesh(
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []
     for cluster in sorted(remotes or {}):
         for name, rec in sorted((remotes or {})[cluster].items()):
-            key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys, proven_keys)
+            key = peer_key(rec.public_key, rec.next_public_key, proven_keys)
             if key in taken:
                 skipped.append(f"{cluster}/{name}: its public key is already in use")
                 continue
@@ -263,7 +261,7 @@ def plan_mesh(
             routes.add(Route(rec.pod_cidr, wg_device))
     staged: dict[str, PeerConfig] = {}
     for nid, rec, key in to_stage:  # after every node's own key is taken: a next key never evicts one
-        _stage(nid, rec, key, refused_keys, taken, staged)
+        _stage(nid, rec, key, taken, staged)
     m = mtus(config, underlay_mtu)
     address = vxlan = None
     if local_pod_cidr:
@@ -280,11 +278,10 @@ def plan_mesh(
     )
 
 
-def _stage(nid: str, rec: NodeRecord, key: str, refused: frozenset[str], taken: set[str],
-           staged: dict[str, PeerConfig]) -> None:
+def _stage(nid: str, rec: NodeRecord, key: str, taken: set[str], staged: dict[str, PeerConfig]) -> None:
     """A next key the node announces and this peer has not taken yet: a locked peer entry."""
     nxt = rec.next_public_key
-    if nxt and nxt != key and nxt not in refused and nxt not in taken:
+    if nxt and nxt != key and nxt not in taken:
         taken.add(nxt)
         staged[nid] = PeerConfig(public_key=nxt, endpoint=rec.endpoint, staged=True)
 

@@ -8,9 +8,9 @@ the device takes the new key, the key file is replaced by it (atomically), the r
 it -> done once every live peer made a handshake on it. The peer side: on seeing an announced
 next key, stage it on the device (a locked second entry: agent.staged) and write that it is
 ready; the planner replaces the node's key once the node's first handshake with it shows on
-that entry (or at `switch_at + PEER_DELAY_MS` by its own clock if none does); right after, one
-packet to the node starts the handshake at once; if no handshake on the new key comes within
-PEER_ROLLBACK_MS, go back to the old one.
+that entry (never by the clock: keys.rotation); right after, one packet to the node starts the
+handshake at once (made again if the handshakes crossed: KICK_MS). There is no going back: the
+key is taken only once the node proved it uses it.
 
 Everything here runs in the agent's loop thread; its Consul writes (readiness, progress) go
 through a writer thread (agent.kvwriter) so that no round trip delays a switch, except the two
@@ -34,8 +34,7 @@ from wiremesh.clustermesh import Rotation, RotationReady
 from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
 from wiremesh.keys import (
     COMMIT_LEAD_MS,
-    PEER_DELAY_MS,
-    PEER_ROLLBACK_MS,
+    PEER_WATCH_MS,
     commit_order,
     committed_step,
     staged_step,
@@ -94,8 +93,6 @@ class Rotator:
         self.ready_sent: dict[str, str] = {}
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
         self._kicked: set[str] = set()  # taken peers already made again (KICK_MS)
-        self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
-        self._peer_times: set[int] = set()  # when peers' new keys are taken (switch_at + PEER_DELAY_MS)
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
@@ -425,12 +422,6 @@ class Rotator:
         for nid, rec in announced.items():
             if not rec.next_public_key:
                 continue
-            if rec.switch_at:
-                # On every pass, not only the one that saw the commit: drive() clears the
-                # wake-up first, and without it the key would be taken at the next pass
-                # something else causes (late by Consul's propagation), not at this time.
-                self._wake_at(rec.switch_at + PEER_DELAY_MS)
-                self._peer_times.add(rec.switch_at + PEER_DELAY_MS)
             if self.ready_sent.get(nid) == rec.next_public_key:
                 continue
             rcluster, _, rnode = nid.partition("/")
@@ -442,24 +433,21 @@ class Rotator:
             self.writer.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
             del self.ready_sent[nid]
         for nid, (_key, at) in list(self.taken.items()):
-            self._wake_at(at + PEER_ROLLBACK_MS)
+            self._wake_at(at + PEER_WATCH_MS)
             if nid not in self._kicked:
                 self._wake_at(at + KICK_MS)
                 self._wake_at(at + KICK_IDLE_MS)
 
     def hold_until(self, quiet_ms: int) -> int | None:
-        """Until when (unix ms) the loop should hold a pass: the next time the device must change
-        on the dot (this node's switch, a peer's key taken at its switch + PEER_DELAY_MS), if it
-        comes within `quiet_ms`; None if none does, or if one is due now (the pass does it)."""
-        now = self.clock()
-        self._peer_times = {t for t in self._peer_times if t >= now - 1000}
-        times = set(self._peer_times)
-        if self.next_key is not None and self.switch_at:
-            times.add(self.switch_at)
-        if any(now - HOLD_DUE_MS <= t <= now for t in times):
+        """Until when (unix ms) the loop should hold a pass: this node's switch time, if it comes
+        within `quiet_ms` (the pass then sets the key first, on the dot); None if it does not, or
+        if it is due now (the pass does it)."""
+        if self.next_key is None or not self.switch_at:
             return None
-        nxt = min((t for t in times if t > now), default=None)
-        return nxt if nxt is not None and nxt - now <= quiet_ms else None
+        now = self.clock()
+        if now - HOLD_DUE_MS <= self.switch_at <= now:
+            return None
+        return self.switch_at if now < self.switch_at <= now + quiet_ms else None
 
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""
@@ -480,19 +468,17 @@ class Rotator:
                 due.append(nid)
         return due
 
-    def check_taken(self, handshakes: Mapping[str, float]) -> bool:
-        """Go back from a new key with no handshake after PEER_ROLLBACK_MS; True if one was refused."""
-        now, refused = self.clock(), False
+    def check_taken(self, handshakes: Mapping[str, float]) -> None:
+        """Stop watching taken keys that made a handshake, or that PEER_WATCH_MS passed for (a
+        key is taken only on the node's proof: never given back; its laggard is the rotating
+        node's to report)."""
+        now = self.clock()
         for nid, (key, at) in list(self.taken.items()):
             if handshakes.get(key, 0.0) * 1000 >= at - 1000:
                 del self.taken[nid]
-            elif now >= at + PEER_ROLLBACK_MS:
-                log.warning("rotation of %s: no handshake on its new key after %d ms; back to the old one", nid,
-                            PEER_ROLLBACK_MS)
-                self.refused.add(key)
+            elif now >= at + PEER_WATCH_MS:
+                log.warning("rotation of %s: no handshake on its new key %d ms after it was taken", nid, PEER_WATCH_MS)
                 del self.taken[nid]
-                refused = True
-        return refused
 
     def _wake_at(self, t: int) -> None:
         if t > self.clock() and (self.wake is None or t < self.wake):

@@ -133,8 +133,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
                 except TunnelError as e:
                     log.warning("rotation of %s: peer not made again: %s", nid, e)
                 _poke([(nid, desired.peers[nid])])
-        if rotator.check_taken(hs):
-            agent.wake()  # went back to an old key: plan again at once
+        rotator.check_taken(hs)
 
 
 def staging(agent: Agent) -> bool:

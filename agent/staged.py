@@ -14,7 +14,7 @@ initiation shows on the locked entry 9-13 ms after the switch; 0 of 3 000 pings 
 
 The watch is a thread (`run`) that wakes the loop when a staged entry was used. It reads the
 device every POLL_S only while a switch may be happening: from LEAD_MS before a committed
-switch time to PEER_DELAY_MS + TAIL_MS after it, or while Consul is away from this agent and a
+switch time to TAIL_MS after it, or while Consul is away from this agent and a
 node it staged may have committed unseen; otherwise every SLOW_POLL_S (a safety net). Read
 all the time, 30 agents of a 30-node lab with five nodes staged at once spent most of two cores
 on it. At start-up, and whenever a new next key is announced, `proven` reads the device once
@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from wiremesh.keys import PEER_DELAY_MS
 from wiremesh.tunnels import PeerConfig, PeerStatus, TunnelError, WireGuardDevice
 
 log = logging.getLogger("wiremesh.rotation")
@@ -37,7 +36,7 @@ log = logging.getLogger("wiremesh.rotation")
 POLL_S = 0.02  # how often the device is read while a switch may be happening (N's queue: 128 packets)
 SLOW_POLL_S = 1.0  # otherwise, while staged entries exist
 LEAD_MS = 200  # a committed switch time's window opens this long before it (clock skew, a late pass)
-TAIL_MS = 1000  # and closes this long after the clock's fallback (PEER_DELAY_MS)
+TAIL_MS = 3000  # and closes this long after it (the node's switch late: its commit's write slow)
 
 
 def hot(keys: Mapping[str, int], now_ms: int, consul_up: bool) -> tuple[set[str], float]:
@@ -49,7 +48,7 @@ def hot(keys: Mapping[str, int], now_ms: int, consul_up: bool) -> tuple[set[str]
         if not at:
             if not consul_up:
                 out.add(key)
-        elif at - LEAD_MS <= now_ms <= at + PEER_DELAY_MS + TAIL_MS:
+        elif at - LEAD_MS <= now_ms <= at + TAIL_MS:
             out.add(key)
         elif now_ms < at - LEAD_MS:
             wait = min(wait, (at - LEAD_MS - now_ms) / 1000)

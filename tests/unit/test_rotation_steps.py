@@ -19,8 +19,7 @@ from wiremesh.keys.rotation import (
     COMMIT_LEAD_MS,
     CONFIRM_TIMEOUT_MS,
     ORDER_TIMEOUT_MS,
-    PEER_DELAY_MS,
-    PEER_ROLLBACK_MS,
+    PEER_WATCH_MS,
     READY_TIMEOUT_MS,
     SWITCH_SPACING_MS,
     commit_order,
@@ -71,12 +70,10 @@ def test_switched_is_done_once_every_live_peer_confirmed_else_fails_naming_them(
     assert (step.action, step.lagging) == ("fail", ("c/b",))
 
 
-def test_peers_take_the_next_key_a_moment_after_the_switch_unless_they_refused_it() -> None:
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS - 1, set()) == "old"
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS, set()) == "new"
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS, {"new"}) == "old"
-    assert peer_key("old", "new", 0, T, set()) == "old"  # staged, not committed
-    assert peer_key("old", "", 0, T, set()) == "old"
+def test_peers_take_the_next_key_only_on_the_nodes_proof() -> None:
+    assert peer_key("old", "new") == "old"  # announced (staged or committed, whatever the time)
+    assert peer_key("old", "new", {"new"}) == "new"  # its initiation with it came: it switched
+    assert peer_key("old", "", {"new"}) == "old"
 
 
 class Store:
@@ -235,7 +232,7 @@ def test_restart_before_the_switch_keeps_the_next_key_staged(rig: Any, tmp_path:
     assert again.next_key == nxt and read_key_file(tmp_path / "private.key") == key
 
 
-def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: Any) -> None:
+def test_the_peer_side_says_ready_once_and_never_gives_a_taken_key_back(rig: Any) -> None:
     rot, store, clock, key, switched = rig
     other = record(PrivateKey.generate())
     nxt = PrivateKey.generate().public_key().base64
@@ -249,10 +246,11 @@ def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: An
     at = T + COMMIT_LEAD_MS
     rot.take_part({"c/b": dataclasses.replace(staged, switch_at=at)})
     assert rk not in store.kv  # said once
-    assert rot.wake == at + PEER_DELAY_MS
+    assert rot.wake is None  # committed: nothing to do by the clock (the key is taken on the proof)
     rot.took("c/b", nxt)
-    clock.now += PEER_ROLLBACK_MS
-    assert rot.check_taken({}) is True and nxt in rot.refused
+    clock.now += PEER_WATCH_MS
+    rot.check_taken({})
+    assert rot.taken == {}  # no longer watched, never given back
     rot.take_part({"c/b": other})  # the rotation ended: the word is taken back
     assert rk not in store.kv
 
@@ -341,19 +339,14 @@ def test_a_switched_rotation_does_not_fail_while_consul_is_away(rig: Any) -> Non
     assert rot.rotation.state == "done"
 
 
-def test_a_pass_is_held_for_a_key_change_close_ahead_but_never_past_one_due(rig: Any) -> None:
+def test_a_pass_is_held_for_the_switch_close_ahead_but_never_past_it(rig: Any) -> None:
     rot, store, clock, key, switched = rig
-    other = record(PrivateKey.generate())
-    nxt = PrivateKey.generate().public_key().base64
-    a = dataclasses.replace(other, next_public_key=nxt, switch_at=T + 1000)
-    rot.take_part({"c/b": a})
-    take = T + 1000 + PEER_DELAY_MS
-    clock.now = take - 500
+    rot.next_key, rot.switch_at = PrivateKey.generate(), T + 1000
+    clock.now = T + 500
     assert rot.hold_until(250) is None  # too far ahead: the pass goes on
-    clock.now = take - 100
-    assert rot.hold_until(250) == take  # close ahead: held until it, then done first
-    rot.next_key, rot.switch_at = PrivateKey.generate(), take + 200  # this node switches just after
-    clock.now = take + 30  # the peer's change is due (the loop woke late): never held for the switch
+    clock.now = T + 900
+    assert rot.hold_until(250) == T + 1000  # close ahead: held until it, then done first
+    clock.now = T + 1030  # due (the loop woke late): never held
     assert rot.hold_until(250) is None
 
 
