@@ -411,10 +411,11 @@ class Agent:
             self._wake.wait(max(0.0, timeout))
             precise = self.rotator.hold_until(QUIET_MS)
             if precise is not None and not self.proofs.news():  # (a node's proven switch is never held)
-                # A key changes on the device at `precise` (a switch, a peer's new key): a pass
+                # This node's key changes on the device at `precise` (its switch): a pass
                 # started now could still be planning then (100-200 ms on a loaded host, measured),
-                # and the change would come late. Wait for it; the pass then does it first.
-                self.stop_event.wait((precise - now_ms()) / 1000)
+                # and the change would come late. Wait for it; the pass then does it first. A
+                # peer's switch proven meanwhile ends the wait: its queue would overflow.
+                self.proofs.wait_news((precise - now_ms()) / 1000)
             self._wake.clear()
             if self.stop_event.is_set():
                 return

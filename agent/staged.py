@@ -80,7 +80,7 @@ class SwitchProofs:
         self._checked: set[str] = set()  # announced next keys the loop looked up on the device once
         self._watch: dict[str, int] = {}  # staged key -> its node's switch time (0: none seen)
         self._changed = threading.Event()
-        self._news = False  # proofs the loop has not taken yet
+        self._news = threading.Event()  # set: proofs the loop has not planned with yet
 
     def proven(self, announced: set[str]) -> frozenset[str]:
         """Of the next keys nodes announce, those proven. A key announced for the first time is
@@ -95,13 +95,17 @@ class SwitchProofs:
                 self._checked -= new  # (looked up again on the next pass)
         with self._lock:
             self._proven = (self._proven & announced) | found
-            self._news = False
+            self._news.clear()
             return frozenset(self._proven)
 
     def news(self) -> bool:
         """A proof came that the loop has not planned with yet: a pass is due at once (one held
         for a key change due shortly would let the node's queue overflow)."""
-        return self._news
+        return self._news.is_set()
+
+    def wait_news(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a proof (a held pass ends at once for one)."""
+        return self._news.wait(max(0.0, timeout))
 
     def watch(self, staged: Mapping[str, PeerConfig], switch_times: Mapping[str, int]) -> None:
         """The staged entries as now planned (by node), with each node's switch time as this
@@ -139,6 +143,6 @@ class SwitchProofs:
         if seen:
             with self._lock:
                 self._proven |= seen
-                self._news = True
+                self._news.set()
             log.info("rotation: %d node(s) seen using their next key on the data plane; taking it", len(seen))
             self._wake()
