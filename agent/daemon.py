@@ -188,7 +188,7 @@ class Agent:
         """Built once per (port, pod CIDR, key): it is compared with the stored one on every snapshot."""
         assert self.key and self.pod_cidr
         r = self.rotator
-        inputs = (self.listen_port, self.pod_cidr, self.public_key, r.next_key, r.switch_at, r.epoch)
+        inputs = (self.listen_port, self.pod_cidr, self.public_key, r.next_key, r.switch_at, r.epoch, r.held)
         if self._own_cache is None or self._own_cache[0] != inputs:
             self._own_cache = (inputs, self._build_record())
         return self._own_cache[1]

@@ -100,6 +100,12 @@ class Rotator:
         self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
         self.resume_pending = False  # resume() could not read Consul: this node's commit unknown
         self._epoch_saved = True  # the epoch above is the one its file holds
+        # After this node's switch, until its rotation ends: the record as committed (old key,
+        # next key, switch time, old epoch). A peer that read the new key from the record before
+        # the node's first handshake with it reached it would start its own, crossing the
+        # node's (both rejected; wireguard-go tries again 5 s later): peers take the key from
+        # the data plane (agent.staged), the record says it once every peer did (or failed to).
+        self._held: tuple[str, str, int, int] | None = None  # (old key, new key, switch time, old epoch)
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -158,7 +164,15 @@ class Rotator:
         return self.next_key is not None and bool(self.switch_at) and self.clock() >= self.switch_at
 
     # --- what this node announces ------------------------------------------------------------
+    @property
+    def held(self) -> tuple[str, str, int, int] | None:
+        """The record's key fields held as committed after this node's switch (see _held)."""
+        return self._held
+
     def announce(self, rec: NodeRecord) -> NodeRecord:
+        held = self._held
+        if held is not None:  # switched, not ended: as committed (see _held)
+            return replace(rec, public_key=held[0], next_public_key=held[1], switch_at=held[2], key_epoch=held[3])
         nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
         at = self.switch_at  # (the commit's own write adds its time itself: agent.registration)
         return replace(rec, next_public_key=nxt, switch_at=at if nxt else 0, key_epoch=self.epoch)
@@ -337,6 +351,11 @@ class Rotator:
         if switch(key) is False:  # the device does not hold it yet (planned a moment before the time)
             self.wake = now + 1
             return
+        try:
+            old = read_key_file(self.key_file).public_key().base64
+            self._held = (old, key.public_key().base64, at, self.epoch)
+        except (KeyMaterialError, OSError):
+            self._held = None  # (the record then says the new key at once)
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0
@@ -350,6 +369,9 @@ class Rotator:
              confirmed: tuple[str, ...] = ()) -> None:
         assert self.rotation is not None
         self._committing = 0
+        if self._held is not None:
+            self._held = None
+            republish()  # the record says the new key now
         if state == "abandoned":
             self._drop_next(republish)
         (log.info if state == "done" else log.warning)("rotation %s: %s%s", self.rotation.id, state,

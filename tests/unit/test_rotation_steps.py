@@ -409,3 +409,24 @@ def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: An
     assert rot.kicks_due(done, {idle: 0}) == []
     clock.now += 1
     assert rot.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
+
+
+def test_after_its_switch_the_record_says_the_commit_until_the_rotation_ends(rig: Any) -> None:
+    """Peers take the new key from the data plane: a record with the new key as its public key
+    before every peer saw the node's first handshake would make a late peer start its own."""
+    rot, store, clock, key, switched = rig
+    base = record(key)
+    nxt = PrivateKey.generate()
+    write_key_file(rot.next_file, nxt)
+    rot.next_key, rot.switch_at, rot.staged_at = nxt, T, T
+    own = Rotation.new("a", T)
+    rot.rotation = dataclasses.replace(own, state="committed", switch_at=T, next_fingerprint=nxt.public_key().fingerprint)
+    clock.now = T
+    rot._switch(T, lambda k: True, lambda: None)
+    held = rot.announce(dataclasses.replace(base, public_key=nxt.public_key().base64))
+    assert (held.public_key, held.next_public_key, held.switch_at, held.key_epoch) == (
+        key.public_key().base64, nxt.public_key().base64, T, 0)
+    rot._end("done", "", (), lambda: None)
+    after = rot.announce(dataclasses.replace(base, public_key=nxt.public_key().base64))
+    assert (after.public_key, after.next_public_key, after.switch_at, after.key_epoch) == (
+        nxt.public_key().base64, "", 0, 1)
