@@ -466,9 +466,15 @@ def test_agent_killed_at_each_step(rot: Lab, step: str, tmp_path: Path, counted:
             held = False
         counted(f"kill at '{step}': attempts to catch the step (record state {state_at_kill} at the kill)", attempt,
                 "attempts")
-        t0 = time.monotonic()
         marks["restart"] = int(time.time() * 1000)
+        log = Path(lab.node(node).dir) / "agent.log"
+        at = log.stat().st_size if log.exists() else 0
         lab.start_agent(node)
+        # The bound counts from the agent's start-up done (its key loaded), not from the exec of
+        # a Python interpreter, which a busy 2-core host gives seconds to its imports.
+        wait_until(lambda: b"loaded key" in log.read_bytes()[at:], 60, interval=0.02,
+                   what=f"the agent to load its key after the restart ({step})")
+        t0 = time.monotonic()
         wait_until(lambda: (x := rotation(lab, node)) is not None and not x.active, RECOVERY_S, interval=0.02,
                    what=f"the rotation to end after the restart ({step})")
         end = rotation(lab, node)
