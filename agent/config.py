@@ -48,12 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wiremesh.clustermesh import (ConsulOptions, InvalidRecord, TokenFileError, check_cluster_name, check_node_name,
-                                  read_token_file)
+from wiremesh.clustermesh import (ConsulOptions, InvalidRecord, InvalidToken, TokenFileError, check_cluster_name,
+                                  check_node_name, check_private, check_token, read_token_file)
 from wiremesh.tunnels import BACKENDS
 
 from .errors import ConfigError
 
+MAX_CONFIG_BYTES = 1024 * 1024
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
@@ -204,13 +205,17 @@ def _parse_consul(d: Any, src: str) -> ConsulOptions:
     token = d.get("token") or None
     if d.get("token") and d.get("token_file"):
         raise ConfigError(src, "consul.token_file", "set token or token_file, not both")
+    if token:
+        _token(token, src, "consul.token", "consul.token")
     token_file = d.get("token_file") or (None if token else env.get("CONSUL_HTTP_TOKEN_FILE"))
     if token_file:
         try:
             token = read_token_file(token_file)  # 0600, like the key file; never echoed
         except TokenFileError as e:
-            raise ConfigError(src, "consul.token_file", str(e)) from None
-    token = token or env.get("CONSUL_HTTP_TOKEN") or None
+            field_ = "consul.token_file" if d.get("token_file") else "CONSUL_HTTP_TOKEN_FILE"
+            raise ConfigError(src, field_, str(e), e.hint) from None
+    if not token and env.get("CONSUL_HTTP_TOKEN"):
+        token = _token(env["CONSUL_HTTP_TOKEN"], src, "CONSUL_HTTP_TOKEN", "the environment's CONSUL_HTTP_TOKEN")
     files = {name: d.get(name) or env.get(var) or None for name, var in
              (("ca_file", "CONSUL_CACERT"), ("client_cert", "CONSUL_CLIENT_CERT"), ("client_key", "CONSUL_CLIENT_KEY"))}
     for name, path in files.items():
@@ -234,13 +239,24 @@ def _parse_consul(d: Any, src: str) -> ConsulOptions:
     return opts
 
 
+def _token(token: str, src: str, field_: str, source: str) -> str:
+    try:
+        return check_token(token, source)
+    except InvalidToken as e:
+        raise ConfigError(src, field_, e.reason, e.hint) from None
+
+
 def load_config(path: Path) -> AgentConfig:
     """Read and validate agent.toml; any problem is one ConfigError naming the field."""
     src = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode  # the file read, not whatever the path names later
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(src, "file", e.strerror or str(e)) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(src, "file", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not an agent.toml")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -249,4 +265,11 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(src, "syntax", str(e)) from None
     except RecursionError:  # arrays or inline tables nested deeper than tomllib goes
         raise ConfigError(src, "syntax", "nested too deeply") from None
+    consul = data.get("consul")
+    if isinstance(consul, dict) and consul.get("token"):  # a credential in the file: 0600, like a token file
+        try:
+            check_private(mode, src, path)
+        except TokenFileError as e:
+            raise ConfigError(src, "consul.token", f"the file holds a token and {e.reason.split('; ')[0]}: "
+                              "it must be 0600", e.hint) from None
     return parse_config(data, src)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import ConsulOptions, read_token_file
+from wiremesh.clustermesh import ConsulOptions, TokenFileError, check_token, read_token_file
 from wiremesh.errors import WiremeshError
 
 from .. import __version__
@@ -108,11 +108,16 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, output: str, consul_addr:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "pyroute2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if token:  # checked, never echoed: its source and the reason only
+        from_env = ctx.get_parameter_source("token") == click.core.ParameterSource.ENVIRONMENT
+        check_token(token, "CONSUL_HTTP_TOKEN" if from_env else "--token")
     if token_file is not None and not token:
+        from_env = ctx.get_parameter_source("token_file") == click.core.ParameterSource.ENVIRONMENT
         try:
             token = read_token_file(token_file)
-        except WiremeshError as e:
-            raise click.BadParameter(str(e), param_hint="--token-file") from None
+        except TokenFileError as e:
+            raise TokenFileError(f"{'CONSUL_HTTP_TOKEN_FILE' if from_env else '--token-file'}: {e.source}",
+                                 e.reason, e.hint) from None
     ctx.obj = Ctx(verbose=verbose, output=output,
                   consul=ConsulOptions(address=consul_addr, token=token or None, ca_file=ca_file, datacenter=datacenter,
                                        client_cert=client_cert, client_key=client_key))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import DEFAULT_VALIDITY_S, ConsulStore, default_signing_key_path, enroll, node_serials, revoke
+from wiremesh.clustermesh import (DEFAULT_VALIDITY_S, ConsulStore, default_signing_key_path, enroll, node_serials,
+                                  revocation_list, revoke)
 from wiremesh.keys import SigningKey, VerifyKey, load_or_generate_signing_key, read_signing_key
 
 from .cluster import _duration
@@ -24,6 +25,7 @@ def node() -> None:
     wiremesh node enroll node1 --cluster prod --identity-key /var/lib/wiremesh/identity.key \\
         --cert-out /var/lib/wiremesh/node.crt
     wiremesh node revoke --cluster prod --node node1
+    wiremesh node revoked --cluster prod --prune
     """
 
 
@@ -81,9 +83,16 @@ def enroll_cmd(ctx: Ctx, node_name: str, cluster_name: str, signing_key: Path | 
 @click.argument("serials", nargs=-1, metavar="[SERIAL]...")
 @click.option("--cluster", "cluster_name", required=True, help="The cluster.")
 @click.option("--node", "node_name", default=None, help="Revoke the certificates NODE's record and lease carry.")
+@click.option("--not-after", type=click.IntRange(0, 2**40), default=None, metavar="UNIX_SECONDS",
+              help="When the SERIALs' certificates expire, for those no live record or lease carries "
+                   "[default: 10 years from now, the longest a certificate lasts].")
 @click.pass_obj
-def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name: str | None) -> None:
-    """Add certificate serials to the cluster's revocation list: their records and leases are refused."""
+def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name: str | None,
+               not_after: int | None) -> None:
+    """Add certificate serials to the cluster's revocation list: their records and leases are refused.
+
+    Each serial stays listed until a day after its certificate expires; serials past that are
+    pruned on every revocation (or with `wiremesh node revoked --prune`)."""
     store = ConsulStore(ctx.consul)
     wanted = list(serials)
     if node_name:
@@ -91,10 +100,42 @@ def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name:
         if not found:
             raise click.UsageError(f"node {node_name!r} has no signed record or lease in cluster {cluster_name!r}; "
                                    "give its certificate's SERIAL")
-        wanted += found
+        wanted += [s for s in found if s not in wanted]
     if not wanted:
         raise click.UsageError("give SERIAL(s) or --node NODE")
-    cfg, changed = revoke(store, cluster_name, wanted)
-    info(f"cluster {cluster_name}: {'revoked' if changed else 'already revoked'} {', '.join(wanted)}")
-    emit(ctx, {"cluster": cluster_name, "revoked": list(cfg.revoked), "changed": changed}, ["serial"],
-         [[s] for s in cfg.revoked])
+    done = revoke(store, cluster_name, wanted, not_after=not_after)
+    fresh = set(done.added) | set(done.migrated)
+    info(f"cluster {cluster_name}: " + "; ".join(
+        part for part in (f"revoked {', '.join(s for s in wanted if s in fresh)}" if fresh & set(wanted) else "",
+                          f"already revoked {', '.join(s for s in wanted if s not in fresh)}"
+                          if set(wanted) - fresh else "",
+                          f"pruned {len(done.pruned)} expired" if done.pruned else "",
+                          f"moved {len(done.migrated)} from the config's list" if done.migrated else "") if part)
+         + f" ({len(done.revocations)} listed)")
+    emit(ctx, {"cluster": cluster_name, "serials": wanted, "added": done.added, "pruned": done.pruned,
+               "migrated": done.migrated, "listed": len(done.revocations), "changed": done.changed},
+         ["serial", "not after"], [[s, _when(done.revocations.entries.get(s))] for s in wanted])
+
+
+@node.command("revoked")
+@click.option("--cluster", "cluster_name", required=True, help="The cluster.")
+@click.option("--prune", is_flag=True, help="First drop the serials whose certificates expired over a day ago.")
+@click.pass_obj
+def revoked_cmd(ctx: Ctx, cluster_name: str, prune: bool) -> None:
+    """List the cluster's revoked certificate serials, each with its certificate's expiry."""
+    store = ConsulStore(ctx.consul)
+    if prune:
+        done = revoke(store, cluster_name, [])
+        info(f"cluster {cluster_name}: pruned {len(done.pruned)} expired serial(s)"
+             + (f", moved {len(done.migrated)} from the config's list" if done.migrated else ""))
+    listed, legacy = revocation_list(store, cluster_name)
+    rows = sorted(listed.entries.items(), key=lambda kv: (kv[1], kv[0]))
+    info(f"cluster {cluster_name}: {len(listed)} revoked serial(s)"
+         + (f", and {len(legacy)} in the config's own list" if legacy else ""))
+    emit(ctx, {"cluster": cluster_name, "revoked": [{"serial": s, "not_after": na} for s, na in rows],
+               "config_revoked": list(legacy)},
+         ["serial", "not after"], [[s, _when(na)] for s, na in rows] + [[s, "(config)"] for s in legacy])
+
+
+def _when(not_after: int | None) -> str:
+    return "" if not_after is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(not_after)) + "Z"

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wiremesh.clustermesh import ConsulStore, wizard
+from wiremesh.clustermesh import ConsulStore, InvalidToken, check_token, wizard
 
 from .output import Ctx, emit, info
 
@@ -22,6 +22,15 @@ def _ask(prompt: str, check: Any, default: Any = None, type: Any = str, hide_inp
             return check(value)
         except wizard.SetupError as e:
             info(f"  refused: {e.reason}" + (f" ({e.hint})" if e.hint else ""))
+
+
+def _typed_token(value: str) -> str:
+    if value:
+        try:
+            check_token(value, "the token typed")
+        except InvalidToken as e:
+            raise wizard.SetupError(e.source, e.reason, e.hint) from None
+    return value
 
 
 def _underlay_mtu() -> int | None:
@@ -49,8 +58,8 @@ def interview(ctx: Ctx) -> list[wizard.ClusterAnswer]:
         default_consul = ctx.consul.address if i == 0 else None
         while True:
             address = click.prompt("  Consul HTTP address", default=default_consul, err=True)
-            token = click.prompt("  Consul ACL token (empty: none)", default="", hide_input=True, err=True,
-                                 show_default=False) or ctx.consul.token
+            token = _ask("  Consul ACL token (empty: none)", _typed_token, default="", hide_input=True) \
+                or ctx.consul.token
             a = wizard.ClusterAnswer(consul=address, name="x", id=1, pod_cidr="10.0.0.0/8", token=token,
                                      ca_file=ctx.consul.ca_file)
             try:

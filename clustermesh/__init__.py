@@ -34,7 +34,9 @@ from .enroll import (
     default_signing_key_path,
     enroll,
     node_serials,
+    revocation_list,
     revoke,
+    Revoked,
     signing_key_dir,
     update_config,
 )
@@ -54,6 +56,7 @@ from .records import (
     parse_endpoint,
     parse_schema,
 )
+from .revocation import CHUNK_ENTRIES, MAX_CHUNKS, PRUNE_AFTER_S, RevocationFull, Revocations
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
 from .services import (
     AFFINITIES,
@@ -70,10 +73,20 @@ from .services import (
 from .signed import sign_record
 from .snapshot import ClusterSnapshot, ParseCache, Rejected, parse_cluster
 from .store import DEFAULT_ADDR, ConsulOptions, ConsulStore, KVItem
-from .tokens import TokenFileError, read_token_file, write_token_file
+from .tokens import InvalidToken, TokenFileError, check_private, check_token, read_token_file, write_token_file
 from .watch import Endpoint
 
 __all__ = [
+    "check_token",
+    "check_private",
+    "InvalidToken",
+    "revocation_list",
+    "Revoked",
+    "Revocations",
+    "RevocationFull",
+    "PRUNE_AFTER_S",
+    "MAX_CHUNKS",
+    "CHUNK_ENTRIES",
     "AclPolicy",
     "AclToken",
     "AFFINITIES",

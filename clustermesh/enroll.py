@@ -4,7 +4,8 @@ The operator keeps the cluster's signing key (a 0600 file; by default
 ~/.config/wiremesh/signing/CLUSTER.key, or $WIREMESH_SIGNING_KEY_DIR/CLUSTER.key) and gives
 each node a certificate for its identity key and one pod CIDR. The cluster config in Consul
 holds only the public half (`signing_key`), whether unsigned records are refused
-(`require_signed`) and the revoked serials; every change to it is a check-and-set write.
+(`require_signed`); every change to it is a check-and-set write. Revoked serials live in a list of
+their own (revocation.py), pruned as their certificates expire.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wiremesh.keys import Certificate, NodeIdentity, SigningKey, VerifyKey, issue
+from wiremesh.keys import MAX_VALIDITY_S, Certificate, NodeIdentity, SigningKey, VerifyKey, issue
 
 from . import layout
 from .clusters import load_cluster_config
-from .errors import CASConflict, ClusterMeshError, InvalidRecord
+from .errors import CASConflict, ClusterMeshError, ConsulReason, InvalidRecord, TransactionFailed
 from .ipam import leases
 from .records import ClusterConfig, NodeRecord, check_node_name
-from .signed import lease_value, parse_lease
+from .revocation import Revocations, certificate_expiries, check_serial, plan_change, stored_chunks
+from .signed import cluster_key, lease_value, parse_lease
 from .store import ConsulStore
 
 DEFAULT_VALIDITY_S = 365 * 86400
@@ -139,13 +142,98 @@ def enroll(store: ConsulStore, cluster: str, node: str, signing_key: SigningKey,
     raise CASConflict(f"cluster {cluster!r}: other nodes kept taking the free CIDRs meanwhile; run again")
 
 
-def revoke(store: ConsulStore, cluster: str, serials: list[str]) -> tuple[ClusterConfig, bool]:
-    def change(cfg: ClusterConfig) -> ClusterConfig:
-        return dataclasses.replace(cfg, revoked=tuple(dict.fromkeys([*cfg.revoked, *serials])))
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """What a revocation left: the list, the serials added, those pruned (expired), and the
+    serials moved out of the config's own `revoked` list (the layout before chunks)."""
+
+    revocations: Revocations
+    added: list[str]
+    pruned: list[str]
+    migrated: list[str]
+    legacy: tuple[str, ...] = ()  # serials still in the config's list (only if an older writer added some meanwhile)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.pruned or self.migrated)
+
+
+def revoke(store: ConsulStore, cluster: str, serials: list[str], *, now: float | None = None,
+           not_after: int | None = None) -> Revoked:
+    """Add certificate serials to the cluster's revocation list, and prune it.
+
+    Each serial is kept until its certificate expires (PRUNE_AFTER_S later): the expiry of the
+    certificate a live record or lease carries (signed by the cluster), else `not_after`, else the
+    longest a certificate can last (MAX_VALIDITY_S from now). Serials of the config's own list are
+    moved into the chunks first, then out of the config, so none is ever in neither."""
+    now = time.time() if now is None else now
+    for serial in serials:
+        try:
+            check_serial(serial, "SERIAL")
+        except InvalidRecord as e:
+            raise EnrollError("SERIAL", e.reason) from None
+    config = load_cluster_config(store, cluster)
+    legacy = tuple(s for s in config.revoked if s not in serials)
+    known = certificate_expiries(_certificates(store, cluster), cluster_key(config))
+    default = int(now) + MAX_VALIDITY_S if not_after is None else not_after
+    add = {s: known.get(s, default) for s in serials}
+    add.update({s: known.get(s, int(now) + MAX_VALIDITY_S) for s in legacy})
+    for _ in range(8):
+        _, items = store.list(layout.revoked_prefix(cluster))
+        try:
+            stored = stored_chunks(cluster, items)
+        except InvalidRecord as e:
+            raise EnrollError(e.field, f"{e.key}: {e.reason}", "fix or delete that key (its serials would be lost "
+                              "otherwise), then run again") from None
+        change = plan_change(cluster, stored, add, now)
+        try:
+            for txn in change.txns:
+                store.txn(txn)
+        except TransactionFailed as e:
+            if e.reason == ConsulReason.CONFLICT:
+                continue  # another writer changed a chunk meanwhile: read again (adding twice is harmless)
+            raise
+        break
+    else:
+        raise CASConflict(f"cluster {cluster!r}: its revocation list kept changing meanwhile; run again")
+    moved = set(config.revoked)
+    left = config.revoked
+    if moved:
+        new, _ = update_config(store, cluster, lambda c: dataclasses.replace(
+            c, revoked=tuple(s for s in c.revoked if s not in moved)))
+        left = new.revoked
+    return Revoked(change.revocations, [s for s in change.added if s not in moved], change.pruned,
+                   sorted(moved), left)
+
+
+def revocation_list(store: ConsulStore, cluster: str) -> tuple[Revocations, tuple[str, ...]]:
+    """The cluster's revocation list as stored: the chunks' serials, and the config's own list."""
+    config = load_cluster_config(store, cluster)
+    _, items = store.list(layout.revoked_prefix(cluster))
     try:
-        return update_config(store, cluster, change)
+        return stored_chunks(cluster, items).revocations, config.revoked
     except InvalidRecord as e:
-        raise EnrollError("SERIAL", e.reason) from None
+        raise EnrollError(e.field, f"{e.key}: {e.reason}", "fix or delete that key") from None
+
+
+def _certificates(store: ConsulStore, cluster: str) -> list[object]:
+    """The certificates live records and leases of the cluster carry (unchecked)."""
+    docs: list[object] = []
+    _, items = store.list(layout.nodes_prefix(cluster))
+    for key, item in items.items():
+        try:
+            docs.append(NodeRecord.from_json(item.value, key).certificate)
+        except InvalidRecord:
+            pass
+    _, items = store.list(layout.ipam_prefix(cluster))
+    for key, item in items.items():
+        try:
+            held = parse_lease(item.value, key)
+        except InvalidRecord:
+            continue
+        if held.doc is not None:
+            docs.append(held.doc.get("certificate"))
+    return docs
 
 
 def node_serials(store: ConsulStore, cluster: str, node: str) -> list[str]:

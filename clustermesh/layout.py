@@ -68,3 +68,8 @@ def mesh_prefix() -> str:
 
 def mesh_key(cluster: str) -> str:
     return f"{ROOT}/mesh/{cluster}"
+
+
+def revoked_prefix(cluster: str) -> str:
+    """The cluster's revocation list, in chunks (revocation.py): revoked/000, revoked/001, ..."""
+    return f"{ROOT}/clusters/{cluster}/revoked/"

@@ -16,7 +16,7 @@ verifies signatures only when a value or the cluster's key changes (`Verified`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,9 +135,11 @@ def verify_lease(lease: Lease, cidr: str, cluster: str, signing_key: VerifyKey |
     return cert
 
 
-def check_valid(cert: Certificate, config: ClusterConfig, now: float, key: str | None = None) -> None:
-    """The checks that depend on the clock and on the revocation list."""
-    if cert.serial in config.revoked:
+def check_valid(cert: Certificate, config: ClusterConfig, now: float, key: str | None = None,
+                revoked: Container[str] = ()) -> None:
+    """The checks that depend on the clock and on the revocation list: `revoked` (the cluster's
+    list, clustermesh.revocation) and the config's own `revoked` (the layout before it)."""
+    if cert.serial in revoked or cert.serial in config.revoked:
         raise InvalidRecord("certificate", f"serial {cert.serial} is revoked", key)
     if now < cert.not_before:
         raise InvalidRecord("certificate", f"not valid before {cert.not_before} (now {int(now)})", key)

@@ -5,7 +5,8 @@ checks that need more than one record live here: a node's pod CIDR must be lease
 node in IPAM, and a public key may belong to one node only. In a cluster with
 `require_signed` (clustermesh.signed), records and leases must also be signed by certified
 nodes, and a node's certificate is what entitles it to its pod CIDR: a lease that is missing
-or forged does not take the CIDR from it; a valid lease of another node does.
+or forged does not take the CIDR from it; a valid lease of another node does. A certificate whose
+serial the cluster's revocation list (clustermesh.revocation) holds is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord
+from .revocation import RevocationCache, Revocations, read_revocations
 from .rotation import Rotations, parse_rotations
 from .services import ServiceDef, parse_services
 from .signed import Lease, Verified, check_valid, cluster_key, parse_lease, verify_lease, verify_record
@@ -40,6 +42,7 @@ class ClusterSnapshot:
     rejected: tuple[Rejected, ...] = ()
     services: dict[str, ServiceDef] = field(default_factory=dict)
     rotations: Rotations = field(default_factory=Rotations)
+    revoked: Revocations = field(default_factory=Revocations)  # the cluster's revocation list (its chunks)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -58,6 +61,7 @@ class ParseCache:
         self.nodes: dict[str, tuple[int, NodeRecord | InvalidRecord, Network | None]] = {}
         self.leases: dict[str, tuple[int, tuple[str, Lease] | str]] = {}
         self.verified = Verified()
+        self.revocations = RevocationCache()
 
 
 def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRecord, Network]:
@@ -106,6 +110,8 @@ def parse_cluster(
             rejected.append(Rejected(ckey, str(e).removeprefix(f"{ckey}: ")))
             config = last_config
 
+    revoked, refused_chunks = read_revocations(cluster, items, cache.revocations)
+    rejected.extend(Rejected(k, reason) for k, reason in refused_chunks)
     signed = config is not None and config.require_signed
     signing_key = cluster_key(config) if signed and config is not None else None
     leases: dict[str, str] = {}
@@ -124,7 +130,7 @@ def parse_cluster(
                     cidr, held = lease
                     cert = cache.verified.get(key, item.modify_index, config.signing_key,
                                               lambda: verify_lease(held, cidr, cluster, signing_key, key))
-                    check_valid(cert, config, now, key)
+                    check_valid(cert, config, now, key, revoked)
                 except InvalidRecord as e:
                     rejected.append(Rejected(key, f"bad IPAM lease ({e.field}: {e.reason})"))
                     continue
@@ -173,7 +179,7 @@ def parse_cluster(
             if signed:
                 cert = cache.verified.get(key, item.modify_index, config.signing_key,
                                           lambda: verify_record(rec, item.value, signing_key, key))
-                check_valid(cert, config, now, key)
+                check_valid(cert, config, now, key, revoked)
             if rec.pod_cidr in cidrs_seen:
                 raise InvalidRecord("pod_cidr", f"{pod} is already node {cidrs_seen[rec.pod_cidr]!r}'s", key)
             other = keys_seen.get(rec.public_key)
@@ -198,6 +204,7 @@ def parse_cluster(
 
     for key in items:
         if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",
-                                                layout.cluster_prefix(cluster) + "services/"))):
+                                                layout.cluster_prefix(cluster) + "services/",
+                                                layout.revoked_prefix(cluster)))):
             rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
-    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations)
+    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations, revoked)

@@ -44,6 +44,7 @@ from .consul_values import (
     parse_kv_items,
 )
 from .errors import ConsulError, ConsulUnavailable, SessionExpired
+from .tokens import check_token
 from .watch import MIN_INTERVAL_S, Endpoint, RateLimit, Stop, follow
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class ConsulOptions:
     client_cert: str | None = None
     client_key: str | None = None
     session_node: str | None = None
+
+    def __post_init__(self) -> None:
+        # The last line of defence, whatever the token's source: one with a space or a newline
+        # would make the HTTP layer's error echo it. Its sources check it first, naming themselves.
+        if self.token == "":
+            object.__setattr__(self, "token", None)
+        elif self.token is not None:
+            check_token(self.token, "the Consul token")
 
     def parsed(self) -> tuple[str, str, int]:
         addr = self.address if "://" in self.address else f"http://{self.address}"

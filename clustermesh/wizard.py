@@ -10,6 +10,7 @@ refused or failed setup leaves nothing half-applied.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from .errors import ClusterMeshError, ConsulError, ConsulReason, ConsulUnavailab
 from .federation import MeshMember
 from .records import ROUTING_MODES, ClusterConfig, check_cluster_name, check_node_name
 from .store import ConsulOptions, ConsulStore
-from .tokens import write_token_file
+from .tokens import InvalidToken, TokenFileError, check_private, check_token, write_token_file
 
+MAX_ANSWERS_BYTES = 1024 * 1024
 SUGGEST_FROM = ipaddress.ip_network("10.240.0.0/12")
 
 
@@ -93,6 +95,11 @@ def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
                 continue
             if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):
                 raise SetupError(f"{where}.{k}", f"must be {t.__name__}, not {type(v).__name__}")
+        if c.get("token"):
+            try:
+                check_token(c["token"], f"{where}.token")
+            except InvalidToken as e:
+                raise SetupError(e.source, e.reason, e.hint) from None
         out.append(ClusterAnswer(**c))
     for i, a in enumerate(out):
         check_static(a, out[:i], f"clusters[{i}]")
@@ -100,10 +107,16 @@ def parse_answers(data: Any, src: str = "answers") -> list[ClusterAnswer]:
 
 
 def load_answers(path: Path) -> list[ClusterAnswer]:
+    """Read an answers file; one that holds a token must be 0600, like a token file."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode  # the file read, not whatever the path names later
+            text = f.read(MAX_ANSWERS_BYTES + 1).decode()
+        if len(text) > MAX_ANSWERS_BYTES:
+            raise SetupError(str(path), f"larger than {MAX_ANSWERS_BYTES // 1024} KiB: not an answers file")
+        data = yaml.safe_load(text)
     except OSError as e:
         raise SetupError(str(path), e.strerror or str(e)) from None
     except yaml.YAMLError as e:
@@ -112,7 +125,14 @@ def load_answers(path: Path) -> list[ClusterAnswer]:
         raise SetupError(str(path), "not UTF-8 text") from None
     except RecursionError:
         raise SetupError(str(path), "not YAML/JSON: nested too deeply") from None
-    return parse_answers(data, str(path))
+    answers = parse_answers(data, str(path))
+    if any(a.token for a in answers):
+        try:
+            check_private(mode, f"answers file {path}", path)
+        except TokenFileError as e:
+            raise SetupError(str(path), f"it holds a Consul token and {e.reason.split('; ')[0]}: it must be 0600",
+                             e.hint) from None
+    return answers
 
 
 # --- checks that need no Consul ------------------------------------------------------------

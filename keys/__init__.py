@@ -1,6 +1,6 @@
 """Key material: WireGuard X25519 key pairs and key files; Ed25519 signing keys and node certificates."""
 
-from .certificate import Certificate, NodeIdentity, issue
+from .certificate import MAX_VALIDITY_S, Certificate, NodeIdentity, issue
 from .errors import CertificateError, KeyMaterialError
 from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
 from .rotation import (
@@ -37,6 +37,7 @@ __all__ = [
     "KEY_LEN",
     "KeyMaterialError",
     "LEASE_DOMAIN",
+    "MAX_VALIDITY_S",
     "load_or_generate",
     "load_or_generate_signing_key",
     "NodeIdentity",

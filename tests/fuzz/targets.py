@@ -147,7 +147,7 @@ def snapshot(data: bytes) -> None:
     cp = layout.cluster_prefix("lab")
     items: dict[str, KVItem] = {}
     for _ in range(1 + r.below(8)):
-        kind = r.below(7)
+        kind = r.below(8)
         if kind == 0:
             key, doc = layout.config_key("lab"), mutate(seeds.CLUSTER_CONFIG, r, rounds=r.below(2))
         elif kind == 1:
@@ -163,6 +163,9 @@ def snapshot(data: bytes) -> None:
             key, doc = layout.rotation_key("lab", "node1"), mutate(seeds.ROTATION, r, rounds=r.below(2))
         elif kind == 5:
             key, doc = cp + r.text(12), r.value()
+        elif kind == 6:  # the revocation list's chunks (clustermesh.revocation)
+            key = layout.revoked_prefix("lab") + r.pick(["000", "001", "063", "064", "1", "x", ""])
+            doc = mutate({"revoked": {"0" * 32: 1_800_000_000, "f" * 32: 0}}, r, rounds=r.below(3))
         else:
             key, doc = r.pick(list(items) or [cp + "nodes/node1"]), r.rest()
         value = doc if isinstance(doc, bytes) else doc.encode("utf-8", "surrogateescape") if isinstance(doc, str) \
@@ -177,7 +180,8 @@ def check_snapshot(items: dict[str, KVItem]) -> None:
     cache = ParseCache()
     first = parse_cluster("lab", 1, items, cache=cache)
     again = parse_cluster("lab", 2, items, cache=cache)
-    if (first.nodes, first.leases, first.rejected) != (again.nodes, again.leases, again.rejected):
+    if (first.nodes, first.leases, first.rejected, first.revoked) != (again.nodes, again.leases, again.rejected,
+                                                                       again.revoked):
         raise Bug("parse_cluster answered differently from its cache")
     for rej in first.rejected:
         if rej.key not in items or "unexpected validation error" in rej.reason:
