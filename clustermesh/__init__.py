@@ -27,6 +27,19 @@ from .errors import (
     TransactionFailed,
     TxnOpError,
 )
+from .control import (
+    Certified,
+    ControlMemo,
+    Trust,
+    certified,
+    ready_value,
+    rotation_value,
+    sign_request,
+    sign_service,
+    verify_ready,
+    verify_rotation,
+    verify_service,
+)
 from .enroll import (
     DEFAULT_VALIDITY_S,
     EnrollError,
@@ -74,6 +87,17 @@ from .tokens import TokenFileError, read_token_file, write_token_file
 from .watch import Endpoint
 
 __all__ = [
+    "Certified",
+    "certified",
+    "ControlMemo",
+    "ready_value",
+    "rotation_value",
+    "sign_request",
+    "sign_service",
+    "Trust",
+    "verify_ready",
+    "verify_rotation",
+    "verify_service",
     "AclPolicy",
     "AclToken",
     "AFFINITIES",
