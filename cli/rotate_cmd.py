@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,16 +68,25 @@ class Request:
     joined: bool  # an active rotation was there already (another command's, or a scheduled one)
 
 
-def request_rotation(store: ConsulStore, cluster: str, node: str, now_ms: int, signer: SigningKey | None = None) -> Request:
+def request_rotation(store: ConsulStore, cluster: str, node: str, now_ms: int, signer: SigningKey | None = None,
+                     verify: Callable[[str, bytes, Rotation], None] | None = None) -> Request:
     """Ask `node` to rotate its key (signed by `signer`, the operator's key, if given); if it is
-    rotating already, that rotation is the answer."""
+    rotating already, that rotation is the answer. `verify`: a signed cluster's check
+    (clustermesh.control); a record its agents refuse is no rotation, and is replaced."""
     key = layout.rotation_key(cluster, node)
     for _ in range(_CAS_ATTEMPTS):
         item = store.get(key)
         if item is not None:
             current = _stored_rotation(item, node)
-            if current.active:
-                return Request(current, joined=True)
+            try:
+                if verify is not None:
+                    verify(key, item.value, current)
+            except InvalidRecord as e:
+                info(f"{node}: its rotation record is refused by the cluster's agents ({e.field}: {e.reason}); "
+                     "replacing it")
+            else:
+                if current.active:
+                    return Request(current, joined=True)
         new = Rotation.new(node, now_ms)
         if signer is not None:
             new = sign_request(new, cluster, signer)
@@ -115,8 +124,8 @@ class Rollout:
     """Rotations asked for at most `parallel` at a time, the next one when one ends."""
 
     def __init__(self, store: ConsulStore, cluster: str, nodes: Sequence[str], parallel: int,
-                 signer: SigningKey | None = None) -> None:
-        self.store, self.cluster, self.parallel, self.signer = store, cluster, parallel, signer
+                 signer: SigningKey | None = None, verify: Callable[[str, bytes, Rotation], None] | None = None) -> None:
+        self.store, self.cluster, self.parallel, self.signer, self.verify = store, cluster, parallel, signer, verify
         self.tracked = {n: Tracked(n) for n in nodes}
         self._queue = list(nodes)
 
@@ -132,7 +141,7 @@ class Rollout:
         """Ask the next nodes while fewer than `parallel` rotate; a node whose request fails stays queued."""
         started = []
         while self._queue and len(self.in_flight) < self.parallel:
-            req = request_rotation(self.store, self.cluster, self._queue[0], _now_ms(), self.signer)
+            req = request_rotation(self.store, self.cluster, self._queue[0], _now_ms(), self.signer, self.verify)
             t = self.tracked[self._queue.pop(0)]
             t.rotation, t.joined = req.rotation, req.joined
             started.append(t)
@@ -307,10 +316,7 @@ def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Report
     while not rollout.finished and not deadline.is_set():
         try:
             for _, items in store.watch(prefix, deadline, wait_s=_WATCH_WAIT_S):
-                verify = None
-                if config is not None and config.require_signed:
-                    trust = Trust(config, VerifyKey.from_base64(config.signing_key), time.time())
-                    verify = memo.rotation_check(trust)
+                verify = _verifier(config, memo)
                 parsed, refused = parse_rotations(cluster, {k: v.value for k, v in items.items()}, verify,
                                                   memo.rotations if verify else None)
                 for t in rollout.observe(parsed.rotations, dict(refused)):
@@ -325,6 +331,13 @@ def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Report
                 info(f"warning: {e}; still waiting for the rotations")
                 warned = True
             deadline.wait(1.0)
+
+
+def _verifier(config: ClusterConfig | None, memo: ControlMemo) -> Callable[[str, bytes, Rotation], None] | None:
+    """How a signed cluster's agents check a rotation record (None: an unsigned cluster takes any)."""
+    if config is None or not config.require_signed or not config.signing_key:
+        return None
+    return memo.rotation_check(Trust(config, VerifyKey.from_base64(config.signing_key), time.time()))
 
 
 def snapshot(store: ConsulStore, cluster: str) -> ClusterSnapshot:
@@ -402,7 +415,7 @@ def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, signing_k
     wait = wait or parallel < len(chosen)
     signer = operator_key(snap.config, signing_key_path, "rotation requests")
 
-    rollout = Rollout(store, cluster, chosen, parallel, signer)
+    rollout = Rollout(store, cluster, chosen, parallel, signer, _verifier(snap.config, ControlMemo()))
     console = _terminal_console() if wait else None
     reporter: _Reporter = _Bar(console, len(chosen), len(snap.nodes) - 1) if console is not None else _Lines()
     deadline = _Deadline(timeout)
