@@ -203,7 +203,8 @@ def test_service_deleted_and_created_again_within_a_blocking_wait(live: Lab,
 
     def define_all() -> None:
         for c in lab.clusters:
-            lab.consul(lambda s, c=c: lab_services.define(s, c, SERVICE, [ServicePort(8181)], "none", []), c)
+            lab.consul(lambda s, c=c: lab_services.define(s, c, SERVICE, [ServicePort(8181)], "none", [],
+                                                          signer=lab_signing.operator_key(lab, c)), c)
 
     def delete_all() -> None:
         for c in lab.clusters:
