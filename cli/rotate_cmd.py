@@ -1,8 +1,8 @@
 """`wiremesh keys rotate`: ask nodes for new WireGuard keys, and follow the rotations to their end.
 
 The CLI only writes requests (`rotations/<node>` in state requested, signed with the cluster's
-signing key when the operator has it: a cluster requiring signed records refuses unsigned ones)
-and reads progress; the node's agent runs the rotation and advances the record (requested -> staged -> switched ->
+signing key when the operator has it: cli.rotate_request) and reads progress; the node's agent
+runs the rotation and advances the record (requested -> staged -> switched ->
 done | failed | abandoned). A request is created with check-and-set and never written over an
 active rotation: two commands asking for the same node at once make one rotation, and the
 second follows the first's.
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import click
 
 from wiremesh.clustermesh import (
-    CASConflict,
     ClusterConfig,
     ClusterNotFound,
     ClusterSnapshot,
@@ -29,27 +28,23 @@ from wiremesh.clustermesh import (
     ConsulStore,
     ConsulUnavailable,
     InvalidRecord,
-    KVItem,
     Rotation,
     check_node_name,
     layout,
     parse_cluster,
     parse_rotations,
-    sign_request,
-    Trust,
 )
 from wiremesh.errors import WiremeshError
-
-from wiremesh.keys import SigningKey, VerifyKey
+from wiremesh.keys import SigningKey
 
 from .operator_key import SIGNING_KEY_OPTION, operator_key
 from .output import Ctx, emit, info
+from .rotate_request import request_rotation, verifier
 from .target import CONFIG_OPTION, target
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-_CAS_ATTEMPTS = 5
 # A blocking query's wait: a change wakes the watch at once; this only bounds how late the
 # --timeout is noticed.
 _WATCH_WAIT_S = 2
@@ -57,55 +52,6 @@ _WATCH_WAIT_S = 2
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# --- asking ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    rotation: Rotation
-    joined: bool  # an active rotation was there already (another command's, or a scheduled one)
-
-
-def request_rotation(store: ConsulStore, cluster: str, node: str, now_ms: int, signer: SigningKey | None = None,
-                     verify: Callable[[str, bytes, Rotation], None] | None = None) -> Request:
-    """Ask `node` to rotate its key (signed by `signer`, the operator's key, if given); if it is
-    rotating already, that rotation is the answer. `verify`: a signed cluster's check
-    (clustermesh.control); a record its agents refuse is no rotation, and is replaced."""
-    key = layout.rotation_key(cluster, node)
-    for _ in range(_CAS_ATTEMPTS):
-        item = store.get(key)
-        if item is not None:
-            current = _stored_rotation(item, node)
-            try:
-                if verify is not None:
-                    verify(key, item.value, current)
-            except InvalidRecord as e:
-                info(f"{node}: its rotation record is refused by the cluster's agents ({e.field}: {e.reason}); "
-                     "replacing it")
-            else:
-                if current.active:
-                    return Request(current, joined=True)
-        new = Rotation.new(node, now_ms)
-        if signer is not None:
-            new = sign_request(new, cluster, signer)
-        # Create only if absent; replace an ended one only if nobody wrote it since it was read.
-        if store.put(key, new.to_json(), cas=item.modify_index if item is not None else 0):
-            return Request(new, joined=False)
-    raise CASConflict(f"rotation of {node}: {key} kept changing under this command; run again")
-
-
-def _stored_rotation(item: KVItem, node: str) -> Rotation:
-    try:
-        rot = Rotation.from_json(item.value, item.key)
-        if rot.node != node:
-            raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {node!r}", item.key)
-        return rot
-    except InvalidRecord as e:
-        err = WiremeshError(f"rotation of {node}: the record in Consul is invalid ({e}); left alone")
-        err.hint = f"if no agent is running it, remove it: consul kv delete {item.key}"
-        raise err from None
 
 
 # --- following ------------------------------------------------------------------------------
@@ -316,7 +262,7 @@ def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Report
     while not rollout.finished and not deadline.is_set():
         try:
             for _, items in store.watch(prefix, deadline, wait_s=_WATCH_WAIT_S):
-                verify = _verifier(config, memo)
+                verify = verifier(config, memo)
                 parsed, refused = parse_rotations(cluster, {k: v.value for k, v in items.items()}, verify,
                                                   memo.rotations if verify else None)
                 for t in rollout.observe(parsed.rotations, dict(refused)):
@@ -331,13 +277,6 @@ def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Report
                 info(f"warning: {e}; still waiting for the rotations")
                 warned = True
             deadline.wait(1.0)
-
-
-def _verifier(config: ClusterConfig | None, memo: ControlMemo) -> Callable[[str, bytes, Rotation], None] | None:
-    """How a signed cluster's agents check a rotation record (None: an unsigned cluster takes any)."""
-    if config is None or not config.require_signed or not config.signing_key:
-        return None
-    return memo.rotation_check(Trust(config, VerifyKey.from_base64(config.signing_key), time.time()))
 
 
 def snapshot(store: ConsulStore, cluster: str) -> ClusterSnapshot:
@@ -415,7 +354,7 @@ def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, signing_k
     wait = wait or parallel < len(chosen)
     signer = operator_key(snap.config, signing_key_path, "rotation requests")
 
-    rollout = Rollout(store, cluster, chosen, parallel, signer, _verifier(snap.config, ControlMemo()))
+    rollout = Rollout(store, cluster, chosen, parallel, signer, verifier(snap.config, ControlMemo()))
     console = _terminal_console() if wait else None
     reporter: _Reporter = _Bar(console, len(chosen), len(snap.nodes) - 1) if console is not None else _Lines()
     deadline = _Deadline(timeout)

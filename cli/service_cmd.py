@@ -23,7 +23,7 @@ from wiremesh.clustermesh import (
 )
 from wiremesh.errors import WiremeshError
 
-from wiremesh.agent import backends_of, load_config
+from wiremesh.agent import admitted, backends_of, certified_places, load_config
 from .operator_key import SIGNING_KEY_OPTION, operator_key
 from .output import Ctx, emit, info
 from .target import CONFIG_OPTION, target
@@ -115,7 +115,7 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
     if current is None:
         written = store.put(key, svc.to_json(), cas=0)
         result = "created" if written else "changed meanwhile"
-    elif stored == svc and (signer is None or stored is not None and stored.signature == svc.signature):
+    elif stored == svc and (signer is None or current.value.decode("utf-8", "replace") == svc.to_json()):
         result = "unchanged"
     elif stored == svc:  # the same definition, signed now (Ed25519 signatures are deterministic)
         result = "signed" if store.put(key, svc.to_json(), cas=current.modify_index) else "changed meanwhile"
@@ -175,7 +175,7 @@ def sign(ctx: Ctx, names: tuple[str, ...], all_names: bool, cluster_name: str | 
             raise WiremeshError(f"service {name!r}: its definition is invalid ({e}); define it again with "
                                 "`wiremesh service create --force`") from None
         signed = sign_service(svc, signer)
-        if signed.signature == svc.signature:
+        if item.value.decode("utf-8", "replace") == signed.to_json():  # (Ed25519 signatures are deterministic)
             result = "unchanged"
         elif store.put(key, signed.to_json(), cas=item.modify_index):
             result = "signed"
@@ -218,6 +218,9 @@ def list_(ctx: Ctx, cluster_name: str | None) -> None:
     store = ConsulStore(ctx.consul)
     views, _ = collect(store, only=None)
     dcs = {v.name: v.datacenter for v in views}
+    places = certified_places({v.name for v in views if v.snapshot and v.snapshot.config
+                               and v.snapshot.config.require_signed},
+                              {v.name: v.snapshot.nodes for v in views if v.snapshot})
     out: list[dict[str, Any]] = []
     rows: list[list[Any]] = []
     for v in views:
@@ -228,13 +231,20 @@ def list_(ctx: Ctx, cluster_name: str | None) -> None:
                 info(f"warning: skipped invalid service {r.key}: {r.reason}")
         for name, svc in sorted(v.snapshot.services.items()):
             per_cluster = _backends(store, name, dcs)
-            used = set(select_backends(svc, v.name, {c: ClusterBackends(tuple(b for b, ok in bs if ok))
-                                                     for c, bs in per_cluster.items()}))
-            backends = [{"cluster": c, "address": b.address, "port": b.port, "node": b.node,
-                         "healthy": ok, "in_use": b in used} for c, bs in sorted(per_cluster.items()) for b, ok in bs]
+            # Signed clusters' backends count only where their certified nodes are (as agents decide).
+            healthy = admitted(name, {c: ClusterBackends(tuple(b for b, ok in bs if ok))
+                                      for c, bs in per_cluster.items()}, places, [])
+            certified = {b for cb in admitted(name, {c: ClusterBackends(tuple(b for b, _ in bs))
+                                                     for c, bs in per_cluster.items()}, places, []).values()
+                         for b in cb.backends}
+            used = set(select_backends(svc, v.name, healthy))
+            backends = [{"cluster": c, "address": b.address, "port": b.port, "node": b.node, "healthy": ok,
+                         "certified": b in certified, "in_use": b in used}
+                        for c, bs in sorted(per_cluster.items()) for b, ok in bs]
             out.append({**json.loads(svc.to_json()), "backends": backends})
             shown = ", ".join(f"{b['cluster']}/{b['address']}:{b['port']}{'*' if b['in_use'] else ''}"
-                              f"{'' if b['healthy'] else ' (critical)'}" for b in backends) or "-"
+                              f"{'' if b['healthy'] else ' (critical)'}{'' if b['certified'] else ' (not certified)'}"
+                              for b in backends) or "-"
             rows.append([name, v.name, svc.vip, _ports(svc), _policy(svc), shown])
     emit(ctx, {"services": out}, ["service", "cluster", "vip", "ports", "affinity", "backends (* in use)"], rows)
 

@@ -101,6 +101,10 @@ def test_a_catalog_instance_outside_every_certified_pod_cidr_never_becomes_a_bac
             lines = log_lines(lab, n, f"service web backend {C}/{STRAY}")
             assert len(lines) == 1 and "certified" in lines[0], lines
             assert invalid_total(lab, n).get("backend", 0) == before[n] + 1
+        listed = json.loads(lab.run("node1", WM, "-o", "json", "service", "list", check=True).stdout)
+        (web,) = [x for x in listed["services"] if x["name"] == "web"]
+        shown = {b["address"]: (b["certified"], b["in_use"]) for b in web["backends"]}
+        assert shown[STRAY] == (False, False) and shown[node2_address] == (True, True), shown
         # Another change in Consul (a new answer of the health watch): still left out, not logged again.
         deregister(lab, "node1", "web-host")
         for n in NODES:

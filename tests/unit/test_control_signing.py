@@ -371,3 +371,17 @@ def test_service_create_signs_and_service_sign_signs_what_is_there(cli_kv: Any, 
     assert {s["service"]: s["result"] for s in json.loads(res.stdout)["services"]} == {"api": "signed",
                                                                                       "web": "unchanged"}
     assert set(accepted_snapshot(cli_kv).services) == {"web", "api"}
+
+
+def test_require_signed_lists_unsigned_definitions_and_rotations_under_way(cli_kv: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("wiremesh.cli.signing_cmd.ConsulStore", lambda options: cli_kv)
+    cli_kv.put(layout.config_key(C), config(signed=False).to_json())
+    cli_kv.put(layout.service_key(C, "api"), svc("api", "10.96.0.30").to_json())
+    cli_kv.put(layout.rotation_key(C, "n2"), dataclasses.replace(Rotation.new("n2", 1_000), state="done").to_json())
+    res = cli("cluster", "require-signed", C)
+    assert res.exit_code == 1 and "service sign --all" in res.stderr, res.stderr
+    assert layout.service_key(C, "api") in res.stderr and layout.rotation_key(C, "n2") not in res.stderr  # history
+    cli_kv.put(layout.rotation_key(C, "n1"), Rotation.new("n1", 1_000).to_json())  # under way, unsigned
+    assert layout.rotation_key(C, "n1") in cli("cluster", "require-signed", C).stderr
+    assert not ClusterConfig.from_json(cli_kv.get(layout.config_key(C)).value).require_signed
