@@ -8,6 +8,8 @@ Threads (each started, tracked and joined by agent.supervisor):
   snapshot handed to the reconcile loop through a mailbox. The watches never change the agent.
 - federation: one watch for the mesh membership and one follower per remote cluster.
 - kv-writer: Consul writes the loop must not wait for (readiness, rotation progress).
+- staged-watch (agent.staged): while a peer rotates its key, reads the device every 20 ms for
+  the peer's first handshake with its new key (its switch, proven by the data plane).
 - reconcile: the one loop that owns the agent's state; each pass is agent.passes (inputs ->
   plan -> reconcile -> report -> rotation). It wakes on a snapshot, a federation change, an
   object's retry, a rotation's time, SIGHUP, or the periodic full pass that repairs drift.
@@ -72,6 +74,7 @@ from .readiness import ReadinessWatch
 from .rotation import Rotator, now_ms
 from .rotation_link import RecordPublisher, device_public_key
 from .services import ServiceBackends, load_service_lb
+from .staged import SwitchProofs
 from .supervisor import FATAL_GRACE_S, Mailbox, Supervisor
 
 log = logging.getLogger("wiremesh.agent")
@@ -142,6 +145,7 @@ class Agent:
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
                                consul_up=lambda: self._consul_ok, identity=self.registration.identity)
         self.publisher = RecordPublisher(self.registration, self.rotator)
+        self.proofs = SwitchProofs(self.device, self._wake.set, consul_up=lambda: self._consul_ok)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
                                         self.supervisor.follow, metrics=self.metrics)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
@@ -184,7 +188,7 @@ class Agent:
         """Built once per (port, pod CIDR, key): it is compared with the stored one on every snapshot."""
         assert self.key and self.pod_cidr
         r = self.rotator
-        inputs = (self.listen_port, self.pod_cidr, self.public_key, r.next_key, r.switch_at, r.epoch)
+        inputs = (self.listen_port, self.pod_cidr, self.public_key, r.next_key, r.switch_at, r.epoch, r.held)
         if self._own_cache is None or self._own_cache[0] != inputs:
             self._own_cache = (inputs, self._build_record())
         return self._own_cache[1]
@@ -365,8 +369,10 @@ class Agent:
             if n:
                 self.metrics.peer_changes_total.labels(op).inc(n)
         if res.added or res.updated or res.removed or res.routes_added or res.routes_removed:
-            log.info("reconciled: +%d ~%d -%d peers, +%d -%d routes (%d/%d programmed)", res.added, res.updated,
-                     res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers))
+            shown = res.peer_changes[:6] + ([f"... {len(res.peer_changes) - 6} more"] if len(res.peer_changes) > 6 else [])
+            log.info("reconciled: +%d ~%d -%d peers, +%d -%d routes (%d/%d programmed)%s", res.added, res.updated,
+                     res.removed, res.routes_added, res.routes_removed, res.programmed, len(desired.peers),
+                     f" [{' '.join(shown)}]" if shown else "")
         if res.errors:
             self.metrics.sync_errors_total.labels("dataplane").inc(res.errors)
         self.metrics.objects_in_error.set(self.reconciler.table.errors())
@@ -407,11 +413,12 @@ class Agent:
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
             precise = self.rotator.hold_until(QUIET_MS)
-            if precise is not None:
-                # A key changes on the device at `precise` (a switch, a peer's new key): a pass
+            if precise is not None and not self.proofs.news():  # (a node's proven switch is never held)
+                # This node's key changes on the device at `precise` (its switch): a pass
                 # started now could still be planning then (100-200 ms on a loaded host, measured),
-                # and the change would come late. Wait for it; the pass then does it first.
-                self.stop_event.wait((precise - now_ms()) / 1000)
+                # and the change would come late. Wait for it; the pass then does it first. A
+                # peer's switch proven meanwhile ends the wait: its queue would overflow.
+                self.proofs.wait_news((precise - now_ms()) / 1000)
             self._wake.clear()
             if self.stop_event.is_set():
                 return
@@ -463,7 +470,8 @@ class Agent:
         self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
         for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
-                         ("reconcile", self._reconcile_loop)):
+                         ("reconcile", self._reconcile_loop),
+                         ("staged-watch", lambda: self.proofs.run(self.stop_event))):
             self.supervisor.spawn(name, fn)
 
     def shutdown(self, remove_record: bool = True) -> None:

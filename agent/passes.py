@@ -151,7 +151,10 @@ class Pass:
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        return PassInputs(local, snap, fed, backends, now_ms(), frozenset(r.refused))
+        nexts = {rec.next_public_key for rec in snap.nodes.values() if rec.next_public_key}
+        nexts.update(rec.next_public_key for nodes in fed.nodes.values() for rec in nodes.values()
+                     if rec.next_public_key)
+        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=a.proofs.proven(nexts))
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

@@ -9,6 +9,9 @@ still land. Each peer has a status and its own backoff in the shared StatusTable
 
 A key that a node's new key replaced (a rotation) stays on the device without allowed IPs for
 LINGER_S: removing it in the same update dropped what it still held (queued, being encrypted).
+
+A rotating node's announced next key is a second entry, locked (PeerConfig.staged), named
+"<node>#next" and kept in the status table as its own kind (STAGED): not one of the node's peers.
 """
 
 from __future__ import annotations
@@ -24,8 +27,20 @@ from .objects import StatusTable
 log = logging.getLogger("wiremesh.agent.reconciler")
 
 PEER = "peer"
+STAGED = "staged-peer"
+STAGED_SUFFIX = "#next"
 LINGER_S = 1.0  # a replaced peer stays this long without allowed IPs before it is removed
-_PEERS = frozenset({PEER})
+_PEERS = frozenset({PEER, STAGED})
+
+
+def _kind(name: str) -> str:
+    return STAGED if name.endswith(STAGED_SUFFIX) else PEER
+
+
+def _twin(name: str) -> str:
+    """The node's peer for its staged entry and the other way round (they may share a key for a
+    moment: the staged entry becomes the node's peer in the same pass)."""
+    return name[:-len(STAGED_SUFFIX)] if name.endswith(STAGED_SUFFIX) else name + STAGED_SUFFIX
 
 
 @dataclass(slots=True)
@@ -37,6 +52,7 @@ class PeerCounts:
     programmed: int = 0
     failed: list[str] = field(default_factory=list)
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key changes applied
+    changes: list[str] = field(default_factory=list)  # "+node", "~node", "-node" (or "-key8...") as applied
 
 
 class Applied(dict[str, PeerConfig]):
@@ -55,7 +71,10 @@ class Applied(dict[str, PeerConfig]):
         self.status.update(as_status({node: cfg}))
 
     def __delitem__(self, node: str) -> None:
-        self.status.pop(self[node].public_key, None)
+        key = self[node].public_key
+        twin = self.get(_twin(node))
+        if twin is None or twin.public_key != key:
+            self.status.pop(key, None)
         super().__delitem__(node)
 
     def pop(self, node: str, default: PeerConfig | None = None) -> PeerConfig | None:  # type: ignore[override]
@@ -95,12 +114,14 @@ class PeerTarget:
         """When a lingering key is due to go, if any lingers."""
         return min(self._lingering.values(), default=None)
 
-    def sync(self, desired: Mapping[str, PeerConfig], kept: Callable[[str], bool], pruning: object, *,
-             prune: bool, full: bool, now: float) -> PeerCounts:
-        """Make the device's peers `desired` (by node); with `prune`, remove the others except
-        those with an allowed IP `kept` protects. `pruning`: what decides what pruning may touch
-        (the device is read again when it changes)."""
+    def sync(self, peers: Mapping[str, PeerConfig], kept: Callable[[str], bool], pruning: object, *,
+             prune: bool, full: bool, now: float, staged: Mapping[str, PeerConfig] | None = None) -> PeerCounts:
+        """Make the device's peers `peers` (by node) and `staged` (rotating nodes' next keys, by
+        node); with `prune`, remove the others except those with an allowed IP `kept` protects.
+        `pruning`: what decides what pruning may touch (the device is read again when it changes)."""
         res = PeerCounts()
+        staged_named = {f"{n}{STAGED_SUFFIX}": c for n, c in (staged or {}).items()}
+        desired = {**peers, **staged_named} if staged_named else peers
         actual: dict[str, PeerStatus]
         # The device is read on full passes and whenever memory cannot tell the whole truth: the
         # first pass, when pruning starts or what it must keep changes (peers this process never
@@ -120,11 +141,18 @@ class PeerTarget:
                 del self._lingering[key]  # desired again (a rotation went back): it stays
             elif at <= now:
                 changes.append(PeerChange(public_key=key, remove=True))
-        self.table.want(PEER, desired)
+        self.table.want(PEER, peers)
+        self.table.want(STAGED, staged_named)
         for node in [n for n in self.applied if n not in desired]:
-            if not any(c.remove and c.name == node for c in changes):
-                del self.applied[node]  # not desired, and kept (or already gone) on the device
-        ready = [c for c in changes if c.remove or self.table.due(PEER, c.name, now)]
+            if any(c.remove and c.name == node for c in changes):
+                continue
+            # Not desired and already gone, or a staged entry (its key may now be the node's):
+            # forgotten. Kept on the device (pruning held): remembered as it is there, so that
+            # the node coming back as it was (a remote cluster's Consul back without its
+            # records for a moment) changes nothing on the device.
+            if _kind(node) == STAGED or self.applied[node].public_key not in actual:
+                del self.applied[node]
+        ready = [c for c in changes if c.remove or self.table.due(_kind(c.name), c.name, now)]
         if ready:
             try:
                 self.device.apply(ready)
@@ -143,12 +171,14 @@ class PeerTarget:
             if node not in changed and want.public_key in present:
                 if self.applied.get(node) != want:
                     self.applied[node] = want
-                self.table.done(PEER, node)
+                self.table.done(_kind(node), node)
         res.programmed = self.table.count(PEER, "done")
         return res
 
     def _done(self, changes: list[PeerChange], desired: Mapping[str, PeerConfig], res: PeerCounts) -> None:
         for ch in changes:
+            res.changes.append(("-" if ch.remove else "~" if ch.update_only or ch.replaces or ch.recreate else "+")
+                               + (ch.name or ch.public_key[:8] + "..."))
             if ch.remove:
                 self._lingering.pop(ch.public_key, None)
                 res.removed += 1
@@ -159,12 +189,15 @@ class PeerTarget:
             if ch.replaces:
                 res.replaced.append((ch.name, ch.public_key))
                 self._lingering[ch.replaces] = self._clock() + LINGER_S
-            if ch.update_only or ch.replaces:
+            kind = _kind(ch.name)
+            if kind == STAGED:
+                pass  # (not one of the node's peers: not counted)
+            elif ch.update_only or ch.replaces:
                 res.updated += 1  # a key change is an update of the node's peer
             else:
                 res.added += 1
             self.applied[ch.name] = desired[ch.name]
-            self.table.done(PEER, ch.name)
+            self.table.done(kind, ch.name)
 
     def _failed(self, ch: PeerChange, e: TunnelError, now: float, res: PeerCounts) -> None:
         res.errors += 1
@@ -175,7 +208,7 @@ class PeerTarget:
             return
         self.applied.pop(ch.name, None)  # unknown state: compare against the device next time
         self._device_read = False
-        delay = self.table.failed(PEER, ch.name, e, now)
-        st = self.table.get(PEER, ch.name)
+        delay = self.table.failed(_kind(ch.name), ch.name, e, now)
+        st = self.table.get(_kind(ch.name), ch.name)
         log.warning("programming peer %s failed (attempt %d, retry in %.1fs): %s", name,
                     st.attempts if st else 1, delay, e)

@@ -62,6 +62,9 @@ class DesiredState:
 
     device: DeviceSpec | None = None  # None: leave the device's key and port as they are
     peers: dict[str, PeerConfig] = field(default_factory=dict)  # by node ("cluster/node"); key is an attribute
+    # Rotating nodes' announced next keys, by node: a second, locked peer entry each (no allowed
+    # IPs) on which the node's first handshake with its new key proves its switch (agent.staged).
+    staged: dict[str, PeerConfig] = field(default_factory=dict)
     routes: frozenset[Route] = frozenset()
     address: str | None = None  # the local overlay address, as CIDR on the WireGuard device
     mtu: int | None = None  # of the WireGuard device
@@ -143,7 +146,7 @@ class PassInputs:
     federation: FederationView
     backends: BackendsView | None = None
     now_ms: int = 0
-    refused_keys: frozenset[str] = frozenset()
+    proven_keys: frozenset[str] = frozenset()  # next keys their nodes are seen to use (agent.staged)
 
 
 def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState:
@@ -157,7 +160,7 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                         persistent_keepalive=me.persistent_keepalive, wg_device=me.wg_device,
                         vxlan_device=me.vxlan_device, remotes=fed.nodes, keep_cidrs=fed.frozen_cidrs,
                         keep_foreign=not fed.mesh_synced, memo=memo, now_ms=inputs.now_ms,
-                        refused_keys=inputs.refused_keys)
+                        proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)
     if inputs.backends is None:
         return desired
@@ -185,7 +188,7 @@ def plan_mesh(
     keep_foreign: bool = False,
     memo: dict[str, Any] | None = None,
     now_ms: int = 0,
-    refused_keys: frozenset[str] = frozenset(),
+    proven_keys: frozenset[str] = frozenset(),
 ) -> DesiredState:
     """Every other node of the cluster, and every node of every accepted federated cluster,
     becomes a peer whose allowed IPs are its pod CIDR.
@@ -202,6 +205,7 @@ def plan_mesh(
     vxlan_mode = config.routing == "vxlan" and local_pod_cidr is not None
     peers: dict[str, PeerConfig] = {}
     taken = {local_public_key}
+    to_stage: list[tuple[str, NodeRecord, str]] = []
     routes: set[Route] = set()
     fdb: dict[str, str] = {}
     neigh: dict[str, str] = {}
@@ -211,12 +215,13 @@ def plan_mesh(
         if name == local_node or rec.public_key == local_public_key:
             continue
         # A node rotating its key: the next one, from a moment after its announced switch time.
-        key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys)
+        key = peer_key(rec.public_key, rec.next_public_key, proven_keys)
         if key in taken:
             skipped.append(f"{config.name}/{name}: its public key is already in use")
             continue
         taken.add(key)
         nid = node_id(config.name, name)
+        to_stage.append((nid, rec, key))
         settings = (vxlan_mode, persistent_keepalive, wg_device, vxlan_device, key)
         hit = memo.get(nid) if memo is not None else None
         if hit is not None and hit[0] is rec and hit[1] == settings:
@@ -240,7 +245,7 @@ def plan_mesh(
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []
     for cluster in sorted(remotes or {}):
         for name, rec in sorted((remotes or {})[cluster].items()):
-            key = peer_key(rec.public_key, rec.next_public_key, rec.switch_at, now_ms, refused_keys)
+            key = peer_key(rec.public_key, rec.next_public_key, proven_keys)
             if key in taken:
                 skipped.append(f"{cluster}/{name}: its public key is already in use")
                 continue
@@ -250,11 +255,15 @@ def plan_mesh(
                 continue
             claimed.append(net)
             taken.add(key)
+            to_stage.append((node_id(cluster, name), rec, key))
             peers[node_id(cluster, name)] = PeerConfig(
                 public_key=key, endpoint=rec.endpoint, allowed_ips=frozenset({rec.pod_cidr}),
                 persistent_keepalive=persistent_keepalive,
             )
             routes.add(Route(rec.pod_cidr, wg_device))
+    staged: dict[str, PeerConfig] = {}
+    for nid, rec, key in to_stage:  # after every node's own key is taken: a next key never evicts one
+        _stage(nid, rec, key, taken, staged)
     m = mtus(config, underlay_mtu)
     address = vxlan = None
     if local_pod_cidr:
@@ -265,10 +274,18 @@ def plan_mesh(
             vxlan = VxlanSpec(name=vxlan_device, vni=config.vni, local=overlay, mac=vtep_mac(overlay), mtu=m.pod,
                               address=f"{gateway_address(local_pod_cidr)}/32")
     return DesiredState(
-        peers=peers, routes=frozenset(routes), address=address, mtu=m.wireguard,
+        peers=peers, staged=staged, routes=frozenset(routes), address=address, mtu=m.wireguard,
         pod_mtu=m.pod, vxlan=vxlan, fdb=fdb, neighbours=neigh, skipped=tuple(skipped),
         keep_cidrs=keep_cidrs, keep_foreign=keep_foreign, local_range=config.pod_cidr,
     )
+
+
+def _stage(nid: str, rec: NodeRecord, key: str, taken: set[str], staged: dict[str, PeerConfig]) -> None:
+    """A next key the node announces and this peer has not taken yet: a locked peer entry."""
+    nxt = rec.next_public_key
+    if nxt and nxt != key and nxt not in taken:
+        taken.add(nxt)
+        staged[nid] = PeerConfig(public_key=nxt, endpoint=rec.endpoint, staged=True)
 
 
 _Part = tuple[PeerConfig, tuple[Route, ...], tuple[str, str, str] | None]  # peer, routes, (mac, vtep, gateway)

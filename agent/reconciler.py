@@ -61,6 +61,7 @@ class ReconcileResult:
     routes_added: int = 0
     routes_removed: int = 0
     failed: list[str] = field(default_factory=list)
+    peer_changes: list[str] = field(default_factory=list)  # (agent.peers.PeerCounts.changes)
 
 
 class Reconciler:
@@ -150,9 +151,10 @@ class Reconciler:
     # --- peers ----------------------------------------------------------------------------
     def _peers(self, desired: DesiredState, prune: bool, full: bool, now: float, res: ReconcileResult) -> None:
         out = self.peers.sync(desired.peers, desired.kept, (prune, desired.keep_cidrs, desired.keep_foreign),
-                              prune=prune, full=full, now=now)
+                              prune=prune, full=full, now=now, staged=desired.staged)
         res.added, res.updated, res.removed, res.errors = out.added, out.updated, out.removed, res.errors + out.errors
         res.programmed, res.failed = out.programmed, res.failed + out.failed
+        res.peer_changes = out.changes
         self._replaced.extend(out.replaced)  # for the rotation stage (take_events)
 
     # --- overlay --------------------------------------------------------------------------

@@ -6,10 +6,11 @@ the next key in `<key_file>.next` (0600) and announced in the node's record (`ne
 written into the record (synchronously: the write is the point of no return) -> at `switch_at`
 the device takes the new key, the key file is replaced by it (atomically), the record carries
 it -> done once every live peer made a handshake on it. The peer side: on seeing an announced
-next key, write that it is ready; the planner replaces the node's key at
-`switch_at + PEER_DELAY_MS` (agent.planner, by its own clock); right after, one packet to the
-node starts the handshake at once; if no handshake on the new key comes within
-PEER_ROLLBACK_MS, go back to the old one.
+next key, stage it on the device (a locked second entry: agent.staged) and write that it is
+ready; the planner replaces the node's key once the node's first handshake with it shows on
+that entry (never by the clock: keys.rotation); right after, one packet to the node starts the
+handshake at once (made again if the handshakes crossed: KICK_MS). There is no going back: the
+key is taken only once the node proved it uses it.
 
 Everything here runs in the agent's loop thread; its Consul writes (readiness, progress) go
 through a writer thread (agent.kvwriter) so that no round trip delays a switch, except the two
@@ -33,8 +34,7 @@ from wiremesh.clustermesh import Rotation, RotationReady, ready_value, rotation_
 from wiremesh.keys import KeyMaterialError, NodeIdentity, PrivateKey, read_key_file, write_key_file
 from wiremesh.keys import (
     COMMIT_LEAD_MS,
-    PEER_DELAY_MS,
-    PEER_ROLLBACK_MS,
+    PEER_WATCH_MS,
     commit_order,
     committed_step,
     staged_step,
@@ -47,11 +47,14 @@ from .nodestate import write_state_file
 
 log = logging.getLogger("wiremesh.rotation")
 HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
-# A peer whose new key got no handshake this long after it was taken is made again on the device
-# (once): when the node's and this peer's handshake initiations cross (both sides switched within
-# a round trip, common on a loaded host), each answers the other's and rejects the answer to its
-# own, and wireguard-go would try again only after 5 s. A fresh peer entry initiates at once.
+# A peer whose new key got no handshake this long after it was taken, although something came
+# from the node on it, is made again on the device (once): the node's and this peer's handshake
+# initiations crossed (each answers the other's and rejects the answer to its own), and
+# wireguard-go would try again only after 5 s. A fresh peer entry initiates at once. With nothing
+# received, it waits KICK_IDLE_MS (a loaded host's handshake may take that long): making the
+# entry again drops what it holds queued.
 KICK_MS = 150
+KICK_IDLE_MS = 1000
 
 
 def now_ms() -> int:
@@ -91,8 +94,6 @@ class Rotator:
         self.ready_sent: dict[str, str] = {}
         self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
         self._kicked: set[str] = set()  # taken peers already made again (KICK_MS)
-        self.refused: set[str] = set()  # next keys we went back from (no handshake on them)
-        self._peer_times: set[int] = set()  # when peers' new keys are taken (switch_at + PEER_DELAY_MS)
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
@@ -100,6 +101,12 @@ class Rotator:
         self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
         self.resume_pending = False  # resume() could not read Consul: this node's commit unknown
         self._epoch_saved = True  # the epoch above is the one its file holds
+        # After this node's switch, until its rotation ends: the record as committed (old key,
+        # next key, switch time, old epoch). A peer that read the new key from the record before
+        # the node's first handshake with it reached it would start its own, crossing the
+        # node's (both rejected; wireguard-go tries again 5 s later): peers take the key from
+        # the data plane (agent.staged), the record says it once every peer did (or failed to).
+        self._held: tuple[str, str, int, int] | None = None  # (old key, new key, switch time, old epoch)
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -158,7 +165,15 @@ class Rotator:
         return self.next_key is not None and bool(self.switch_at) and self.clock() >= self.switch_at
 
     # --- what this node announces ------------------------------------------------------------
+    @property
+    def held(self) -> tuple[str, str, int, int] | None:
+        """The record's key fields held as committed after this node's switch (see _held)."""
+        return self._held
+
     def announce(self, rec: NodeRecord) -> NodeRecord:
+        held = self._held
+        if held is not None:  # switched, not ended: as committed (see _held)
+            return replace(rec, public_key=held[0], next_public_key=held[1], switch_at=held[2], key_epoch=held[3])
         nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
         at = self.switch_at  # (the commit's own write adds its time itself: agent.registration)
         return replace(rec, next_public_key=nxt, switch_at=at if nxt else 0, key_epoch=self.epoch)
@@ -337,6 +352,11 @@ class Rotator:
         if switch(key) is False:  # the device does not hold it yet (planned a moment before the time)
             self.wake = now + 1
             return
+        try:
+            old = read_key_file(self.key_file).public_key().base64
+            self._held = (old, key.public_key().base64, at, self.epoch)
+        except (KeyMaterialError, OSError):
+            self._held = None  # (the record then says the new key at once)
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0
@@ -350,6 +370,9 @@ class Rotator:
              confirmed: tuple[str, ...] = ()) -> None:
         assert self.rotation is not None
         self._committing = 0
+        if self._held is not None:
+            self._held = None
+            republish()  # the record says the new key now
         if state == "abandoned":
             self._drop_next(republish)
         (log.info if state == "done" else log.warning)("rotation %s: %s%s", self.rotation.id, state,
@@ -424,12 +447,6 @@ class Rotator:
         for nid, rec in announced.items():
             if not rec.next_public_key:
                 continue
-            if rec.switch_at:
-                # On every pass, not only the one that saw the commit: drive() clears the
-                # wake-up first, and without it the key would be taken at the next pass
-                # something else causes (late by Consul's propagation), not at this time.
-                self._wake_at(rec.switch_at + PEER_DELAY_MS)
-                self._peer_times.add(rec.switch_at + PEER_DELAY_MS)
             if self.ready_sent.get(nid) == rec.next_public_key:
                 continue
             rcluster, _, rnode = nid.partition("/")
@@ -441,52 +458,52 @@ class Rotator:
             self.writer.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
             del self.ready_sent[nid]
         for nid, (_key, at) in list(self.taken.items()):
-            self._wake_at(at + PEER_ROLLBACK_MS)
+            self._wake_at(at + PEER_WATCH_MS)
             if nid not in self._kicked:
                 self._wake_at(at + KICK_MS)
+                self._wake_at(at + KICK_IDLE_MS)
 
     def hold_until(self, quiet_ms: int) -> int | None:
-        """Until when (unix ms) the loop should hold a pass: the next time the device must change
-        on the dot (this node's switch, a peer's key taken at its switch + PEER_DELAY_MS), if it
-        comes within `quiet_ms`; None if none does, or if one is due now (the pass does it)."""
-        now = self.clock()
-        self._peer_times = {t for t in self._peer_times if t >= now - 1000}
-        times = set(self._peer_times)
-        if self.next_key is not None and self.switch_at:
-            times.add(self.switch_at)
-        if any(now - HOLD_DUE_MS <= t <= now for t in times):
+        """Until when (unix ms) the loop should hold a pass: this node's switch time, if it comes
+        within `quiet_ms` (the pass then sets the key first, on the dot); None if it does not, or
+        if it is due now (the pass does it)."""
+        if self.next_key is None or not self.switch_at:
             return None
-        nxt = min((t for t in times if t > now), default=None)
-        return nxt if nxt is not None and nxt - now <= quiet_ms else None
+        now = self.clock()
+        if now - HOLD_DUE_MS <= self.switch_at <= now:
+            return None
+        return self.switch_at if now < self.switch_at <= now + quiet_ms else None
 
     def took(self, nid: str, new_key: str) -> None:
         """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""
         self.taken[nid] = (new_key, self.clock())
         self._kicked.discard(nid)
 
-    def kicks_due(self, handshakes: Mapping[str, float]) -> list[str]:
-        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken, once each:
-        the agent makes them again on the device (see KICK_MS)."""
+    def kicks_due(self, handshakes: Mapping[str, float], received: Mapping[str, int] | None = None) -> list[str]:
+        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken although
+        the device `received` bytes on it (or none KICK_IDLE_MS after), once each: the agent
+        makes them again on the device (see KICK_MS)."""
         now, due = self.clock(), []
         for nid, (key, at) in self.taken.items():
-            if nid not in self._kicked and now >= at + KICK_MS and handshakes.get(key, 0.0) * 1000 < at - 1000:
+            if nid in self._kicked or handshakes.get(key, 0.0) * 1000 >= at - 1000:
+                continue
+            crossed = (received or {}).get(key, 1) > 0
+            if now >= at + (KICK_MS if crossed else KICK_IDLE_MS):
                 self._kicked.add(nid)
                 due.append(nid)
         return due
 
-    def check_taken(self, handshakes: Mapping[str, float]) -> bool:
-        """Go back from a new key with no handshake after PEER_ROLLBACK_MS; True if one was refused."""
-        now, refused = self.clock(), False
+    def check_taken(self, handshakes: Mapping[str, float]) -> None:
+        """Stop watching taken keys that made a handshake, or that PEER_WATCH_MS passed for (a
+        key is taken only on the node's proof: never given back; its laggard is the rotating
+        node's to report)."""
+        now = self.clock()
         for nid, (key, at) in list(self.taken.items()):
             if handshakes.get(key, 0.0) * 1000 >= at - 1000:
                 del self.taken[nid]
-            elif now >= at + PEER_ROLLBACK_MS:
-                log.warning("rotation of %s: no handshake on its new key after %d ms; back to the old one", nid,
-                            PEER_ROLLBACK_MS)
-                self.refused.add(key)
+            elif now >= at + PEER_WATCH_MS:
+                log.warning("rotation of %s: no handshake on its new key %d ms after it was taken", nid, PEER_WATCH_MS)
                 del self.taken[nid]
-                refused = True
-        return refused
 
     def _wake_at(self, t: int) -> None:
         if t > self.clock() and (self.wake is None or t < self.wake):

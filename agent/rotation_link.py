@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from wiremesh.clustermesh import overlay_address
 from wiremesh.keys import PrivateKey
-from wiremesh.tunnels import PeerConfig, TunnelError, poke
+from wiremesh.tunnels import PeerConfig, PeerStatus, TunnelError, poke
 
 from .planner import DesiredState
 from .registration import Publication, Registration
@@ -62,12 +62,17 @@ def device_public_key(agent: Agent) -> str | None:
         return None
 
 
-def handshakes(agent: Agent) -> dict[str, float]:
-    """Latest handshake (unix s) per public key on the device."""
+def device_peers(agent: Agent) -> dict[str, PeerStatus]:
+    """The device's peers by public key ({} if it cannot be read)."""
     try:
-        return {k: p.latest_handshake for k, p in agent.device.show().peers.items()}
+        return dict(agent.device.show().peers)
     except TunnelError:
         return {}
+
+
+def handshakes(agent: Agent) -> dict[str, float]:
+    """Latest handshake (unix s) per public key on the device."""
+    return {k: p.latest_handshake for k, p in device_peers(agent).items()}
 
 
 def _poke(peers: Iterable[tuple[str, PeerConfig]]) -> None:
@@ -93,6 +98,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}
     announced.update((f"{c}/{n}", r) for c, nodes in fed.nodes.items() for n, r in nodes.items())
+    agent.proofs.watch(desired.staged, {n: announced[n].switch_at for n in desired.staged if n in announced})
     for node, key in replaced:  # we took a node's new key: start the handshake now
         if node in announced and announced[node].next_public_key == key:
             rotator.took(node, key)  # a rotation's: gone back from if no handshake comes on it
@@ -118,8 +124,9 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     if agent.config is not None and agent.config.rotate_every:
         rotator.schedule(agent.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations, key_mtime_ms(agent))
     if rotator.taken:
-        hs = handshakes(agent)
-        for nid in rotator.kicks_due(hs):
+        peers = device_peers(agent)
+        hs = {k: p.latest_handshake for k, p in peers.items()}
+        for nid in rotator.kicks_due(hs, {k: p.rx_bytes for k, p in peers.items()}):
             if nid in desired.peers:
                 log.info("rotation of %s: no handshake on its new key yet; making its peer again", nid)
                 try:
@@ -127,8 +134,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
                 except TunnelError as e:
                     log.warning("rotation of %s: peer not made again: %s", nid, e)
                 _poke([(nid, desired.peers[nid])])
-        if rotator.check_taken(hs):
-            agent.wake()  # went back to an old key: plan again at once
+        rotator.check_taken(hs)
 
 
 def staging(agent: Agent) -> bool:

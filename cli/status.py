@@ -71,6 +71,7 @@ def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path
     now = time.time()
     out: list[dict[str, Any]] = []
     rows: list[list[Any]] = []
+    nexts: dict[str, tuple[str, str]] = {}  # announced next key -> (cluster, node): staged on the device
     for v in views:
         if v.snapshot is None:
             info(f"warning: cluster {v.name} (datacenter {v.datacenter}) unreachable: {v.error}")
@@ -78,6 +79,8 @@ def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path
         for r in v.snapshot.rejected:
             info(f"warning: skipped invalid record {r.key}: {r.reason}")
         for name, rec in sorted(v.snapshot.nodes.items()):
+            if rec.next_public_key:
+                nexts[rec.next_public_key] = (v.name, name)
             item = v.items[layout.node_key(v.name, name)]
             local = device is not None and device.public_key == rec.public_key
             p = peers.get(rec.public_key)
@@ -97,7 +100,13 @@ def status(ctx: Ctx, cluster_name: str | None, interface: str, config_path: Path
     if device is not None:
         known = {d["public_key"] for d in out}
         for key, p in sorted(peers.items()):
-            if key not in known:
+            if key in nexts:  # a rotating node's next key, staged (locked) until it switches
+                c, n = nexts[key]
+                out.append({"cluster": c, "node": n, "public_key": key, "peer_endpoint": p.endpoint, "staged": True,
+                            "latest_handshake": p.latest_handshake, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes})
+                rows.append([c, f"{n} (next key)", p.endpoint or "-", "-", PublicKey.from_base64(key).fingerprint,
+                             "staged", f"rx {p.rx_bytes}"])
+            elif key not in known:
                 out.append({"node": None, "public_key": key, "peer_endpoint": p.endpoint, "orphan": True,
                             "latest_handshake": p.latest_handshake, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes})
                 rows.append(["?", "(no record)", p.endpoint or "-", ",".join(sorted(p.allowed_ips)),

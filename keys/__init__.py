@@ -5,8 +5,7 @@ from .errors import CertificateError, KeyMaterialError
 from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key_file, write_key_file
 from .rotation import (
     COMMIT_LEAD_MS,
-    PEER_DELAY_MS,
-    PEER_ROLLBACK_MS,
+    PEER_WATCH_MS,
     commit_order,
     committed_step,
     peer_key,
@@ -41,9 +40,8 @@ __all__ = [
     "load_or_generate",
     "load_or_generate_signing_key",
     "NodeIdentity",
-    "PEER_DELAY_MS",
     "peer_key",
-    "PEER_ROLLBACK_MS",
+    "PEER_WATCH_MS",
     "PrivateKey",
     "PublicKey",
     "read_key_file",

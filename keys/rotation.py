@@ -11,20 +11,37 @@ sessions. So the rotating node switches first and its peers replace its key a mo
 
 Nothing is lost as long as every peer replaces the key within (128 / packet rate) of the switch
 (128 ms at 1 000 packets/s). Consul's propagation delay (50 ms to over 1 s) cannot be trusted
-for that, so the switch is agreed on first, then done by every side's own clock:
+for that. Each peer holds the announced next key as a second, locked peer entry (a preshared
+key the node does not use: agent.staged); the node's first handshake initiation with its new
+key arrives there right after its switch, proves it (only the node holds that key) and cannot
+complete, so the node's packets stay queued; the peer then takes the key (agent.planner, within
+POLL + one pass: 10-30 ms measured) and its own handshake completes at once. A peer never takes
+the key by its clock: taken before the node's initiation came, its handshake would cross the
+node's (each side answers the other's initiation and rejects the answer to its own;
+wireguard-go then waits 5 s), and taken before the node really switched (its commit's write
+slow, its switch late: seen 2.5 s late on a starved host), nothing would answer. If the node's
+first initiation is lost, wireguard-go sends it again 5 s later; Consul's copy of the record
+(the new key as its public key) ends it too. The switch is agreed on first all the same, so
+that the node's neighbours never switch at once and its peers watch the data plane closely
+around that time (agent.staged):
 
 1. staged: the node announces its next public key (no switch time yet); every live peer writes
    that it is ready (it knows the key).
 2. committed: once every live peer is ready, the node picks `switch_at` (COMMIT_LEAD_MS ahead)
    and writes it into its record. That write is the point of no return: the node switches at
    `switch_at` whatever happens after it (a restart switches late, a Consul outage does not
-   matter: nothing more is read or written), and peers take the new key at
-   `switch_at + PEER_DELAY_MS` by their own clocks. A switch time is never moved or withdrawn,
+   matter: nothing more is read or written), and peers take the new key on the node's proof.
+   A switch time is never moved or withdrawn,
    so a peer can never take a key the node did not switch to. Before the commit nothing is
    decided: the node gives up cleanly (abandoned, the old key stays) if its peers are not ready
    within READY_TIMEOUT_MS.
 3. switched, then done once every live peer made a handshake on the new key (or failed,
    naming the laggards, after CONFIRM_TIMEOUT_MS: the new key stays, never half).
+
+A peer that missed the commit (Consul stopped the moment it landed) learns of the switch from
+the data plane: it holds the announced next key as a locked second peer entry from the staged
+step on, and the node's first handshake initiation with its new key shows there (agent.staged;
+`peer_key`'s `proven`).
 
 Two neighbours switching less than SWITCH_SPACING_MS apart each drop what they had queued for
 the other (each replaces the other's key, a new peer on the device, after its own switch and
@@ -33,8 +50,8 @@ commits only when no node it sees staged and not yet committed comes before it (
 and picks a switch time apart from every switch time committed (`switch_time`). Every write a
 node makes after seeing something is ordered after that something in Consul, and a node commits
 only on seeing every peer's readiness, so of two nodes staged at once the later one always sees
-the earlier one's commit before its own. Clock skew between hosts must stay well under 128 ms
-minus PEER_DELAY_MS (NTP keeps it to milliseconds).
+the earlier one's commit before its own. Clock skew between hosts matters only to how closely
+peers watch the data plane around a switch time (agent.staged.LEAD_MS).
 """
 
 from __future__ import annotations
@@ -45,9 +62,8 @@ from dataclasses import dataclass
 COMMIT_LEAD_MS = 1000  # switch_at = commit + this: every live peer has seen the commit by then
 READY_TIMEOUT_MS = 15000  # staged this long with peers not ready: abandoned (nothing was changed)
 ORDER_TIMEOUT_MS = 3 * READY_TIMEOUT_MS  # waiting this long for nodes before it to commit: abandoned
-PEER_DELAY_MS = 40  # peers replace the key this long after switch_at (the node switches first)
 CONFIRM_TIMEOUT_MS = 15000  # after the switch: peers that did not handshake on the new key lag
-PEER_ROLLBACK_MS = 6000  # a peer that got no handshake on the new key this long after taking it goes back
+PEER_WATCH_MS = 6000  # a peer watches a key it took this long for a handshake (agent.rotation.KICK_MS)
 SWITCH_SPACING_MS = 300  # switch times of different nodes are at least this far apart
 
 
@@ -106,9 +122,10 @@ def switch_time(earliest: int, committed: Iterable[int]) -> int:
     return t
 
 
-def peer_key(public_key: str, next_public_key: str, switch_at: int, now: int, refused: Set[str]) -> str:
-    """The key a peer programs for a node whose record announces `next_public_key`, committed
-    to switch at `switch_at` (0: staged, not committed: the current key stays)."""
-    if next_public_key and switch_at and now >= switch_at + PEER_DELAY_MS and next_public_key not in refused:
+def peer_key(public_key: str, next_public_key: str, proven: Set[str] = frozenset()) -> str:
+    """The key a peer programs for a node whose record announces `next_public_key`: the current
+    one until the node's handshake initiation with the next one reached this peer's device
+    (`proven`: it switched), then the next one."""
+    if next_public_key and next_public_key in proven:
         return next_public_key
     return public_key

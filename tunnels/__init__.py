@@ -22,7 +22,7 @@ from .pods import PodInterface, add_pod_interface, check_pod_interface, del_pod_
 from .podstate import Attachment, CniState, NodeInfo, NodeStateUnavailable, NoFreeAddress
 from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, vtep_mac
 from .targets import FdbTarget, PodMtuTarget, MtuTarget, NeighbourTarget, RouteTarget, ServiceTarget, Target, VxlanTarget
-from .model import DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
+from .model import STAGED_PSK, DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 from .bpf import (CGROUP2, PIN_ROOT, Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
                   ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
 
@@ -68,6 +68,7 @@ __all__ = [
     "owned_routes",
     "peer_changes",
     "PeerChange",
+    "STAGED_PSK",
     "PeerConfig",
     "PeerStatus",
     "pin_dir_for",

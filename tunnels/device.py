@@ -103,7 +103,9 @@ class UserspaceDevice(WireGuardDevice):
             raise KernelUnsupported(f"{self.name}: {self.binary} not found on PATH (run scripts/setup.sh)")
         socket_path(self.name).parent.mkdir(parents=True, exist_ok=True)
         logf = (self.state_dir / f"wireguard-go-{self.name}.log") if self.state_dir else Path(os.devnull)
-        env = dict(os.environ, LOG_LEVEL="error", WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
+        # WIREMESH_WG_LOG_LEVEL=verbose: its handshakes in the log (debugging a rotation)
+        env = dict(os.environ, LOG_LEVEL=os.environ.get("WIREMESH_WG_LOG_LEVEL", "error"),
+                   WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
         with open(logf, "ab") as out:
             # -f keeps it in the foreground so its pid is the real one; a new session detaches it
             # from the agent: killing the agent (even with SIGKILL) leaves the tunnel running.

@@ -10,7 +10,8 @@ from .model import PeerChange, PeerConfig, PeerStatus
 def as_status(applied: Mapping[str, PeerConfig]) -> dict[str, PeerStatus]:
     """What the device holds if everything `applied` (by node) is still there, by public key."""
     return {c.public_key: PeerStatus(public_key=c.public_key, endpoint=c.endpoint, allowed_ips=c.allowed_ips,
-                                     persistent_keepalive=c.persistent_keepalive) for c in applied.values()}
+                                     persistent_keepalive=c.persistent_keepalive, staged=c.staged)
+            for c in applied.values()}
 
 
 def peer_changes(
@@ -34,6 +35,9 @@ def peer_changes(
 
     Allowed IPs are written only when the set differs; peers nobody desires are removed only
     with `prune`: before the first full sync from Consul the agent does not know which are stale.
+
+    A staged peer (a rotating node's next key, PeerConfig.staged) that becomes the node's peer is
+    made again unlocked (PeerChange.recreate) and takes the allowed IPs of the node's old key.
     """
     applied = applied or {}
     by_key = {want.public_key: node for node, want in desired.items()}
@@ -43,13 +47,14 @@ def peer_changes(
         want = desired[node]
         have = actual.get(want.public_key)
         before = applied.get(node)
-        if have is None:
-            old = _previous_key(node, want, actual, by_key, claimed, before)
+        if have is None or (have.staged and not want.staged):
+            old = None if want.staged else _previous_key(node, want, actual, by_key, claimed, before)
             if old is not None:
                 claimed.add(old)
             changes.append(PeerChange(
-                public_key=want.public_key, endpoint=want.endpoint, allowed_ips=want.allowed_ips,
-                persistent_keepalive=want.persistent_keepalive or None, replaces=old, name=node))
+                public_key=want.public_key, endpoint=(have.endpoint if have else None) or want.endpoint,
+                allowed_ips=want.allowed_ips, persistent_keepalive=want.persistent_keepalive or None, replaces=old,
+                recreate=have is not None, staged=True if want.staged else None, name=node))
             continue
         record_moved = before is not None and before.endpoint != want.endpoint
         endpoint = want.endpoint if want.endpoint and (have.endpoint is None or record_moved) else None
@@ -57,10 +62,17 @@ def peer_changes(
             endpoint = None
         allowed = want.allowed_ips if want.allowed_ips != have.allowed_ips else None
         keepalive = want.persistent_keepalive if want.persistent_keepalive != have.persistent_keepalive else None
-        if endpoint is None and allowed is None and keepalive is None:
+        staged = True if want.staged and not have.staged else None
+        if endpoint is None and allowed is None and keepalive is None and staged is None:
             continue
         changes.append(PeerChange(public_key=want.public_key, endpoint=endpoint, allowed_ips=allowed,
-                                  persistent_keepalive=keepalive, update_only=True, name=node))
+                                  persistent_keepalive=keepalive, update_only=True, staged=staged, name=node))
+    # A staged (locked) peer nobody desires goes even before pruning may: it carries nothing,
+    # and only this agent makes them (an abandoned rotation's next key).
+    for key in sorted(k for k, have in actual.items() if have.staged and k not in by_key and k not in claimed
+                      and not prune):
+        names = [n for n, c in applied.items() if c.public_key == key]
+        changes.append(PeerChange(public_key=key, remove=True, name=names[0] if names else ""))
     if prune:
         for key in sorted(set(actual) - set(by_key) - claimed):
             names = [n for n, c in applied.items() if c.public_key == key]

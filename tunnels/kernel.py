@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import ipaddress
 import re
@@ -15,7 +16,10 @@ from wiremesh.keys import PrivateKey, PublicKey
 from . import links
 from .device import WireGuardDevice
 from .errors import DeviceNotFound, TunnelError
-from .model import DeviceState, PeerChange, PeerStatus, split_endpoint
+from .model import STAGED_PSK, DeviceState, PeerChange, PeerStatus, split_endpoint
+
+_STAGED_B64 = base64.b64encode(STAGED_PSK).decode()
+_NO_PSK_B64 = base64.b64encode(bytes(32)).decode()
 
 
 def change_to_netlink(change: PeerChange) -> dict[str, Any]:
@@ -24,8 +28,10 @@ def change_to_netlink(change: PeerChange) -> dict[str, Any]:
     if change.remove:
         peer["remove"] = True
         return peer
-    if change.update_only:
+    if change.update_only and not change.recreate:
         peer["update_only"] = True
+    if change.staged is not None:
+        peer["preshared_key"] = _STAGED_B64 if change.staged else _NO_PSK_B64
     if change.endpoint is not None:
         host, port = split_endpoint(change.endpoint)
         peer["endpoint_addr"] = host
@@ -79,6 +85,7 @@ def parse_device(name: str, messages: list[Any]) -> DeviceState:
             for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or []:
                 allowed.add(_allowed_ip(a))
             hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
+            psk = p.get_attr("WGPEER_A_PRESHARED_KEY")
             peers[key] = PeerStatus(
                 public_key=PublicKey.from_base64(key).base64,
                 endpoint=endpoint,
@@ -87,6 +94,7 @@ def parse_device(name: str, messages: list[Any]) -> DeviceState:
                 latest_handshake=float(hs.get("tv_sec", 0)) + float(hs.get("tv_nsec", 0)) / 1e9,
                 rx_bytes=int(_attr(p, "WGPEER_A_RX_BYTES", 0)),
                 tx_bytes=int(_attr(p, "WGPEER_A_TX_BYTES", 0)),
+                staged=psk in (STAGED_PSK, _STAGED_B64, _STAGED_B64.encode()),
             )
     return DeviceState(name=name, public_key=public_key, listen_port=int(port), peers=peers)
 
@@ -132,6 +140,8 @@ class KernelDevice(WireGuardDevice):
                 # without a peer for those IPs. The old peer stays without any until the caller
                 # removes it a moment later (at once, it would drop what it still holds).
                 for change in changes:
+                    if change.recreate:  # a fresh entry: removed first (see PeerChange.recreate)
+                        wg.set(self.name, peer={"public_key": change.public_key, "remove": True})
                     wg.set(self.name, peer=change_to_netlink(change))
         except NetlinkError as e:
             raise TunnelError(f"{self.name}: configure device: errno {e.code}", e.code) from None

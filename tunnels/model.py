@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import hashlib
 from dataclasses import dataclass, field
+
+# The preshared key of a staged peer (a rotating node's announced next key). Not a secret: a lock.
+# A handshake initiation from the holder of that key is consumed (the peer's rx_bytes grow: the
+# node has switched, proven by its new key) but never completes, because the node itself uses no
+# preshared key: its packets stay queued on its side instead of being dropped here for want of
+# allowed IPs. The agent then makes the peer again, unlocked, with the node's allowed IPs.
+STAGED_PSK = hashlib.sha256(b"wiremesh: a staged peer; its handshakes never complete").digest()
 
 
 def normalize_cidr(text: str) -> str:
@@ -19,6 +27,7 @@ class PeerConfig:
     endpoint: str | None = None  # "ip:port" or "[v6]:port"
     allowed_ips: frozenset[str] = frozenset()
     persistent_keepalive: int = 0
+    staged: bool = False  # locked by STAGED_PSK (and planned with no allowed IPs, no keepalive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +41,7 @@ class PeerStatus:
     latest_handshake: float = 0.0  # unix seconds, 0 = never
     rx_bytes: int = 0
     tx_bytes: int = 0
+    staged: bool = False  # its preshared key is STAGED_PSK
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,11 @@ class PeerChange:
     # The peer's previous public key (a key rotation): its allowed IPs move to this peer in the
     # same device update; it is removed later (agent.reconciler, LINGER_S), once it holds nothing.
     replaces: str | None = None
+    # The peer is removed and made again in the same update (every field set): a fresh entry, with
+    # no handshake state. A staged peer answered its node's initiation, and wireguard-go sends no
+    # initiation of its own for 5 s after an answer: unlocked in place, it would wait that long.
+    recreate: bool = False
+    staged: bool | None = None  # set (True) or clear (False) the STAGED_PSK lock; None: as it is
     name: str = ""  # who the peer is ("cluster/node"), for logs and status; backends ignore it
 
 

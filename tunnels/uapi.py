@@ -13,7 +13,7 @@ from pathlib import Path
 from wiremesh.keys import KeyMaterialError, PrivateKey, PublicKey
 
 from .errors import DeviceNotFound, TunnelError, UAPIError
-from .model import DeviceState, PeerChange, PeerStatus
+from .model import STAGED_PSK, DeviceState, PeerChange, PeerStatus
 
 SOCKET_DIR = Path("/var/run/wireguard")
 
@@ -36,16 +36,19 @@ class _Peer:
     hs_nsec: int = 0
     rx: int = 0
     tx: int = 0
+    staged: bool = False
 
     def status(self) -> PeerStatus:
         return PeerStatus(public_key=self.public_key, endpoint=self.endpoint, allowed_ips=frozenset(self.allowed_ips),
                           persistent_keepalive=self.keepalive, latest_handshake=self.hs_sec + self.hs_nsec / 1e9,
-                          rx_bytes=self.rx, tx_bytes=self.tx)
+                          rx_bytes=self.rx, tx_bytes=self.tx, staged=self.staged)
 
 
 _PEER_INTS = {"persistent_keepalive_interval": "keepalive", "last_handshake_time_sec": "hs_sec",
               "last_handshake_time_nsec": "hs_nsec", "rx_bytes": "rx", "tx_bytes": "tx"}
 _SECRET_KEYS = ("private_key", "preshared_key")  # their lines are never shown in an error
+_STAGED_HEX = STAGED_PSK.hex()
+_NO_PSK_HEX = "0" * 64
 
 
 def _number(ifname: str, key: str, value: str, signed: bool = False) -> int:
@@ -89,6 +92,8 @@ def parse_get(ifname: str, text: str) -> DeviceState:
         elif cur is not None:
             if key == "endpoint":
                 cur.endpoint = value
+            elif key == "preshared_key":
+                cur.staged = value == _STAGED_HEX  # (any other value is neither shown nor kept)
             elif key == "allowed_ip":
                 cur.allowed_ips.append(value)
             elif key in _PEER_INTS:
@@ -113,12 +118,17 @@ def format_set(
     if listen_port is not None:
         lines.append(f"listen_port={listen_port}")
     for ch in changes:
-        lines.append(f"public_key={PublicKey.from_base64(ch.public_key).hex}")
+        key = PublicKey.from_base64(ch.public_key).hex
+        lines.append(f"public_key={key}")
         if ch.remove:
             lines.append("remove=true")
             continue
-        if ch.update_only:
+        if ch.recreate:  # removed, then made again below (one request, under wireguard-go's lock)
+            lines.extend(["remove=true", f"public_key={key}"])
+        elif ch.update_only:
             lines.append("update_only=true")
+        if ch.staged is not None:
+            lines.append(f"preshared_key={_STAGED_HEX if ch.staged else _NO_PSK_HEX}")
         if ch.endpoint is not None:
             lines.append(f"endpoint={ch.endpoint}")
         if ch.persistent_keepalive is not None:

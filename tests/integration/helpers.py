@@ -217,3 +217,6 @@ def keep_agent_logs(lab: Lab, keep: Path) -> None:
         log = Path(lab.node(n).dir) / "agent.log"
         if log.exists():
             shutil.copy(log, keep / f"{n}.log")
+        wg = Path(lab.node(n).dir) / "wireguard-go-wm0.log"  # (handshakes with WIREMESH_WG_LOG_LEVEL=verbose)
+        if wg.exists() and wg.stat().st_size:
+            shutil.copy(wg, keep / f"{n}.wireguard-go.log")

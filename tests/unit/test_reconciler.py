@@ -1195,3 +1195,19 @@ def test_objects_cover_every_kind_and_snapshot_only_peers(dp: Dataplane, clock: 
     assert {o.kind for o in rec.objects()} == {"peer", "route", "vxlan", "fdb", "neighbour", "mtu", "pod-mtu"}
     assert all(o.state == "done" for o in rec.objects())
     assert set(rec.snapshot()) == set(want.peers) == {N2, N3}
+
+
+def test_a_node_gone_while_pruning_is_held_comes_back_without_a_device_write(dp: Dataplane, clock: Clock) -> None:
+    """A remote cluster's Consul back without its records for a moment: its nodes leave the
+    desired state and come back as they were. The device keeps them (pruning held), and the
+    reconciler remembers them as they are there: their return writes nothing."""
+    dev = FakeDevice()
+    rec = dp.reconciler(dev, clock)
+    rec.reconcile(desired(peer(K1, 1), peer(K2, 2)), prune=True)
+    rec.reconcile(desired(peer(K1, 1)), prune=False)  # K2's node gone, pruning held: kept
+    assert K2 in dev.peers
+    dev.calls.clear()
+    res = rec.reconcile(desired(peer(K1, 1), peer(K2, 2)), prune=False)
+    assert dev.calls == [] and (res.added, res.updated, res.removed) == (0, 0, 0)
+    rec.reconcile(desired(peer(K1, 1)), prune=True)  # gone for good, pruning allowed: removed
+    assert K2 not in dev.peers

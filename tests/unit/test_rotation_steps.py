@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent.rotation import KICK_MS, Rotator
+from wiremesh.agent.rotation import KICK_IDLE_MS, KICK_MS, Rotator
 from wiremesh.clustermesh import NodeRecord, layout
 from wiremesh.clustermesh.consul_values import KVItem
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
@@ -19,8 +19,7 @@ from wiremesh.keys.rotation import (
     COMMIT_LEAD_MS,
     CONFIRM_TIMEOUT_MS,
     ORDER_TIMEOUT_MS,
-    PEER_DELAY_MS,
-    PEER_ROLLBACK_MS,
+    PEER_WATCH_MS,
     READY_TIMEOUT_MS,
     SWITCH_SPACING_MS,
     commit_order,
@@ -71,12 +70,10 @@ def test_switched_is_done_once_every_live_peer_confirmed_else_fails_naming_them(
     assert (step.action, step.lagging) == ("fail", ("c/b",))
 
 
-def test_peers_take_the_next_key_a_moment_after_the_switch_unless_they_refused_it() -> None:
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS - 1, set()) == "old"
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS, set()) == "new"
-    assert peer_key("old", "new", T, T + PEER_DELAY_MS, {"new"}) == "old"
-    assert peer_key("old", "new", 0, T, set()) == "old"  # staged, not committed
-    assert peer_key("old", "", 0, T, set()) == "old"
+def test_peers_take_the_next_key_only_on_the_nodes_proof() -> None:
+    assert peer_key("old", "new") == "old"  # announced (staged or committed, whatever the time)
+    assert peer_key("old", "new", {"new"}) == "new"  # its initiation with it came: it switched
+    assert peer_key("old", "", {"new"}) == "old"
 
 
 class Store:
@@ -235,7 +232,7 @@ def test_restart_before_the_switch_keeps_the_next_key_staged(rig: Any, tmp_path:
     assert again.next_key == nxt and read_key_file(tmp_path / "private.key") == key
 
 
-def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: Any) -> None:
+def test_the_peer_side_says_ready_once_and_never_gives_a_taken_key_back(rig: Any) -> None:
     rot, store, clock, key, switched = rig
     other = record(PrivateKey.generate())
     nxt = PrivateKey.generate().public_key().base64
@@ -249,10 +246,11 @@ def test_the_peer_side_says_ready_once_and_goes_back_without_a_handshake(rig: An
     at = T + COMMIT_LEAD_MS
     rot.take_part({"c/b": dataclasses.replace(staged, switch_at=at)})
     assert rk not in store.kv  # said once
-    assert rot.wake == at + PEER_DELAY_MS
+    assert rot.wake is None  # committed: nothing to do by the clock (the key is taken on the proof)
     rot.took("c/b", nxt)
-    clock.now += PEER_ROLLBACK_MS
-    assert rot.check_taken({}) is True and nxt in rot.refused
+    clock.now += PEER_WATCH_MS
+    rot.check_taken({})
+    assert rot.taken == {}  # no longer watched, never given back
     rot.take_part({"c/b": other})  # the rotation ended: the word is taken back
     assert rk not in store.kv
 
@@ -341,19 +339,14 @@ def test_a_switched_rotation_does_not_fail_while_consul_is_away(rig: Any) -> Non
     assert rot.rotation.state == "done"
 
 
-def test_a_pass_is_held_for_a_key_change_close_ahead_but_never_past_one_due(rig: Any) -> None:
+def test_a_pass_is_held_for_the_switch_close_ahead_but_never_past_it(rig: Any) -> None:
     rot, store, clock, key, switched = rig
-    other = record(PrivateKey.generate())
-    nxt = PrivateKey.generate().public_key().base64
-    a = dataclasses.replace(other, next_public_key=nxt, switch_at=T + 1000)
-    rot.take_part({"c/b": a})
-    take = T + 1000 + PEER_DELAY_MS
-    clock.now = take - 500
+    rot.next_key, rot.switch_at = PrivateKey.generate(), T + 1000
+    clock.now = T + 500
     assert rot.hold_until(250) is None  # too far ahead: the pass goes on
-    clock.now = take - 100
-    assert rot.hold_until(250) == take  # close ahead: held until it, then done first
-    rot.next_key, rot.switch_at = PrivateKey.generate(), take + 200  # this node switches just after
-    clock.now = take + 30  # the peer's change is due (the loop woke late): never held for the switch
+    clock.now = T + 900
+    assert rot.hold_until(250) == T + 1000  # close ahead: held until it, then done first
+    clock.now = T + 1030  # due (the loop woke late): never held
     assert rot.hold_until(250) is None
 
 
@@ -399,12 +392,41 @@ def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: An
     new = PrivateKey.generate().public_key().base64
     rot.took("c/b", new)
     clock.now += KICK_MS - 1
-    assert rot.kicks_due({}) == []
+    assert rot.kicks_due({}, {new: 148}) == []
     clock.now += 1
-    assert rot.kicks_due({}) == ["c/b"]  # crossed handshakes, or a node late: the peer is made again
+    assert rot.kicks_due({}, {new: 0}) == []  # nothing came back yet: a slow handshake, not a crossed one
+    assert rot.kicks_due({}, {new: 148}) == ["c/b"]  # crossed handshakes: the peer is made again
     assert rot.kicks_due({}) == []  # once
     assert rot.kicks_due({new: clock.now / 1000}) == []
     other = PrivateKey.generate().public_key().base64
     rot.took("c/c", other)
     clock.now += KICK_MS
     assert rot.kicks_due({other: clock.now / 1000}) == []  # its handshake came: nothing to do
+    idle = PrivateKey.generate().public_key().base64
+    rot.took("c/d", idle)
+    clock.now += KICK_IDLE_MS - 1
+    done = {other: clock.now / 1000}
+    assert rot.kicks_due(done, {idle: 0}) == []
+    clock.now += 1
+    assert rot.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
+
+
+def test_after_its_switch_the_record_says_the_commit_until_the_rotation_ends(rig: Any) -> None:
+    """Peers take the new key from the data plane: a record with the new key as its public key
+    before every peer saw the node's first handshake would make a late peer start its own."""
+    rot, store, clock, key, switched = rig
+    base = record(key)
+    nxt = PrivateKey.generate()
+    write_key_file(rot.next_file, nxt)
+    rot.next_key, rot.switch_at, rot.staged_at = nxt, T, T
+    own = Rotation.new("a", T)
+    rot.rotation = dataclasses.replace(own, state="committed", switch_at=T, next_fingerprint=nxt.public_key().fingerprint)
+    clock.now = T
+    rot._switch(T, lambda k: True, lambda: None)
+    held = rot.announce(dataclasses.replace(base, public_key=nxt.public_key().base64))
+    assert (held.public_key, held.next_public_key, held.switch_at, held.key_epoch) == (
+        key.public_key().base64, nxt.public_key().base64, T, 0)
+    rot._end("done", "", (), lambda: None)
+    after = rot.announce(dataclasses.replace(base, public_key=nxt.public_key().base64))
+    assert (after.public_key, after.next_public_key, after.switch_at, after.key_epoch) == (
+        nxt.public_key().base64, "", 0, 1)
