@@ -143,11 +143,11 @@ class Agent:
         self.service_backends = ServiceBackends(self.store, self.supervisor.follow, self._wake.set)
         self.kv_writer = KVWriter(self.store, self.stop_event)  # writes that must not hold up the loop
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
-                               consul_up=lambda: self._consul_ok)
+                               consul_up=lambda: self._consul_ok, identity=self.registration.identity)
         self.publisher = RecordPublisher(self.registration, self.rotator)
         self.proofs = SwitchProofs(self.device, self._wake.set, consul_up=lambda: self._consul_ok)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
-                                        self.supervisor.follow)
+                                        self.supervisor.follow, metrics=self.metrics)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn, follow=self.supervisor.follow)
@@ -359,7 +359,10 @@ class Agent:
         self._passes[0] += 1
         self._passes[1] += 1 if full else 0
         for s in desired.skipped:
-            self._once(f"skipped:{s.split(':', 1)[0]}", f"left out: {s}")
+            key, msg = f"skipped:{s.split(':', 1)[0]}", f"left out: {s}"
+            if s.startswith("service ") and " backend " in key and self._logged_once.get(key) != msg:
+                self.metrics.invalid_records_total.labels("backend").inc()  # (agent.service_plan.admitted)
+            self._once(key, msg)
         self.metrics.peers_desired.set(len(desired.peers))
         self.metrics.peers_programmed.set(res.programmed)
         for op, n in (("add", res.added), ("update", res.updated), ("remove", res.removed)):

@@ -57,6 +57,7 @@ class FederationView:
     members: dict[str, MeshMember]
     frozen_cidrs: frozenset[str]  # pod CIDRs of remotes not yet seen: never pruned
     mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
+    signed: frozenset[str] = frozenset()  # remote clusters whose config requires signed records
 
 
 class Federation:
@@ -93,7 +94,7 @@ class Federation:
 
     def view(self) -> FederationView:
         with self.lock:
-            nodes, frozen = {}, set()
+            nodes, frozen, signed = {}, set(), set()
             for name, r in self.remotes.items():
                 if r.refused:
                     continue
@@ -101,8 +102,10 @@ class Federation:
                     frozen.add(r.member.pod_cidr)
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
+                    if r.snapshot.config is not None and r.snapshot.config.require_signed:
+                        signed.add(name)
             members = dict(self.membership.members) if self.membership else {}
-            return FederationView(nodes, members, frozenset(frozen), self.membership is not None)
+            return FederationView(nodes, members, frozenset(frozen), self.membership is not None, frozenset(signed))
 
     def status(self) -> dict[str, dict[str, object]]:
         with self.lock:

@@ -28,7 +28,7 @@ from wiremesh.tunnels import Backend as LBBackend
 from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
 
 from .federation import FederationView
-from .service_plan import BackendsView, plan_services
+from .service_plan import BackendsView, certified_places, plan_services
 
 WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -165,7 +165,9 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
     if inputs.backends is None:
         return desired
     ids = {n: m.id for n, m in fed.members.items()} | {me.cluster: me.config.id}
-    st = plan_services(me.cluster, inputs.snapshot.services, inputs.backends, ids)
+    signed = fed.signed | ({me.cluster} if me.config.require_signed else set())
+    places = certified_places(signed, {**fed.nodes, me.cluster: inputs.snapshot.nodes}) if inputs.snapshot.services else {}
+    st = plan_services(me.cluster, inputs.snapshot.services, inputs.backends, ids, places)
     return replace(desired, services=st.frontends, keep_services=st.unsettled,
                    skipped=desired.skipped + tuple(f"service {s}" for s in st.skipped))
 

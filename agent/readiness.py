@@ -4,6 +4,10 @@ Readiness words live under `ready/<cluster>/` of each cluster (layout.ready_pref
 that cluster's nodes; a rotating node watches that prefix in its own and in every member
 cluster's datacenter, and stops when its rotation has committed or ended. Nodes that are not
 rotating watch nothing here, so a rotation's words (one per peer) wake only the node they are for.
+
+In a cluster that requires signed records, a peer's word counts only if the peer's certified
+identity signed it (clustermesh.control.verify_ready, against the certificate in the peer's
+accepted record); a refused word is logged once, counted, and the peer's last good word stays.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
-from wiremesh.clustermesh import ConsulError, ConsulStore, layout
-from wiremesh.clustermesh import RotationReady, parse_ready
+from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRecord, layout
+from wiremesh.clustermesh import RotationReady, parse_ready, verify_ready
+
+from .metrics import AgentMetrics, reject_label
 
 log = logging.getLogger("wiremesh.rotation")
 WATCH_WAIT_S = 30
@@ -32,8 +38,9 @@ class _Watch:
 
 class ReadinessWatch:
     def __init__(self, store: ConsulStore, me: str, agent_stop: threading.Event, wake: Callable[[], None],
-                 follow: Callable[[str, Callable[[], object]], object]) -> None:
+                 follow: Callable[[str, Callable[[], object]], object], metrics: AgentMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.me = me  # "cluster/node"
         self.agent_stop = agent_stop
         self.wake = wake
@@ -41,6 +48,8 @@ class ReadinessWatch:
         self._lock = threading.Lock()
         self._watches: dict[str, _Watch] = {}
         self._logged: dict[str, str] = {}
+        self._good: dict[str, RotationReady] = {}  # peer -> its last word that passed the checks
+        self._checked: dict[str, tuple[object, ...]] = {}  # peer -> the word and certificate that passed
 
     def follow(self, clusters: Mapping[str, str | None]) -> None:
         """Watch the readiness prefix of these clusters (name -> datacenter, None: the local
@@ -55,10 +64,44 @@ class ReadinessWatch:
                     # `follow` keys each one by a generation, so its successor never collides.
                     self.follow_thread(f"ready-{name}", functools.partial(self._loop, w))
 
-    def view(self) -> dict[str, RotationReady]:
-        """Every peer's ("cluster/node") word for this node's rotation, as last seen."""
+    def view(self, records: Mapping[str, NodeRecord] | None = None,
+             signed: Container[str] = ()) -> dict[str, RotationReady]:
+        """Every peer's ("cluster/node") word for this node's rotation, as last seen. A peer of a
+        cluster in `signed` (clusters requiring signed records) counts only with a word its
+        certified identity signed (`records`: peers' accepted records, by "cluster/node")."""
         with self._lock:
-            return {p: r for w in self._watches.values() for p, r in w.ready.items()}
+            words = {p: r for w in self._watches.values() for p, r in w.ready.items()}
+        out: dict[str, RotationReady] = {}
+        for peer, word in words.items():
+            if peer.partition("/")[0] not in signed:
+                out[peer] = word
+                continue
+            rec = (records or {}).get(peer)
+            seen = (word.next_public_key, word.switch_at, word.signature, rec.certificate if rec else None)
+            try:
+                if self._checked.get(peer) != seen:  # (Ed25519: ~100 us a check, and views come every pass)
+                    verify_ready(word, peer, self.me, rec,
+                                 layout.rotation_ready_key(*peer.split("/", 1), *self.me.split("/", 1)))
+                    self._checked[peer] = seen
+            except InvalidRecord as e:
+                self._refused(peer, e)
+                if peer in self._good:
+                    out[peer] = self._good[peer]
+                continue
+            out[peer] = self._good[peer] = word
+        for gone in [p for p in self._good if p not in words]:
+            del self._good[gone]
+            self._checked.pop(gone, None)
+        return out
+
+    def _refused(self, peer: str, e: InvalidRecord) -> None:
+        key, reason = e.key or peer, f"{e.field}: {e.reason}"
+        if self._logged.get(key) != reason:
+            self._logged[key] = reason
+            kept = "; its last good word stays" if peer in self._good else ""
+            log.warning("skipping invalid readiness word %s: %s%s", key, reason, kept)
+            if self.metrics is not None:
+                self.metrics.invalid_records_total.labels(reject_label(reason)).inc()
 
     def close(self) -> None:
         self.follow({})

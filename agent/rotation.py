@@ -30,8 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRecord, layout
-from wiremesh.clustermesh import Rotation, RotationReady
-from wiremesh.keys import KeyMaterialError, PrivateKey, read_key_file, write_key_file
+from wiremesh.clustermesh import Rotation, RotationReady, ready_value, rotation_value, sign_request
+from wiremesh.keys import KeyMaterialError, NodeIdentity, PrivateKey, read_key_file, write_key_file
 from wiremesh.keys import (
     COMMIT_LEAD_MS,
     PEER_WATCH_MS,
@@ -72,8 +72,9 @@ def _active(value: bytes) -> bool:
 class Rotator:
     def __init__(self, store: ConsulStore, cluster: str, node: str, key_file: Path,
                  clock: Callable[[], int] = now_ms, writer: Writer | None = None,
-                 consul_up: Callable[[], bool] = lambda: True) -> None:
+                 consul_up: Callable[[], bool] = lambda: True, identity: NodeIdentity | None = None) -> None:
         self.store = store
+        self.identity = identity  # signs what this node writes: progress, its own requests, readiness
         self.consul_up = consul_up  # the agent's watch of its Consul answers
         self._consul_back_at = 0  # when Consul last came back (unix ms)
         self._consul_was_up = True
@@ -387,7 +388,7 @@ class Rotator:
     def _write(self, rot: Rotation) -> None:
         """Progress, written by the writer thread (retried there until Consul takes it)."""
         self.rotation = rot
-        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json())
+        self.writer.put(layout.rotation_key(self.cluster, self.node), rotation_value(rot, self.identity))
 
     def _key_file_is(self, fingerprint: str) -> bool:
         """The current key file holds the key of this fingerprint (the switch promoted it)."""
@@ -432,9 +433,11 @@ class Rotator:
         if self._scheduled is not None and self._scheduled.updated_at >= since:
             return  # asked already: the writer thread writes it (Consul may be slow or away)
         rot = self._scheduled = Rotation.new(self.node, now)
+        if self.identity is not None:  # the node's own request: signed by it (clustermesh.control)
+            rot = sign_request(rot, self.cluster, self.identity.key)
         # By the writer thread, only if nobody wrote a rotation meanwhile: cas 0 (the key must not
         # exist), or the ModifyIndex of the ended one it reads just before (never over an active one).
-        self.writer.put(layout.rotation_key(self.cluster, self.node), rot.to_json(),
+        self.writer.put(layout.rotation_key(self.cluster, self.node), rotation_value(rot, self.identity),
                         cas=0 if mine is None else None, unless=_active)
         log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
 
@@ -448,7 +451,7 @@ class Rotator:
                 continue
             rcluster, _, rnode = nid.partition("/")
             self.writer.put(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode),
-                            RotationReady(rec.next_public_key).to_json())
+                            ready_value(RotationReady(rec.next_public_key), self._me, nid, self.identity))
             self.ready_sent[nid] = rec.next_public_key
         for nid in [n for n in self.ready_sent if not announced.get(n) or not announced[n].next_public_key]:
             rcluster, _, rnode = nid.partition("/")

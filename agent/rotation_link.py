@@ -115,8 +115,9 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
         agent.key, agent.public_key = key, key.public_key().base64
         return True
 
+    signed = set(fed.signed) | ({cfg.cluster} if snap.config is not None and snap.config.require_signed else set())
     rotator.drive(
-        snap.rotations.rotations.get(cfg.node), set(desired.peers), agent.readiness.view(),
+        snap.rotations.rotations.get(cfg.node), set(desired.peers), agent.readiness.view(announced, signed),
         lambda: {n: hs.get(p.public_key, 0.0) for hs in [handshakes(agent)] for n, p in desired.peers.items()},
         switched, agent.publisher, agent.registration.republish.set, announced)
     rotator.take_part(announced)

@@ -1,7 +1,8 @@
 """`wiremesh keys rotate`: ask nodes for new WireGuard keys, and follow the rotations to their end.
 
-The CLI only writes requests (`rotations/<node>` in state requested) and reads progress; the
-node's agent runs the rotation and advances the record (requested -> staged -> switched ->
+The CLI only writes requests (`rotations/<node>` in state requested, signed with the cluster's
+signing key when the operator has it: cli.rotate_request) and reads progress; the node's agent
+runs the rotation and advances the record (requested -> staged -> switched ->
 done | failed | abandoned). A request is created with check-and-set and never written over an
 active rotation: two commands asking for the same node at once make one rotation, and the
 second follows the first's.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import click
 
 from wiremesh.clustermesh import (
-    CASConflict,
+    ClusterConfig,
     ClusterNotFound,
     ClusterSnapshot,
+    ControlMemo,
     ConsulStore,
     ConsulUnavailable,
     InvalidRecord,
-    KVItem,
     Rotation,
     check_node_name,
     layout,
@@ -34,14 +35,16 @@ from wiremesh.clustermesh import (
     parse_rotations,
 )
 from wiremesh.errors import WiremeshError
+from wiremesh.keys import SigningKey
 
+from .operator_key import SIGNING_KEY_OPTION, operator_key
 from .output import Ctx, emit, info
+from .rotate_request import request_rotation, verifier
 from .target import CONFIG_OPTION, target
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-_CAS_ATTEMPTS = 5
 # A blocking query's wait: a change wakes the watch at once; this only bounds how late the
 # --timeout is noticed.
 _WATCH_WAIT_S = 2
@@ -49,43 +52,6 @@ _WATCH_WAIT_S = 2
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# --- asking ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    rotation: Rotation
-    joined: bool  # an active rotation was there already (another command's, or a scheduled one)
-
-
-def request_rotation(store: ConsulStore, cluster: str, node: str, now_ms: int) -> Request:
-    """Ask `node` to rotate its key; if it is rotating already, that rotation is the answer."""
-    key = layout.rotation_key(cluster, node)
-    for _ in range(_CAS_ATTEMPTS):
-        item = store.get(key)
-        if item is not None:
-            current = _stored_rotation(item, node)
-            if current.active:
-                return Request(current, joined=True)
-        new = Rotation.new(node, now_ms)
-        # Create only if absent; replace an ended one only if nobody wrote it since it was read.
-        if store.put(key, new.to_json(), cas=item.modify_index if item is not None else 0):
-            return Request(new, joined=False)
-    raise CASConflict(f"rotation of {node}: {key} kept changing under this command; run again")
-
-
-def _stored_rotation(item: KVItem, node: str) -> Rotation:
-    try:
-        rot = Rotation.from_json(item.value, item.key)
-        if rot.node != node:
-            raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {node!r}", item.key)
-        return rot
-    except InvalidRecord as e:
-        err = WiremeshError(f"rotation of {node}: the record in Consul is invalid ({e}); left alone")
-        err.hint = f"if no agent is running it, remove it: consul kv delete {item.key}"
-        raise err from None
 
 
 # --- following ------------------------------------------------------------------------------
@@ -103,8 +69,9 @@ class Tracked:
 class Rollout:
     """Rotations asked for at most `parallel` at a time, the next one when one ends."""
 
-    def __init__(self, store: ConsulStore, cluster: str, nodes: Sequence[str], parallel: int) -> None:
-        self.store, self.cluster, self.parallel = store, cluster, parallel
+    def __init__(self, store: ConsulStore, cluster: str, nodes: Sequence[str], parallel: int,
+                 signer: SigningKey | None = None, verify: Callable[[str, bytes, Rotation], None] | None = None) -> None:
+        self.store, self.cluster, self.parallel, self.signer, self.verify = store, cluster, parallel, signer, verify
         self.tracked = {n: Tracked(n) for n in nodes}
         self._queue = list(nodes)
 
@@ -120,7 +87,7 @@ class Rollout:
         """Ask the next nodes while fewer than `parallel` rotate; a node whose request fails stays queued."""
         started = []
         while self._queue and len(self.in_flight) < self.parallel:
-            req = request_rotation(self.store, self.cluster, self._queue[0], _now_ms())
+            req = request_rotation(self.store, self.cluster, self._queue[0], _now_ms(), self.signer, self.verify)
             t = self.tracked[self._queue.pop(0)]
             t.rotation, t.joined = req.rotation, req.joined
             started.append(t)
@@ -283,16 +250,21 @@ def _terminal_console() -> "Console | None":
     return Console(stderr=True, no_color="NO_COLOR" in os.environ)
 
 
-def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Reporter, deadline: _Deadline) -> None:
+def follow(store: ConsulStore, cluster: str, rollout: Rollout, reporter: _Reporter, deadline: _Deadline,
+           config: ClusterConfig | None = None) -> None:
     """Watch the cluster's rotation records until every rotation of `rollout` ended or `deadline`,
     asking the next nodes as earlier ones end. A Consul outage pauses it (the agents' rotations
-    go on, or pause, by themselves)."""
+    go on, or pause, by themselves). In a cluster requiring signed records (`config`), a record
+    its agents would refuse is one the rotation's end cannot be read from."""
     prefix = layout.rotations_prefix(cluster)
     warned = False
+    memo = ControlMemo()
     while not rollout.finished and not deadline.is_set():
         try:
             for _, items in store.watch(prefix, deadline, wait_s=_WATCH_WAIT_S):
-                parsed, refused = parse_rotations(cluster, {k: v.value for k, v in items.items()})
+                verify = verifier(config, memo)
+                parsed, refused = parse_rotations(cluster, {k: v.value for k, v in items.items()}, verify,
+                                                  memo.rotations if verify else None)
                 for t in rollout.observe(parsed.rotations, dict(refused)):
                     reporter.ended(result(t, _now_ms()))
                 for t in rollout.submit_more():
@@ -339,6 +311,7 @@ CLUSTER_OPTION = click.option("--cluster", "cluster_name", default=None,
 @click.command("rotate")
 @click.argument("nodes", nargs=-1, metavar="[NODE]...")
 @CLUSTER_OPTION
+@SIGNING_KEY_OPTION
 @click.option("--all", "all_nodes", is_flag=True, help="Every node of the cluster whose agent runs.")
 @click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="At most N nodes rotating at once; the next starts when one ends.")
@@ -347,13 +320,15 @@ CLUSTER_OPTION = click.option("--cluster", "cluster_name", default=None,
               metavar="SECONDS", help="How long to wait for all of them.")
 @CONFIG_OPTION
 @click.pass_obj
-def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, all_nodes: bool, parallel: int, wait: bool,
-           timeout: float, config_path: Path | None) -> None:
+def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, signing_key_path: Path | None, all_nodes: bool,
+           parallel: int, wait: bool, timeout: float, config_path: Path | None) -> None:
     """Give NODEs new WireGuard keys while traffic flows.
 
     Each node's agent makes its next key (the private key never leaves the node), announces it so
     that its peers prepare, switches, and waits for each live peer's handshake on it. Asking for a
-    node that is rotating already follows that rotation instead of starting another.
+    node that is rotating already follows that rotation instead of starting another. Requests are
+    signed with the cluster's signing key when it is at hand (--signing-key; required where the
+    cluster requires signed records).
 
     \b
     Exit status with --wait: 0 when every rotation is done; 1 when any failed, was
@@ -377,8 +352,9 @@ def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, all_nodes
     if unknown:
         raise _unknown_nodes(snap, unknown)
     wait = wait or parallel < len(chosen)
+    signer = operator_key(snap.config, signing_key_path, "rotation requests")
 
-    rollout = Rollout(store, cluster, chosen, parallel)
+    rollout = Rollout(store, cluster, chosen, parallel, signer, verifier(snap.config, ControlMemo()))
     console = _terminal_console() if wait else None
     reporter: _Reporter = _Bar(console, len(chosen), len(snap.nodes) - 1) if console is not None else _Lines()
     deadline = _Deadline(timeout)
@@ -386,7 +362,7 @@ def rotate(ctx: Ctx, nodes: tuple[str, ...], cluster_name: str | None, all_nodes
         for t in rollout.submit_more():
             reporter.started(t)
         if wait:
-            follow(store, cluster, rollout, reporter, deadline)
+            follow(store, cluster, rollout, reporter, deadline, snap.config)
     except KeyboardInterrupt:
         info("interrupted: the rotations asked for go on in the agents; `wiremesh keys status` shows them")
         raise click.Abort() from None

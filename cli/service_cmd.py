@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, layout, load_cluster_config
+from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, default_signing_key_path, layout, load_cluster_config
 from wiremesh.clustermesh import (
     AFFINITIES,
     PROTOCOLS,
@@ -19,10 +19,12 @@ from wiremesh.clustermesh import (
     check_service_name,
     check_vip,
     select_backends,
+    sign_service,
 )
 from wiremesh.errors import WiremeshError
 
-from wiremesh.agent import backends_of, load_config
+from wiremesh.agent import admitted, backends_of, certified_places, load_config
+from .operator_key import SIGNING_KEY_OPTION, operator_key
 from .output import Ctx, emit, info
 from .target import CONFIG_OPTION, target
 from .view import collect
@@ -53,6 +55,7 @@ def service() -> None:
 
     \b
     wiremesh service create web --port 80 --affinity local --cluster east
+    wiremesh service sign --all --cluster east   (before signatures are required)
     wiremesh service list
     wiremesh service inspect web     (on a node: what its eBPF maps hold)
     """
@@ -69,11 +72,15 @@ def service() -> None:
 @click.option("--prefer", default="", metavar="C1,C2", help="Clusters in order of preference (overrides affinity).")
 @click.option("--force", is_flag=True, help="Replace an existing definition that differs.")
 @CLUSTER_OPTION
+@SIGNING_KEY_OPTION
 @CONFIG_OPTION
 @click.pass_obj
 def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinity: str, prefer: str, force: bool,
-           cluster_name: str | None, config_path: Path | None) -> None:
-    """Define global service NAME in a cluster (idempotent: the same definition again changes nothing)."""
+           cluster_name: str | None, signing_key_path: Path | None, config_path: Path | None) -> None:
+    """Define global service NAME in a cluster (idempotent: the same definition again changes nothing).
+
+    Signed with the cluster's signing key when it is at hand (required where the cluster requires
+    signed records: its agents refuse an unsigned definition)."""
     try:
         check_service_name(name, "NAME")
     except InvalidRecord as e:
@@ -101,11 +108,17 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
                          tuple(c.strip() for c in prefer.split(",") if c.strip()))
     except InvalidRecord as e:
         raise click.BadParameter(e.reason, param_hint=f"--{e.field.split('[')[0].replace('_', '-')}") from None
+    signer = operator_key(config, signing_key_path, "service definitions")
+    if signer is not None:
+        svc = sign_service(svc, signer)
+    stored = _parsed(current.value) if current is not None else None
     if current is None:
         written = store.put(key, svc.to_json(), cas=0)
         result = "created" if written else "changed meanwhile"
-    elif ServiceDef.from_json(current.value) == svc:
+    elif stored == svc and (signer is None or current.value.decode("utf-8", "replace") == svc.to_json()):
         result = "unchanged"
+    elif stored == svc:  # the same definition, signed now (Ed25519 signatures are deterministic)
+        result = "signed" if store.put(key, svc.to_json(), cas=current.modify_index) else "changed meanwhile"
     elif not force:
         raise WiremeshError(f"service {name!r} exists in cluster {cluster_name} with another definition; "
                             "pass --force to replace it")
@@ -117,6 +130,70 @@ def create(ctx: Ctx, name: str, ports: tuple[str, ...], vip: str | None, affinit
     emit(ctx, {"result": result, "service": json.loads(svc.to_json())},
          ["service", "cluster", "vip", "ports", "affinity", "result"],
          [[name, cluster_name, svc.vip, _ports(svc), _policy(svc), result]])
+
+
+def _parsed(value: bytes) -> ServiceDef | None:
+    try:
+        return ServiceDef.from_json(value)
+    except InvalidRecord:
+        return None
+
+
+@service.command("sign")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--all", "all_names", is_flag=True, help="Every service the cluster defines.")
+@CLUSTER_OPTION
+@SIGNING_KEY_OPTION
+@CONFIG_OPTION
+@click.pass_obj
+def sign(ctx: Ctx, names: tuple[str, ...], all_names: bool, cluster_name: str | None, signing_key_path: Path | None,
+         config_path: Path | None) -> None:
+    """Sign service NAMEs as they are defined, with the cluster's signing key: the step before
+    `wiremesh cluster require-signed`, which makes agents refuse unsigned definitions."""
+    if all_names == bool(names):
+        raise click.UsageError("give NAMEs or --all (not both)")
+    store, cluster_name = target(ctx, cluster_name, config_path)
+    config = load_cluster_config(store, cluster_name)
+    if not config.signing_key:
+        err = WiremeshError(f"cluster {cluster_name!r} has no signing key to sign with")
+        err.hint = f"first: wiremesh cluster signing-key {cluster_name} --create"
+        raise err
+    signer = operator_key(config, signing_key_path or _default_key(cluster_name), "service definitions")
+    if signer is None:  # (operator_key refuses another cluster's key when one is named)
+        raise WiremeshError(f"no signing key of cluster {cluster_name!r} to sign with")
+    _, items = store.list(layout.services_prefix(cluster_name))
+    keys = sorted(items) if all_names else [layout.service_key(cluster_name, n) for n in names]
+    rows, out = [], []
+    for key in keys:
+        name = key.rsplit("/", 1)[1]
+        item = items.get(key)
+        if item is None:
+            raise WiremeshError(f"service {name!r} is not defined in cluster {cluster_name}")
+        try:
+            svc = ServiceDef.from_json(item.value, key)
+        except InvalidRecord as e:
+            raise WiremeshError(f"service {name!r}: its definition is invalid ({e}); define it again with "
+                                "`wiremesh service create --force`") from None
+        signed = sign_service(svc, signer)
+        if item.value.decode("utf-8", "replace") == signed.to_json():  # (Ed25519 signatures are deterministic)
+            result = "unchanged"
+        elif store.put(key, signed.to_json(), cas=item.modify_index):
+            result = "signed"
+        else:
+            raise WiremeshError(f"service {name!r}: written by someone else meanwhile; run again")
+        info(f"service {name}: {result} in cluster {cluster_name}")
+        rows.append([name, cluster_name, result])
+        out.append({"service": name, "cluster": cluster_name, "result": result})
+    emit(ctx, {"services": out}, ["service", "cluster", "result"], rows)
+
+
+def _default_key(cluster: str) -> Path:
+    """Signing needs a key: where the operator keeps it when no --signing-key names one."""
+    path = default_signing_key_path(cluster)
+    if not path.exists():
+        raise WiremeshError(f"no signing key at {path}: give the cluster's signing key file with --signing-key FILE "
+                            "(or WIREMESH_SIGNING_KEY)")
+    return path
 
 
 @service.command("delete")
@@ -141,6 +218,9 @@ def list_(ctx: Ctx, cluster_name: str | None) -> None:
     store = ConsulStore(ctx.consul)
     views, _ = collect(store, only=None)
     dcs = {v.name: v.datacenter for v in views}
+    places = certified_places({v.name for v in views if v.snapshot and v.snapshot.config
+                               and v.snapshot.config.require_signed},
+                              {v.name: v.snapshot.nodes for v in views if v.snapshot})
     out: list[dict[str, Any]] = []
     rows: list[list[Any]] = []
     for v in views:
@@ -151,13 +231,20 @@ def list_(ctx: Ctx, cluster_name: str | None) -> None:
                 info(f"warning: skipped invalid service {r.key}: {r.reason}")
         for name, svc in sorted(v.snapshot.services.items()):
             per_cluster = _backends(store, name, dcs)
-            used = set(select_backends(svc, v.name, {c: ClusterBackends(tuple(b for b, ok in bs if ok))
-                                                     for c, bs in per_cluster.items()}))
-            backends = [{"cluster": c, "address": b.address, "port": b.port, "node": b.node,
-                         "healthy": ok, "in_use": b in used} for c, bs in sorted(per_cluster.items()) for b, ok in bs]
+            # Signed clusters' backends count only where their certified nodes are (as agents decide).
+            healthy = admitted(name, {c: ClusterBackends(tuple(b for b, ok in bs if ok))
+                                      for c, bs in per_cluster.items()}, places, [])
+            certified = {b for cb in admitted(name, {c: ClusterBackends(tuple(b for b, _ in bs))
+                                                     for c, bs in per_cluster.items()}, places, []).values()
+                         for b in cb.backends}
+            used = set(select_backends(svc, v.name, healthy))
+            backends = [{"cluster": c, "address": b.address, "port": b.port, "node": b.node, "healthy": ok,
+                         "certified": b in certified, "in_use": b in used}
+                        for c, bs in sorted(per_cluster.items()) for b, ok in bs]
             out.append({**json.loads(svc.to_json()), "backends": backends})
             shown = ", ".join(f"{b['cluster']}/{b['address']}:{b['port']}{'*' if b['in_use'] else ''}"
-                              f"{'' if b['healthy'] else ' (critical)'}" for b in backends) or "-"
+                              f"{'' if b['healthy'] else ' (critical)'}{'' if b['certified'] else ' (not certified)'}"
+                              for b in backends) or "-"
             rows.append([name, v.name, svc.vip, _ports(svc), _policy(svc), shown])
     emit(ctx, {"services": out}, ["service", "cluster", "vip", "ports", "affinity", "backends (* in use)"], rows)
 

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import (ConsulStore, EnrollError, attach_signing_key, default_signing_key_path, layout,
-                                  load_cluster_config, parse_cluster, update_config)
+from wiremesh.clustermesh import (ConsulStore, EnrollError, InvalidRecord, KVItem, Rotation, attach_signing_key,
+                                  default_signing_key_path, layout, load_cluster_config, parse_cluster, update_config)
 from wiremesh.keys import load_or_generate_signing_key, read_signing_key
 
 from .output import Ctx, emit, info
+
+
+def _active(items: dict[str, KVItem], key: str) -> bool:
+    try:
+        return Rotation.from_json(items[key].value).active
+    except InvalidRecord:
+        return True
 
 
 @click.command("signing-key")
@@ -62,14 +69,18 @@ def require_signed(ctx: Ctx, name: str, off: bool, force: bool) -> None:
         trial = dataclasses.replace(config, require_signed=True)
         items = {k: v for k, v in items.items() if k != layout.config_key(name)}
         snap = parse_cluster(name, index, items, last_config=trial, now=time.time())
+        # Node records, leases, service definitions (clustermesh.control: `wiremesh service sign`),
+        # and rotations under way; an ended rotation's unsigned record is history (agents skip it).
+        live = (layout.nodes_prefix(name), layout.ipam_prefix(name), layout.services_prefix(name))
         refused = [{"key": r.key, "reason": r.reason} for r in snap.rejected
-                   if r.key.startswith((layout.nodes_prefix(name), layout.ipam_prefix(name)))]
+                   if r.key.startswith(live) or r.key.startswith(layout.rotations_prefix(name)) and _active(items, r.key)]
         for r in refused:
             info(f"  would be refused: {r['key']}: {r['reason']}")
         if refused and not force:
             raise EnrollError("NAME", f"{len(refused)} live record(s) or lease(s) of cluster {name!r} are not "
                               "validly signed; nothing changed",
-                              "enroll those nodes and restart their agents, or pass --force")
+                              "enroll those nodes and restart their agents, sign the services "
+                              f"(wiremesh service sign --all --cluster {name}), or pass --force")
     new, changed = update_config(store, name, lambda c: dataclasses.replace(c, require_signed=not off))
     info(f"cluster {name}: require_signed {'on' if new.require_signed else 'off'}"
          f"{'' if changed else ' (unchanged)'}")

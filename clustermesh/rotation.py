@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ STATES = ("requested", "staged", "committed", "switched", "done", "failed", "aba
 TERMINAL = frozenset({"done", "failed", "abandoned"})
 _ID = re.compile(r"[0-9a-f]{8,32}")
 MAX_PEERS_LISTED = 512
+_SIGNATURE_MAX = 128  # base64 of a 64-byte Ed25519 signature is 88 characters
 
 
 def _peer_list(d: Mapping[str, Any], name: str, key: str | None) -> tuple[str, ...]:
@@ -42,8 +43,23 @@ def _peer_list(d: Mapping[str, Any], name: str, key: str | None) -> tuple[str, .
     return tuple(v)
 
 
+def _signature(d: Mapping[str, Any], name: str, key: str | None) -> str:
+    sig = _str(dict(d), name, key, default="")
+    if len(sig) > _SIGNATURE_MAX:
+        raise InvalidRecord(name, f"longer than {_SIGNATURE_MAX} characters", key)
+    return sig
+
+
+def _object(d: Mapping[str, Any], name: str, key: str | None) -> Mapping[str, Any] | None:
+    v = d.get(name)
+    if v is not None and not isinstance(v, dict):
+        raise InvalidRecord(name, f"must be a JSON object, not {type(v).__name__}", key)
+    return v
+
+
 _ROTATION_FIELDS = frozenset({"node", "id", "state", "requested_at", "updated_at", "epoch_from", "epoch_to",
-                              "switch_at", "next_fingerprint", "confirmed", "lagging", "error"})
+                              "switch_at", "next_fingerprint", "confirmed", "lagging", "error",
+                              "request_signature", "certificate", "node_signature"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +80,14 @@ class Rotation:
     error: str = ""
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Signatures (clustermesh.control), not compared: a record signed again is the same record.
+    # The request's, by the cluster's operator key (or, for a request the node made itself on
+    # the cluster's schedule, by the node's identity key), over (cluster, node, id, requested_at);
+    # then the node's certificate and its identity key's over the whole record, once the node
+    # writes its progress.
+    request_signature: str = field(default="", compare=False, repr=False)
+    certificate: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    node_signature: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _envelope(self, _ROTATION_FIELDS)
@@ -97,7 +121,9 @@ class Rotation:
                 switch_at=_int(d, "switch_at", 0, 2**53, key, default=0),
                 next_fingerprint=_str(d, "next_fingerprint", key, default="")[:64],
                 confirmed=_peer_list(d, "confirmed", key), lagging=_peer_list(d, "lagging", key),
-                error=_str(d, "error", key, default=""), schema=schema, extra=extra)
+                error=_str(d, "error", key, default=""), schema=schema, extra=extra,
+                request_signature=_signature(d, "request_signature", key), certificate=_object(d, "certificate", key),
+                node_signature=_signature(d, "node_signature", key))
         except InvalidRecord as e:
             raise InvalidRecord(e.field, e.reason, key) from None
 
@@ -107,10 +133,13 @@ class Rotation:
                                  "epoch_from": self.epoch_from, "epoch_to": self.epoch_to, "switch_at": self.switch_at,
                                  "next_fingerprint": self.next_fingerprint, "confirmed": list(self.confirmed),
                                  "lagging": list(self.lagging), "error": self.error}
+        for name in ("request_signature", "certificate", "node_signature"):  # written only when set
+            if getattr(self, name):
+                known[name] = dict(self.certificate or {}) if name == "certificate" else getattr(self, name)
         return _dump(known, self.schema, self.extra)
 
 
-_READY_FIELDS = frozenset({"next_public_key", "switch_at"})
+_READY_FIELDS = frozenset({"next_public_key", "switch_at", "signature"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +153,8 @@ class RotationReady:
     switch_at: int = 0
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The writing node's identity-key signature (clustermesh.control); "" unsigned. Not compared.
+    signature: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _envelope(self, _READY_FIELDS)
@@ -131,12 +162,15 @@ class RotationReady:
     @classmethod
     def from_json(cls, raw: bytes | str, key: str | None = None) -> "RotationReady":
         d, schema, extra = _load(raw, key, _READY_FIELDS)
-        return cls(_public_key(d, "next_public_key", key), _int(d, "switch_at", 0, 2**53, key, default=0), schema=schema, extra=extra)
+        return cls(_public_key(d, "next_public_key", key), _int(d, "switch_at", 0, 2**53, key, default=0), schema=schema,
+                   extra=extra, signature=_signature(d, "signature", key))
 
     def to_json(self) -> str:
         known: dict[str, Any] = {"next_public_key": self.next_public_key}
         if self.switch_at:
             known["switch_at"] = self.switch_at
+        if self.signature:
+            known["signature"] = self.signature
         return _dump(known, self.schema, self.extra)
 
 
@@ -147,25 +181,44 @@ class Rotations:
     rotations: dict[str, Rotation] = field(default_factory=dict)
 
 
-def parse_rotations(cluster: str, items: Mapping[str, bytes]) -> tuple[Rotations, list[tuple[str, str]]]:
-    """Every key under the cluster's rotations/ prefix -> (Rotations, [(key, reason)] refused)."""
+def parse_rotations(cluster: str, items: Mapping[str, bytes],
+                    verify: Callable[[str, bytes, Rotation], None] | None = None,
+                    last: dict[str, Rotation] | None = None) -> tuple[Rotations, list[tuple[str, str]]]:
+    """Every key under the cluster's rotations/ prefix -> (Rotations, [(key, reason)] refused).
+
+    `verify(key, raw, rotation)` raises InvalidRecord for a record its cluster does not vouch for
+    (clustermesh.control). `last` (key -> the last record accepted there, kept by the caller
+    between snapshots and updated here): a key whose value is refused keeps its last good record."""
     pfx = layout.rotations_prefix(cluster)
     out = Rotations()
     refused: list[tuple[str, str]] = []
+    kept: dict[str, Rotation] = {}
     for key in sorted(items):
         parts = key[len(pfx):].split("/")
         try:
             if len(parts) == 1:
-                rot = Rotation.from_json(items[key], key)
-                if rot.node != parts[0]:
-                    raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {parts[0]!r}", key)
-                out.rotations[rot.node] = rot
+                try:
+                    rot = Rotation.from_json(items[key], key)
+                    if rot.node != parts[0]:
+                        raise InvalidRecord("node", f"{rot.node!r} does not match the key's node {parts[0]!r}", key)
+                    if verify is not None:
+                        verify(key, items[key], rot)
+                except InvalidRecord as e:
+                    before = (last or {}).get(key)
+                    if before is None:
+                        raise
+                    refused.append((key, str(e).removeprefix(f"{key}: ") + "; its last good record stays"))
+                    rot = before
+                out.rotations[rot.node] = kept[key] = rot
             elif len(parts) == 4 and parts[1] == "ready":
                 continue  # where readiness was written before it moved to ready/ (left by an older agent)
             else:
                 raise InvalidRecord("key", "not a rotation", key)
         except InvalidRecord as e:
             refused.append((key, str(e).removeprefix(f"{key}: ")))
+    if last is not None:
+        last.clear()
+        last.update(kept)
     return out, refused
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,8 @@ class ServicePort:
         return d
 
 
-_SERVICE_FIELDS = frozenset({"name", "cluster", "vip", "ports", "affinity", "prefer"})
+_SERVICE_FIELDS = frozenset({"name", "cluster", "vip", "ports", "affinity", "prefer", "signature"})
+MAX_SIGNATURE = 128  # base64 of a 64-byte Ed25519 signature is 88 characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,9 @@ class ServiceDef:
     prefer: tuple[str, ...] = ()
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The operator's signature over the rest of the record (clustermesh.control); "" unsigned.
+    # Not compared: a definition signed again is the same definition.
+    signature: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _envelope(self, _SERVICE_FIELDS)
@@ -132,8 +136,12 @@ class ServiceDef:
         prefer = d.get("prefer", [])
         if not isinstance(prefer, list) or not all(isinstance(c, str) for c in prefer):
             raise InvalidRecord("prefer", "must be a list of cluster names", key)
+        signature = _str(d, "signature", key, default="")
+        if len(signature) > MAX_SIGNATURE:
+            raise InvalidRecord("signature", f"longer than {MAX_SIGNATURE} characters", key)
         try:
-            return cls(name, cluster, vip, ports, affinity, tuple(prefer), schema=schema, extra=extra)
+            return cls(name, cluster, vip, ports, affinity, tuple(prefer), schema=schema, extra=extra,
+                       signature=signature)
         except InvalidRecord as e:
             raise InvalidRecord(e.field, e.reason, key) from None
 
@@ -142,6 +150,8 @@ class ServiceDef:
                  "ports": [p.as_dict() for p in self.ports], "affinity": self.affinity}
         if self.prefer:
             known["prefer"] = list(self.prefer)
+        if self.signature:  # written only when set: an unsigned definition reads as it always did
+            known["signature"] = self.signature
         return _dump(known, self.schema, self.extra)
 
 
@@ -210,39 +220,71 @@ def _by_policy(svc: ServiceDef, local: str, healthy: Mapping[str, tuple[Backend,
     return [b for bs in healthy.values() for b in bs]
 
 
-def parse_services(items: Mapping[str, bytes], cluster: str, service_cidr: str | None,
-                   prefix: str) -> tuple[dict[str, ServiceDef], list[tuple[str, str]]]:
+def parse_services(items: Mapping[str, bytes], cluster: str, service_cidr: str | None, prefix: str,
+                   verify: Callable[[str, bytes, ServiceDef], None] | None = None,
+                   last: dict[str, ServiceDef] | None = None) -> tuple[dict[str, ServiceDef], list[tuple[str, str]]]:
     """Every service definition under `prefix` -> (valid ones by name, [(key, reason)] refused).
 
     A VIP is one service's: when two claim it, the one whose name sorts first keeps it (every
-    agent decides alike); the other is refused.
+    agent decides alike); the other is refused. `verify(key, raw, svc)` raises InvalidRecord for
+    a definition its cluster does not vouch for (clustermesh.control). `last` (key -> the last
+    definition accepted there, kept by the caller between snapshots and updated here): a key
+    whose value is refused keeps its last good definition, so a bad write changes nothing.
     """
     good: dict[str, ServiceDef] = {}
     rejected: list[tuple[str, str]] = []
     vips: dict[str, str] = {}
+    kept: dict[str, ServiceDef] = {}
     for key in sorted(items):
         name = key[len(prefix):]
         try:
-            svc = ServiceDef.from_json(items[key], key)
-            if svc.name != name:
-                raise InvalidRecord("name", f"{svc.name!r} does not match the key's service name {name!r}", key)
-            if svc.cluster != cluster:
-                raise InvalidRecord("cluster", f"{svc.cluster!r} is not this cluster ({cluster!r})", key)
-            if service_cidr is None:
-                raise InvalidRecord("vip", f"cluster {cluster!r} has no valid config to check it against", key)
-            check_vip(svc.vip, service_cidr, key)
-            holder = vips.get(svc.vip)
-            if holder is not None:
-                raise InvalidRecord("vip", f"{svc.vip} is already service {holder!r}'s", key)
+            svc = _service_alone(key, name, items[key], cluster, service_cidr, verify)
         except InvalidRecord as e:
-            rejected.append((key, str(e).removeprefix(f"{key}: ")))
-            continue
+            reason = str(e).removeprefix(f"{key}: ")
+            before = _still_good((last or {}).get(key), service_cidr)
+            rejected.append((key, reason + ("; its last good definition stays" if before else "")))
+            if before is None or before.vip in vips:
+                continue
+            svc = before
         except (ValueError, TypeError, RecursionError) as e:  # a validator bug must not sink the rest
             rejected.append((key, f"unexpected validation error: {e.__class__.__name__}"))
             continue
+        holder = vips.get(svc.vip)
+        if holder is not None:
+            rejected.append((key, f"vip: {svc.vip} is already service {holder!r}'s"))
+            continue
         vips[svc.vip] = name
-        good[name] = svc
+        good[name] = kept[key] = svc
+    if last is not None:
+        last.clear()
+        last.update(kept)
     return good, rejected
+
+
+def _still_good(svc: ServiceDef | None, service_cidr: str | None) -> ServiceDef | None:
+    """A last good definition, if the cluster's (maybe changed) service CIDR still holds its VIP."""
+    if svc is None or service_cidr is None:
+        return None
+    try:
+        check_vip(svc.vip, service_cidr)
+    except (InvalidRecord, ValueError):
+        return None
+    return svc
+
+
+def _service_alone(key: str, name: str, raw: bytes, cluster: str, service_cidr: str | None,
+                   verify: Callable[[str, bytes, ServiceDef], None] | None) -> ServiceDef:
+    svc = ServiceDef.from_json(raw, key)
+    if svc.name != name:
+        raise InvalidRecord("name", f"{svc.name!r} does not match the key's service name {name!r}", key)
+    if svc.cluster != cluster:
+        raise InvalidRecord("cluster", f"{svc.cluster!r} is not this cluster ({cluster!r})", key)
+    if service_cidr is None:
+        raise InvalidRecord("vip", f"cluster {cluster!r} has no valid config to check it against", key)
+    check_vip(svc.vip, service_cidr, key)
+    if verify is not None:  # last: the cheap checks first
+        verify(key, raw, svc)
+    return svc
 
 
 __all__ = ["AFFINITIES", "PROTOCOLS", "SCHEMA_FIELD", "Backend", "ClusterBackends", "ServiceDef", "ServicePort",

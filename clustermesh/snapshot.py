@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import layout
+from .control import ControlMemo, Trust
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord
 from .revocation import RevocationCache, Revocations, read_revocations
@@ -62,6 +63,7 @@ class ParseCache:
         self.leases: dict[str, tuple[int, tuple[str, Lease] | str]] = {}
         self.verified = Verified()
         self.revocations = RevocationCache()
+        self.control = ControlMemo()  # service definitions' and rotations' checks (clustermesh.control)
 
 
 def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRecord, Network]:
@@ -194,13 +196,23 @@ def parse_cluster(
     cache.nodes = node_cache
     cache.verified.sweep()
 
+    # Signed clusters: service definitions and rotations signed (clustermesh.control); a refused
+    # value leaves its key's last good one in place.
+    memo = cache.control
+    memo.use(config if signed else None)
+    trust = Trust(config, signing_key, now) if signed and config is not None else None
     spfx = layout.services_prefix(cluster)
     services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
-                                       config.service_cidr if config else None, spfx)
+                                       config.service_cidr if config else None, spfx,
+                                       verify=memo.service_check(trust) if trust else None,
+                                       last=memo.services if trust else None)
     rejected.extend(Rejected(k, reason) for k, reason in refused)
     rpfx = layout.rotations_prefix(cluster)
-    rotations, refused = parse_rotations(cluster, {k: v.value for k, v in items.items() if k.startswith(rpfx)})
+    rotations, refused = parse_rotations(cluster, {k: v.value for k, v in items.items() if k.startswith(rpfx)},
+                                         verify=memo.rotation_check(trust) if trust else None,
+                                         last=memo.rotations if trust else None)
     rejected.extend(Rejected(k, reason) for k, reason in refused)
+    memo.sweep(set(items))
 
     for key in items:
         if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",

@@ -646,10 +646,11 @@ class Lab:
         """The command line that runs ARGV in a node, a pod, or a hub ("hub": the first cluster's,
         "hub-CLUSTER": that cluster's)."""
         if name == "hub":
-            return netns.enter_cmd(self.hub, None) + _env(*secure.env(self, None, self.clusters[0])) + argv
+            return (netns.enter_cmd(self.hub, None)
+                    + _env(*secure.env(self, None, self.clusters[0]), *signing.env(self, self.clusters[0])) + argv)
         if name.startswith("hub-") and name[4:] in self.clusters:
-            return (netns.enter_cmd(self.cluster_state(name[4:])["hub"], None) + _env(*secure.env(self, None, name[4:]))
-                    + argv)
+            return (netns.enter_cmd(self.cluster_state(name[4:])["hub"], None)
+                    + _env(*secure.env(self, None, name[4:]), *signing.env(self, name[4:])) + argv)
         pod = self.state.get("pods", {}).get(name)
         if pod is not None and name not in self.nodes:
             # In the node's cgroup first (the node's eBPF service lookup applies there), then in
@@ -660,8 +661,9 @@ class Lab:
         # by itself (WIREMESH_AGENT_CONFIG) and talks to its cluster's Consul, as on a real host.
         config = f"WIREMESH_AGENT_CONFIG={Path(node.dir) / 'agent.toml'}"
         consul = f"CONSUL_HTTP_ADDR={self.consul_address(node.cluster or None)}"
+        cluster = node.cluster or self.clusters[0]
         return (netns.enter_cmd(node.netns, Path(node.mountns))
-                + _env(config, consul, *secure.env(self, node, node.cluster or self.clusters[0])) + argv)
+                + _env(config, consul, *secure.env(self, node, cluster), *signing.env(self, cluster)) + argv)
 
     def run(self, name: str, *argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(self.exec_argv(name, list(argv)), capture_output=True, text=True, timeout=timeout)

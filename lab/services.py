@@ -28,10 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wiremesh.agent import backends_of
+from wiremesh.agent import admitted, backends_of, certified_places
 from wiremesh.clustermesh import (
     AFFINITIES,
     ClusterBackends,
+    ClusterSnapshot,
     ConsulError,
     ConsulOptions,
     ConsulStore,
@@ -43,10 +44,13 @@ from wiremesh.clustermesh import (
     check_vip,
     layout,
     load_cluster_config,
+    parse_cluster,
     select_backends,
+    sign_service,
 )
+from wiremesh.keys import SigningKey
 
-from . import consul_server, netns, stop
+from . import consul_server, netns, signing, stop
 from .errors import LabError
 
 if TYPE_CHECKING:
@@ -202,10 +206,11 @@ def _client(lab: "Lab", node_name: str) -> Callable[[Callable[[ConsulStore], Any
 
 # --- definitions ---------------------------------------------------------------------------
 def define(store: ConsulStore, cluster: str, name: str, ports: Sequence[ServicePort], affinity: str,
-           prefer: Sequence[str], vip: str | None = None) -> tuple[ServiceDef, str]:
+           prefer: Sequence[str], vip: str | None = None, signer: SigningKey | None = None) -> tuple[ServiceDef, str]:
     """What `wiremesh service create --force` does: define NAME in `cluster`, at `vip` if that is
-    in the cluster's service CIDR and free there, else at the VIP it has, else at a free one.
-    Returns the definition and "created", "updated" or "unchanged"."""
+    in the cluster's service CIDR and free there, else at the VIP it has, else at a free one;
+    signed by `signer` (the cluster's signing key) if given. Returns the definition and
+    "created", "updated" or "unchanged"."""
     config = load_cluster_config(store, cluster)
     _, items = store.list(layout.services_prefix(cluster))
     key = layout.service_key(cluster, name)
@@ -238,7 +243,9 @@ def define(store: ConsulStore, cluster: str, name: str, ports: Sequence[ServiceP
         svc = ServiceDef(name, cluster, chosen, tuple(ports), affinity, tuple(prefer))
     except InvalidRecord as e:
         raise LabError(f"service {name} in cluster {cluster}: {e}") from None
-    if old == svc:
+    if signer is not None:
+        svc = sign_service(svc, signer)
+    if old == svc and old.signature == svc.signature:
         return svc, "unchanged"
     if not store.put(key, svc.to_json(), cas=current.modify_index if current else 0):
         raise LabError(f"service {name} in cluster {cluster}: written by someone else meanwhile; run again")
@@ -246,8 +253,8 @@ def define(store: ConsulStore, cluster: str, name: str, ports: Sequence[ServiceP
 
 
 def _define(store: ConsulStore, *, cluster: str, name: str, ports: Sequence[ServicePort], affinity: str,
-            prefer: Sequence[str], vip: str | None) -> tuple[ServiceDef, str]:
-    return define(store, cluster, name, ports, affinity, prefer, vip)
+            prefer: Sequence[str], vip: str | None, signer: SigningKey | None = None) -> tuple[ServiceDef, str]:
+    return define(store, cluster, name, ports, affinity, prefer, vip, signer)
 
 
 def _definition(lab: "Lab", name: str, cluster: str) -> ServiceDef | None:
@@ -346,7 +353,7 @@ def add(lab: "Lab", name: str, port: int, pods: Sequence[str], *, affinity: str 
     for c in lab.clusters:
         want = next(iter(vips.values()), None)
         svc, result = lab.consul(functools.partial(_define, cluster=c, name=name, ports=[sport], affinity=affinity,
-                                                   prefer=prefer, vip=want), c)
+                                                   prefer=prefer, vip=want, signer=signing.operator_key(lab, c)), c)
         vips[c] = svc.vip
         results.append(result)
     state: dict[str, Any] = _services(lab).setdefault(name, {"backends": {}})
@@ -455,6 +462,10 @@ def wait_health(lab: "Lab", name: str, want: dict[str, str], timeout: float = 20
                    f"{timeout:.0f}s ({detail})")
 
 
+def _snapshot(store: ConsulStore, *, cluster: str) -> ClusterSnapshot:
+    return parse_cluster(cluster, 0, store.list(layout.cluster_prefix(cluster))[1])
+
+
 def expected_backends(lab: "Lab", name: str) -> dict[str, set[tuple[str, int]]]:
     """cluster -> the backends (address, port) NAME's frontends use on that cluster's nodes, from
     each cluster's passing instances and the cluster's own definition (select_backends)."""
@@ -462,6 +473,11 @@ def expected_backends(lab: "Lab", name: str) -> dict[str, set[tuple[str, int]]]:
     for c in lab.clusters:
         h = lab.consul(lambda s: s.health_service(name, passing=True), c)
         passing[c] = ClusterBackends(backends_of(c, h))
+    # A signed cluster's backends count only where its certified nodes are (agent.service_plan).
+    snaps = {c: lab.consul(functools.partial(_snapshot, cluster=c), c) for c in lab.clusters}
+    places = certified_places({c for c, sn in snaps.items() if sn.config and sn.config.require_signed},
+                              {c: sn.nodes for c, sn in snaps.items()})
+    passing = admitted(name, passing, places, [])
     out = {}
     for c in lab.clusters:
         svc = _definition(lab, name, c)

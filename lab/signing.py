@@ -4,6 +4,10 @@ agent looks for them by default).
 
 A lab is signed unless it was made with `signed=False`: its clusters then accept unsigned
 records, as clusters made before signing existed do (what a migration starts from).
+
+The lab is also the operator: what it writes besides records (service definitions) it signs
+with a cluster's key when there is one, and commands run in its nodes and hubs (`lab exec`)
+find that key in WIREMESH_SIGNING_KEY, as in the operator's own shell.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wiremesh.clustermesh import ClusterConfig, enroll
-from wiremesh.keys import load_or_generate_signing_key
+from wiremesh.clustermesh import ClusterConfig, Rotation, enroll, sign_request
+from wiremesh.keys import SigningKey, load_or_generate_signing_key, read_signing_key
 
 if TYPE_CHECKING:
     from .lab import Lab, Node
@@ -42,6 +46,24 @@ def cluster_config(lab: "Lab", cfg: ClusterConfig) -> ClusterConfig:
         return cfg
     key, _ = load_or_generate_signing_key(key_path(lab, cfg.name))
     return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
+
+
+def operator_key(lab: "Lab", cluster: str) -> SigningKey | None:
+    """The cluster's signing key, if it has one (signed service definitions, rotation requests)."""
+    path = key_path(lab, cluster)
+    return read_signing_key(path) if path.exists() else None
+
+
+def operator_request(lab: "Lab", cluster: str, rot: Rotation) -> Rotation:
+    """A rotation request as the operator writes it: signed with the cluster's key if it has one."""
+    key = operator_key(lab, cluster)
+    return sign_request(rot, cluster, key) if key is not None else rot
+
+
+def env(lab: "Lab", cluster: str) -> list[str]:
+    """WIREMESH_SIGNING_KEY for a command run in the lab, if the cluster has a signing key."""
+    path = key_path(lab, cluster)
+    return [f"WIREMESH_SIGNING_KEY={path}"] if path.exists() else []
 
 
 def answer_key_file(lab: "Lab", cluster: str) -> str | None:

@@ -36,6 +36,7 @@ from wiremesh.clustermesh.rotation import Rotation
 from wiremesh.clustermesh.services import ServicePort
 from wiremesh.lab import Lab
 from wiremesh.lab import services as lab_services
+from wiremesh.lab import signing as lab_signing
 from wiremesh.lab.netns import pid_alive
 from wiremesh.lab.topology import load_topology
 
@@ -202,7 +203,8 @@ def test_service_deleted_and_created_again_within_a_blocking_wait(live: Lab,
 
     def define_all() -> None:
         for c in lab.clusters:
-            lab.consul(lambda s, c=c: lab_services.define(s, c, SERVICE, [ServicePort(8181)], "none", []), c)
+            lab.consul(lambda s, c=c: lab_services.define(s, c, SERVICE, [ServicePort(8181)], "none", [],
+                                                          signer=lab_signing.operator_key(lab, c)), c)
 
     def delete_all() -> None:
         for c in lab.clusters:
@@ -340,7 +342,7 @@ def test_state_dir_full_while_a_rotation_is_staged(live: Lab, tmp_path: Path,
         held = lab.node(HELD_PEER).pid
         stack.callback(lambda: pid_alive(held) and os.kill(held, signal.SIGCONT))  # type: ignore[func-returns-value]
         os.kill(held, signal.SIGSTOP)  # its readiness cannot come: the rotation stays staged
-        r = Rotation.new(node, int(time.time() * 1000))
+        r = lab_signing.operator_request(lab, "east", Rotation.new(node, int(time.time() * 1000)))
         lab.consul(lambda s: s.put(layout.rotation_key("east", node), r.to_json()), "east")
         wait_until(lambda: (x := _rotation(lab, "east", node)) is not None and x.id == r.id and x.state == "staged",
                    8, interval=0.05, what="the rotation staged")

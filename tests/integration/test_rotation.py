@@ -30,6 +30,7 @@ from wiremesh.clustermesh import NodeRecord, layout
 from wiremesh.clustermesh.rotation import Rotation
 from wiremesh.keys import PrivateKey, read_key_file
 from wiremesh.lab import Lab
+from wiremesh.lab import signing as lab_signing
 from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
@@ -104,7 +105,7 @@ def rotation(lab: Lab, node: str) -> Rotation | None:
 def request(lab: Lab, node: str) -> Rotation:
     """Ask for a rotation as the CLI does (a record in state requested)."""
     c = cluster_of(lab, node)
-    r = Rotation.new(node, int(time.time() * 1000))
+    r = lab_signing.operator_request(lab, c, Rotation.new(node, int(time.time() * 1000)))
     lab.consul(lambda s: s.put(layout.rotation_key(c, node), r.to_json()), c)
     return r
 
