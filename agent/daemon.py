@@ -456,11 +456,23 @@ class Agent:
                                                          self.supervisor.alive()))
             except OSError as e:
                 raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
-        self.setup()
+        # First: the previous run's session is renewed while the agent sets up (its record, which
+        # every peer follows, must outlive a slow start); the loop then adopts it.
+        set_up = threading.Event()
+
+        def register() -> None:
+            self.registration.keep_previous(set_up)
+            self.registration.loop()
+        self.supervisor.spawn("register", register)
+        try:
+            self.setup()
+        except BaseException:
+            self.stop_event.set()  # the agent ends here, its register thread with it
+            raise
+        set_up.set()
         self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
-        for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
-                         ("reconcile", self._reconcile_loop)):
+        for name, fn in (("watch", self._watch_loop), ("reconcile", self._reconcile_loop)):
             self.supervisor.spawn(name, fn)
 
     def shutdown(self, remove_record: bool = True) -> None:

@@ -200,14 +200,49 @@ class Registration:
         log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
         return carried
 
+    @property
+    def _interval(self) -> float:
+        """Between two renewals of the session."""
+        return max(0.5, self.consul_ttl / 3)
+
+    def _short_timeouts(self) -> None:
+        # A request of this thread stuck longer than a renewal interval (a partitioned link) is
+        # worth less than a new one once the link heals: time out then, and try again.
+        if hasattr(self.store, "set_thread_timeout"):
+            self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, self._interval)))
+
+    def keep_previous(self, until: threading.Event) -> None:
+        """Renew the session this node's previous run wrote down, until `until` is set (the agent
+        is set up; `loop` then adopts the session as it finds the record under it).
+
+        Run first thing at start: the restarted agent's bootstrap can wait seconds for a slow
+        Consul, and its start alone took over 3 s on a busy host, while Consul drops the
+        session session_ttl after its last renewal; with it, the record and every peer's tunnel
+        to this node. Renewing a session id of our own state dir takes nothing from anyone: a
+        record held by another session stays that session's."""
+        saved = self._saved_session()
+        if not saved:
+            return
+        self._short_timeouts()
+        renewed = False
+        while not until.is_set() and not self.stop.is_set():
+            try:
+                self.store.session_renew(saved, retry=False)
+                if not renewed:
+                    log.info("renewing session %s of a previous run while starting", saved[:8])
+                renewed, wait = True, self._interval
+            except SessionExpired:
+                return  # gone already: the loop registers anew
+            except ConsulError as e:
+                log.debug("renewing session %s of a previous run: %s", saved[:8], e)
+                wait = 0.2
+            until.wait(wait)
+
     def loop(self) -> None:
         delay = 0.2
         published = False
-        interval = max(0.5, self.consul_ttl / 3)
-        # A request of this loop stuck longer than a renewal interval (a partitioned link) is
-        # worth less than a new one once the link heals: time out then, and try again.
-        if hasattr(self.store, "set_thread_timeout"):
-            self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, interval)))
+        interval = self._interval
+        self._short_timeouts()
         while not self.stop.is_set():
             try:
                 if not published or self.republish.is_set():

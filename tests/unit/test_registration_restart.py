@@ -1,0 +1,59 @@
+"""A restarting agent renews the session of its previous run from its first moment, while it sets
+up (Registration.keep_previous): its record, which every peer follows, outlives a slow start."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from wiremesh.agent.metrics import AgentMetrics
+from wiremesh.agent.registration import Registration
+from wiremesh.clustermesh import ConsulOptions, ConsulUnavailable, SessionExpired
+
+
+class Sessions:
+    """Session renewals as Consul answers them: each call takes the next answer (None: renewed)."""
+
+    def __init__(self, answers: list[Exception | None], done: threading.Event) -> None:
+        self.answers, self.done = answers, done
+        self.renewed: list[str] = []
+        self.options = ConsulOptions()
+
+    def set_thread_timeout(self, seconds: float) -> None:
+        pass
+
+    def session_renew(self, session_id: str, retry: bool = True) -> None:
+        self.renewed.append(session_id)
+        answer = self.answers.pop(0) if self.answers else None
+        if not self.answers:
+            self.done.set()
+        if answer is not None:
+            raise answer
+
+
+def registration(store: Any, tmp_path: Path) -> Registration:
+    cfg = SimpleNamespace(cluster="lab", node="n1", session_ttl=2, state_dir=tmp_path, consul=ConsulOptions())
+    return Registration(store, cfg, lambda: None, AgentMetrics(), threading.Event())  # type: ignore[arg-type]
+
+
+def test_the_previous_session_is_renewed_until_the_agent_is_set_up(tmp_path: Path) -> None:
+    (tmp_path / "session").write_text("5e55104\n")
+    until = threading.Event()
+    store = Sessions([ConsulUnavailable("slow"), None, None], until)  # a failed try is tried again
+    registration(store, tmp_path).keep_previous(until)
+    assert store.renewed == ["5e55104"] * 3
+
+
+def test_an_expired_previous_session_is_left_to_the_loop(tmp_path: Path) -> None:
+    (tmp_path / "session").write_text("5e55104\n")
+    store = Sessions([SessionExpired("gone"), None], threading.Event())
+    registration(store, tmp_path).keep_previous(threading.Event())  # returns at once
+    assert store.renewed == ["5e55104"]
+
+
+def test_no_previous_session_nothing_to_renew(tmp_path: Path) -> None:
+    store = Sessions([], threading.Event())
+    registration(store, tmp_path).keep_previous(threading.Event())
+    assert store.renewed == []
