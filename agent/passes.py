@@ -151,7 +151,7 @@ class Pass:
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        return PassInputs(local, snap, fed, backends, now_ms(), frozenset(r.refused))
+        return PassInputs(local, snap, fed, backends, now_ms(), frozenset(r.refused), a.departures.held())
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent
