@@ -212,8 +212,9 @@ class Registration:
             self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, self._interval)))
 
     def keep_previous(self, until: threading.Event) -> None:
-        """Renew the session this node's previous run wrote down, until `until` is set (the agent
-        is set up; `loop` then adopts the session as it finds the record under it).
+        """Until `until` is set (the agent is set up) or the agent stops, renew the session this
+        node's previous run wrote down, if any; `loop` then adopts it as it finds the record
+        under it. Returns only then: nothing is published before the record can be built.
 
         Run first thing at start: the restarted agent's bootstrap can wait seconds for a slow
         Consul, and its start alone took over 3 s on a busy host, while Consul drops the
@@ -221,22 +222,22 @@ class Registration:
         to this node. Renewing a session id of our own state dir takes nothing from anyone: a
         record held by another session stays that session's."""
         saved = self._saved_session()
-        if not saved:
-            return
-        self._short_timeouts()
-        renewed = False
+        if saved:
+            self._short_timeouts()
+        renewed, next_at = False, 0.0
         while not until.is_set() and not self.stop.is_set():
-            try:
-                self.store.session_renew(saved, retry=False)
-                if not renewed:
-                    log.info("renewing session %s of a previous run while starting", saved[:8])
-                renewed, wait = True, self._interval
-            except SessionExpired:
-                return  # gone already: the loop registers anew
-            except ConsulError as e:
-                log.debug("renewing session %s of a previous run: %s", saved[:8], e)
-                wait = 0.2
-            until.wait(wait)
+            if saved and time.monotonic() >= next_at:
+                try:
+                    self.store.session_renew(saved, retry=False)
+                    if not renewed:
+                        log.info("renewing session %s of a previous run while starting", saved[:8])
+                    renewed, next_at = True, time.monotonic() + self._interval
+                except SessionExpired:
+                    saved = None  # gone already: the loop registers anew
+                except ConsulError as e:
+                    log.debug("renewing session %s of a previous run: %s", saved[:8], e)
+                    next_at = time.monotonic() + 0.2
+            until.wait(0.05)
 
     def loop(self) -> None:
         delay = 0.2

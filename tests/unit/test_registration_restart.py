@@ -46,14 +46,31 @@ def test_the_previous_session_is_renewed_until_the_agent_is_set_up(tmp_path: Pat
     assert store.renewed == ["5e55104"] * 3
 
 
+def keep_previous_in_a_thread(reg: Registration, until: threading.Event) -> threading.Thread:
+    t = threading.Thread(target=reg.keep_previous, args=(until,), daemon=True)
+    t.start()
+    return t
+
+
 def test_an_expired_previous_session_is_left_to_the_loop(tmp_path: Path) -> None:
     (tmp_path / "session").write_text("5e55104\n")
-    store = Sessions([SessionExpired("gone"), None], threading.Event())
-    registration(store, tmp_path).keep_previous(threading.Event())  # returns at once
-    assert store.renewed == ["5e55104"]
+    until, tried = threading.Event(), threading.Event()
+    store = Sessions([SessionExpired("gone")], tried)
+    t = keep_previous_in_a_thread(registration(store, tmp_path), until)
+    assert tried.wait(5)
+    t.join(0.3)
+    assert t.is_alive(), "returned before the agent was set up: the loop would publish too early"
+    until.set()
+    t.join(5)
+    assert not t.is_alive() and store.renewed == ["5e55104"]  # not renewed again once expired
 
 
-def test_no_previous_session_nothing_to_renew(tmp_path: Path) -> None:
+def test_no_previous_session_nothing_to_renew_and_it_waits_all_the_same(tmp_path: Path) -> None:
     store = Sessions([], threading.Event())
-    registration(store, tmp_path).keep_previous(threading.Event())
-    assert store.renewed == []
+    reg = registration(store, tmp_path)
+    t = keep_previous_in_a_thread(reg, threading.Event())
+    t.join(0.3)
+    assert t.is_alive()
+    reg.stop.set()  # the agent stops while setting up: it returns
+    t.join(5)
+    assert not t.is_alive() and store.renewed == []
