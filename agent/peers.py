@@ -37,6 +37,7 @@ class PeerCounts:
     programmed: int = 0
     failed: list[str] = field(default_factory=list)
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key changes applied
+    new: list[str] = field(default_factory=list)  # nodes whose peer was added (not there before)
 
 
 class Applied(dict[str, PeerConfig]):
@@ -163,6 +164,7 @@ class PeerTarget:
                 res.updated += 1  # a key change is an update of the node's peer
             else:
                 res.added += 1
+                res.new.append(ch.name)
             self.applied[ch.name] = desired[ch.name]
             self.table.done(PEER, ch.name)
 

@@ -1,7 +1,7 @@
 """The fault suite (issue 12): one lab of 3 nodes on a 3-server Consul cluster, each fault a test.
 
 For every fault: pings between the nodes it does not touch lose nothing (asserted); the nodes it
-touches converge within 5 s of the heal (asserted, from the heal); nothing is left half-configured
+touches converge within 5 s of the heal (a partition: 2 s; asserted, from the heal); nothing is left half-configured
 (every device's peers are exactly the current records' keys, every peer's pod CIDR routed on
 wm0). A table of faults, packets lost and time to heal is printed at the end of the module.
 
@@ -33,6 +33,7 @@ from .helpers import FastPinger, Gap, enlarge_udp_buffers, ping_ok, wait_until, 
 from .test_rotation import _DELAY_RELAY, describe_gaps
 
 HEAL_S = 5.0  # the issue's bound: affected nodes converge within this of the heal
+PARTITION_HEAL_S = 2.0  # issue 17: a partitioned node's tunnels are back within this of the heal
 SESSION_TTL = 4  # the agents' session_ttl: a node cut off loses its record within ~4 s
 PING_INTERVAL = 0.01
 NODE = "node3"  # the node each fault touches
@@ -238,10 +239,6 @@ def mesh(lab: Lab) -> Iterator[Lab]:
 # --- 1. a node partitioned ---------------------------------------------------------------------
 
 
-# Heal time varies between runs here: 0.76 s in most, 7.5-11.5 s in some (the node writes its
-# record again within a second of the heal; what else waits is not yet known). Reported, not hidden.
-@pytest.mark.xfail(strict=False, raises=AssertionError,
-                   reason="partition heal sometimes takes 7-12 s (issue 12 closing note)")
 def test_node_partitioned(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) -> None:
     lab = mesh
     hub_if = f"n{lab.node(NODE).index}"
@@ -265,9 +262,10 @@ def test_node_partitioned(mesh: Lab, tmp_path: Path, counted: Any, timing: Any) 
         sh("ip", "-n", hub, "link", "set", hub_if, "up", check=False)
         traffic.kill()
     untouched, _ = report("node partitioned (link down)", traffic, heal, counted, timing)
+    # The nodes the partition does not touch lose nothing, whatever the heal took.
     assert untouched[1] == 0, traffic.lost(untouched)
     log_tail = (Path(lab.node(NODE).dir) / "agent.log").read_text(errors="replace").splitlines()[-25:]
-    assert heal <= HEAL_S, f"healed in {heal:.1f} s (waited for: {heal_trail}); {NODE}'s log:\n" + \
+    assert heal <= PARTITION_HEAL_S, f"healed in {heal:.1f} s (waited for: {heal_trail}); {NODE}'s log:\n" + \
         "\n".join(log_tail)
 
 
