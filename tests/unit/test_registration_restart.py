@@ -4,6 +4,7 @@ up (Registration.keep_previous): its record, which every peer follows, outlives 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -74,3 +75,11 @@ def test_no_previous_session_nothing_to_renew_and_it_waits_all_the_same(tmp_path
     reg.stop.set()  # the agent stops while setting up: it returns
     t.join(5)
     assert not t.is_alive() and store.renewed == []
+
+
+def test_a_try_that_timed_out_is_made_again_at_once() -> None:
+    """Tries are `delay` apart from start to start: one that took longer than the delay (a
+    request timed out while a partition healed) is followed at once; one refused at once waits."""
+    now = time.monotonic()
+    assert Registration._wait(now - 1.0, 0.67) == 0.0
+    assert 0.6 < Registration._wait(now + 0.5, 0.2) <= 0.7  # (a try that started "later": the rest of its delay)
