@@ -4,8 +4,8 @@ this node's rotation and plays its part in the others'.
 The device's key is not set here: from this node's switch time on, the pass plans the next key
 for the device and the reconciler sets it, first of all its changes. This stage then confirms
 the switch to the rotator, starts handshakes at once (one packet to every peer after a switch,
-to a peer whose new key was just taken, to a peer just added), and asks for the record writes the rotation needs of
-the registration thread, never waiting for Consul itself.
+to a peer whose new key was just taken, to a peer just added), and asks for the record writes
+the rotation needs of the registration thread, never waiting for Consul itself.
 
 Functions over the Agent (agent.daemon) rather than methods of it: the daemon owns the loop,
 this module what a rotation needs of it.
