@@ -15,7 +15,8 @@ Example::
     backend = "auto"                    # auto | kernel | userspace
     state_dir = "/var/lib/wiremesh"
     health_address = "127.0.0.1:9477"   # /healthz and /metrics; "" turns it off
-    session_ttl = 20                    # seconds after a crash until peers drop this node
+    session_ttl = 20                    # seconds after a crash until peers drop this node (+ a
+                                        # hold of min(session_ttl, 5 s): agent.departures)
                                         # (Consul is asked for half: it waits up to twice its
                                         # TTL; a server's default session_ttl_min of 10s makes
                                         # 20 the least it can honour)

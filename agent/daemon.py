@@ -60,6 +60,7 @@ from wiremesh.tunnels import CniState
 
 from . import __version__
 from .config import AgentConfig
+from .departures import HOLD_MAX_S, Departures
 from .errors import AgentError
 from .federation import Federation
 from .metrics import AgentMetrics, reject_label, serve
@@ -119,6 +120,8 @@ class Agent:
         self._stored_own: NodeRecord | None = None  # this node's record as Consul has it
         self._own_cache: tuple[object, NodeRecord] | None = None
         self._inbox: Mailbox[ClusterSnapshot] = Mailbox(self._wake)
+        # Records that vanished (a session lapsed while its agent restarted): planned from a moment longer.
+        self.departures = Departures(cfg.cluster, cfg.node, min(float(cfg.session_ttl), HOLD_MAX_S))
         self._taking: ClusterSnapshot | None = None  # a snapshot whose intake failed: taken again
         self._passes = [0, 0]  # reconcile passes done: all, full (drift repair); for /healthz
         self.supervisor = Supervisor(self.stop_event)
@@ -325,6 +328,7 @@ class Agent:
         if self.pod_cidr and snap.leases and snap.leases.get(self.pod_cidr) not in (None, self.cfg.node):
             self._once("lease", f"pod CIDR {self.pod_cidr} is now leased to {snap.leases[self.pod_cidr]!r} in "
                                 "Consul; this node's record will be refused until that is resolved")
+        self.departures.follow(self._snapshot, snap)
         with self._lock:
             self._snapshot = snap
             self._first_sync = True
@@ -408,7 +412,8 @@ class Agent:
             rot_mono = time.monotonic() + max(0, rot - now_ms()) / 1000 if rot else None
             held = self._prune_held_until()  # removals held after an outage: a pass when the hold ends
             retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono,
-                                     held if held > time.monotonic() else None, self.loop_pass.retry_at) if t),
+                                     held if held > time.monotonic() else None, self.loop_pass.retry_at,
+                                     self.departures.next_end()) if t),
                         default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))
@@ -466,11 +471,23 @@ class Agent:
                                                          self.supervisor.alive()))
             except OSError as e:
                 raise AgentError(f"health_address {self.cfg.health_address}: {e.strerror or e}") from None
-        self.setup()
+        # First: the previous run's session is renewed while the agent sets up (its record, which
+        # every peer follows, must outlive a slow start); the loop then adopts it.
+        set_up = threading.Event()
+
+        def register() -> None:
+            self.registration.keep_previous(set_up)
+            self.registration.loop()
+        self.supervisor.spawn("register", register)
+        try:
+            self.setup()
+        except BaseException:
+            self.stop_event.set()  # the agent ends here, its register thread with it
+            raise
+        set_up.set()
         self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
-        for name, fn in (("register", self.registration.loop), ("watch", self._watch_loop),
-                         ("reconcile", self._reconcile_loop),
+        for name, fn in (("watch", self._watch_loop), ("reconcile", self._reconcile_loop),
                          ("staged-watch", lambda: self.proofs.run(self.stop_event))):
             self.supervisor.spawn(name, fn)
 

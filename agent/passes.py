@@ -154,7 +154,8 @@ class Pass:
         nexts = {rec.next_public_key for rec in snap.nodes.values() if rec.next_public_key}
         nexts.update(rec.next_public_key for nodes in fed.nodes.values() for rec in nodes.values()
                      if rec.next_public_key)
-        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=a.proofs.proven(nexts))
+        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=a.proofs.proven(nexts),
+                          departed=a.departures.held())
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

@@ -53,6 +53,7 @@ class PeerCounts:
     failed: list[str] = field(default_factory=list)
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, new key): key changes applied
     changes: list[str] = field(default_factory=list)  # "+node", "~node", "-node" (or "-key8...") as applied
+    new: list[str] = field(default_factory=list)  # nodes whose peer was added (not there before)
 
 
 class Applied(dict[str, PeerConfig]):
@@ -196,6 +197,7 @@ class PeerTarget:
                 res.updated += 1  # a key change is an update of the node's peer
             else:
                 res.added += 1
+                res.new.append(ch.name)
             self.applied[ch.name] = desired[ch.name]
             self.table.done(kind, ch.name)
 

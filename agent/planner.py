@@ -147,6 +147,10 @@ class PassInputs:
     backends: BackendsView | None = None
     now_ms: int = 0
     proven_keys: frozenset[str] = frozenset()  # next keys their nodes are seen to use (agent.staged)
+    # Nodes whose records vanished from Consul a moment ago, planned from their last record for
+    # a short hold (agent.departures): a node whose session lapsed while its agent restarted
+    # slowly registers again within it, and its tunnels never drop.
+    departed: Mapping[str, NodeRecord] = field(default_factory=dict)
 
 
 def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState:
@@ -155,7 +159,8 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
     Pure: a function of `inputs` (`memo` is a cache of per-node parts between passes; it never
     changes the result)."""
     me, fed = inputs.local, inputs.federation
-    desired = plan_mesh(me.name, me.device.public_key, me.config, inputs.snapshot.nodes,
+    nodes = with_departed(inputs.snapshot.nodes, inputs.departed)
+    desired = plan_mesh(me.name, me.device.public_key, me.config, nodes,
                         local_pod_cidr=me.pod_cidr, underlay_mtu=me.underlay_mtu,
                         persistent_keepalive=me.persistent_keepalive, wg_device=me.wg_device,
                         vxlan_device=me.vxlan_device, remotes=fed.nodes, keep_cidrs=fed.frozen_cidrs,
@@ -170,6 +175,25 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
     st = plan_services(me.cluster, inputs.snapshot.services, inputs.backends, ids, places)
     return replace(desired, services=st.frontends, keep_services=st.unsettled,
                    skipped=desired.skipped + tuple(f"service {s}" for s in st.skipped))
+
+
+def with_departed(nodes: Mapping[str, NodeRecord], departed: Mapping[str, NodeRecord]) -> Mapping[str, NodeRecord]:
+    """`nodes` and, after them, each departed node whose key and pod CIDR no present node holds:
+    a present record always wins (a CIDR leased again, a key now another node's)."""
+    if not departed:
+        return nodes
+    keys = {k for r in nodes.values() for k in (r.public_key, r.next_public_key) if k}
+    cidrs = [ipaddress.ip_network(r.pod_cidr) for r in nodes.values()]
+    out = dict(nodes)
+    for name, rec in departed.items():
+        net = ipaddress.ip_network(rec.pod_cidr)
+        if name in nodes or rec.public_key in keys or (rec.next_public_key and rec.next_public_key in keys) or \
+                any(net.version == c.version and net.overlaps(c) for c in cidrs):
+            continue
+        out[name] = rec
+        keys.update(k for k in (rec.public_key, rec.next_public_key) if k)
+        cidrs.append(net)
+    return out
 
 
 def plan_mesh(

@@ -81,6 +81,7 @@ class Reconciler:
         # making them: the device's key changed; (node, new key) of peers whose key was replaced.
         self._key_changed = False
         self._replaced: list[tuple[str, str]] = []
+        self._added: list[str] = []  # nodes whose peer was added to the device
         self.table = StatusTable(clock)
         self.lock = threading.Lock()  # one pass at a time
         self.peers = PeerTarget(device, self.table, clock)  # one batch per pass
@@ -141,11 +142,11 @@ class Reconciler:
                                           allowed_ips=peer.allowed_ips,
                                           persistent_keepalive=peer.persistent_keepalive, name=node)])
 
-    def take_events(self) -> tuple[bool, list[tuple[str, str]]]:
-        """(the device's key changed, peers' keys replaced) since the last call."""
+    def take_events(self) -> tuple[bool, list[tuple[str, str]], list[str]]:
+        """(the device's key changed, peers' keys replaced, nodes whose peer was added) since the last call."""
         with self.lock:
-            out = (self._key_changed, self._replaced)
-            self._key_changed, self._replaced = False, []
+            out = (self._key_changed, self._replaced, self._added)
+            self._key_changed, self._replaced, self._added = False, [], []
             return out
 
     # --- peers ----------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class Reconciler:
         res.programmed, res.failed = out.programmed, res.failed + out.failed
         res.peer_changes = out.changes
         self._replaced.extend(out.replaced)  # for the rotation stage (take_events)
+        self._added.extend(out.new)
 
     # --- overlay --------------------------------------------------------------------------
     def _overlay(self, desired: DesiredState, prune: bool, now: float, res: ReconcileResult) -> int:

@@ -200,15 +200,56 @@ class Registration:
         log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
         return carried
 
+    @property
+    def _interval(self) -> float:
+        """Between two renewals of the session."""
+        return max(0.5, self.consul_ttl / 3)
+
+    def _short_timeouts(self) -> None:
+        # A request of this thread stuck longer than a renewal interval (a partitioned link) is
+        # worth less than a new one once the link heals: time out then, and try again.
+        if hasattr(self.store, "set_thread_timeout"):
+            self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, self._interval)))
+
+    def keep_previous(self, until: threading.Event) -> None:
+        """Until `until` is set (the agent is set up) or the agent stops, renew the session this
+        node's previous run wrote down, if any; `loop` then adopts it as it finds the record
+        under it. Returns only then: nothing is published before the record can be built.
+
+        Run first thing at start: the restarted agent's bootstrap can wait seconds for a slow
+        Consul, and its start alone took over 3 s on a busy host, while Consul drops the
+        session session_ttl after its last renewal; with it, the record and every peer's tunnel
+        to this node. Renewing a session id of our own state dir takes nothing from anyone: a
+        record held by another session stays that session's."""
+        saved = self._saved_session()
+        if saved:
+            self._short_timeouts()
+        renewed, next_at = False, 0.0
+        while not until.is_set() and not self.stop.is_set():
+            if saved and time.monotonic() >= next_at:
+                try:
+                    self.store.session_renew(saved, retry=False)
+                    if not renewed:
+                        log.info("renewing session %s of a previous run while starting", saved[:8])
+                    renewed, next_at = True, time.monotonic() + self._interval
+                except SessionExpired:
+                    saved = None  # gone already: the loop registers anew
+                except ConsulError as e:
+                    log.debug("renewing session %s of a previous run: %s", saved[:8], e)
+                    next_at = time.monotonic() + 0.2
+            until.wait(0.05)
+
     def loop(self) -> None:
         delay = 0.2
         published = False
-        interval = max(0.5, self.consul_ttl / 3)
-        # A request of this loop stuck longer than a renewal interval (a partitioned link) is
-        # worth less than a new one once the link heals: time out then, and try again.
-        if hasattr(self.store, "set_thread_timeout"):
-            self.store.set_thread_timeout(min(self.store.options.timeout, max(1.0, interval)))
+        interval = self._interval
+        self._short_timeouts()
         while not self.stop.is_set():
+            # Tries are `delay` apart from start to start: one that failed at once (Consul
+            # refused) waits it out, one that timed out (a SYN lost while partitioned) is made
+            # again at once. A renewal begun just before a partition healed timed out 1 s later
+            # and the next began 0.67 s after that: 1.3-1.4 s from the heal to the record back.
+            tried_at = time.monotonic()
             try:
                 if not published or self.republish.is_set():
                     self.republish.clear()
@@ -228,18 +269,23 @@ class Registration:
                 self.session_id, published = None, False
                 delay = 0.0
             except (ConsulError, AgentError) as e:
-                log.warning("registration: %s (retry in %.1fs)", e, delay)
+                log.warning("registration: %s (retry in %.1fs)", e, self._wait(tried_at, delay))
                 published = False if not isinstance(e, ConsulUnavailable) else published
                 self.metrics.sync_errors_total.labels("register").inc()
             except Exception:  # noqa: BLE001 - a bug must not end the registration for good
-                log.exception("registration failed unexpectedly (retry in %.1fs)", delay)
+                log.exception("registration failed unexpectedly (retry in %.1fs)", self._wait(tried_at, delay))
                 published = False
                 self.metrics.sync_errors_total.labels("register").inc()
-            if self.stop.wait(delay):
+            if self.stop.wait(self._wait(tried_at, delay)):
                 return
             # Never longer between tries than between renewals: after a partition heals the
             # record must be back before the session's TTL would matter (peers drop it then).
             delay = min(BACKOFF_MAX_S, interval, max(0.2, delay * 2))
+
+    @staticmethod
+    def _wait(tried_at: float, delay: float) -> float:
+        """What is left of `delay` counted from the start of the try at `tried_at`."""
+        return max(0.0, tried_at + delay - time.monotonic())
 
     def remove(self) -> None:
         """End the session: behavior=delete removes the record, so peers drop this node at once.

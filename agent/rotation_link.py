@@ -4,8 +4,8 @@ this node's rotation and plays its part in the others'.
 The device's key is not set here: from this node's switch time on, the pass plans the next key
 for the device and the reconciler sets it, first of all its changes. This stage then confirms
 the switch to the rotator, starts handshakes at once (one packet to every peer after a switch,
-to a peer whose new key was just taken), and asks for the record writes the rotation needs of
-the registration thread, never waiting for Consul itself.
+to a peer whose new key was just taken, to a peer just added), and asks for the record writes
+the rotation needs of the registration thread, never waiting for Consul itself.
 
 Functions over the Agent (agent.daemon) rather than methods of it: the daemon owns the loop,
 this module what a rotation needs of it.
@@ -89,11 +89,18 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     switched the device alone). What the reconciler did since the last time (a switch, peers'
     new keys) is taken from it, also from passes that failed after doing it."""
     cfg, rotator = agent.cfg, agent.rotator
-    key_changed, replaced = agent.reconciler.take_events()
+    key_changed, replaced, added = agent.reconciler.take_events()
     if key_changed:
         # A peer that took the new key before this switch (this agent late, the peer on time) got
         # no answer to its own handshake and would try again only 5 s later.
         _poke(desired.peers.items())
+    else:
+        # A peer added (a new node, or one back after its record was gone: a partition healed)
+        # gets its handshake now. The node at the other end may still hold a session of the
+        # entry this device removed, and send into it, unanswered, for up to 15 s (WireGuard's
+        # keepalive and rekey timeouts) before it made a new one: measured 10.9-12.2 s after a
+        # partition healed, until this side had something to send.
+        _poke((n, desired.peers[n]) for n in added if n in desired.peers)
     snap = agent.snapshot()
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}

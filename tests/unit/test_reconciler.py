@@ -335,6 +335,19 @@ def test_adds_peers_and_routes(dp: Dataplane, clock: Clock) -> None:
         ("route", "10.240.1.0/24", "done"), ("route", "10.240.2.0/24", "done")}
 
 
+def test_peers_added_are_told_to_the_rotation_stage_once(dp: Dataplane, clock: Clock) -> None:
+    """Added peers (not updated, not replaced) are events: the pass starts their handshakes."""
+    dev = FakeDevice()
+    rec = dp.reconciler(dev, clock)
+    rec.reconcile(desired(peer(K1, 1), peer(K2, 2)), prune=True)
+    assert rec.take_events() == (False, [], [N1, N2])
+    assert rec.take_events() == (False, [], [])
+    rec.reconcile(desired(peer(K1, 1, "192.0.2.99:51820")), prune=True)  # an update, a removal: no event
+    assert rec.take_events() == (False, [], [])
+    rec.reconcile(desired(peer(K1, 1, "192.0.2.99:51820"), peer(K2, 2)), prune=True)  # back: added again
+    assert rec.take_events() == (False, [], [N2])
+
+
 def test_second_pass_sends_nothing_and_reads_nothing(dp: Dataplane, clock: Clock) -> None:
     dev = FakeDevice()
     rec = dp.reconciler(dev, clock)

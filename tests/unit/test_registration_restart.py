@@ -1,0 +1,85 @@
+"""A restarting agent renews the session of its previous run from its first moment, while it sets
+up (Registration.keep_previous): its record, which every peer follows, outlives a slow start."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from wiremesh.agent.metrics import AgentMetrics
+from wiremesh.agent.registration import Registration
+from wiremesh.clustermesh import ConsulOptions, ConsulUnavailable, SessionExpired
+
+
+class Sessions:
+    """Session renewals as Consul answers them: each call takes the next answer (None: renewed)."""
+
+    def __init__(self, answers: list[Exception | None], done: threading.Event) -> None:
+        self.answers, self.done = answers, done
+        self.renewed: list[str] = []
+        self.options = ConsulOptions()
+
+    def set_thread_timeout(self, seconds: float) -> None:
+        pass
+
+    def session_renew(self, session_id: str, retry: bool = True) -> None:
+        self.renewed.append(session_id)
+        answer = self.answers.pop(0) if self.answers else None
+        if not self.answers:
+            self.done.set()
+        if answer is not None:
+            raise answer
+
+
+def registration(store: Any, tmp_path: Path) -> Registration:
+    cfg = SimpleNamespace(cluster="lab", node="n1", session_ttl=2, state_dir=tmp_path, consul=ConsulOptions())
+    return Registration(store, cfg, lambda: None, AgentMetrics(), threading.Event())  # type: ignore[arg-type]
+
+
+def test_the_previous_session_is_renewed_until_the_agent_is_set_up(tmp_path: Path) -> None:
+    (tmp_path / "session").write_text("5e55104\n")
+    until = threading.Event()
+    store = Sessions([ConsulUnavailable("slow"), None, None], until)  # a failed try is tried again
+    registration(store, tmp_path).keep_previous(until)
+    assert store.renewed == ["5e55104"] * 3
+
+
+def keep_previous_in_a_thread(reg: Registration, until: threading.Event) -> threading.Thread:
+    t = threading.Thread(target=reg.keep_previous, args=(until,), daemon=True)
+    t.start()
+    return t
+
+
+def test_an_expired_previous_session_is_left_to_the_loop(tmp_path: Path) -> None:
+    (tmp_path / "session").write_text("5e55104\n")
+    until, tried = threading.Event(), threading.Event()
+    store = Sessions([SessionExpired("gone")], tried)
+    t = keep_previous_in_a_thread(registration(store, tmp_path), until)
+    assert tried.wait(5)
+    t.join(0.3)
+    assert t.is_alive(), "returned before the agent was set up: the loop would publish too early"
+    until.set()
+    t.join(5)
+    assert not t.is_alive() and store.renewed == ["5e55104"]  # not renewed again once expired
+
+
+def test_no_previous_session_nothing_to_renew_and_it_waits_all_the_same(tmp_path: Path) -> None:
+    store = Sessions([], threading.Event())
+    reg = registration(store, tmp_path)
+    t = keep_previous_in_a_thread(reg, threading.Event())
+    t.join(0.3)
+    assert t.is_alive()
+    reg.stop.set()  # the agent stops while setting up: it returns
+    t.join(5)
+    assert not t.is_alive() and store.renewed == []
+
+
+def test_a_try_that_timed_out_is_made_again_at_once() -> None:
+    """Tries are `delay` apart from start to start: one that took longer than the delay (a
+    request timed out while a partition healed) is followed at once; one refused at once waits."""
+    now = time.monotonic()
+    assert Registration._wait(now - 1.0, 0.67) == 0.0
+    assert 0.6 < Registration._wait(now + 0.5, 0.2) <= 0.7  # (a try that started "later": the rest of its delay)
