@@ -137,4 +137,5 @@ def reject_label(reason: str) -> str:
 _REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key", "pod_cidr", "overlay_ip", "key_epoch",
                   "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
                   "node_prefix_len", "vip", "ports", "port", "affinity", "prefer", "next_public_key",
-                  "certificate", "node_signature", "signature", "require_signed", "signing_key", "revoked"}
+                  "certificate", "node_signature", "signature", "require_signed", "signing_key", "revoked",
+                  "settings_signatures", "signing_serial", "next_signing_key"}

@@ -2,6 +2,8 @@
 
 from . import layout, wizard
 from .acl import ensure_agent_token
+from .anchor import Anchor, resolve_anchor, sign_settings, signed_by
+from .claims import Seen
 from .clusters import init_cluster, load_cluster_config
 from .consul_values import (
     AclPolicy,
@@ -54,6 +56,7 @@ from .records import (
     parse_endpoint,
     parse_schema,
 )
+from .rollover import announce, cluster_signers, commit, next_key_path, old_key_path, promote_key_files
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
 from .services import (
     AFFINITIES,
@@ -74,6 +77,17 @@ from .tokens import TokenFileError, read_token_file, write_token_file
 from .watch import Endpoint
 
 __all__ = [
+    "Anchor",
+    "announce",
+    "cluster_signers",
+    "commit",
+    "next_key_path",
+    "old_key_path",
+    "promote_key_files",
+    "resolve_anchor",
+    "Seen",
+    "sign_settings",
+    "signed_by",
     "AclPolicy",
     "AclToken",
     "AFFINITIES",
