@@ -342,9 +342,9 @@ class Agent:
             pass  # logged above; writing it again would not make it valid
         elif self.registration.session_id and self.pod_cidr and (kept or mine != self._record()):
             # Gone (Consul lost it, someone deleted it) or overwritten: write ours again, at
-            # most once a second whatever the watch delivers.
+            # most once a second whatever the watch delivers (an old one written back: at once).
             now = time.monotonic()
-            if now - self._last_republish >= 1.0:
+            if kept or now - self._last_republish >= 1.0:
                 self._last_republish = now
                 self.registration.republish.set()
         if self.pod_cidr and snap.leases and snap.leases.get(self.pod_cidr) not in (None, self.cfg.node):
