@@ -267,3 +267,65 @@ def test_snapshot_refuses_a_thief_of_a_key_as_next_and_keeps_the_victim() -> Non
     s = parse_cluster(C, 1, items, now=NOW, anchor=anchor())
     assert list(s.nodes) == ["a"]
     assert [(r.key, r.reason) for r in s.rejected] == [(layout.node_key(C, "b"), "next_public_key: is node 'a''s key")]
+
+
+# --- the operator's side: signed changes and the roll-over (an in-memory KV) -----------------
+class FakeStore:
+    def __init__(self) -> None:
+        self.kv: dict[str, KVItem] = {}
+        self.index = 1
+
+    def get(self, key: str) -> KVItem | None:
+        return self.kv.get(key)
+
+    def put(self, key: str, value: str | bytes, cas: int | None = None) -> bool:
+        old = self.kv.get(key)
+        if cas is not None and (old.modify_index if old else 0) != cas:
+            return False
+        self.index += 1
+        self.kv[key] = KVItem(key, value.encode() if isinstance(value, str) else value, self.index)
+        return True
+
+    def list(self, prefix: str) -> tuple[int, dict[str, KVItem]]:
+        return self.index, {k: v for k, v in self.kv.items() if k.startswith(prefix)}
+
+
+def test_operator_changes_are_signed_and_a_roll_over_commits_only_when_every_node_moved(tmp_path: Path) -> None:
+    from wiremesh.clustermesh import (EnrollError, announce, attach_signing_key, cluster_signers, commit, enroll,
+                                      next_key_path, promote_key_files, revoke)
+    from wiremesh.keys import read_signing_key, write_signing_key
+
+    store: Any = FakeStore()
+    store.put(CKEY, ClusterConfig(name=C, id=1, pod_cidr="10.240.0.0/16").to_json())
+    assert attach_signing_key(store, C, K1)
+    a = accept_settings(ClusterConfig.from_json(store.get(CKEY).value), anchor(K1))
+    ident1 = SigningKey.generate()
+    done = enroll(store, C, "n1", K1, ident1.public_key(), NOW, identity_key=ident1)
+    assert done.cluster_key == pub(K1)
+    me = NodeIdentity(done.certificate, ident1)
+    store.put(layout.node_key(C, "n1"), sign_record(rec("n1", done.certificate.pod_cidr, wg(1)), me).to_json())
+    cfg, changed = revoke(store, C, ["d" * 32], [K1])
+    assert changed and cfg.signing_serial == 2
+    a = accept_settings(ClusterConfig.from_json(store.get(CKEY).value), a)
+    # Roll-over: announce (both keys sign), enroll again with the new key, commit.
+    key_path = tmp_path / "lab.key"
+    write_signing_key(key_path, K1)
+    write_signing_key(next_key_path(key_path), K2)
+    announce(store, C, K1, K2)
+    announced = ClusterConfig.from_json(store.get(CKEY).value)
+    assert announced.next_signing_key == pub(K2) and len(announced.settings_signatures) == 2
+    assert [k.public_key() for k in cluster_signers(announced, key_path)] == [K1.public_key(), K2.public_key()]
+    a = accept_settings(announced, a)
+    with pytest.raises(EnrollError, match="1 live record"):
+        commit(store, C, K1, K2, NOW)
+    again = enroll(store, C, "n1", K2, ident1.public_key(), NOW + 10, identity_key=ident1)
+    assert again.cluster_key == pub(K2) and again.lease == "held"
+    store.put(layout.node_key(C, "n1"), sign_record(rec("n1", again.certificate.pod_cidr, wg(1)),
+                                                    NodeIdentity(again.certificate, ident1)).to_json())
+    cfg, changed, left = commit(store, C, K1, K2, NOW + 10)
+    assert changed and not left and cfg.signing_key == pub(K2) and not cfg.next_signing_key
+    assert accept_settings(cfg, a).key == pub(K2)
+    promote_key_files(key_path)
+    assert read_signing_key(key_path).public_key() == K2.public_key()
+    with pytest.raises(EnrollError, match="not cluster 'lab''s signing key"):
+        cluster_signers(cfg, key_path.with_name("lab.old.key"))
