@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +92,6 @@ class Anchor:
         return VerifyKey.from_base64(self.key, "signing key").fingerprint
 
     def to_dict(self) -> dict[str, Any]:
-        import json
-
         return {"cluster": self.cluster, "key": self.key, "pinned": self.pinned, "serial": self.serial,
                 "digest": self.digest,
                 "settings": json.loads(self.settings.to_json()) if self.settings is not None else None}
@@ -100,8 +99,6 @@ class Anchor:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Anchor":
         """Raise InvalidRecord, KeyError, TypeError or ValueError if `d` is not an anchor."""
-        import json
-
         settings = d.get("settings")
         anchor = cls(str(d["cluster"]), str(d["key"]), str(d["pinned"]), int(d["serial"]), str(d.get("digest", "")),
                      ClusterConfig.from_json(json.dumps(settings)) if settings is not None else None)
@@ -111,10 +108,11 @@ class Anchor:
 
     def strict(self, cfg: ClusterConfig) -> ClusterConfig:
         """`cfg` with the settings this anchor stands for until signed ones come: the last accepted,
-        else its key required for every record."""
+        else its key required for every record (and the revocations `cfg` lists, signed or not: a
+        cluster signed before its settings were, keeps refusing what it revoked)."""
         if self.settings is not None:
             return with_settings(cfg, self.settings)
-        return dataclasses.replace(cfg, signing_key=self.key, next_signing_key="", require_signed=True, revoked=(),
+        return dataclasses.replace(cfg, signing_key=self.key, next_signing_key="", require_signed=True,
                                    signing_serial=self.serial, settings_signatures=())
 
 

@@ -80,9 +80,11 @@ def test_an_unsigned_or_wrongly_signed_change_is_refused_and_the_last_settings_s
 
 
 def test_before_any_signed_settings_the_pinned_key_is_required() -> None:
-    cfg, after, why = apply_settings(dataclasses.replace(config(), require_signed=False), anchor(), CKEY)
+    unsigned = dataclasses.replace(config(EVIL), require_signed=False, revoked=("e" * 32,))
+    cfg, after, why = apply_settings(unsigned, anchor(), CKEY)
     assert why is not None
-    assert (cfg.require_signed, cfg.signing_key, cfg.revoked) == (True, pub(K1), ())
+    # (An unsigned revocation only refuses more: a cluster signed before its settings were keeps it.)
+    assert (cfg.require_signed, cfg.signing_key, cfg.revoked) == (True, pub(K1), ("e" * 32,))
 
 
 def test_an_older_signed_config_written_back_is_refused() -> None:
