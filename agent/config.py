@@ -12,6 +12,10 @@ Example::
                                         # default: identity.key beside key_file
     certificate_file = ""               # its certificate (wiremesh node enroll); default: node.crt
                                         # beside key_file; absent there: records go unsigned
+    cluster_signing_key = ""            # the cluster's signing public key (base64), pinned: only
+                                        # signing settings it signed are taken from Consul
+    cluster_key_file = ""               # or a file holding it (wiremesh node enroll writes it);
+                                        # default: cluster.pub beside key_file, optional there
     backend = "auto"                    # auto | kernel | userspace
     state_dir = "/var/lib/wiremesh"
     health_address = "127.0.0.1:9477"   # /healthz and /metrics; "" turns it off
@@ -51,6 +55,7 @@ from typing import Any
 
 from wiremesh.clustermesh import (ConsulOptions, InvalidRecord, InvalidToken, TokenFileError, check_cluster_name,
                                   check_node_name, check_private, check_token, read_token_file)
+from wiremesh.keys import KeyMaterialError, VerifyKey
 from wiremesh.tunnels import BACKENDS
 
 from .errors import ConfigError
@@ -78,6 +83,8 @@ class AgentConfig:
     bpf_pin_dir: Path | None = None
     identity_key_file: Path | None = None  # None: identity.key beside key_file
     certificate_file: Path | None = None  # None: node.crt beside key_file (optional there)
+    cluster_signing_key: str = ""  # base64; "": from cluster_key_file
+    cluster_key_file: Path | None = None  # None: cluster.pub beside key_file (optional there)
 
     @property
     def identity_key_path(self) -> Path:
@@ -86,6 +93,10 @@ class AgentConfig:
     @property
     def certificate_path(self) -> Path:
         return self.certificate_file or self.key_file.parent / "node.crt"
+
+    @property
+    def cluster_key_path(self) -> Path:
+        return self.cluster_key_file or self.key_file.parent / "cluster.pub"
 
     @property
     def pin_dir(self) -> Path:
@@ -103,7 +114,7 @@ class AgentConfig:
 _TOP = {
     "node", "cluster", "underlay_address", "listen_port", "interface", "key_file", "backend",
     "state_dir", "health_address", "session_ttl", "persistent_keepalive", "resync_interval", "consul",
-    "service_cgroup", "bpf_pin_dir", "identity_key_file", "certificate_file",
+    "service_cgroup", "bpf_pin_dir", "identity_key_file", "certificate_file", "cluster_signing_key", "cluster_key_file",
 }
 _CONSUL = {"address", "token", "token_file", "ca_file", "client_cert", "client_key", "session_node", "datacenter"}
 _CONSUL_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -135,7 +146,7 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
         "node": str, "cluster": str, "underlay_address": str, "listen_port": int, "interface": str,
         "key_file": str, "backend": str, "state_dir": str, "health_address": str, "session_ttl": int,
         "persistent_keepalive": int, "resync_interval": float, "service_cgroup": str, "bpf_pin_dir": str,
-        "identity_key_file": str, "certificate_file": str,
+        "identity_key_file": str, "certificate_file": str, "cluster_signing_key": str, "cluster_key_file": str,
     }
     for name, typ in types.items():
         if name in data:
@@ -158,10 +169,15 @@ def parse_config(data: dict[str, Any], src: str = "agent.toml") -> AgentConfig:
         raise ConfigError(src, "interface", f"{kw['interface']!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
     if "backend" in kw and kw["backend"] not in BACKENDS:
         raise ConfigError(src, "backend", f"{kw['backend']!r} is not one of {', '.join(BACKENDS)}")
-    for name in ("identity_key_file", "certificate_file"):
+    for name in ("identity_key_file", "certificate_file", "cluster_key_file"):
         if name in kw and not kw[name]:
             del kw[name]  # "": the default, beside key_file
-    for name in ("key_file", "state_dir", "identity_key_file", "certificate_file"):
+    if kw.get("cluster_signing_key"):
+        try:
+            VerifyKey.from_base64(kw["cluster_signing_key"], "cluster_signing_key")
+        except KeyMaterialError as e:
+            raise ConfigError(src, "cluster_signing_key", str(e).split(": ", 1)[-1]) from None
+    for name in ("key_file", "state_dir", "identity_key_file", "certificate_file", "cluster_key_file"):
         if name in kw:
             if not kw[name]:
                 raise ConfigError(src, name, "must not be empty")

@@ -34,6 +34,7 @@ from typing import Any
 
 
 from wiremesh.clustermesh import (
+    Anchor,
     ClusterConfig,
     ClusterSnapshot,
     ConsulError,
@@ -77,6 +78,7 @@ from .rotation_link import RecordPublisher, device_public_key
 from .services import ServiceBackends, load_service_lb
 from .staged import SwitchProofs
 from .supervisor import FATAL_GRACE_S, Mailbox, Supervisor
+from .trust import TrustState, load_pin, pin_anchor
 
 log = logging.getLogger("wiremesh.agent")
 
@@ -155,6 +157,11 @@ class Agent:
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn, follow=self.supervisor.follow)
         self.loop_pass = Pass(self)
+        # The cluster signing key this node pinned (agent.trust); None: the signing settings are
+        # taken from Consul as they are (an unsigned cluster, or a node never enrolled).
+        self.trust = TrustState(cfg.state_dir, cfg.cluster)
+        self.pin = load_pin(cfg) if isinstance(cfg, AgentConfig) else None
+        self.anchor: Anchor | None = None
         self.pod_mtu: int | None = None
         self._pod_mtu_saved = True  # the pod MTU above is the one state.json holds
         self._http: ThreadingHTTPServer | None = None
@@ -176,6 +183,13 @@ class Agent:
         if got is None:
             raise StoppedEarly("stopped before Consul answered")
         self.config, self.pod_cidr, self.pod_mtu = got
+        self._pin_anchor()
+
+    def _pin_anchor(self) -> None:
+        assert self.config is not None
+        self.anchor = pin_anchor(self.trust, self.pin, self.registration.identity, self.config)
+        if self.anchor is not None:
+            self.config = self.anchor.strict(self.config)  # until the first snapshot brings signed settings
 
     def _save_cached(self) -> bool:
         assert self.config is not None and self.pod_cidr is not None
@@ -261,11 +275,25 @@ class Agent:
         prefix = layout.cluster_prefix(self.cfg.cluster)
         cache = ParseCache()  # records are parsed again only when their ModifyIndex changed
         last_config = self.config  # the watch's own: as of its last snapshot (the loop owns self.config)
+        anchor, seen = self.anchor, self.trust.load_seen()
+        saved = True
         while not self.stop_event.is_set():
             try:
                 for index, items in self.store.watch(prefix, self.stop_event, wait_s=WATCH_WAIT_S):
-                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=last_config, cache=cache)
+                    snap = parse_cluster(self.cfg.cluster, index, items, last_config=last_config, cache=cache,
+                                         anchor=anchor, seen=seen)
                     last_config = snap.config or last_config
+                    if snap.anchor is not None and snap.anchor != anchor:
+                        if anchor is not None and snap.anchor.key != anchor.key:
+                            log.warning("cluster signing key rolled over to %s (signed by %s)",
+                                        snap.anchor.fingerprint, anchor.fingerprint)
+                        anchor = self.anchor = snap.anchor
+                        saved = False
+                    if not saved and anchor is not None:
+                        saved = self.trust.save_anchor(anchor)
+                    if snap.seen != seen:
+                        seen = dict(snap.seen)
+                        self.trust.save_seen(seen)
                     if not self._consul_ok:
                         log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
                         if self._first_sync:  # back after an outage: records may be re-registering
@@ -316,13 +344,14 @@ class Agent:
         mine = snap.nodes.get(self.cfg.node)
         if mine is not None:
             self._stored_own = mine
-        if own_key in rejected:
+        kept = self.cfg.node in snap.kept  # an old record of this node was written back: ours again
+        if own_key in rejected and not kept:
             pass  # logged above; writing it again would not make it valid
-        elif self.registration.session_id and self.pod_cidr and mine != self._record():
+        elif self.registration.session_id and self.pod_cidr and (kept or mine != self._record()):
             # Gone (Consul lost it, someone deleted it) or overwritten: write ours again, at
-            # most once a second whatever the watch delivers.
+            # most once a second whatever the watch delivers (an old one written back: at once).
             now = time.monotonic()
-            if now - self._last_republish >= 1.0:
+            if kept or now - self._last_republish >= 1.0:
                 self._last_republish = now
                 self.registration.republish.set()
         if self.pod_cidr and snap.leases and snap.leases.get(self.pod_cidr) not in (None, self.cfg.node):

@@ -138,4 +138,4 @@ _REJECT_LABELS = {"schema", "value", "name", "cluster", "endpoint", "public_key"
                   "vtep_mac", "agent_version", "id", "routing", "vni", "wg_port", "mtu", "service_cidr",
                   "node_prefix_len", "vip", "ports", "port", "affinity", "prefer", "next_public_key",
                   "certificate", "node_signature", "signature", "require_signed", "signing_key", "revoked",
-                  "request_signature", "backend"}
+                  "request_signature", "backend", "settings_signatures", "signing_serial", "next_signing_key"}

@@ -86,6 +86,34 @@ class Registration:
         # The agent bootstraps its lease before this loop runs; it leases the certificate's CIDR.
         if self.identity is not None:
             log.info("signing records as %r", self.identity)
+        self._cert_mark = self._certificate_mark()
+
+    def _certificate_mark(self) -> tuple[int, int] | None:
+        if not isinstance(self.cfg, AgentConfig):
+            return None
+        try:
+            st = self.cfg.certificate_path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reload_identity(self) -> bool:
+        """Take a certificate enrolled again (a roll-over of the cluster key, a renewal) without a
+        restart; True if the identity changed (the record is then signed again)."""
+        mark = self._certificate_mark()
+        if self.identity is None or mark is None or mark == self._cert_mark:
+            return False
+        self._cert_mark = mark
+        try:
+            identity = load_identity(self.cfg)
+        except AgentError as e:
+            log.warning("certificate changed but not taken: %s", e)
+            return False
+        if identity is None or identity.certificate == self.identity.certificate:
+            return False
+        self.identity = identity
+        log.info("took the new certificate: signing records as %r", identity)
+        return True
 
     @property
     def session_name(self) -> str:
@@ -251,6 +279,8 @@ class Registration:
             # and the next began 0.67 s after that: 1.3-1.4 s from the heal to the record back.
             tried_at = time.monotonic()
             try:
+                if self.reload_identity():
+                    self.republish.set()
                 if not published or self.republish.is_set():
                     self.republish.clear()
                     self.publish()

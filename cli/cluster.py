@@ -76,7 +76,7 @@ def init(ctx: Ctx, name: str, cluster_id: int, pod_cidr: str, node_prefix_len: i
 
 def _signing(store: ConsulStore, cfg: ClusterConfig, key_path: Path | None, unsigned: bool) -> ClusterConfig:
     """`cfg` with its signing settings: the stored config's, or for a new cluster a signing key's."""
-    from wiremesh.clustermesh import default_signing_key_path, layout
+    from wiremesh.clustermesh import default_signing_key_path, layout, sign_settings
     from wiremesh.keys import load_or_generate_signing_key
 
     item = store.get(layout.config_key(cfg.name))
@@ -86,13 +86,14 @@ def _signing(store: ConsulStore, cfg: ClusterConfig, key_path: Path | None, unsi
         except InvalidRecord:
             return cfg
         return dataclasses.replace(cfg, require_signed=cur.require_signed, signing_key=cur.signing_key,
-                                   revoked=cur.revoked)
+                                   revoked=cur.revoked, next_signing_key=cur.next_signing_key,
+                                   signing_serial=cur.signing_serial, settings_signatures=cur.settings_signatures)
     if unsigned:
         return cfg
     path = key_path or default_signing_key_path(cfg.name)
     key, created = load_or_generate_signing_key(path)
     info(f"{'created' if created else 'using'} signing key {path} (keep it safe: `wiremesh node enroll` needs it)")
-    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
+    return sign_settings(dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64), [key])
 
 
 @cluster.command("show")
@@ -186,10 +187,11 @@ def release(ctx: Ctx, name: str, node: str, force: bool) -> None:
 
 
 def _signing_commands() -> None:
-    from .signing_cmd import require_signed, signing_key
+    from .signing_cmd import require_signed, roll_signing_key, signing_key
 
     cluster.add_command(signing_key)
     cluster.add_command(require_signed)
+    cluster.add_command(roll_signing_key)
 
 
 _signing_commands()

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import (DEFAULT_VALIDITY_S, ConsulStore, default_signing_key_path, enroll, node_serials,
-                                  revocation_list, revoke)
+from wiremesh.clustermesh import (DEFAULT_VALIDITY_S, ConsulStore, cluster_signers, default_signing_key_path, enroll,
+                                  load_cluster_config, next_key_path, node_serials, revocation_list, revoke)
 from wiremesh.keys import SigningKey, VerifyKey, load_or_generate_signing_key, read_signing_key
 
 from .cluster import _duration
+
+CLUSTER_PUB = "cluster.pub"  # beside node.crt: where the agent looks for its cluster's signing key
 from .output import Ctx, emit, info
 
 
@@ -49,7 +51,10 @@ def enroll_cmd(ctx: Ctx, node_name: str, cluster_name: str, signing_key: Path | 
     """Certify NODE for cluster --cluster: its identity key and one pod CIDR, reserved in IPAM."""
     if (identity_key is None) == (identity_public is None):
         raise click.UsageError("give the node's identity as --identity-key FILE or --identity-public BASE64")
-    ca = read_signing_key(signing_key or default_signing_key_path(cluster_name))
+    ca_path = signing_key or default_signing_key_path(cluster_name)
+    if signing_key is None and next_key_path(ca_path).exists():
+        ca_path = next_key_path(ca_path)  # a roll-over under way: certificates of the new key outlive it
+    ca = read_signing_key(ca_path)
     private: SigningKey | None = None
     if identity_key is not None:
         private, created = load_or_generate_signing_key(identity_key)
@@ -65,15 +70,17 @@ def enroll_cmd(ctx: Ctx, node_name: str, cluster_name: str, signing_key: Path | 
     cert = done.certificate
     text = json.dumps(cert.to_dict(), indent=1, sort_keys=True) + "\n"
     if cert_out is not None:
-        tmp = cert_out.with_name(f".{cert_out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(cert_out)
-        info(f"wrote {cert_out}")
+        for path, content in ((cert_out, text), (cert_out.with_name(CLUSTER_PUB), done.cluster_key + "\n")):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(content)
+            tmp.replace(path)
+        info(f"wrote {cert_out} and {cert_out.with_name(CLUSTER_PUB)} (the cluster signing key the agent pins)")
     info(f"enrolled {cluster_name}/{node_name}: pod CIDR {cert.pod_cidr} ({done.lease or 'not leased'}), "
          f"serial {cert.serial}, valid until {time.strftime('%Y-%m-%d %H:%M', time.localtime(cert.not_after))}")
     if ctx.json:
         emit(ctx, {"cluster": cluster_name, "node": node_name, "pod_cidr": cert.pod_cidr, "serial": cert.serial,
                    "not_after": cert.not_after, "lease": done.lease, "certificate": cert.to_dict(),
+                   "cluster_signing_key": done.cluster_key,
                    "path": str(cert_out) if cert_out else None})
     elif cert_out is None:
         click.echo(text, nl=False)
@@ -86,9 +93,12 @@ def enroll_cmd(ctx: Ctx, node_name: str, cluster_name: str, signing_key: Path | 
 @click.option("--not-after", type=click.IntRange(0, 2**40), default=None, metavar="UNIX_SECONDS",
               help="When the SERIALs' certificates expire, for those no live record or lease carries "
                    "[default: 10 years from now, the longest a certificate lasts].")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cluster's signing key file, which signs a change of its config "
+                   "[default: ~/.config/wiremesh/signing/CLUSTER.key].")
 @click.pass_obj
 def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name: str | None,
-               not_after: int | None) -> None:
+               not_after: int | None, signing_key: Path | None) -> None:
     """Add certificate serials to the cluster's revocation list: their records and leases are refused.
 
     Each serial stays listed until a day after its certificate expires; serials past that are
@@ -103,7 +113,9 @@ def revoke_cmd(ctx: Ctx, serials: tuple[str, ...], cluster_name: str, node_name:
         wanted += [s for s in found if s not in wanted]
     if not wanted:
         raise click.UsageError("give SERIAL(s) or --node NODE")
-    done = revoke(store, cluster_name, wanted, not_after=not_after)
+    config = load_cluster_config(store, cluster_name)
+    signers = cluster_signers(config, signing_key or default_signing_key_path(cluster_name)) if config.signing_key else []
+    done = revoke(store, cluster_name, wanted, not_after=not_after, sign=signers)
     fresh = set(done.added) | set(done.migrated)
     info(f"cluster {cluster_name}: " + "; ".join(
         part for part in (f"revoked {', '.join(s for s in wanted if s in fresh)}" if fresh & set(wanted) else "",

@@ -1,4 +1,7 @@
-"""`wiremesh cluster signing-key` and `wiremesh cluster require-signed`: a cluster's signing settings."""
+"""`wiremesh cluster signing-key`, `require-signed` and `roll-signing-key`: a cluster's signing settings.
+
+Every change to them is signed by the cluster's signing key (agents that pinned it refuse any
+other): the key file is needed for each."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from wiremesh.clustermesh import (ConsulStore, EnrollError, InvalidRecord, KVItem, Rotation, attach_signing_key,
-                                  default_signing_key_path, layout, load_cluster_config, parse_cluster, update_config)
+from wiremesh.clustermesh import (ConsulStore, EnrollError, InvalidRecord, KVItem, Rotation, announce,
+                                  attach_signing_key, cluster_signers, commit, default_signing_key_path, layout,
+                                  load_cluster_config, next_key_path, parse_cluster, promote_key_files, update_config)
 from wiremesh.keys import load_or_generate_signing_key, read_signing_key
 
 from .output import Ctx, emit, info
@@ -39,7 +43,7 @@ def signing_key(ctx: Ctx, name: str, key_path: Path | None, create: bool, force:
         info(f"{'created' if created else 'kept existing'} signing key {path}")
     else:
         key = read_signing_key(path)
-    changed = attach_signing_key(ConsulStore(ctx.consul), name, key.public_key(), force=force)
+    changed = attach_signing_key(ConsulStore(ctx.consul), name, key, force=force)
     pub = key.public_key()
     info(f"cluster {name}: signing key {pub.fingerprint} {'stored' if changed else 'unchanged'}")
     emit(ctx, {"cluster": name, "signing_key": pub.base64, "fingerprint": pub.fingerprint, "path": str(path),
@@ -50,8 +54,10 @@ def signing_key(ctx: Ctx, name: str, key_path: Path | None, create: bool, force:
 @click.argument("name")
 @click.option("--off", is_flag=True, help="Accept unsigned records again.")
 @click.option("--force", is_flag=True, help="Require signatures even though some live records would be refused.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The signing key file, which signs the change [default: ~/.config/wiremesh/signing/NAME.key].")
 @click.pass_obj
-def require_signed(ctx: Ctx, name: str, off: bool, force: bool) -> None:
+def require_signed(ctx: Ctx, name: str, off: bool, force: bool, key_path: Path | None) -> None:
     """Refuse unsigned records in cluster NAME (or, with --off, accept them again).
 
     Before it turns on, every live node record and lease is checked as a cluster requiring
@@ -81,8 +87,53 @@ def require_signed(ctx: Ctx, name: str, off: bool, force: bool) -> None:
                               "validly signed; nothing changed",
                               "enroll those nodes and restart their agents, sign the services "
                               f"(wiremesh service sign --all --cluster {name}), or pass --force")
-    new, changed = update_config(store, name, lambda c: dataclasses.replace(c, require_signed=not off))
+    signers = cluster_signers(config, key_path or default_signing_key_path(name)) if config.signing_key else []
+    new, changed = update_config(store, name, lambda c: dataclasses.replace(c, require_signed=not off), signers)
     info(f"cluster {name}: require_signed {'on' if new.require_signed else 'off'}"
          f"{'' if changed else ' (unchanged)'}")
     emit(ctx, {"cluster": name, "require_signed": new.require_signed, "changed": changed, "refused": refused},
          ["cluster", "require signed", "changed"], [[name, new.require_signed, changed]])
+
+
+@click.command("roll-signing-key")
+@click.argument("name")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The current signing key file [default: ~/.config/wiremesh/signing/NAME.key].")
+@click.option("--new", "new_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The new signing key file, created (0600) if absent [default: NAME.next.key beside --key].")
+@click.option("--commit", "do_commit", is_flag=True,
+              help="Make the announced key the cluster's signing key (after every node was enrolled with it).")
+@click.option("--force", is_flag=True, help="Commit even though some live records still carry old certificates.")
+@click.pass_obj
+def roll_signing_key(ctx: Ctx, name: str, key_path: Path | None, new_path: Path | None, do_commit: bool,
+                     force: bool) -> None:
+    """Roll cluster NAME's signing key over to a new one, without downtime.
+
+    \b
+    1. wiremesh cluster roll-signing-key NAME            (announce: both keys' certificates valid)
+    2. wiremesh node enroll NODE --cluster NAME ...      (each node again: its certificate by the new key)
+    3. wiremesh cluster roll-signing-key NAME --commit   (the new key is the cluster's)
+    """
+    store = ConsulStore(ctx.consul)
+    path = key_path or default_signing_key_path(name)
+    current = read_signing_key(path)
+    nxt = new_path or next_key_path(path)
+    if do_commit:
+        new = read_signing_key(nxt)
+        cfg, changed, left = commit(store, name, current, new, time.time(), force=force)
+        if changed and new_path is None:
+            promote_key_files(path)
+            info(f"{path} now holds the new key (the old one is kept beside it)")
+        info(f"cluster {name}: signing key {new.public_key().fingerprint} "
+             f"{'committed' if changed else 'already committed'}"
+             + (f"; {len(left)} record(s) with old certificates cut" if left else ""))
+    else:
+        new, created = load_or_generate_signing_key(nxt)
+        cfg, changed = announce(store, name, current, new)
+        info(f"{'created' if created else 'using'} new signing key {nxt}")
+        info(f"cluster {name}: next signing key {new.public_key().fingerprint} {'announced' if changed else 'unchanged'}"
+             f"; now enroll every node again, then: wiremesh cluster roll-signing-key {name} --commit")
+    emit(ctx, {"cluster": name, "signing_key": cfg.signing_key, "next_signing_key": cfg.next_signing_key,
+               "signing_serial": cfg.signing_serial, "changed": changed},
+         ["cluster", "signing key", "next signing key", "serial"],
+         [[name, cfg.signing_key, cfg.next_signing_key or "-", cfg.signing_serial]])

@@ -2,6 +2,8 @@
 
 from . import layout, wizard
 from .acl import ensure_agent_token
+from .anchor import Anchor, resolve_anchor, sign_settings, signed_by
+from .claims import Seen
 from .clusters import init_cluster, load_cluster_config
 from .consul_values import (
     AclPolicy,
@@ -70,6 +72,7 @@ from .records import (
     parse_schema,
 )
 from .revocation import CHUNK_ENTRIES, MAX_CHUNKS, PRUNE_AFTER_S, RevocationFull, Revocations
+from .rollover import announce, cluster_signers, commit, next_key_path, old_key_path, promote_key_files
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
 from .services import (
     AFFINITIES,
@@ -111,6 +114,17 @@ __all__ = [
     "verify_ready",
     "verify_rotation",
     "verify_service",
+    "Anchor",
+    "announce",
+    "cluster_signers",
+    "commit",
+    "next_key_path",
+    "old_key_path",
+    "promote_key_files",
+    "resolve_anchor",
+    "Seen",
+    "sign_settings",
+    "signed_by",
     "AclPolicy",
     "AclToken",
     "AFFINITIES",

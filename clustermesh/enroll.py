@@ -14,13 +14,14 @@ import dataclasses
 import ipaddress
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from wiremesh.keys import MAX_VALIDITY_S, Certificate, NodeIdentity, SigningKey, VerifyKey, issue
 
 from . import layout
+from .anchor import settings_doc, sign_settings, signed_by
 from .clusters import load_cluster_config
 from .errors import CASConflict, ClusterMeshError, ConsulReason, InvalidRecord, TransactionFailed
 from .ipam import leases
@@ -52,13 +53,22 @@ def default_signing_key_path(cluster: str) -> Path:
     return signing_key_dir() / f"{cluster}.key"
 
 
-def update_config(store: ConsulStore, cluster: str, change: Callable[[ClusterConfig], ClusterConfig]) -> tuple[ClusterConfig, bool]:
-    """Apply `change` to the stored config with check-and-set; (new config, whether it changed)."""
+def update_config(store: ConsulStore, cluster: str, change: Callable[[ClusterConfig], ClusterConfig],
+                  sign: Sequence[SigningKey] = ()) -> tuple[ClusterConfig, bool]:
+    """Apply `change` to the stored config with check-and-set; (new config, whether it changed).
+
+    With `sign` (the cluster's signing key, and during a roll-over the next one), the signing
+    settings are signed again with a higher serial when they change or are not signed by these
+    keys yet (clustermesh.anchor): agents that pinned the cluster key refuse any other change."""
     key = layout.config_key(cluster)
     for _ in range(8):
         item = store.get(key)
         current = load_cluster_config(store, cluster) if item is None else ClusterConfig.from_json(item.value, key)
         new = change(current)
+        if sign and (settings_doc(new) != settings_doc(current) or new.settings_signatures != current.settings_signatures
+                     or not all(signed_by(new, k.public_key().base64) for k in sign)):
+            new = sign_settings(dataclasses.replace(new, signing_serial=max(new.signing_serial,
+                                                                            current.signing_serial)), sign)
         if new == current:
             return current, False
         if store.put(key, dataclasses.replace(new, extra=current.extra, schema=current.schema).to_json(),
@@ -67,22 +77,29 @@ def update_config(store: ConsulStore, cluster: str, change: Callable[[ClusterCon
     raise CASConflict(f"cluster {cluster!r}: its config kept changing meanwhile; run again")
 
 
-def attach_signing_key(store: ConsulStore, cluster: str, key: VerifyKey, force: bool = False) -> bool:
-    """Store `key` as the cluster's signing key (require_signed untouched); True if it changed."""
+def attach_signing_key(store: ConsulStore, cluster: str, key: VerifyKey | SigningKey, force: bool = False) -> bool:
+    """Store `key` as the cluster's signing key (require_signed untouched), its settings signed by
+    it when it is the private key; True if it changed."""
+    pub = key.public_key() if isinstance(key, SigningKey) else key
+
     def change(cfg: ClusterConfig) -> ClusterConfig:
-        if cfg.signing_key and cfg.signing_key != key.base64 and not force:
+        if cfg.signing_key and cfg.signing_key != pub.base64 and not force:
             raise EnrollError("signing_key", f"cluster {cluster!r} already has another signing key "
                               f"({VerifyKey.from_base64(cfg.signing_key).fingerprint})",
-                              "every certificate made with the old key stops verifying: pass --force to replace it")
-        return dataclasses.replace(cfg, signing_key=key.base64)
-    return update_config(store, cluster, change)[1]
+                              "roll it over without downtime: wiremesh cluster roll-signing-key "
+                              f"{cluster} --new NEW.key (--force replaces it at once: every certificate made "
+                              "with the old key stops verifying, and agents that pinned it refuse the change)")
+        if cfg.signing_key != pub.base64:
+            cfg = dataclasses.replace(cfg, next_signing_key="")
+        return dataclasses.replace(cfg, signing_key=pub.base64)
+    return update_config(store, cluster, change, [key] if isinstance(key, SigningKey) else ())[1]
 
 
 def check_signing_key(config: ClusterConfig, key: SigningKey, field: str = "--signing-key") -> None:
     if not config.signing_key:
         raise EnrollError(field, f"cluster {config.name!r} has no signing key",
                           f"attach one: wiremesh cluster signing-key {config.name} --create")
-    if config.signing_key != key.public_key().base64:
+    if key.public_key().base64 not in (config.signing_key, config.next_signing_key):
         raise EnrollError(field, f"not cluster {config.name!r}'s signing key (that is "
                           f"{VerifyKey.from_base64(config.signing_key).fingerprint}, this is "
                           f"{key.public_key().fingerprint})")
@@ -92,6 +109,7 @@ def check_signing_key(config: ClusterConfig, key: SigningKey, field: str = "--si
 class Enrolled:
     certificate: Certificate
     lease: str  # "held" (the node's own lease), "reserved" (written now), or "" (not written)
+    cluster_key: str = ""  # the public key that signed it: the node's trust anchor (agent's cluster.pub)
 
 
 def choose_cidr(store: ConsulStore, config: ClusterConfig, node: str, cidr: str | None) -> tuple[str, bool]:
@@ -134,11 +152,17 @@ def enroll(store: ConsulStore, cluster: str, node: str, signing_key: SigningKey,
     for _ in range(8):
         chosen, exists = choose_cidr(store, config, node, cidr)
         cert = issue(signing_key, cluster, node, identity, chosen, valid_for_s, now)
+        anchor = signing_key.public_key().base64
         if exists:
-            return Enrolled(cert, "held")
+            if identity_key is not None:  # its lease signed again with the new certificate
+                item = store.get(layout.ipam_key(cluster, chosen))
+                if item is not None and not store.put(item.key, lease_value(chosen, NodeIdentity(cert, identity_key)),
+                                                      cas=item.modify_index):
+                    continue
+            return Enrolled(cert, "held", anchor)
         value = lease_value(chosen, NodeIdentity(cert, identity_key)) if identity_key is not None else node
         if store.put(layout.ipam_key(cluster, chosen), value, cas=0):
-            return Enrolled(cert, "reserved")
+            return Enrolled(cert, "reserved", anchor)
     raise CASConflict(f"cluster {cluster!r}: other nodes kept taking the free CIDRs meanwhile; run again")
 
 
@@ -159,7 +183,7 @@ class Revoked:
 
 
 def revoke(store: ConsulStore, cluster: str, serials: list[str], *, now: float | None = None,
-           not_after: int | None = None) -> Revoked:
+           not_after: int | None = None, sign: Sequence[SigningKey] = ()) -> Revoked:
     """Add certificate serials to the cluster's revocation list, and prune it.
 
     Each serial is kept until its certificate expires (PRUNE_AFTER_S later): the expiry of the
@@ -174,7 +198,8 @@ def revoke(store: ConsulStore, cluster: str, serials: list[str], *, now: float |
             raise EnrollError("SERIAL", e.reason) from None
     config = load_cluster_config(store, cluster)
     legacy = tuple(s for s in config.revoked if s not in serials)
-    known = certificate_expiries(_certificates(store, cluster), cluster_key(config))
+    # (the current key's certificates; during a roll-over the next key's get the default expiry)
+    known = certificate_expiries(_certificates(store, cluster), (cluster_key(config) or (None,))[0])
     default = int(now) + MAX_VALIDITY_S if not_after is None else not_after
     add = {s: known.get(s, default) for s in serials}
     add.update({s: known.get(s, int(now) + MAX_VALIDITY_S) for s in legacy})
@@ -200,7 +225,7 @@ def revoke(store: ConsulStore, cluster: str, serials: list[str], *, now: float |
     left = config.revoked
     if moved:
         new, _ = update_config(store, cluster, lambda c: dataclasses.replace(
-            c, revoked=tuple(s for s in c.revoked if s not in moved)))
+            c, revoked=tuple(s for s in c.revoked if s not in moved)), sign)
         left = new.revoked
     return Revoked(change.revocations, [s for s in change.added if s not in moved], change.pruned,
                    sorted(moved), left)

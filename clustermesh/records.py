@@ -44,6 +44,7 @@ SCHEMA_FIELD = "schema"
 SCHEMA_MAJOR = 1
 SCHEMA = "1.0"  # a record's version when it says none, and the version of the records this agent builds
 ROTATE_EVERY_MIN, ROTATE_EVERY_MAX = 3600, 365 * 86400  # ClusterConfig.rotate_every, when set (seconds)
+MAX_SETTINGS_SIGNATURES = 4  # the current and the next signing key sign a roll-over; room for more
 MAX_REVOKED = 256  # serials in ClusterConfig.revoked (32 hex digits each: well inside the size limit)
 
 # Cilium's cluster-name rule: lowercase letters, digits and dashes, at most 32.
@@ -250,6 +251,12 @@ class ClusterConfig:
     require_signed: bool = False
     signing_key: str = ""
     revoked: tuple[str, ...] = ()
+    # The signing settings above are signed by the cluster key (clustermesh.anchor): a key being
+    # rolled over to (certificates it signs are valid too), a counter that grows with each signed
+    # change, and the signatures ((public key, signature) pairs; JSON: an object).
+    next_signing_key: str = ""
+    signing_serial: int = 0
+    settings_signatures: tuple[tuple[str, str], ...] = ()
     schema: str = field(default=SCHEMA, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -257,6 +264,8 @@ class ClusterConfig:
         _envelope(self, _CONFIG_FIELDS)
         if isinstance(self.revoked, list):
             object.__setattr__(self, "revoked", tuple(self.revoked))
+        if isinstance(self.settings_signatures, Mapping):
+            object.__setattr__(self, "settings_signatures", tuple(sorted(self.settings_signatures.items())))
         self.validate()
         # One spelling per network ("FD00::/48" and "fd00::/48" are the same cluster range).
         object.__setattr__(self, "pod_cidr", str(ipaddress.ip_network(self.pod_cidr)))
@@ -295,10 +304,7 @@ class ClusterConfig:
         if not isinstance(self.signing_key, str):
             raise InvalidRecord("signing_key", f"must be a string, not {_shown(self.signing_key)}", key)
         if self.signing_key:
-            try:
-                VerifyKey.from_base64(self.signing_key, "signing_key")
-            except KeyMaterialError as e:
-                raise InvalidRecord("signing_key", str(e).split(": ", 1)[-1], key) from None
+            _verify_key(self.signing_key, "signing_key", key)
         elif self.require_signed:
             raise InvalidRecord("require_signed", "set without a signing_key to verify records with", key)
         if not isinstance(self.revoked, tuple) or len(self.revoked) > MAX_REVOKED:
@@ -306,6 +312,25 @@ class ClusterConfig:
         for serial in self.revoked:
             if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
                 raise InvalidRecord("revoked", f"{_shown(serial)} is not a certificate serial (32 hex digits)", key)
+        if not isinstance(self.next_signing_key, str):
+            raise InvalidRecord("next_signing_key", f"must be a string, not {_shown(self.next_signing_key)}", key)
+        if self.next_signing_key:
+            _verify_key(self.next_signing_key, "next_signing_key", key)
+            if not self.signing_key:
+                raise InvalidRecord("next_signing_key", "set without a signing_key to roll over from", key)
+            if self.next_signing_key == self.signing_key:
+                raise InvalidRecord("next_signing_key", "is the current signing_key", key)
+        _int({"signing_serial": self.signing_serial}, "signing_serial", 0, 2**53, key)
+        sigs = self.settings_signatures
+        if not isinstance(sigs, tuple) or len(sigs) > MAX_SETTINGS_SIGNATURES:
+            raise InvalidRecord("settings_signatures", f"must be an object of at most {MAX_SETTINGS_SIGNATURES} "
+                                                       "signatures (public key: signature)", key)
+        for pair in sigs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+                raise InvalidRecord("settings_signatures", "must map public keys to signatures (strings)", key)
+            _verify_key(pair[0], "settings_signatures", key)
+            if not 0 < len(pair[1]) <= 128:
+                raise InvalidRecord("settings_signatures", "a signature must be 1-128 characters", key)
 
     @property
     def pod_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -316,12 +341,15 @@ class ClusterConfig:
         d, schema, extra = _load(raw, key, _CONFIG_FIELDS)
         for name in ("name", "pod_cidr"):
             _str(d, name, key)
-        for name in ("service_cidr", "routing", "signing_key"):
+        for name in ("service_cidr", "routing", "signing_key", "next_signing_key"):
             if name in d:
                 _str(d, name, key)
         if not isinstance(d.get("revoked", []), list):
             raise InvalidRecord("revoked", f"must be a list, not {_shown(d['revoked'])}", key)
-        for name in ("id", "node_prefix_len", "vni", "wg_port", "mtu", "rotate_every"):
+        if not isinstance(d.get("settings_signatures", {}), dict):
+            raise InvalidRecord("settings_signatures", f"must be an object, not {_shown(d['settings_signatures'])}",
+                                key)
+        for name in ("id", "node_prefix_len", "vni", "wg_port", "mtu", "rotate_every", "signing_serial"):
             if name in d:
                 _int(d, name, -(2**31), 2**31, key)
         _int(d, "id", -(2**31), 2**31, key)
@@ -332,11 +360,14 @@ class ClusterConfig:
 
     def to_json(self) -> str:
         known = self._known()
-        for name in ("rotate_every", "require_signed", "signing_key", "revoked"):
+        for name in ("rotate_every", "require_signed", "signing_key", "revoked", "next_signing_key", "signing_serial",
+                     "settings_signatures"):
             if not known[name]:
                 del known[name]  # agents released before them refuse fields they do not know
         if self.revoked:
             known["revoked"] = list(self.revoked)
+        if self.settings_signatures:
+            known["settings_signatures"] = dict(self.settings_signatures)
         return _dump(known, self.schema, self.extra)
 
 
@@ -423,6 +454,13 @@ class NodeRecord:
 
 
 _NODE_FIELDS = frozenset(NodeRecord.__dataclass_fields__) - {SCHEMA_FIELD, "extra"}
+
+
+def _verify_key(text: str, name: str, key: str | None) -> None:
+    try:
+        VerifyKey.from_base64(text, name)
+    except KeyMaterialError as e:
+        raise InvalidRecord(name, str(e).split(": ", 1)[-1], key) from None
 
 
 def _public_key(d: dict[str, Any], name: str, key: str | None) -> str:

@@ -72,19 +72,39 @@ def parse_lease(value: bytes, key: str | None = None) -> Lease:
     return Lease(check_node_name(doc.get("node"), "node", key), doc)
 
 
-def cluster_key(config: ClusterConfig) -> VerifyKey | None:
-    return VerifyKey.from_base64(config.signing_key, "signing_key") if config.signing_key else None
+ClusterKeys = VerifyKey | tuple[VerifyKey, ...]
 
 
-def _certificate(doc: object, signing_key: VerifyKey | None, cluster: str, key: str | None) -> Certificate:
+def cluster_key(config: ClusterConfig) -> tuple[VerifyKey, ...] | None:
+    """The keys whose certificates the cluster accepts: its signing key, and during a roll-over
+    (clustermesh.anchor) the next one."""
+    if not config.signing_key:
+        return None
+    keys = [config.signing_key] + ([config.next_signing_key] if config.next_signing_key else [])
+    return tuple(VerifyKey.from_base64(k, "signing_key") for k in keys)
+
+
+def keys_id(config: ClusterConfig) -> str:
+    """What the checks of a certificate depend on in the config (the cache of `Verified`)."""
+    return f"{config.signing_key} {config.next_signing_key}"
+
+
+def _certificate(doc: object, signing_key: ClusterKeys | None, cluster: str, key: str | None) -> Certificate:
     """The certificate in `doc`, signed by the cluster (form and signature; no clock)."""
     if doc is None:
         raise InvalidRecord("certificate", f"missing: cluster {cluster!r} requires signed records", key)
     if signing_key is None:
         raise InvalidRecord("certificate", f"cluster {cluster!r} has no signing_key to check it against", key)
+    keys = signing_key if isinstance(signing_key, tuple) else (signing_key,)
     try:
         cert = Certificate.from_dict(doc)
-        signing_key.verify(CERT_DOMAIN, cert.body(), cert.signature, "certificate")
+        for i, ck in enumerate(keys):
+            try:
+                ck.verify(CERT_DOMAIN, cert.body(), cert.signature, "certificate")
+                break
+            except CertificateError:
+                if i == len(keys) - 1:
+                    raise
     except CertificateError as e:
         where = "certificate" if e.field == "certificate" else f"certificate.{e.field}"
         reason = "forged: not signed by the cluster's signing key" if "does not verify" in e.reason else e.reason
@@ -105,7 +125,7 @@ def _signed_by(cert: Certificate, domain: bytes, doc: Mapping[str, Any], signatu
         raise InvalidRecord(field, reason, key) from None
 
 
-def verify_record(rec: NodeRecord, raw: bytes | str, signing_key: VerifyKey | None, key: str | None = None) -> Certificate:
+def verify_record(rec: NodeRecord, raw: bytes | str, signing_key: ClusterKeys | None, key: str | None = None) -> Certificate:
     """The checks of a signed record that need no clock; its certificate if they pass."""
     if rec.certificate is None and not rec.node_signature:
         raise InvalidRecord(SIGNATURE_FIELD, f"missing: cluster {rec.cluster!r} requires signed records", key)
@@ -120,7 +140,7 @@ def verify_record(rec: NodeRecord, raw: bytes | str, signing_key: VerifyKey | No
     return cert
 
 
-def verify_lease(lease: Lease, cidr: str, cluster: str, signing_key: VerifyKey | None,
+def verify_lease(lease: Lease, cidr: str, cluster: str, signing_key: ClusterKeys | None,
                  key: str | None = None) -> Certificate:
     """The checks of a signed lease that need no clock; its certificate if they pass."""
     if lease.doc is None:

@@ -16,14 +16,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from wiremesh.keys import Certificate
+
 from . import layout
 from .control import ControlMemo, Trust
+from .anchor import Anchor, apply_settings
+from .claims import Seen, check_epoch, seen_of, settle_keys
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord
 from .revocation import RevocationCache, Revocations, read_revocations
 from .rotation import Rotations, parse_rotations
 from .services import ServiceDef, parse_services
-from .signed import Lease, Verified, check_valid, cluster_key, parse_lease, verify_lease, verify_record
+from .signed import Lease, Verified, check_valid, cluster_key, keys_id, parse_lease, verify_lease, verify_record
 from .store import KVItem
 
 
@@ -44,6 +48,12 @@ class ClusterSnapshot:
     services: dict[str, ServiceDef] = field(default_factory=dict)
     rotations: Rotations = field(default_factory=Rotations)
     revoked: Revocations = field(default_factory=Revocations)  # the cluster's revocation list (its chunks)
+    # With an anchor (clustermesh.anchor): the anchor after this snapshot. `seen`: the newest
+    # record accepted of each node (clustermesh.claims), to remember; `kept`: nodes whose record
+    # in Consul was refused as an old one written back, their last accepted record kept instead.
+    anchor: Anchor | None = None
+    seen: Mapping[str, Seen] = field(default_factory=dict)
+    kept: frozenset[str] = frozenset()
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -64,6 +74,7 @@ class ParseCache:
         self.verified = Verified()
         self.revocations = RevocationCache()
         self.control = ControlMemo()  # service definitions' and rotations' checks (clustermesh.control)
+        self.accepted: dict[str, tuple[NodeRecord, Certificate | None]] = {}  # the last accepted record per node
 
 
 def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRecord, Network]:
@@ -90,13 +101,17 @@ def parse_cluster(
     last_config: ClusterConfig | None = None,
     cache: ParseCache | None = None,
     now: float | None = None,
+    anchor: Anchor | None = None,
+    seen: Mapping[str, Seen] | None = None,
 ) -> ClusterSnapshot:
     """Validate every key under the cluster's prefix.
 
     A config that fails validation is reported and `last_config` (the last good one) is used
     instead, so a bad write never changes what the agent programs. With `cache` (one per
     watch), records whose ModifyIndex did not change are not parsed again. `now` (unix seconds)
-    is when certificates must be valid.
+    is when certificates must be valid. `anchor`: the cluster key this agent pinned; the signing
+    settings are then taken only signed by it (clustermesh.anchor). `seen`: the newest record
+    accepted of each node before (clustermesh.claims).
     """
     cache = cache or ParseCache()
     now = time.time() if now is None else now
@@ -111,6 +126,13 @@ def parse_cluster(
         except InvalidRecord as e:
             rejected.append(Rejected(ckey, str(e).removeprefix(f"{ckey}: ")))
             config = last_config
+        else:
+            config, anchor, why = apply_settings(config, anchor, ckey)
+            if why is not None:
+                rejected.append(Rejected(ckey, f"{why.field}: {why.reason} (signing settings refused; the last "
+                                               "accepted ones stay)"))
+    if anchor is not None and config is not None and last_config is config:
+        config = anchor.strict(config)  # the last config may come from Consul unchecked (start-up)
 
     revoked, refused_chunks = read_revocations(cluster, items, cache.revocations)
     rejected.extend(Rejected(k, reason) for k, reason in refused_chunks)
@@ -130,20 +152,22 @@ def parse_cluster(
             if signed and config is not None:
                 try:
                     cidr, held = lease
-                    cert = cache.verified.get(key, item.modify_index, config.signing_key,
-                                              lambda: verify_lease(held, cidr, cluster, signing_key, key))
-                    check_valid(cert, config, now, key, revoked)
+                    lease_cert = cache.verified.get(key, item.modify_index, keys_id(config),
+                                                    lambda: verify_lease(held, cidr, cluster, signing_key, key))
+                    check_valid(lease_cert, config, now, key, revoked)
                 except InvalidRecord as e:
                     rejected.append(Rejected(key, f"bad IPAM lease ({e.field}: {e.reason})"))
                     continue
             leases[lease[0]] = lease[1].node
     cache.leases = lease_cache
 
-    nodes: dict[str, NodeRecord] = {}
     npfx = layout.nodes_prefix(cluster)
-    keys_seen: dict[str, str] = {}
+    seen = dict(seen or {})
     cidrs_seen: dict[str, str] = {}
     node_cache: dict[str, tuple[int, NodeRecord | InvalidRecord, Network | None]] = {}
+    candidates: list[tuple[str, NodeRecord]] = []
+    certs: dict[str, Certificate | None] = {}
+    kept: set[str] = set()
     pod_range = config.pod_network if config is not None else None
     # Oldest records first, so a newcomer that copies a key cannot push out the node holding it.
     for key in sorted((k for k in items if k.startswith(npfx)), key=lambda k: (items[k].modify_index, k)):
@@ -162,37 +186,55 @@ def parse_cluster(
             except (ValueError, TypeError, RecursionError) as e:  # a validator bug must not sink the snapshot
                 parsed, pod = InvalidRecord("value", f"unexpected validation error: {e.__class__.__name__}", key), None
         node_cache[key] = (item.modify_index, parsed, pod)
+        cert: Certificate | None = None
+        replayed = False
         try:
             if isinstance(parsed, InvalidRecord):
                 raise parsed
             rec = parsed
-            assert pod is not None
             if config is None or pod_range is None:
                 raise InvalidRecord("pod_cidr", f"cluster {cluster!r} has no valid config to check it against", key)
-            if pod.version != pod_range.version or not pod.subnet_of(pod_range):  # type: ignore[arg-type]
-                raise InvalidRecord("pod_cidr", f"{pod} is outside the cluster's pod CIDR {config.pod_cidr}", key)
-            if pod.prefixlen != config.node_prefix_len:
-                raise InvalidRecord("pod_cidr", f"{pod} is not a /{config.node_prefix_len}", key)
-            owner = leases.get(rec.pod_cidr)
-            if owner is None and not signed:  # signed: the certificate entitles the node to its CIDR
-                raise InvalidRecord("pod_cidr", f"{pod} has no IPAM lease", key)
-            if owner is not None and owner != name:
-                raise InvalidRecord("pod_cidr", f"{pod} is leased to node {owner!r}", key)
+            _check_pod(rec, name, config, pod_range, leases, signed, key)
             if signed:
-                cert = cache.verified.get(key, item.modify_index, config.signing_key,
+                cert = cache.verified.get(key, item.modify_index, keys_id(config),
                                           lambda: verify_record(rec, item.value, signing_key, key))
                 check_valid(cert, config, now, key, revoked)
+                try:
+                    check_epoch(rec, cert.not_before, seen.get(name), key)
+                except InvalidRecord as e:
+                    rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+                    replayed = True
+                    # An old record written back: the node's last accepted record stays (if still valid).
+                    rec, cert = cache.accepted.get(name, (None, None))  # type: ignore[assignment]
+                    if rec is None or cert is None:
+                        continue
+                    _check_pod(rec, name, config, pod_range, leases, signed, key)
+                    check_valid(cert, config, now, key, revoked)
+                    kept.add(name)
             if rec.pod_cidr in cidrs_seen:
-                raise InvalidRecord("pod_cidr", f"{pod} is already node {cidrs_seen[rec.pod_cidr]!r}'s", key)
-            other = keys_seen.get(rec.public_key)
-            if other is not None:
-                raise InvalidRecord("public_key", f"already used by node {other!r}", key)
+                raise InvalidRecord("pod_cidr", f"{rec.pod_cidr} is already node {cidrs_seen[rec.pod_cidr]!r}'s", key)
         except InvalidRecord as e:
-            rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+            if not replayed:
+                rejected.append(Rejected(key, str(e).removeprefix(f"{key}: ")))
+            kept.discard(name)
             continue
-        keys_seen[rec.public_key] = name
         cidrs_seen[rec.pod_cidr] = name
-        nodes[name] = rec
+        candidates.append((name, rec))
+        certs[name] = cert
+    nodes, key_refused = settle_keys(candidates, seen)
+    for name, why in key_refused:
+        if name in kept:
+            kept.discard(name)  # (its refusal is in the list already)
+        else:
+            rejected.append(Rejected(npfx + name, f"{why.field}: {why.reason}"))
+    accepted: dict[str, tuple[NodeRecord, Certificate | None]] = {}
+    for name, rec in nodes.items():
+        its_cert = certs[name]
+        accepted[name] = (rec, its_cert)
+        if name not in kept:
+            seen[name] = seen_of(rec, its_cert.not_before if its_cert is not None else 0)
+    present = {k[len(npfx):] for k in items if k.startswith(npfx)}
+    cache.accepted = {n: v for n, v in {**cache.accepted, **accepted}.items() if n in present}
     cache.nodes = node_cache
     cache.verified.sweep()
 
@@ -200,7 +242,8 @@ def parse_cluster(
     # value leaves its key's last good one in place.
     memo = cache.control
     memo.use(config if signed else None)
-    trust = Trust(config, signing_key, now) if signed and config is not None else None
+    # (operators sign with the current key; after a roll-over's commit: `service sign --all`)
+    trust = Trust(config, signing_key[0] if signing_key else None, now) if signed and config is not None else None
     spfx = layout.services_prefix(cluster)
     services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
                                        config.service_cidr if config else None, spfx,
@@ -219,4 +262,20 @@ def parse_cluster(
                                                 layout.cluster_prefix(cluster) + "services/",
                                                 layout.revoked_prefix(cluster)))):
             rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
-    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations, revoked)
+    return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations, revoked,
+                           anchor, seen, frozenset(kept))
+
+
+def _check_pod(rec: NodeRecord, name: str, config: ClusterConfig, pod_range: Network, leases: Mapping[str, str],
+               signed: bool, key: str) -> None:
+    """The record's pod CIDR: inside the cluster's, of its node prefix, leased to it (or certified)."""
+    pod = ipaddress.ip_network(rec.pod_cidr)
+    if pod.version != pod_range.version or not pod.subnet_of(pod_range):  # type: ignore[arg-type]
+        raise InvalidRecord("pod_cidr", f"{pod} is outside the cluster's pod CIDR {config.pod_cidr}", key)
+    if pod.prefixlen != config.node_prefix_len:
+        raise InvalidRecord("pod_cidr", f"{pod} is not a /{config.node_prefix_len}", key)
+    owner = leases.get(rec.pod_cidr)
+    if owner is None and not signed:  # signed: the certificate entitles the node to its CIDR
+        raise InvalidRecord("pod_cidr", f"{pod} has no IPAM lease", key)
+    if owner is not None and owner != name:
+        raise InvalidRecord("pod_cidr", f"{pod} is leased to node {owner!r}", key)

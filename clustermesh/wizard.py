@@ -350,17 +350,18 @@ def _signing(a: ClusterAnswer, current: ClusterConfig | None) -> ClusterConfig:
 
     from wiremesh.keys import KeyMaterialError, load_or_generate_signing_key
 
+    from .anchor import sign_settings, with_settings
+
     cfg = a.config()
     if current is not None:
-        return dataclasses.replace(cfg, require_signed=current.require_signed, signing_key=current.signing_key,
-                                   revoked=current.revoked)
+        return with_settings(cfg, current)
     if a.unsigned or not a.signing_key_file:
         return cfg
     try:
         key, _ = load_or_generate_signing_key(Path(a.signing_key_file))
     except KeyMaterialError as e:
         raise SetupError(f"{a.name}.signing_key_file", str(e)) from e
-    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
+    return sign_settings(dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64), [key])
 
 
 def prepare(answers: list[ClusterAnswer], progress: Callable[[str], None] = lambda _: None,

@@ -30,6 +30,7 @@ SIGNATURE_LEN = 64
 CERT_DOMAIN = b"wiremesh-certificate-v1\n"
 RECORD_DOMAIN = b"wiremesh-node-record-v1\n"
 LEASE_DOMAIN = b"wiremesh-ipam-lease-v1\n"
+SETTINGS_DOMAIN = b"wiremesh-cluster-signing-settings-v1\n"
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:

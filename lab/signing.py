@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wiremesh.clustermesh import ClusterConfig, Rotation, enroll, sign_request
+from wiremesh.clustermesh import ClusterConfig, Rotation, enroll, sign_request, sign_settings
 from wiremesh.keys import SigningKey, load_or_generate_signing_key, read_signing_key
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def cluster_config(lab: "Lab", cfg: ClusterConfig) -> ClusterConfig:
     if not signed(lab):
         return cfg
     key, _ = load_or_generate_signing_key(key_path(lab, cfg.name))
-    return dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64)
+    return sign_settings(dataclasses.replace(cfg, require_signed=True, signing_key=key.public_key().base64), [key])
 
 
 def operator_key(lab: "Lab", cluster: str) -> SigningKey | None:
@@ -75,24 +75,31 @@ def cert_path(node: "Node") -> Path:
     return Path(node.dir) / "node.crt"
 
 
+def anchor_path(node: "Node") -> Path:
+    return Path(node.dir) / "cluster.pub"
+
+
 def identity_path(node: "Node") -> Path:
     return Path(node.dir) / "identity.key"
 
 
-def enroll_node(lab: "Lab", node: "Node", cidr: str | None = None) -> str | None:
-    """Enroll `node` as `wiremesh node enroll` would: its certificate (node.crt) and its CIDR
-    reserved with a signed lease. Nothing for a node of an unsigned cluster, unless its cluster
+def enroll_node(lab: "Lab", node: "Node", cidr: str | None = None, key: Path | None = None) -> str | None:
+    """Enroll `node` as `wiremesh node enroll` would: its certificate (node.crt), the cluster key
+    that signed it (cluster.pub) and its CIDR reserved with a signed lease. `key`: another
+    signing key file than the lab's (a roll-over). Nothing for a node of an unsigned cluster, unless its cluster
     has a signing key (a migration's step). Returns the certified CIDR."""
     cluster = node.cluster or lab.clusters[0]
-    path = key_path(lab, cluster)
+    path = key or key_path(lab, cluster)
     if not signed(lab) and not path.exists():
         return None
     ca, _ = load_or_generate_signing_key(path)
     identity, _ = load_or_generate_signing_key(identity_path(node))
     done = lab.consul(lambda s: enroll(s, cluster, node.name, ca, identity.public_key(), time.time(), cidr,
                                        VALIDITY_S, identity), cluster)
-    out = cert_path(node)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(done.certificate.to_dict(), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    # The certificate, and the cluster key that signed it (the agent pins it: agent.trust).
+    for out, text in ((cert_path(node), json.dumps(done.certificate.to_dict(), indent=1, sort_keys=True) + "\n"),
+                      (anchor_path(node), done.cluster_key + "\n")):
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
     return done.certificate.pod_cidr

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.clustermesh import NodeRecord, layout, overlay_address
+from wiremesh.clustermesh import ClusterConfig, NodeRecord, layout, overlay_address, sign_settings
 from wiremesh.clustermesh.signed import lease_value, sign_record
 from wiremesh.keys import NodeIdentity, PrivateKey, SigningKey, issue, read_signing_key
 from wiremesh.lab import Lab
@@ -125,8 +125,10 @@ def test_forged_missing_expired_revoked_and_stolen_records_are_never_programmed(
     config = lab.consul(lambda s: s.get(layout.config_key(C)))
     assert config is not None
     try:
-        revoked = dict(json.loads(config.value), revoked=[revoked_id.certificate.serial])
-        put(lab, layout.config_key(C), json.dumps(revoked))
+        # A revocation is a change of the signing settings: signed by the cluster key (clustermesh.anchor).
+        stored = ClusterConfig.from_json(config.value)
+        put(lab, layout.config_key(C), sign_settings(dataclasses.replace(
+            stored, revoked=(revoked_id.certificate.serial,)), [ca(lab)]).to_json())
         for name, (value, _) in bad.items():
             put(lab, layout.node_key(C, name), value)
         put(lab, layout.node_key(C, "legit"), legit.to_json())
@@ -144,7 +146,8 @@ def test_forged_missing_expired_revoked_and_stolen_records_are_never_programmed(
     finally:
         for name in [*bad, "legit"]:
             lab.consul(lambda s, name=name: s.delete(layout.node_key(C, name)))
-        put(lab, layout.config_key(C), config.value.decode())
+        now = ClusterConfig.from_json(lab.consul(lambda s: s.get(layout.config_key(C))).value)  # type: ignore[union-attr]
+        put(lab, layout.config_key(C), sign_settings(dataclasses.replace(now, revoked=()), [ca(lab)]).to_json())
     wait_counted(lab, 0)
     for n in NODES:
         wait_until(lambda n=n: len(wg_peers(lab, n)) == 2, 10, what=f"{n} to drop the legit record")
@@ -204,7 +207,7 @@ def test_an_unsigned_cluster_moves_to_signed_records_without_losing_a_ping() -> 
         code, out = run_cli(lab, "cluster", "signing-key", C, "--key", str(key), "--create")
         assert code == 0, out
         # Requiring signatures now would refuse every node: the command says so and changes nothing.
-        code, out = run_cli(lab, "cluster", "require-signed", C)
+        code, out = run_cli(lab, "cluster", "require-signed", C, "--key", str(key))
         assert code == 1 and "6 live record(s) or lease(s)" in out and "nothing changed" in out, out
         # 2. Enroll every node (for the CIDR it holds), 3. restart its agent: its records are signed.
         for n in NODES:
@@ -216,7 +219,7 @@ def test_an_unsigned_cluster_moves_to_signed_records_without_losing_a_ping() -> 
                 what=f"{n}'s record to be signed")
         lab.wait_converged()
         # 4. Require signatures: every record and lease passes the trial, so it turns on.
-        code, out = run_cli(lab, "cluster", "require-signed", C)
+        code, out = run_cli(lab, "cluster", "require-signed", C, "--key", str(key))
         assert code == 0 and "require_signed on" in out, out
         # An unsigned record is now refused (so the agents follow require_signed), and the signed
         # mesh beside it is untouched.

@@ -1,0 +1,144 @@
+"""What this agent trusts and remembers, across restarts: its cluster's signing key (the anchor)
+and the newest record it accepted of each node.
+
+The anchor is pinned by the node's own config (`cluster_signing_key`, or `cluster_key_file`:
+by default cluster.pub beside key_file, which `wiremesh node enroll` writes). A node enrolled
+before pinning existed and has no such file pins the key that signed its own certificate (no
+other key can have). The anchor moves on from the pinned key only through a signed roll-over
+(clustermesh.anchor); state_dir/anchor.json remembers where it is, and the last signing settings
+accepted. state_dir/nodes-seen.json remembers each node's newest accepted key and epoch
+(clustermesh.claims), so an old record written back is refused after a restart too.
+
+Both files are small, written atomically (agent.nodestate.write_state_file) and only read back
+by this agent: an unreadable one is logged and ignored (the agent then starts from its pin).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from wiremesh.clustermesh import Anchor, ClusterConfig, InvalidRecord, Seen, resolve_anchor
+from wiremesh.errors import WiremeshError
+from wiremesh.keys import CERT_DOMAIN, KeyMaterialError, NodeIdentity, VerifyKey
+
+from .config import AgentConfig
+from .errors import ConfigError
+from .nodestate import write_state_file
+
+log = logging.getLogger("wiremesh.agent")
+ANCHOR_FILE = "anchor.json"
+SEEN_FILE = "nodes-seen.json"
+MAX_PIN_BYTES = 256
+
+
+def load_pin(cfg: AgentConfig, src: str = "agent.toml") -> str | None:
+    """The cluster signing key this node's config or enrollment pins (base64), or None."""
+    if cfg.cluster_signing_key:
+        return cfg.cluster_signing_key
+    path = cfg.cluster_key_path
+    if cfg.cluster_key_file is None and not path.exists():
+        return None
+    try:
+        text = path.read_bytes()[:MAX_PIN_BYTES + 1]
+    except OSError as e:
+        raise ConfigError(src, "cluster_key_file", f"{path}: {e.strerror or e}") from None
+    try:
+        if len(text) > MAX_PIN_BYTES:
+            raise KeyMaterialError("too long for a public key")
+        return VerifyKey.from_base64(text.decode("ascii", "replace").strip(), "cluster_key_file").base64
+    except KeyMaterialError as e:
+        raise ConfigError(src, "cluster_key_file", f"{path}: not a signing public key "
+                                                   f"({str(e).split(': ', 1)[-1]})") from None
+
+
+def pin_from_certificate(identity: NodeIdentity, config: ClusterConfig) -> str | None:
+    """Of the keys `config` names, the one that signed this node's own certificate (or None)."""
+    cert = identity.certificate
+    for k in (config.signing_key, config.next_signing_key):
+        if not k:
+            continue
+        try:
+            VerifyKey.from_base64(k, "signing_key").verify(CERT_DOMAIN, cert.body(), cert.signature, "certificate")
+        except KeyMaterialError:
+            continue
+        return k
+    return None
+
+
+class TrustState:
+    """The anchor and the nodes seen, as saved in the state dir."""
+
+    def __init__(self, state_dir: Path, cluster: str) -> None:
+        self.anchor_file = state_dir / ANCHOR_FILE
+        self.seen_file = state_dir / SEEN_FILE
+        self.cluster = cluster
+
+    def _read(self, path: Path) -> dict[str, object] | None:
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("state dir: %s unreadable (%s); ignored", path, e)
+            return None
+        return d if isinstance(d, dict) else None
+
+    def load_anchor(self) -> Anchor | None:
+        d = self._read(self.anchor_file)
+        if d is None:
+            return None
+        try:
+            return Anchor.from_dict(d)
+        except (KeyError, TypeError, ValueError, InvalidRecord, WiremeshError) as e:
+            log.warning("state dir: %s is not an anchor (%s); starting from the pinned key", self.anchor_file, e)
+            return None
+
+    def save_anchor(self, anchor: Anchor) -> bool:
+        return write_state_file(self.anchor_file, json.dumps(anchor.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    def load_seen(self) -> dict[str, Seen]:
+        d = self._read(self.seen_file)
+        if d is None or d.get("cluster") != self.cluster or not isinstance(d.get("nodes"), dict):
+            return {}
+        seen: dict[str, Seen] = {}
+        nodes: dict[str, object] = d["nodes"]  # type: ignore[assignment]
+        for name, v in nodes.items():
+            try:
+                seen[str(name)] = Seen.from_dict(v)
+            except ValueError:
+                continue
+        return seen
+
+    def save_seen(self, seen: Mapping[str, Seen]) -> bool:
+        doc = {"cluster": self.cluster, "nodes": {n: s.to_dict() for n, s in sorted(seen.items())}}
+        return write_state_file(self.seen_file, json.dumps(doc, separators=(",", ":")) + "\n")
+
+
+def pin_anchor(trust: TrustState, pin: str | None, identity: NodeIdentity | None,
+               config: ClusterConfig) -> Anchor | None:
+    """The anchor at start-up: pinned by config or enrollment (as it moved on since: saved); with
+    no pin, the saved one; else the key that signed this node's own certificate; else None."""
+    saved = trust.load_anchor()
+    if saved is not None and saved.cluster != trust.cluster:
+        saved = None
+    if pin is None and saved is not None:
+        pin = saved.pinned
+    if pin is None and identity is not None:
+        pin = pin_from_certificate(identity, config)
+        if pin is not None:
+            log.info("pinned cluster signing key %s: it signed this node's certificate",
+                     VerifyKey.from_base64(pin).fingerprint)
+    if pin is None:
+        if config.require_signed:
+            log.warning("no cluster signing key pinned (cluster_key_file): this cluster's signing settings are "
+                        "taken from Consul unchecked")
+        return None
+    anchor = resolve_anchor(trust.cluster, pin, saved)
+    if anchor != saved:
+        trust.save_anchor(anchor)
+    log.info("cluster signing key %s pinned (signing settings accepted up to serial %d)", anchor.fingerprint,
+             anchor.serial)
+    return anchor
