@@ -140,7 +140,8 @@ class ScaleBench:
         if kind == "endpoint":
             new = self.fakes.change(rec, endpoint=f"10.99.0.{100 + self.changes % 150}:{40000 + self.changes % 20000}")
         else:
-            new = self.fakes.change(rec, public_key=PrivateKey.generate().public_key().base64)
+            # A node's key changes with its epoch (a rotation's end): a new key at the same epoch is refused
+            new = self.fakes.change(rec, public_key=PrivateKey.generate().public_key().base64, key_epoch=rec.key_epoch + 1)
         self.records[i] = new
         return new
 
