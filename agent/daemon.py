@@ -345,7 +345,13 @@ class Agent:
         if mine is not None:
             self._stored_own = mine
         kept = self.cfg.node in snap.kept  # an old record of this node was written back: ours again
-        if own_key in rejected and not kept:
+        seen = snap.seen.get(self.cfg.node)
+        if own_key in rejected and not kept and rejected[own_key].startswith("key_epoch") and seen is not None \
+                and self.rotator.raise_epoch(seen.epoch + 1):
+            # This node's key changed without a rotation (its key file replaced by hand): a new key
+            # at an epoch already seen with another is refused everywhere. A higher epoch is not.
+            self.registration.republish.set()
+        elif own_key in rejected and not kept:
             pass  # logged above; writing it again would not make it valid
         elif self.registration.session_id and self.pod_cidr and (kept or mine != self._record()):
             # Gone (Consul lost it, someone deleted it) or overwritten: write ours again, at

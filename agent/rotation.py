@@ -397,6 +397,16 @@ class Rotator:
         except (KeyMaterialError, OSError):
             return False
 
+    def raise_epoch(self, epoch: int) -> bool:
+        """Announce `epoch` from now on if it is higher (this node's key changed outside a
+        rotation: its record at the old epoch is refused); True if it was raised."""
+        if epoch <= self.epoch or self.next_key is not None or self._held is not None:
+            return False
+        log.warning("key epoch %d was already seen with another key of this node (a key changed outside a "
+                    "rotation); announcing epoch %d", self.epoch, epoch)
+        self._write_epoch(epoch)
+        return True
+
     def _read_epoch(self) -> int:
         try:
             return max(0, int(self.epoch_file.read_text().strip()))

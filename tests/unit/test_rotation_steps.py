@@ -430,3 +430,11 @@ def test_after_its_switch_the_record_says_the_commit_until_the_rotation_ends(rig
     after = rot.announce(dataclasses.replace(base, public_key=nxt.public_key().base64))
     assert (after.public_key, after.next_public_key, after.switch_at, after.key_epoch) == (
         nxt.public_key().base64, "", 0, 1)
+
+
+def test_the_epoch_is_raised_once_for_a_key_changed_outside_a_rotation(rig: Any) -> None:
+    rot, store, clock, key, switched = rig
+    assert rot.raise_epoch(3) and rot.epoch == 3 and rot.epoch_file.read_text().strip() == "3"
+    assert not rot.raise_epoch(3) and not rot.raise_epoch(2)  # never lowered, never twice
+    rot.next_key = PrivateKey.generate()  # a rotation under way owns the epoch
+    assert not rot.raise_epoch(9) and rot.epoch == 3
