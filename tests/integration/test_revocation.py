@@ -6,6 +6,7 @@ expired serials are pruned. Waiting is on real state: `wg show` in the nodes and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from wiremesh.clustermesh import MAX_RECORD_BYTES, layout, node_serials, overlay_address, revoke
+from wiremesh.clustermesh import MAX_RECORD_BYTES, layout, node_serials, overlay_address, revoke, update_config
+from wiremesh.keys import read_signing_key
 from wiremesh.clustermesh.revocation import CHUNK_ENTRIES, PRUNE_AFTER_S, chunk_key
 from wiremesh.lab import Lab
 
@@ -61,16 +63,19 @@ def test_thousands_of_revocations_refuse_a_revoked_node_and_keep_the_config_smal
     original = lab.consul(lambda s: s.get(config_key))
     assert original is not None
     legacy = secrets.token_hex(16)  # a serial in the config's own list, as earlier versions wrote it
-    assert lab.consul(lambda s: s.put(config_key, json.dumps({**json.loads(original.value), "revoked": [legacy]})))
+    # (signed by the cluster's key like every change of its signing settings: clustermesh.anchor)
+    key = read_signing_key(lab.dir / f"signing-{C}.key")
+    lab.consul(lambda s: update_config(s, C, lambda c: dataclasses.replace(c, revoked=(legacy,)), [key]))
     node3 = record_key(lab, "node3")
     try:
         decoys = [secrets.token_hex(16) for _ in range(DECOYS)]
-        done = lab.consul(lambda s: revoke(s, C, decoys, not_after=int(time.time()) + 3600))
+        done = lab.consul(lambda s: revoke(s, C, decoys, not_after=int(time.time()) + 3600, sign=[key]))
         assert len(done.added) == DECOYS and done.migrated == [legacy], done
         for n in ("node1", "node2"):
             assert node3 in wg_peers(lab, n), f"{n} refused node3 before it was revoked"
 
-        code, out = run_cli(lab, "node", "revoke", "--cluster", C, "--node", "node3")
+        code, out = run_cli(lab, "node", "revoke", "--cluster", C, "--node", "node3", "--signing-key",
+                            str(lab.dir / f"signing-{C}.key"))
         assert code == 0, out
         serials = lab.consul(lambda s: node_serials(s, C, "node3"))
         assert serials and f"revoked {serials[0]}" in out and f"({DECOYS + 2} listed)" in out, out
