@@ -346,10 +346,11 @@ class Agent:
             self._stored_own = mine
         kept = self.cfg.node in snap.kept  # an old record of this node was written back: ours again
         seen = snap.seen.get(self.cfg.node)
-        if own_key in rejected and not kept and rejected[own_key].startswith("key_epoch") and seen is not None \
-                and self.rotator.raise_epoch(seen.epoch + 1):
+        if own_key in rejected and rejected[own_key].startswith("key_epoch") and seen is not None \
+                and self.public_key not in (seen.key, seen.next_key) and self.rotator.raise_epoch(seen.epoch + 1):
             # This node's key changed without a rotation (its key file replaced by hand): a new key
-            # at an epoch already seen with another is refused everywhere. A higher epoch is not.
+            # at an epoch already seen with another is refused everywhere (the old record is kept
+            # in its place). A higher epoch is not.
             self.registration.republish.set()
         elif own_key in rejected and not kept:
             pass  # logged above; writing it again would not make it valid

@@ -103,7 +103,8 @@ def require_signed(ctx: Ctx, name: str, off: bool, force: bool, key_path: Path |
               help="The new signing key file, created (0600) if absent [default: NAME.next.key beside --key].")
 @click.option("--commit", "do_commit", is_flag=True,
               help="Make the announced key the cluster's signing key (after every node was enrolled with it).")
-@click.option("--force", is_flag=True, help="Commit even though some live records still carry old certificates.")
+@click.option("--force", is_flag=True, help="Commit even though some live records still carry old certificates "
+                                           "(those nodes are cut) or a rotation is under way (it stalls).")
 @click.pass_obj
 def roll_signing_key(ctx: Ctx, name: str, key_path: Path | None, new_path: Path | None, do_commit: bool,
                      force: bool) -> None:
@@ -113,6 +114,10 @@ def roll_signing_key(ctx: Ctx, name: str, key_path: Path | None, new_path: Path 
     1. wiremesh cluster roll-signing-key NAME            (announce: both keys' certificates valid)
     2. wiremesh node enroll NODE --cluster NAME ...      (each node again: its certificate by the new key)
     3. wiremesh cluster roll-signing-key NAME --commit   (the new key is the cluster's)
+
+    The commit signs the service definitions again with the new key and deletes finished
+    rotation records only the old key vouches for; it waits for no rotation: one under way
+    makes it refuse (run it again when the rotation ended).
     """
     store = ConsulStore(ctx.consul)
     path = key_path or default_signing_key_path(name)
@@ -120,20 +125,27 @@ def roll_signing_key(ctx: Ctx, name: str, key_path: Path | None, new_path: Path 
     nxt = new_path or next_key_path(path)
     if do_commit:
         new = read_signing_key(nxt)
-        cfg, changed, left = commit(store, name, current, new, time.time(), force=force)
+        done = commit(store, name, current, new, time.time(), force=force)
+        cfg, changed = done.config, done.changed
         if changed and new_path is None:
             promote_key_files(path)
             info(f"{path} now holds the new key (the old one is kept beside it)")
+        for key in done.resigned:
+            info(f"service {key.rsplit('/', 1)[1]}: signed with the new key")
+        if done.dropped:
+            info(f"{len(done.dropped)} finished rotation record(s) vouched for by the old key only deleted")
         info(f"cluster {name}: signing key {new.public_key().fingerprint} "
              f"{'committed' if changed else 'already committed'}"
-             + (f"; {len(left)} record(s) with old certificates cut" if left else ""))
+             + (f"; {len(done.cut)} record(s) with old certificates cut" if done.cut else ""))
     else:
         new, created = load_or_generate_signing_key(nxt)
         cfg, changed = announce(store, name, current, new)
         info(f"{'created' if created else 'using'} new signing key {nxt}")
         info(f"cluster {name}: next signing key {new.public_key().fingerprint} {'announced' if changed else 'unchanged'}"
              f"; now enroll every node again, then: wiremesh cluster roll-signing-key {name} --commit")
+    extra = {"services_signed": [k.rsplit("/", 1)[1] for k in done.resigned],
+             "rotations_deleted": [k.rsplit("/", 1)[1] for k in done.dropped], "cut": done.cut} if do_commit else {}
     emit(ctx, {"cluster": name, "signing_key": cfg.signing_key, "next_signing_key": cfg.next_signing_key,
-               "signing_serial": cfg.signing_serial, "changed": changed},
+               "signing_serial": cfg.signing_serial, "changed": changed, **extra},
          ["cluster", "signing key", "next signing key", "serial"],
          [[name, cfg.signing_key, cfg.next_signing_key or "-", cfg.signing_serial]])

@@ -35,7 +35,7 @@ from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord
 from .rotation import Rotation, RotationReady
 from .services import ServiceDef
-from .signed import _certificate, _signed_by, check_valid
+from .signed import ClusterKeys, _certificate, _signed_by, check_valid, keys_id
 
 # Domain tags: a signature made for one kind of document is never valid for another.
 SERVICE_DOMAIN = b"wiremesh-service-v1\n"
@@ -51,7 +51,10 @@ class Trust:
     """What a signed cluster's control inputs are checked against."""
 
     config: ClusterConfig  # require_signed, revocations
-    operator: VerifyKey | None  # the cluster's signing key (None: nothing can verify: all refused)
+    # The cluster's signing key, and during a roll-over's announcement the next one too (either
+    # vouches: the operator re-signs with the new key before the commit drops the old; None:
+    # nothing can verify, all refused).
+    operator: ClusterKeys | None
     now: float  # unix seconds, for certificates' validity
 
     @property
@@ -59,10 +62,18 @@ class Trust:
         return self.config.name
 
 
-def _operator(trust: Trust, field: str, key: str | None) -> VerifyKey:
+def _operator_verify(trust: Trust, domain: bytes, doc: Any, signature: str, field: str, key: str | None) -> None:
+    """Raise CertificateError unless one of the cluster's signing keys signed `doc`."""
     if trust.operator is None:
         raise InvalidRecord(field, f"cluster {trust.cluster!r} has no signing_key to check it against", key)
-    return trust.operator
+    keys: tuple[VerifyKey, ...] = trust.operator if isinstance(trust.operator, tuple) else (trust.operator,)
+    for i, ck in enumerate(keys):
+        try:
+            ck.verify(domain, doc, signature, field)
+            return
+        except CertificateError:
+            if i == len(keys) - 1:
+                raise
 
 
 # --- service definitions -------------------------------------------------------------------------
@@ -80,7 +91,7 @@ def verify_service(trust: Trust, raw: bytes | str, svc: ServiceDef, key: str | N
     doc = json.loads(raw)  # parsed before by ServiceDef.from_json: a JSON object within the size limit
     doc.pop("signature", None)
     try:
-        _operator(trust, "signature", key).verify(SERVICE_DOMAIN, doc, svc.signature, "signature")
+        _operator_verify(trust, SERVICE_DOMAIN, doc, svc.signature, "signature", key)
     except CertificateError as e:
         raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
 
@@ -126,8 +137,7 @@ def verify_rotation(trust: Trust, raw: bytes | str, rot: Rotation, key: str | No
                                                  "signed by its operator", key)
     body = request_body(rot, trust.cluster)
     try:
-        _operator(trust, "request_signature", key).verify(REQUEST_DOMAIN, body, rot.request_signature,
-                                                          "request_signature")
+        _operator_verify(trust, REQUEST_DOMAIN, body, rot.request_signature, "request_signature", key)
     except (CertificateError, InvalidRecord) as e:
         if cert is None:
             raise InvalidRecord("request_signature", _forged(e, "the cluster's signing key"), key) from None
@@ -221,7 +231,7 @@ class ControlMemo:
         self._tag: tuple[bool, str] | None = None
 
     def use(self, config: ClusterConfig | None) -> None:
-        tag = (config.require_signed, config.signing_key) if config is not None else None
+        tag = (config.require_signed, keys_id(config)) if config is not None else None
         if tag != self._tag:
             self._tag = tag
             self.services, self.rotations, self._checked = {}, {}, {}

@@ -242,8 +242,8 @@ def parse_cluster(
     # value leaves its key's last good one in place.
     memo = cache.control
     memo.use(config if signed else None)
-    # (operators sign with the current key; after a roll-over's commit: `service sign --all`)
-    trust = Trust(config, signing_key[0] if signing_key else None, now) if signed and config is not None else None
+    # (either key of a roll-over's announcement vouches; its commit re-signs them with the new key)
+    trust = Trust(config, signing_key or None, now) if signed and config is not None else None
     spfx = layout.services_prefix(cluster)
     services, refused = parse_services({k: v.value for k, v in items.items() if k.startswith(spfx)}, cluster,
                                        config.service_cidr if config else None, spfx,

@@ -220,3 +220,15 @@ def keep_agent_logs(lab: Lab, keep: Path) -> None:
         wg = Path(lab.node(n).dir) / "wireguard-go-wm0.log"  # (handshakes with WIREMESH_WG_LOG_LEVEL=verbose)
         if wg.exists() and wg.stat().st_size:
             shutil.copy(wg, keep / f"{n}.wireguard-go.log")
+
+
+def tunnel_diagnosis(lab: Lab, a: str, b: str, lines: int = 15) -> str:
+    """What a failed a <-> b reachability check leaves for its post-mortem: each side's
+    `wg show` and the tail of its agent log (CI shows only the assertion's message)."""
+    out = []
+    for n in (a, b):
+        wg = lab.run(n, "wg", "show", "wm0")
+        log = Path(lab.node(n).dir) / "agent.log"
+        tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+        out += [f"--- {n}: wg show wm0", wg.stdout.strip() or wg.stderr.strip(), f"--- {n}: agent.log", *tail]
+    return "\n".join(out)

@@ -16,7 +16,7 @@ from wiremesh.lab import Lab
 from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
-from .helpers import ECHO_CLIENT, Pinger, echo_servers, ping_ok, record_key, wait_until, wg_peers
+from .helpers import ECHO_CLIENT, Pinger, echo_servers, ping_ok, record_key, tunnel_diagnosis, wait_until, wg_peers
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def set_mode(lab: Lab, mode: str) -> None:
 def test_clusters_are_members_of_one_mesh(fed: Lab) -> None:
     wm = str(Path(sys.executable).with_name("wiremesh"))
     for n in ("west-node1", "west-node2"):  # a handshake makes a tunnel "up"
-        assert ping_ok(fed, "east-node1", fed.overlay_ip(n))
+        assert ping_ok(fed, "east-node1", fed.overlay_ip(n)), tunnel_diagnosis(fed, "east-node1", n)
     p = fed.run("east-node1", wm, "--consul", fed.consul_address("east"), "-o", "json", "cluster", "status", check=True)
     import json
 
@@ -63,7 +63,8 @@ def test_every_pod_reaches_every_pod_in_both_clusters(fed: Lab, mode: str) -> No
     set_mode(fed, mode)
     pods = fed.pods
     for a, b in itertools.permutations(sorted(pods), 2):
-        assert fed.run(a, "ping", "-c", "1", "-W", "2", pods[b].ip).returncode == 0, f"{mode}: {a} -> {b}"
+        assert fed.run(a, "ping", "-c", "1", "-W", "2", pods[b].ip).returncode == 0, \
+            f"{mode}: {a} -> {b}\n" + tunnel_diagnosis(fed, pods[a].node, pods[b].node)
         t = fed.run(a, sys.executable, "-c", ECHO_CLIENT, pods[b].ip)
         assert t.returncode == 0, f"{mode}: TCP {a} -> {b}: {t.stderr[-200:]}"
 

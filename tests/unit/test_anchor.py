@@ -18,7 +18,7 @@ from wiremesh.clustermesh.anchor import accept_settings, apply_settings, sign_se
 from wiremesh.clustermesh.claims import check_epoch, settle_keys
 from wiremesh.clustermesh.signed import lease_value, sign_record
 from wiremesh.clustermesh.snapshot import ParseCache, parse_cluster
-from wiremesh.keys import NodeIdentity, PrivateKey, SigningKey, issue
+from wiremesh.keys import NodeIdentity, PrivateKey, SigningKey, VerifyKey, issue
 
 C = "lab"
 NOW = 1_800_000_000.0
@@ -291,6 +291,13 @@ class FakeStore:
     def list(self, prefix: str) -> tuple[int, dict[str, KVItem]]:
         return self.index, {k: v for k, v in self.kv.items() if k.startswith(prefix)}
 
+    def delete(self, key: str, cas: int | None = None) -> bool:
+        old = self.kv.get(key)
+        if cas is not None and (old.modify_index if old else 0) != cas:
+            return False
+        self.kv.pop(key, None)
+        return True
+
 
 def test_operator_changes_are_signed_and_a_roll_over_commits_only_when_every_node_moved(tmp_path: Path) -> None:
     from wiremesh.clustermesh import (EnrollError, announce, attach_signing_key, cluster_signers, commit, enroll,
@@ -323,10 +330,46 @@ def test_operator_changes_are_signed_and_a_roll_over_commits_only_when_every_nod
     assert again.cluster_key == pub(K2) and again.lease == "held"
     store.put(layout.node_key(C, "n1"), sign_record(rec("n1", again.certificate.pod_cidr, wg(1)),
                                                     NodeIdentity(again.certificate, ident1)).to_json())
-    cfg, changed, left = commit(store, C, K1, K2, NOW + 10)
-    assert changed and not left and cfg.signing_key == pub(K2) and not cfg.next_signing_key
+    done = commit(store, C, K1, K2, NOW + 10)
+    cfg = done.config
+    assert done.changed and not done.cut and cfg.signing_key == pub(K2) and not cfg.next_signing_key
     assert accept_settings(cfg, a).key == pub(K2)
     promote_key_files(key_path)
     assert read_signing_key(key_path).public_key() == K2.public_key()
     with pytest.raises(EnrollError, match="not cluster 'lab''s signing key"):
         cluster_signers(cfg, key_path.with_name("lab.old.key"))
+
+
+def test_a_commit_signs_services_again_drops_finished_rotations_and_waits_for_active_ones() -> None:
+    from wiremesh.clustermesh import (EnrollError, ServiceDef, ServicePort, announce, attach_signing_key, commit,
+                                      update_config)
+    from wiremesh.clustermesh.control import Trust, rotation_value, sign_request, sign_service, verify_service
+    from wiremesh.clustermesh.rotation import Rotation
+
+    store: Any = FakeStore()
+    store.put(CKEY, ClusterConfig(name=C, id=1, pod_cidr="10.240.0.0/16").to_json())
+    assert attach_signing_key(store, C, K1)
+    update_config(store, C, lambda c: dataclasses.replace(c, require_signed=True), [K1])
+    web = sign_service(ServiceDef("web", C, "10.96.0.20", (ServicePort(80),)), K1)
+    store.put(layout.service_key(C, "web"), web.to_json())
+    me = ident("n1", "10.240.1.0/24", now=NOW)
+    done_rot = Rotation("n1", "a1b2c3d4", state="done", requested_at=int(NOW * 1000))
+    store.put(layout.rotation_key(C, "n1"), rotation_value(sign_request(done_rot, C, K1), me))
+    announce(store, C, K1, K2)
+    announced = ClusterConfig.from_json(store.get(CKEY).value)
+    # During the announcement either key vouches for a definition.
+    for k in (K1, K2):
+        verify_service(Trust(announced, (VerifyKey.from_base64(pub(K1)), VerifyKey.from_base64(pub(K2))), NOW),
+                       sign_service(web, k).to_json(), sign_service(web, k))
+    active = dataclasses.replace(done_rot, node="n2", state="staged")
+    store.put(layout.rotation_key(C, "n2"), rotation_value(sign_request(active, C, K1), ident("n2", "10.240.2.0/24")))
+    with pytest.raises(EnrollError, match="1 rotation"):
+        commit(store, C, K1, K2, NOW)
+    assert ClusterConfig.from_json(store.get(CKEY).value).signing_key == pub(K1)  # nothing changed
+    store.delete(layout.rotation_key(C, "n2"))
+    done = commit(store, C, K1, K2, NOW)
+    assert done.changed and done.resigned == [layout.service_key(C, "web")]
+    assert done.dropped == [layout.rotation_key(C, "n1")] and store.get(layout.rotation_key(C, "n1")) is None
+    after = ClusterConfig.from_json(store.get(CKEY).value)
+    s = parse_cluster(C, 1, store.list(layout.cluster_prefix(C))[1], now=NOW, anchor=Anchor(C, pub(K2), pub(K2)))
+    assert after.signing_key == pub(K2) and list(s.services) == ["web"] and not s.rejected
