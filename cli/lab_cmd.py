@@ -85,7 +85,9 @@ def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: P
         results = ping_matrix(lab_)
         bad = [r for r in results if not r["ok"]]
         for r in results:
-            click.echo(f"  ping {r['from']} -> {r['to']} ({r['address']}): {'ok' if r['ok'] else 'FAILED'}", err=True)
+            slow = f" (after {r['seconds']:.1f} s)" if r["ok"] and r["seconds"] > 1.5 else ""
+            click.echo(f"  ping {r['from']} -> {r['to']} ({r['address']}): {'ok' if r['ok'] else 'FAILED'}{slow}",
+                       err=True)
         if bad:
             raise LabError(f"{len(bad)} of {len(results)} pings failed")
     _print_status(obj, lab_)
@@ -94,13 +96,17 @@ def up(obj: Any, name: str, nodes: int | None, clusters: int | None, topology: P
 
 
 def ping_matrix(lab_: Lab) -> list[dict[str, Any]]:
-    """Ping every node's overlay address from every other node, once each."""
+    """Ping every node's overlay address from every other node: one reply each, within 6 s (a
+    tunnel's first handshake whose initiation found the other side not ready yet is retried by
+    WireGuard only 5 s later: REKEY_TIMEOUT)."""
     nodes = sorted(lab_.nodes)
     addrs = {n: lab_.overlay_ip(n) for n in nodes}
     out = []
     for a, b in itertools.permutations(nodes, 2):
-        p = lab_.run(a, "ping", "-c", "1", "-W", "2", addrs[b])
-        out.append({"from": a, "to": b, "address": addrs[b], "ok": p.returncode == 0})
+        t0 = time.monotonic()
+        p = lab_.run(a, "ping", "-c", "1", "-w", "6", addrs[b])
+        out.append({"from": a, "to": b, "address": addrs[b], "ok": p.returncode == 0,
+                    "seconds": round(time.monotonic() - t0, 2)})
     return out
 
 

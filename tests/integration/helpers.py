@@ -41,6 +41,15 @@ def ping_ok(lab: Lab, node: str, addr: str, wait_s: float = 1.0) -> bool:
     return lab.run(node, "ping", "-c", "1", "-W", str(wait_s), addr).returncode == 0
 
 
+def reaches(lab: Lab, node: str, addr: str, within: float = 6.0) -> float | None:
+    """Seconds until `node` had a reply from `addr` (one ping a second), None if none within
+    `within`. For a tunnel's first packet: an initiation that found the other side not ready
+    yet is retried by WireGuard 5 s later (REKEY_TIMEOUT); callers record a slow one."""
+    t0 = time.monotonic()
+    ok = lab.run(node, "ping", "-c", "1", "-w", str(int(within)), addr).returncode == 0
+    return time.monotonic() - t0 if ok else None
+
+
 def wg_peers(lab: Lab, node: str) -> dict[str, dict[str, Any]]:
     """`wg show wm0 dump` inside the node: public key -> endpoint, allowed IPs."""
     out = lab.run(node, "wg", "show", "wm0", "dump", check=True).stdout.splitlines()
