@@ -70,6 +70,7 @@ from .report import object_report, peer_report
 from .registration import Registration
 from .passes import Pass
 from .planner import DesiredState, tunnel_mtu
+from .pokes import Pokes
 from .reconciler import ReconcileResult, Reconciler
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
@@ -151,6 +152,7 @@ class Agent:
                                consul_up=lambda: self._consul_ok, identity=self.registration.identity)
         self.publisher = RecordPublisher(self.registration, self.rotator)
         self.proofs = SwitchProofs(self.device, self._wake.set, consul_up=lambda: self._consul_ok)
+        self.pokes = Pokes()  # new peers' first handshakes (agent.rotation_link)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
                                         self.supervisor.follow, metrics=self.metrics)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
@@ -449,7 +451,7 @@ class Agent:
             held = self._prune_held_until()  # removals held after an outage: a pass when the hold ends
             retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono,
                                      held if held > time.monotonic() else None, self.loop_pass.retry_at,
-                                     self.departures.next_end()) if t),
+                                     self.departures.next_end(), self.pokes.next_due()) if t),
                         default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))

@@ -4,7 +4,7 @@ this node's rotation and plays its part in the others'.
 The device's key is not set here: from this node's switch time on, the pass plans the next key
 for the device and the reconciler sets it, first of all its changes. This stage then confirms
 the switch to the rotator, starts handshakes at once (one packet to every peer after a switch,
-to a peer whose new key was just taken, to a peer just added), and asks for the record writes
+to a peer whose new key was just taken, to a peer just added: agent.pokes), and asks for the record writes
 the rotation needs of the registration thread, never waiting for Consul itself.
 
 Functions over the Agent (agent.daemon) rather than methods of it: the daemon owns the loop,
@@ -96,11 +96,16 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
         _poke(desired.peers.items())
     else:
         # A peer added (a new node, or one back after its record was gone: a partition healed)
-        # gets its handshake now. The node at the other end may still hold a session of the
-        # entry this device removed, and send into it, unanswered, for up to 15 s (WireGuard's
+        # gets its handshake now from one end, a moment later from the other if that did not
+        # work (agent.pokes). The node at the other end may still hold a session of the entry
+        # this device removed, and send into it, unanswered, for up to 15 s (WireGuard's
         # keepalive and rekey timeouts) before it made a new one: measured 10.9-12.2 s after a
         # partition healed, until this side had something to send.
-        _poke((n, desired.peers[n]) for n in added if n in desired.peers)
+        now = agent.pokes.added(((n, desired.peers[n].public_key) for n in added if n in desired.peers),
+                                agent.public_key)
+        _poke((n, desired.peers[n]) for n in now)
+    keys = {n: p.public_key for n, p in desired.peers.items()}
+    _poke((n, desired.peers[n]) for n in agent.pokes.due(lambda: handshakes(agent), keys))
     snap = agent.snapshot()
     fed = agent.federation.view()
     announced = {f"{cfg.cluster}/{n}": r for n, r in snap.nodes.items() if n != cfg.node} if snap else {}
