@@ -16,6 +16,7 @@ verifies signatures only when a value or the cluster's key changes (`Verified`).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -161,10 +162,16 @@ def check_valid(cert: Certificate, config: ClusterConfig, now: float, key: str |
     list, clustermesh.revocation) and the config's own `revoked` (the layout before it)."""
     if cert.serial in revoked or cert.serial in config.revoked:
         raise InvalidRecord("certificate", f"serial {cert.serial} is revoked", key)
+    # (No "now" in the reasons: a refused record is logged again only when its reason changes.)
     if now < cert.not_before:
-        raise InvalidRecord("certificate", f"not valid before {cert.not_before} (now {int(now)})", key)
+        raise InvalidRecord("certificate", f"not valid before {_utc(cert.not_before)} (is this host's clock behind?)",
+                            key)
     if now >= cert.not_after:
-        raise InvalidRecord("certificate", f"expired at {cert.not_after} (now {int(now)})", key)
+        raise InvalidRecord("certificate", f"expired at {_utc(cert.not_after)}", key)
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 class Verified:

@@ -166,6 +166,9 @@ def test_verification_is_cached_per_value() -> None:
     parse_cluster(C, 1, items, cache=cache, now=NOW)
     later = parse_cluster(C, 2, items, cache=cache, now=NOW + 2 * 86400)  # the clock checks run every time
     assert not later.nodes and all("certificate: expired" in r.reason for r in later.rejected)
+    # The reason does not change with the clock: the agent logs a refused record once, not each second.
+    again = parse_cluster(C, 3, items, cache=cache, now=NOW + 2 * 86400 + 7)
+    assert [r.reason for r in again.rejected] == [r.reason for r in later.rejected]
 
 
 def test_config_signing_fields_validate_and_round_trip() -> None:
