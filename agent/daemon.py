@@ -157,7 +157,8 @@ class Agent:
                                         self.supervisor.follow, metrics=self.metrics)
         self.federation = Federation(self.store, cfg.cluster, self.stop_event, self._wake.set, self.metrics,
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
-                                     spawn=self.supervisor.spawn, follow=self.supervisor.follow)
+                                     spawn=self.supervisor.spawn, follow=self.supervisor.follow,
+                                     hold_s=self.departures.hold_s)
         self.loop_pass = Pass(self)
         # The cluster signing key this node pinned (agent.trust); None: the signing settings are
         # taken from Consul as they are (an unsigned cluster, or a node never enrolled).
@@ -451,7 +452,8 @@ class Agent:
             held = self._prune_held_until()  # removals held after an outage: a pass when the hold ends
             retry = min((t for t in (self.reconciler.next_retry(), self.service_backends.next_change(), rot_mono,
                                      held if held > time.monotonic() else None, self.loop_pass.retry_at,
-                                     self.departures.next_end(), self.pokes.next_due()) if t),
+                                     self.departures.next_end(), self.federation.next_departure_end(),
+                                     self.pokes.next_due()) if t),
                         default=None)
             timeout = min(next_full, retry if retry else next_full) - time.monotonic()
             self._wake.wait(max(0.0, timeout))

@@ -30,6 +30,7 @@ class Departures:
     """node -> (its last record, when its hold ends), followed snapshot by snapshot."""
 
     def __init__(self, cluster: str, own: str, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """`own`: this agent's node in `cluster` ("" for a remote cluster's departures)."""
         self.cluster, self.own, self.hold_s = cluster, own, hold_s
         self._clock = clock
         self._held: dict[str, tuple[NodeRecord, float]] = {}
@@ -40,7 +41,7 @@ class Departures:
         for name in [n for n in self._held if n in new.nodes or self._key(n) in refused]:
             rec, _ = self._held.pop(name)
             if name in new.nodes and new.nodes[name].public_key == rec.public_key:
-                log.info("node %s registered again within its hold: its tunnel was kept", name)
+                log.info("node %s registered again within its hold: its tunnel was kept", self._who(name))
         if old is None:
             return
         now = self._clock()
@@ -49,19 +50,22 @@ class Departures:
                 continue
             self._held[name] = (rec, now + self.hold_s)
             log.info("node %s's record is gone from Consul: its tunnel is kept %.1f s in case it registers again",
-                     name, self.hold_s)
+                     self._who(name), self.hold_s)
 
     def held(self) -> dict[str, NodeRecord]:
         """The records still within their hold (those past it are dropped: their tunnels go)."""
         now = self._clock()
         for name in [n for n, (_, end) in self._held.items() if end <= now]:
             del self._held[name]
-            log.info("node %s did not register again within %.1f s: its tunnel goes", name, self.hold_s)
+            log.info("node %s did not register again within %.1f s: its tunnel goes", self._who(name), self.hold_s)
         return {n: rec for n, (rec, _) in self._held.items()}
 
     def next_end(self) -> float | None:
         """When the earliest hold ends (time.monotonic()): a pass then removes that node's tunnel."""
         return min((end for _, end in self._held.values()), default=None)
+
+    def _who(self, name: str) -> str:
+        return name if self.own else f"{self.cluster}/{name}"  # (a remote cluster's: no own node there)
 
     def _key(self, name: str) -> str:
         return layout.node_key(self.cluster, name)

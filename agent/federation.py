@@ -31,6 +31,7 @@ from wiremesh.clustermesh import (
 )
 
 
+from .departures import HOLD_MAX_S, Departures
 from .metrics import AgentMetrics
 
 log = logging.getLogger("wiremesh.federation")
@@ -47,6 +48,9 @@ class Remote:
     up: bool = False
     refused: str | None = None  # why its nodes are not programmed (and pruned), if they are not
     waiting: str | None = None  # why its state is frozen as it was (no valid config there yet)
+    # Its nodes whose records vanished a moment ago (a session that lapsed on a busy host): kept
+    # planned for a short hold, as a local cluster's are (agent.departures).
+    departures: Departures | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +62,17 @@ class FederationView:
     frozen_cidrs: frozenset[str]  # pod CIDRs of remotes not yet seen: never pruned
     mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
     signed: frozenset[str] = frozenset()  # remote clusters whose config requires signed records
+    departed: dict[str, dict[str, NodeRecord]] = field(default_factory=dict)  # cluster -> node -> last record, held
 
 
 class Federation:
     def __init__(self, store: ConsulStore, local: str, stop: threading.Event, on_change: Callable[[], None],
                  metrics: AgentMetrics, local_pod_cidr: Callable[[], str | None] = lambda: None,
                  spawn: Callable[[str, Callable[[], object]], object] | None = None,
-                 follow: Callable[[str, Callable[[], object]], object] | None = None) -> None:
+                 follow: Callable[[str, Callable[[], object]], object] | None = None,
+                 hold_s: float = HOLD_MAX_S) -> None:
         self.store = store
+        self.hold_s = hold_s  # how long a remote node whose record vanished stays planned
         self.local = local
         self.stop = stop
         self.on_change = on_change
@@ -94,7 +101,7 @@ class Federation:
 
     def view(self) -> FederationView:
         with self.lock:
-            nodes, frozen, signed = {}, set(), set()
+            nodes, frozen, signed, departed = {}, set(), set(), {}
             for name, r in self.remotes.items():
                 if r.refused:
                     continue
@@ -102,10 +109,20 @@ class Federation:
                     frozen.add(r.member.pod_cidr)
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
+                    if r.departures is not None and (held := r.departures.held()):
+                        departed[name] = held
                     if r.snapshot.config is not None and r.snapshot.config.require_signed:
                         signed.add(name)
             members = dict(self.membership.members) if self.membership else {}
-            return FederationView(nodes, members, frozenset(frozen), self.membership is not None, frozenset(signed))
+            return FederationView(nodes, members, frozenset(frozen), self.membership is not None, frozenset(signed),
+                                  departed)
+
+    def next_departure_end(self) -> float | None:
+        """When the earliest hold of a remote node ends (time.monotonic()): a pass is due then."""
+        with self.lock:
+            ends = [e for r in self.remotes.values() if r.departures is not None
+                    and (e := r.departures.next_end()) is not None]
+        return min(ends, default=None)
 
     def status(self) -> dict[str, dict[str, object]]:
         with self.lock:
@@ -168,7 +185,7 @@ class Federation:
                     log.info("cluster %s left the mesh (or changed); its tunnels go", name)
             for name, mem in wanted.items():
                 if name not in self.remotes:
-                    r = Remote(mem)
+                    r = Remote(mem, departures=Departures(name, "", self.hold_s))
                     self.remotes[name] = r
                     self._follow(f"watch-{name}", functools.partial(self._remote_loop, r))
                     log.info("watching cluster %s (datacenter %s, id %d, pod CIDR %s)", name, mem.datacenter,
@@ -221,6 +238,8 @@ class Federation:
         with self.lock:
             if r.stop.is_set():
                 return
+            if r.departures is not None and not (refused or waiting):
+                r.departures.follow(r.snapshot, snap)
             r.snapshot, r.up, r.refused, r.waiting = snap, True, refused, waiting
         self.metrics.remote_up.labels(name).set(1)
         self.on_change()

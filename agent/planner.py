@@ -163,7 +163,9 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
     desired = plan_mesh(me.name, me.device.public_key, me.config, nodes,
                         local_pod_cidr=me.pod_cidr, underlay_mtu=me.underlay_mtu,
                         persistent_keepalive=me.persistent_keepalive, wg_device=me.wg_device,
-                        vxlan_device=me.vxlan_device, remotes=fed.nodes, keep_cidrs=fed.frozen_cidrs,
+                        vxlan_device=me.vxlan_device,
+                        remotes={c: with_departed(ns, fed.departed.get(c, {})) for c, ns in fed.nodes.items()},
+                        keep_cidrs=fed.frozen_cidrs,
                         keep_foreign=not fed.mesh_synced, memo=memo, now_ms=inputs.now_ms,
                         proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)

@@ -14,7 +14,7 @@ initiation shows on the locked entry 9-13 ms after the switch; 0 of 3 000 pings 
 
 The watch is a thread (`run`) that wakes the loop when a staged entry was used. It reads the
 device every POLL_S only while a switch may be happening: from LEAD_MS before a committed
-switch time to TAIL_MS after it, or while Consul is away from this agent and a
+switch time until the switch is seen (TAIL_MS after it at most), or while Consul is away from this agent and a
 node it staged may have committed unseen; otherwise every SLOW_POLL_S (a safety net). Read
 all the time, 30 agents of a 30-node lab with five nodes staged at once spent most of two cores
 on it. At start-up, and whenever a new next key is announced, `proven` reads the device once
@@ -36,7 +36,11 @@ log = logging.getLogger("wiremesh.rotation")
 POLL_S = 0.02  # how often the device is read while a switch may be happening (N's queue: 128 packets)
 SLOW_POLL_S = 1.0  # otherwise, while staged entries exist
 LEAD_MS = 200  # a committed switch time's window opens this long before it (clock skew, a late pass)
-TAIL_MS = 3000  # and closes this long after it (the node's switch late: its commit's write slow)
+# It closes when the node's switch is proven, at the latest this long after the switch time: a
+# node switches late when its host is starved (its commit's write slow, a UAPI call that hung):
+# 3.5 s late seen in a 30-node lab, 5.6 s under a CPU hog, where a 3 s window left the peers
+# polling once a second and the node's queue (128 packets) overflowed for a second.
+TAIL_MS = 15000
 
 
 def hot(keys: Mapping[str, int], now_ms: int, consul_up: bool) -> tuple[set[str], float]:

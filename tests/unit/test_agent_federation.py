@@ -312,3 +312,19 @@ def test_same_network_spelled_differently_is_not_refused(env: Env) -> None:
 
     assert env.fed.status()["west"]["refused"] is None
     assert env.fed.view().nodes == {"west": {}}
+
+
+def test_a_remote_node_whose_record_vanished_is_held_like_a_local_one(env: Env) -> None:
+    """A remote node's session lapsed on a busy host (seen under a CPU hog: its tunnel from the
+    other cluster cut for 1 s while its own cluster kept it): held as agent.departures holds a
+    local one, and planned from its last record meanwhile."""
+    env.fed._take_membership(mesh(EAST, WEST))
+    west = remote(env, "west")
+    both = snapshot("west", "10.241.0.0/16", {"w1": "10.241.1.0/24", "w2": "10.241.2.0/24"})
+    env.fed._take_remote(west, both)
+    env.fed._take_remote(west, snapshot("west", "10.241.0.0/16", {"w1": "10.241.1.0/24"}))
+    v = env.fed.view()
+    assert set(v.nodes["west"]) == {"w1"} and v.departed == {"west": {"w2": both.nodes["w2"]}}
+    assert env.fed.next_departure_end() is not None
+    env.fed._take_remote(west, both)  # registered again within the hold
+    assert env.fed.view().departed == {} and env.fed.next_departure_end() is None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from wiremesh.agent.planner import plan_mesh
-from wiremesh.agent.staged import LEAD_MS, SLOW_POLL_S, SwitchProofs, hot, used
+from wiremesh.agent.staged import LEAD_MS, SLOW_POLL_S, TAIL_MS, SwitchProofs, hot, used
 from wiremesh.clustermesh import ClusterConfig, NodeRecord
 from wiremesh.keys import PrivateKey
 from wiremesh.tunnels import STAGED_PSK, DeviceState, PeerChange, PeerConfig, PeerStatus, peer_changes
@@ -147,10 +147,11 @@ def test_the_watch_wakes_the_loop_when_a_staged_entry_is_used() -> None:
 
 
 def test_the_device_is_read_often_only_while_a_switch_may_be_happening() -> None:
-    keys = {"committed-soon": 10_000, "committed-long-ago": 1_000, "uncommitted": 0}
-    assert hot(keys, 9_000, consul_up=True) == (set(), (10_000 - LEAD_MS - 9_000) / 1000)
-    assert hot(keys, 10_000 - LEAD_MS, consul_up=True)[0] == {"committed-soon"}
-    assert hot(keys, 10_000 + 2_000, consul_up=True)[0] == {"committed-soon"}  # (a late switch)
-    assert hot(keys, 50_000, consul_up=True) == (set(), SLOW_POLL_S)
+    keys = {"committed-soon": 100_000, "committed-long-ago": 1_000, "uncommitted": 0}
+    assert hot(keys, 99_000, consul_up=True) == (set(), (100_000 - LEAD_MS - 99_000) / 1000)
+    assert hot(keys, 100_000 - LEAD_MS, consul_up=True)[0] == {"committed-soon"}
+    assert hot(keys, 100_000 + 2_000, consul_up=True)[0] == {"committed-soon"}  # (a late switch)
+    assert hot(keys, 100_000 + 6_000, consul_up=True)[0] == {"committed-soon"}  # (a starved host's: 5.6 s seen)
+    assert hot(keys, 100_000 + TAIL_MS + 1, consul_up=True) == (set(), SLOW_POLL_S)
     # Consul away: a commit may have landed unseen
-    assert hot(keys, 50_000, consul_up=False)[0] == {"uncommitted"}
+    assert hot(keys, 200_000, consul_up=False)[0] == {"uncommitted"}
