@@ -88,15 +88,19 @@ class UserspaceDevice(WireGuardDevice):
         return self.state_dir / f"wireguard-go-{self.name}.pid" if self.state_dir else None
 
     def exists(self) -> bool:
+        """The interface is there and a wireguard-go listens on its socket. One too busy to
+        answer in time counts: taken for dead, it was started over and every tunnel of the node
+        cut for 9 s (a full pass under a CPU hog); the next UAPI call fails the pass instead,
+        which is retried."""
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None  # ours exited (and is reaped now)
-        return links.link_exists(self.name) and self.uapi.alive()
+        return links.link_exists(self.name) and self.uapi.listening()
 
     def create(self) -> None:
         if self.exists():
             return
         if links.link_exists(self.name):
-            # An interface without a live UAPI: a wireguard-go that died. Start over.
+            # An interface with nothing listening on its socket: a wireguard-go that died. Start over.
             links.delete_link(self.name)
         binary = shutil.which(self.binary)
         if binary is None:

@@ -178,11 +178,23 @@ class UAPIClient:
             s.close()
 
     def alive(self) -> bool:
+        """It answered a `get`."""
         try:
             self.get()
             return True
         except TunnelError:
             return False
+
+    def listening(self) -> bool:
+        """A wireguard-go listens on the socket: it answered, or took the connection and was too
+        busy to answer in time (a starved host: seen 5 s). Only nothing listening is a dead one."""
+        try:
+            self.get()
+        except DeviceNotFound:
+            return False
+        except TunnelError:
+            pass
+        return True
 
     def get(self) -> DeviceState:
         return parse_get(self.ifname, self._request("get=1\n\n"))

@@ -280,3 +280,18 @@ def test_client_on_a_stale_socket_file_is_device_not_found(tmp_path: Path) -> No
     s.close()  # the file stays, nobody listens: what a crashed wireguard-go leaves
     with pytest.raises(DeviceNotFound):
         UAPIClient("wm0", path=path, timeout=1).get()
+
+
+def test_a_busy_wireguard_go_is_listening_though_not_answering(tmp_path: Path) -> None:
+    """A starved wireguard-go takes the connection and answers late: it is there (never started
+    over, which cut every tunnel of the node), only nothing listening is a dead one."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)  # never accepts: the connection waits in the backlog, nothing answers
+    try:
+        client = UAPIClient("wm0", path=path, timeout=0.2)
+        assert client.alive() is False and client.listening() is True
+    finally:
+        server.close()
+    assert UAPIClient("wm0", path=tmp_path / "absent.sock", timeout=0.2).listening() is False
