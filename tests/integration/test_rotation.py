@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -273,7 +272,6 @@ def delay_consul(lab: Lab, node: str, stack: ExitStack) -> str:
 # neighbours rotate within ~2 s of each other, a handshake after one of them took the other's
 # new key sometimes goes unanswered until wireguard-go's 5 s retry (in 1 of 3 runs here: 152
 # pings lost; seen at 30 nodes too, bench/rotation.py). Not yet explained: reported, not hidden.
-ROTATION_TAIL_S = 5.0  # a rotation's effects end this long after its node's switch (old keys linger 1 s)
 _PARALLEL_FLAKE = pytest.mark.xfail(strict=False, reason="a neighbour's handshake sometimes waits for the 5 s retry "
                                     "when two neighbours rotate at once (issue 10 closing note)")
 
@@ -308,7 +306,7 @@ def test_rotate_all_under_traffic(rot: Lab, how: str, tmp_path: Path, counted: C
         drops_before, tun_before = udp_rcvbuf_errors(lab), tun_queue_drops(lab)
         time.sleep(2)
         # One command per cluster (--all is a cluster's nodes), both at once.
-        t0, t0_wall = time.monotonic(), time.time()
+        t0 = time.monotonic()
         clis = {c: wiremesh_rotate(lab, next(n for n in nodes if cluster_of(lab, n) == c and n != DELAY_NODE), *args)
                 for c in lab.clusters}
         outs = {c: cli.communicate(timeout=seconds + 60) for c, cli in clis.items()}
@@ -334,25 +332,12 @@ def test_rotate_all_under_traffic(rot: Lab, how: str, tmp_path: Path, counted: C
             counted(f"{how}: {r['node']} rotation (record: requested to done)", r["seconds"] * 1000, "ms")
     failures = []
     switches = {f"{n}'s switch": r.switch_at for n in nodes if (r := rotation(lab, n)) is not None}
-    # The rotations' window: from the command to ROTATION_TAIL_S after the last switch. A loss
-    # outside it is no rotation's (seen only under a CPU hog: ping itself starved, replies 9.7 s
-    # late, a burst of 250 sent at one instant lost 13 s after the last switch, nothing in any
-    # agent's log): counted and shown, not asserted.
-    window = (t0_wall - 1.0, max(switches.values(), default=0) / 1000 + ROTATION_TAIL_S)
     for (a, b), (sent, lost, gaps) in results.items():
         rate = sent / (pingers[(a, b)].stopped - pingers[(a, b)].started)
         counted(f"{how}: ping {a} -> {b} (ping -i 0.001; {rate:.0f}/s achieved): sent", sent, "packets")
         counted(f"{how}: ping {a} -> {b}: lost", lost, "packets")
-        outside = [g for g in gaps if g[2] and not window[0] <= g[2] <= window[1]]
-        if outside:
-            lost_outside = sum(g[1] - g[0] + 1 for g in outside)
-            counted(f"{how}: ping {a} -> {b}: lost outside the rotations' window", lost_outside, "packets")
-            warnings.warn(f"{how}: ping {a} -> {b}: {lost_outside} lost outside the rotations' window "
-                          f"({describe_gaps(outside, switches)})")
-            lost -= lost_outside
         if lost or sent < 5000:
-            failures.append(f"ping {a} -> {b}: lost {lost} of {sent} in the rotations' window "
-                            f"({describe_gaps([g for g in gaps if g not in outside], switches)})")
+            failures.append(f"ping {a} -> {b}: lost {lost} of {sent} ({describe_gaps(gaps, switches)})")
     for (a, b), client in clients.items():
         d = iperf3_json(tmp_path / f"iperf-{a}-{b}.json")
         summary = d.get("end", {})
