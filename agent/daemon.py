@@ -13,6 +13,8 @@ Threads (each started, tracked and joined by agent.supervisor):
 - reconcile: the one loop that owns the agent's state; each pass is agent.passes (inputs ->
   plan -> reconcile -> report -> rotation). It wakes on a snapshot, a federation change, an
   object's retry, a rotation's time, SIGHUP, or the periodic full pass that repairs drift.
+- watchdog (agent.watchdog): logs a standstill of the whole process (a starved host) and the
+  stack of a pass stuck for seconds, so a late switch names its cause.
 
 Nothing here removes a peer or route before the first full snapshot has arrived, and a Consul
 outage only stops updates: the last good state stays programmed. A thread that dies makes
@@ -79,6 +81,7 @@ from .rotation_link import RecordPublisher, device_public_key
 from .services import ServiceBackends, load_service_lb
 from .staged import SwitchProofs
 from .supervisor import FATAL_GRACE_S, Mailbox, Supervisor
+from .watchdog import Watchdog
 from .trust import TrustState, load_pin, pin_anchor
 
 log = logging.getLogger("wiremesh.agent")
@@ -159,7 +162,8 @@ class Agent:
                                      local_pod_cidr=lambda: self.config.pod_cidr if self.config else None,
                                      spawn=self.supervisor.spawn, follow=self.supervisor.follow,
                                      hold_s=self.departures.hold_s)
-        self.loop_pass = Pass(self)
+        self.watchdog = Watchdog(on_stall=lambda _s: self.metrics.process_stalls_total.inc())
+        self.loop_pass = Pass(self, self.watchdog)
         # The cluster signing key this node pinned (agent.trust); None: the signing settings are
         # taken from Consul as they are (an unsigned cluster, or a node never enrolled).
         self.trust = TrustState(cfg.state_dir, cfg.cluster)
@@ -528,7 +532,8 @@ class Agent:
         self.kv_writer.start(self.supervisor.spawn)
         self.federation.start()
         for name, fn in (("watch", self._watch_loop), ("reconcile", self._reconcile_loop),
-                         ("staged-watch", lambda: self.proofs.run(self.stop_event))):
+                         ("staged-watch", lambda: self.proofs.run(self.stop_event)),
+                         ("watchdog", lambda: self.watchdog.run(self.stop_event))):
             self.supervisor.spawn(name, fn)
 
     def shutdown(self, remove_record: bool = True) -> None:

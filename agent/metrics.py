@@ -55,6 +55,8 @@ class AgentMetrics:
             "wiremesh_loop_blocked_seconds", "Time the reconcile loop was busy with one pass", registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.process_stalls_total = Counter(
+            "wiremesh_process_stalls_total", "Times the whole agent process stood still for 2 s or more", registry=r)
         self._last_sync_mono: float | None = None
         self.last_sync_age.set_function(self._age)
 

@@ -36,6 +36,7 @@ from .planner import DesiredState, DeviceSpec, LocalNode, PassInputs, plan
 from .reconciler import ReconcileResult
 from .rotation import now_ms
 from .rotation_link import rotation_pass, staging
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -56,8 +57,9 @@ class PassFailed(Exception):
 class Pass:
     """The loop's pass and what it keeps between passes (its backoff, the planner's memo)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, watchdog: Watchdog | None = None) -> None:
         self.agent = agent
+        self.watchdog = watchdog  # told when a pass starts and ends (a stuck one is logged with its stack)
         self.memo: dict[str, object] = {}  # planner's per-node parts, reused for unchanged records
         self.failures = 0  # passes failed in a row
         self.retry_at: float | None = None  # time.monotonic() of the retry after a failed pass
@@ -70,6 +72,8 @@ class Pass:
         """One pass; False if a stage failed (and the retry is scheduled)."""
         t0 = time.perf_counter()
         self._times = {}
+        if self.watchdog:
+            self.watchdog.pass_started()
         try:
             self._run(full)
         except PassFailed as e:
@@ -80,6 +84,8 @@ class Pass:
             self.retry_at = time.monotonic() + delay
             return False
         finally:
+            if self.watchdog:
+                self.watchdog.pass_ended()
             took = time.perf_counter() - t0
             self.agent.metrics.loop_blocked_seconds.observe(took)
             if took >= SLOW_PASS_S and time.monotonic() - self._slow_logged >= SLOW_LOG_EVERY_S:
