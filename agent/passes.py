@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
+from wiremesh.clustermesh import NodeRecord
 from wiremesh.tunnels import DeviceNotFound, TunnelError
 
+from .federation import FederationView
 from .planner import DesiredState, DeviceSpec, LocalNode, PassInputs, plan
 from .reconciler import ReconcileResult
 from .rotation import now_ms
@@ -48,6 +50,18 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 SLOW_PASS_S = 0.05  # a pass this long is logged with its stages' times (at most every SLOW_LOG_EVERY_S)
 SLOW_LOG_EVERY_S = 10.0
+
+
+def announced_next_keys(nodes: Mapping[str, NodeRecord], departed: Mapping[str, NodeRecord],
+                        fed: FederationView) -> set[str]:
+    """Every next key a record the planner uses announces, held ones included. A node whose
+    session lapsed just after its switch is held with its commit record (old key, next key); its
+    proven switch must stay proven (agent.staged forgets proofs of keys no longer announced), or
+    the hold gives the old key back its allowed IPs: a 1.8 s hole at 30 nodes in the rotation bench."""
+    records = [*nodes.values(), *departed.values(),
+               *(rec for ns in fed.nodes.values() for rec in ns.values()),
+               *(rec for ns in fed.departed.values() for rec in ns.values())]
+    return {rec.next_public_key for rec in records if rec.next_public_key}
 
 
 class PassFailed(Exception):
@@ -157,11 +171,10 @@ class Pass:
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        nexts = {rec.next_public_key for rec in snap.nodes.values() if rec.next_public_key}
-        nexts.update(rec.next_public_key for nodes in fed.nodes.values() for rec in nodes.values()
-                     if rec.next_public_key)
+        departed = a.departures.held()
+        nexts = announced_next_keys(snap.nodes, departed, fed)
         return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=a.proofs.proven(nexts),
-                          departed=a.departures.held())
+                          departed=departed)
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

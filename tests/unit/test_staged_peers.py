@@ -155,3 +155,31 @@ def test_the_device_is_read_often_only_while_a_switch_may_be_happening() -> None
     assert hot(keys, 100_000 + TAIL_MS + 1, consul_up=True) == (set(), SLOW_POLL_S)
     # Consul away: a commit may have landed unseen
     assert hot(keys, 200_000, consul_up=False)[0] == {"uncommitted"}
+
+
+def test_a_held_node_keeps_its_proven_switch(cluster_config: ClusterConfig, make_node: MakeNode) -> None:
+    """A node whose session lapsed right after its switch is held with its commit record (old
+    key, next key): the proof of its switch stays, so the hold keeps the new key's allowed IPs
+    (it gave them back to the old key: a 1.8 s hole at 30 nodes, seen in bench/rotation.py)."""
+    from wiremesh.agent.federation import FederationView
+    from wiremesh.agent.passes import announced_next_keys
+    from wiremesh.agent.planner import with_departed
+
+    me = make_node("n1", "10.240.1.0/24")
+    n2 = make_node("n2", "10.240.2.0/24", public_key=OLD.base64, endpoint=EP, next_public_key=NEXT.base64,
+                   switch_at=1000)
+    remote = make_node("r1", "10.241.1.0/24", public_key=OTHER.base64, next_public_key=OTHER.base64)
+    fed = FederationView(nodes={}, members={}, frozen_cidrs=frozenset(), mesh_synced=True,
+                         departed={"west": {"r1": remote}})
+    dev = _Device({NEXT.base64: _status(NEXT.base64, ips=IPS, rx=100)})
+    proofs = SwitchProofs(dev, lambda: None)  # type: ignore[arg-type]
+    assert proofs.proven(announced_next_keys({"n1": me, "n2": n2}, {}, fed)) == {NEXT.base64}
+    # n2's record vanishes (its session lapsed): planned from the held record
+    announced = announced_next_keys({"n1": me}, {"n2": n2}, fed)
+    assert announced == {NEXT.base64, OTHER.base64}
+    proven = proofs.proven(announced)
+    assert proven == {NEXT.base64}
+    nodes = with_departed({"n1": me}, {"n2": n2})
+    st = plan_mesh("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr, proven_keys=proven)
+    assert st.peers["lab/n2"].public_key == NEXT.base64 and st.peers["lab/n2"].allowed_ips == IPS
+    assert st.staged == {}
