@@ -272,6 +272,11 @@ class Registration:
         published = False
         interval = self._interval
         self._short_timeouts()
+        # Renewals are due by the clock, whatever else the loop does: a rotation publishes the
+        # record again every second or so, and a record's write is no renewal (`acquire` does
+        # not touch the TTL). Publishing instead of renewing let sessions lapse right after a
+        # rotation in a 30-node lab (Consul drops a session 2 x TTL after its last renewal).
+        session, renew_at = None, 0.0
         while not self.stop.is_set():
             # Tries are `delay` apart from start to start: one that failed at once (Consul
             # refused) waits it out, one that timed out (a SYN lost while partitioned) is made
@@ -285,14 +290,17 @@ class Registration:
                     self.republish.clear()
                     self.publish()
                     published = True
-                else:
+                if self.session_id != session:  # a new session: as good as renewed now
+                    session, renew_at = self.session_id, time.monotonic() + interval
+                elif time.monotonic() >= renew_at:
                     assert self.session_id
                     # No retries inside: one stuck through a partition (5 s timeout a try) held
                     # the renewal ~10 s past the heal; the loop retries at once with backoff.
                     self.store.session_renew(self.session_id, retry=False)
                     self.metrics.session_renewals_total.inc()
+                    renew_at = time.monotonic() + interval
                 delay = 0.2
-                self.republish.wait(interval)
+                self.republish.wait(max(0.0, renew_at - time.monotonic()))
                 continue
             except SessionExpired:
                 log.warning("session %s expired; registering again", (self.session_id or "?")[:8])

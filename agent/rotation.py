@@ -88,6 +88,7 @@ class Rotator:
         self.next_key: PrivateKey | None = None
         self.switch_at = 0  # committed switch time (0: not committed)
         self.staged_at = 0  # when this run staged (or found staged) the rotation
+        self._ready_seen: dict[str, int] = {}  # peer -> when its readiness was first seen (unix ms)
         self.rotation: Rotation | None = None  # ours, as last written by us
         self.epoch = self._read_epoch()
         # peer side: rotating node id -> the next key we said we are ready for
@@ -267,6 +268,8 @@ class Rotator:
         ahead = commit_order(self._me, [n for n, r in others.items() if r.next_public_key and not r.switch_at])
         if not self.staged_at:
             self.staged_at = now
+        for p in ok & live:
+            self._ready_seen.setdefault(p, now)
         step = staged_step(now, self.staged_at, live, ok, ahead)
         if step.action == "abandon":
             what = "peers not ready" if live - ok else "nodes before it never committed"
@@ -295,10 +298,18 @@ class Rotator:
             self.wake = now + 1000
             return
         self.switch_at = at
-        log.info("rotation %s: every live peer ready (%d); switching at +%d ms", self.rotation.id, live,
-                 self.switch_at - self.clock())
+        log.info("rotation %s: every live peer ready (%d; %s); switching at %+d ms", self.rotation.id, live,
+                 self._readiness_times(), self.switch_at - self.clock())
         self._write(replace(self.rotation, state="committed", switch_at=self.switch_at, lagging=(), updated_at=now))
         self.wake = self.switch_at
+
+    def _readiness_times(self) -> str:
+        """When peers' readiness was seen, after the announcement: where a slow commit waited."""
+        if not self._ready_seen or not self.staged_at:
+            return "ready times unknown"
+        times = sorted((t - self.staged_at, p) for p, t in self._ready_seen.items())
+        mid, (last, who) = times[len(times) // 2][0], times[-1]
+        return f"ready after {mid} ms (median), the last {last} ms ({who})"
 
     def committed(self, at: int, next_public_key: str) -> None:
         """The commit's write with switch time `at` for `next_public_key` is in Consul (called by
@@ -341,7 +352,9 @@ class Rotator:
         if not done:
             self.wake = now + 1000  # under way (its answer wakes the loop) or failed: again then
             return
-        log.info("rotation %s: next key %s announced", self.rotation.id, nxt.fingerprint)
+        self._ready_seen = {}
+        log.info("rotation %s: next key %s announced (%d ms after the request)", self.rotation.id, nxt.fingerprint,
+                 now - self.rotation.requested_at if self.rotation.requested_at else -1)
         self._write(replace(self.rotation, state="staged", switch_at=0, epoch_from=self.epoch,
                             epoch_to=self.epoch + 1, next_fingerprint=nxt.fingerprint, updated_at=now))
         self.wake = now + 100

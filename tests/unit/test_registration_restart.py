@@ -83,3 +83,32 @@ def test_a_try_that_timed_out_is_made_again_at_once() -> None:
     now = time.monotonic()
     assert Registration._wait(now - 1.0, 0.67) == 0.0
     assert 0.6 < Registration._wait(now + 0.5, 0.2) <= 0.7  # (a try that started "later": the rest of its delay)
+
+
+def test_renewals_keep_their_pace_while_the_record_is_published_again_and_again(tmp_path: Path) -> None:
+    """A rotation publishes the node's record every second or so, and a record's write renews
+    nothing: the loop renews by the clock all the same (sessions lapsed right after rotations in
+    a 30-node lab when a publication took the renewal's turn)."""
+    done = threading.Event()
+    store = Sessions([None, None, None], done)
+    reg = registration(store, tmp_path)
+    published: list[int] = []
+
+    def publish() -> None:
+        reg.session_id = "0123456789abcdef"
+        published.append(1)
+    reg.publish = publish  # type: ignore[method-assign]
+    stop = reg.stop
+    loop = threading.Thread(target=reg.loop)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            reg.republish.set()  # far more often than the renewal interval (0.5 s here)
+            time.sleep(0.02)
+        assert done.is_set(), f"{len(store.renewed)} renewals while published {len(published)} times"
+        assert store.renewed == ["0123456789abcdef"] * 3
+    finally:
+        stop.set()
+        reg.republish.set()
+        loop.join(10)
