@@ -64,6 +64,17 @@ def announced_next_keys(nodes: Mapping[str, NodeRecord], departed: Mapping[str, 
     return {rec.next_public_key for rec in records if rec.next_public_key}
 
 
+def unseen_switches(cluster: str, me: str, nodes: Mapping[str, NodeRecord], fed: FederationView,
+                    proven: frozenset[str]) -> dict[str, int]:
+    """Other nodes whose commit this agent sees and whose switch it has not seen on the data
+    plane yet: node id -> switch time (agent.rotation.Rotator.switch_due)."""
+    out = {f"{cluster}/{n}": r.switch_at for n, r in nodes.items()
+           if n != me and r.switch_at and r.next_public_key and r.next_public_key not in proven}
+    out.update((f"{c}/{n}", r.switch_at) for c, ns in fed.nodes.items() if c != cluster for n, r in ns.items()
+               if r.switch_at and r.next_public_key and r.next_public_key not in proven)
+    return out
+
+
 class PassFailed(Exception):
     """A stage of the pass raised; the loop retries after a backoff."""
 
@@ -167,14 +178,14 @@ class Pass:
         # Peers' readiness is watched only while it matters: this node's rotation staged.
         a.readiness.follow(clusters if staging(a) else {})
         r = a.rotator
-        key = r.next_key if r.switch_due() and r.next_key is not None else a.key  # the switch: planned like the rest
+        departed = a.departures.held()
+        proven = a.proofs.proven(announced_next_keys(snap.nodes, departed, fed))
+        unseen = unseen_switches(a.cfg.cluster, a.cfg.node, snap.nodes, fed, proven) if r.switch_at else {}
+        key = r.next_key if r.switch_due(unseen) and r.next_key is not None else a.key  # the switch: planned like the rest
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        departed = a.departures.held()
-        nexts = announced_next_keys(snap.nodes, departed, fed)
-        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=a.proofs.proven(nexts),
-                          departed=departed)
+        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed)
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

@@ -35,10 +35,12 @@ from wiremesh.keys import KeyMaterialError, NodeIdentity, PrivateKey, read_key_f
 from wiremesh.keys import (
     COMMIT_LEAD_MS,
     PEER_WATCH_MS,
+    SWITCH_DEFER_MS,
     commit_order,
     committed_step,
     staged_step,
     switch_time,
+    switch_waits_for,
     switched_step,
 )
 
@@ -99,6 +101,9 @@ class Rotator:
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
         self._committing = 0  # the switch time of a commit whose write is under way (0: none)
+        self._due_since = 0  # when this node's switch was first due (unix ms; 0: not yet)
+        self._defer_until = 0  # the switch held until then for earlier commits (switch_due)
+        self._deferred_for: list[str] = []  # (logged once per change)
         self._scheduled: Rotation | None = None  # the last rotation rotate_every asked for
         self.resume_pending = False  # resume() could not read Consul: this node's commit unknown
         self._epoch_saved = True  # the epoch above is the one its file holds
@@ -161,9 +166,30 @@ class Rotator:
         if self.switch_at:
             log.info("rotation: committed before a restart; switching at %d as announced", self.switch_at)
 
-    def switch_due(self) -> bool:
-        """This node's committed rotation has reached its switch time (drive() may switch now)."""
-        return self.next_key is not None and bool(self.switch_at) and self.clock() >= self.switch_at
+    def switch_due(self, unseen: Mapping[str, int] | None = None) -> bool:
+        """This node's committed rotation has reached its switch time (drive() may switch now).
+
+        `unseen`: other nodes whose commit this agent saw and whose switch it has not seen on
+        the data plane yet (node id -> switch time). One committed before this node holds its
+        switch until its own shows, SWITCH_DEFER_MS at most (keys.switch_waits_for)."""
+        if self.next_key is None or not self.switch_at:
+            return False
+        now = self.clock()
+        if now < self.switch_at:
+            return False
+        if not self._due_since:
+            self._due_since = now
+        waits = switch_waits_for(self._me, self.switch_at, unseen or {})
+        if waits and now < self._due_since + SWITCH_DEFER_MS:
+            if self._deferred_for != waits:
+                self._deferred_for = waits
+                log.info("rotation %s: switch held for %s (committed before this node, its switch not seen "
+                         "yet): two switches at once cannot reach each other", self.rotation.id if self.rotation else "?",
+                         ", ".join(waits))
+            self._defer_until = self._due_since + SWITCH_DEFER_MS
+            return False
+        self._defer_until = 0
+        return True
 
     # --- what this node announces ------------------------------------------------------------
     @property
@@ -235,7 +261,9 @@ class Rotator:
             self._staged(now, live, ready, others, publish, republish)
         elif self.rotation.state in ("staged", "committed"):
             step = committed_step(now, self.switch_at)
-            if step.action == "switch":
+            if step.action == "switch" and self._defer_until > now:
+                self.wake = self._defer_until  # (a proof of the awaited switch wakes the loop sooner)
+            elif step.action == "switch":
                 self._switch(now, switch, republish)
             else:
                 self.wake = step.wake_at
@@ -373,6 +401,7 @@ class Rotator:
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0
+        self._due_since, self._defer_until, self._deferred_for = 0, 0, []
         log.info("rotation %s: switched to %s (epoch %d, %d ms after the switch time)", self.rotation.id,
                  key.public_key().fingerprint, self.epoch, self.clock() - at)
         self._write(replace(self.rotation, state="switched", switch_at=at, updated_at=now))
@@ -395,6 +424,7 @@ class Rotator:
 
     def _drop_next(self, republish: Callable[[], None]) -> None:
         self.next_key, self.switch_at, self.staged_at, self._committing = None, 0, 0, 0
+        self._due_since, self._defer_until, self._deferred_for = 0, 0, []
         self.next_file.unlink(missing_ok=True)
         republish()
 

@@ -6,11 +6,13 @@ from .material import KEY_LEN, PrivateKey, PublicKey, load_or_generate, read_key
 from .rotation import (
     COMMIT_LEAD_MS,
     PEER_WATCH_MS,
+    SWITCH_DEFER_MS,
     commit_order,
     committed_step,
     peer_key,
     staged_step,
     switch_time,
+    switch_waits_for,
     switched_step,
 )
 from .signing import (
@@ -32,6 +34,8 @@ __all__ = [
     "Certificate",
     "CertificateError",
     "COMMIT_LEAD_MS",
+    "SWITCH_DEFER_MS",
+    "switch_waits_for",
     "commit_order",
     "committed_step",
     "issue",

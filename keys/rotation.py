@@ -50,13 +50,16 @@ commits only when no node it sees staged and not yet committed comes before it (
 and picks a switch time apart from every switch time committed (`switch_time`). Every write a
 node makes after seeing something is ordered after that something in Consul, and a node commits
 only on seeing every peer's readiness, so of two nodes staged at once the later one always sees
-the earlier one's commit before its own. Clock skew between hosts matters only to how closely
-peers watch the data plane around a switch time (agent.staged.LEAD_MS).
+the earlier one's commit before its own. Switch times alone do not keep the switches apart: a
+node switches when its commit's write returns, late when Consul is slow. So a node whose switch
+is due also waits (SWITCH_DEFER_MS at most) until every switch committed before its own has
+shown on its data plane (`switch_waits_for`). Clock skew between hosts matters only to how
+closely peers watch the data plane around a switch time (agent.staged.LEAD_MS).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 COMMIT_LEAD_MS = 1000  # switch_at = commit + this: every live peer has seen the commit by then
@@ -65,6 +68,7 @@ ORDER_TIMEOUT_MS = 3 * READY_TIMEOUT_MS  # waiting this long for nodes before it
 CONFIRM_TIMEOUT_MS = 15000  # after the switch: peers that did not handshake on the new key lag
 PEER_WATCH_MS = 6000  # a peer watches a key it took this long for a handshake (agent.rotation.KICK_MS)
 SWITCH_SPACING_MS = 300  # switch times of different nodes are at least this far apart
+SWITCH_DEFER_MS = 2000  # a node's switch waits at most this long for the switches committed before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,19 @@ def switched_step(now: int, since: int, live: Set[str], confirmed: Set[str]) -> 
 def commit_order(me: str, staged: Iterable[str]) -> frozenset[str]:
     """Of the nodes ("cluster/node") seen staged and not committed, those that commit before `me`."""
     return frozenset(n for n in staged if n < me)
+
+
+def switch_waits_for(me: str, switch_at: int, unseen: Mapping[str, int]) -> list[str]:
+    """Of the nodes whose commit this node saw but not yet their switch (node -> switch time),
+    those committed before it: this node's switch waits for theirs (at most SWITCH_DEFER_MS).
+
+    Switch times are spaced, but a switch comes when its commit's write returns, and a slow
+    Consul returned two commits 4 s late and 110 ms apart: the two nodes switched at once, each
+    addressed its first initiation to the other's old key, which the other no longer had, and
+    neither proved the other's switch (12 s without a tunnel between them, at 30 nodes). The
+    later node always sees the earlier one's commit before its own (see above), so waiting for
+    the earlier one's switch to show on the data plane keeps every switch apart."""
+    return sorted(n for n, at in unseen.items() if (at, n) < (switch_at, me))
 
 
 def switch_time(earliest: int, committed: Iterable[int]) -> int:

@@ -438,3 +438,48 @@ def test_the_epoch_is_raised_once_for_a_key_changed_outside_a_rotation(rig: Any)
     assert not rot.raise_epoch(3) and not rot.raise_epoch(2)  # never lowered, never twice
     rot.next_key = PrivateKey.generate()  # a rotation under way owns the epoch
     assert not rot.raise_epoch(9) and rot.epoch == 3
+
+
+def test_a_switch_waits_for_the_unseen_switches_committed_before_it() -> None:
+    from wiremesh.keys import switch_waits_for
+    assert switch_waits_for("c/b", T, {"c/a": T - 300, "c/c": T + 300, "d/a": T - 9000}) == ["c/a", "d/a"]
+    assert switch_waits_for("c/b", T, {"c/a": T, "c/c": T}) == ["c/a"]  # equal times: the lower id first
+    assert switch_waits_for("c/b", T, {}) == []
+
+
+def _committed(rot: Rotator, clock: Any, switched: list[PrivateKey]) -> int:
+    drive(rot, Rotation.new("a", clock.now), {}, switched)
+    ready = {"c/b": RotationReady(read_key_file(rot.next_file).public_key().base64)}
+    drive(rot, rot.rotation, ready, switched)
+    assert rot.rotation.state == "committed"
+    return rot.switch_at
+
+
+def test_a_switch_is_held_until_the_earlier_one_shows_on_the_data_plane(rig: Any) -> None:
+    """Two commits that came back late from a slow Consul made two nodes switch 110 ms apart:
+    each addressed the other's old key and neither tunnel came back for 12 s."""
+    from wiremesh.keys import SWITCH_DEFER_MS
+    rot, store, clock, key, switched = rig
+    at = _committed(rot, clock, switched)
+    earlier = {"b/0": at - SWITCH_SPACING_MS}
+    clock.now = at + 4000  # (its commit's write came back this late)
+    assert not rot.switch_due(earlier)
+    drive(rot, rot.rotation, {}, switched)
+    assert switched == [] and rot.wake == at + 4000 + SWITCH_DEFER_MS
+    assert not rot.switch_due({**earlier, "c/z": at + SWITCH_SPACING_MS})  # (a later one: never waited for)
+    clock.now += 30
+    assert rot.switch_due({"c/z": at + SWITCH_SPACING_MS})  # the earlier switch was seen: at once
+    drive(rot, rot.rotation, {}, switched)
+    assert len(switched) == 1
+
+
+def test_a_switch_waits_for_an_earlier_one_only_so_long(rig: Any) -> None:
+    from wiremesh.keys import SWITCH_DEFER_MS
+    rot, store, clock, key, switched = rig
+    at = _committed(rot, clock, switched)
+    clock.now = at
+    assert not rot.switch_due({"b/0": at - 1})
+    clock.now = at + SWITCH_DEFER_MS
+    assert rot.switch_due({"b/0": at - 1})  # (its node may have stopped: never held for good)
+    drive(rot, rot.rotation, {}, switched)
+    assert len(switched) == 1

@@ -183,3 +183,17 @@ def test_a_held_node_keeps_its_proven_switch(cluster_config: ClusterConfig, make
     st = plan_mesh("n1", me.public_key, cluster_config, nodes, local_pod_cidr=me.pod_cidr, proven_keys=proven)
     assert st.peers["lab/n2"].public_key == NEXT.base64 and st.peers["lab/n2"].allowed_ips == IPS
     assert st.staged == {}
+
+
+def test_switches_unseen_are_the_committed_next_keys_not_proven(make_node: MakeNode) -> None:
+    from wiremesh.agent.federation import FederationView
+    from wiremesh.agent.passes import unseen_switches
+
+    me = make_node("n1", "10.240.1.0/24", next_public_key=OTHER.base64, switch_at=900)
+    staged = make_node("n2", "10.240.2.0/24", public_key=OLD.base64, next_public_key=NEXT.base64)
+    committed = replace(staged, name="n3", switch_at=1000)
+    proven = replace(staged, name="n4", next_public_key=OTHER.base64, switch_at=1100)
+    remote = replace(committed, name="r1", cluster="west")
+    fed = FederationView(nodes={"west": {"r1": remote}}, members={}, frozen_cidrs=frozenset(), mesh_synced=True)
+    nodes = {"n1": me, "n2": staged, "n3": committed, "n4": proven}
+    assert unseen_switches("lab", "n1", nodes, fed, frozenset({OTHER.base64})) == {"lab/n3": 1000, "west/r1": 1000}
