@@ -364,9 +364,14 @@ class Agent:
         elif self.registration.session_id and self.pod_cidr and (kept or mine != self._record()):
             # Gone (Consul lost it, someone deleted it) or overwritten: write ours again, at
             # most once a second whatever the watch delivers (an old one written back: at once).
+            # A record this agent wrote a moment ago is the watch running behind a newer write,
+            # which follows: nothing to write (a rotation's writes come quickly one after another).
             now = time.monotonic()
-            if kept or now - self._last_republish >= 1.0:
+            if not kept and mine is not None and self.registration.wrote_recently(mine):
+                pass
+            elif kept or now - self._last_republish >= 1.0:
                 self._last_republish = now
+                self.registration.forget_written()
                 self.registration.republish.set()
         if self.pod_cidr and snap.leases and snap.leases.get(self.pod_cidr) not in (None, self.cfg.node):
             self._once("lease", f"pod CIDR {self.pod_cidr} is now leased to {snap.leases[self.pod_cidr]!r} in "

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,6 +82,11 @@ class Registration:
         self.on_published = on_published  # an asked-for write was answered (wakes the agent's loop)
         self.session_id: str | None = None
         self.consul_ttl = max(1, math.ceil(cfg.session_ttl / 2))
+        # The record Consul last took from this thread, and under which session: the same record
+        # again is not written (every write wakes every agent of the cluster; a rotation asked
+        # for six writes where three differ). `forget_written` when Consul's copy is not ours.
+        self._written: tuple[str, NodeRecord] | None = None
+        self._recent: deque[tuple[float, NodeRecord]] = deque(maxlen=8)  # (time.monotonic(), record) written
         # None: unsigned records (and for stand-ins of AgentConfig in tests, which name no key files)
         self.identity = load_identity(cfg) if isinstance(cfg, AgentConfig) else None
         # The agent bootstraps its lease before this loop runs; it leases the certificate's CIDR.
@@ -217,6 +223,9 @@ class Registration:
         if commit_at and rec.next_public_key and rec.next_public_key == next_key:
             rec = replace(rec, switch_at=commit_at)  # the commit's own write (for the key it was decided for)
             carried = True
+        if self._written == (session, rec):
+            return carried  # Consul has it already (the same record, under the same session)
+        unsigned = rec
         if self.identity is not None:
             rec = sign_record(rec, self.identity)
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
@@ -224,9 +233,22 @@ class Registration:
             item = self.store.get(key)
             holder = item.session[:8] if item and item.session else "?"
             raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")
+        self._written = (session, unsigned)
+        self._recent.append((time.monotonic(), unsigned))
         self.metrics.registrations_total.inc()
         log.info("published %s (endpoint %s, pod CIDR %s)", key, rec.endpoint, rec.pod_cidr)
         return carried
+
+    def wrote_recently(self, rec: NodeRecord, within_s: float = 3.0) -> bool:
+        """`rec` is a record this thread wrote within `within_s` (a watch that shows it while a
+        newer one is on its way is behind, not overwritten)."""
+        now = time.monotonic()
+        return any(now - t <= within_s and r == rec for t, r in self._recent)
+
+    def forget_written(self) -> None:
+        """Consul's copy of the record is not what this thread last wrote (gone, overwritten):
+        the next publication writes it whatever it holds."""
+        self._written = None
 
     @property
     def _interval(self) -> float:
@@ -285,6 +307,7 @@ class Registration:
             tried_at = time.monotonic()
             try:
                 if self.reload_identity():
+                    self.forget_written()  # (signed again with the new certificate)
                     self.republish.set()
                 if not published or self.republish.is_set():
                     self.republish.clear()

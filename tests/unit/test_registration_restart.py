@@ -3,6 +3,7 @@ up (Registration.keep_previous): its record, which every peer follows, outlives 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -112,3 +113,52 @@ def test_renewals_keep_their_pace_while_the_record_is_published_again_and_again(
         stop.set()
         reg.republish.set()
         loop.join(10)
+
+
+class Writes:
+    """Consul's KV and sessions as the registration uses them, counting the record's writes."""
+
+    def __init__(self) -> None:
+        self.options = ConsulOptions()
+        self.puts: list[str] = []
+        self.sessions = 0
+
+    def set_thread_timeout(self, seconds: float) -> None:
+        pass
+
+    def get(self, key: str, **_: Any) -> None:
+        return None
+
+    def session_create(self, name: str, ttl_s: int, behavior: str = "delete", node: str | None = None) -> str:
+        self.sessions += 1
+        return f"{self.sessions:016x}"
+
+    def put(self, key: str, value: str, **_: Any) -> bool:
+        self.puts.append(value)
+        return True
+
+
+def test_the_same_record_is_written_once_until_consul_s_copy_is_not_ours(tmp_path: Path) -> None:
+    """Every write of a record wakes every agent of the cluster: a rotation asked for six, of
+    which three differed (the watch running behind a newer write looked like an overwrite)."""
+    from wiremesh.clustermesh import NodeRecord
+
+    store = Writes()
+    rec = NodeRecord("n1", "lab", "192.0.2.1:51820", "A" * 43 + "=", "10.240.1.0/24", "10.240.1.1")
+    cfg = SimpleNamespace(cluster="lab", node="n1", session_ttl=2, state_dir=tmp_path, consul=ConsulOptions())
+    current = [rec]
+    reg = Registration(store, cfg, lambda: current[0], AgentMetrics(), threading.Event())  # type: ignore[arg-type]
+    reg.publish()
+    reg.publish()
+    assert len(store.puts) == 1 and reg.wrote_recently(rec)
+    current[0] = newer = dataclasses.replace(rec, endpoint="192.0.2.9:51820")
+    reg.publish()
+    assert len(store.puts) == 2
+    assert reg.wrote_recently(rec) and reg.wrote_recently(newer)  # (the watch behind: not an overwrite)
+    assert not reg.wrote_recently(dataclasses.replace(rec, endpoint="198.51.100.1:51820"))
+    reg.forget_written()  # gone from Consul, or overwritten: written whatever this thread wrote before
+    reg.publish()
+    assert len(store.puts) == 3
+    reg.session_id = None  # a new session: the record is written under it
+    reg.publish()
+    assert len(store.puts) == 4 and store.sessions == 2
