@@ -229,7 +229,9 @@ class Registration:
         if self.identity is not None:
             rec = sign_record(rec, self.identity)
         key = layout.node_key(self.cfg.cluster, self.cfg.node)
-        if not self.store.put(key, rec.to_json(), acquire=session):
+        # One try: the loop tries again at once, and renews the session between two tries (the
+        # store's own retries held this thread 7 s on a stalled Consul: the session lapsed).
+        if not self.store.put(key, rec.to_json(), acquire=session, retry=False):
             item = self.store.get(key)
             holder = item.session[:8] if item and item.session else "?"
             raise AgentError(f"{key} is held by another session ({holder}): is another agent running as {self.cfg.node}?")

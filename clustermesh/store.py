@@ -221,15 +221,16 @@ class ConsulStore:
         return self._fetch(Endpoint.kv_prefix(prefix), index, wait_s, dc, watch=True)
 
     def put(self, key: str, value: str | bytes, *, cas: int | None = None, acquire: str | None = None,
-            dc: str | None = None) -> bool:
+            dc: str | None = None, retry: bool = True) -> bool:
         """Write a value. With `cas`, only if the key's ModifyIndex still equals it (0: only if absent).
 
         With `acquire`, only if no other session holds the key (SessionExpired if Consul no
-        longer has that session). Returns whether it was written.
+        longer has that session). Returns whether it was written. `retry=False`: one try (for
+        a caller that has its own pace to keep, like the session's renewals).
         """
         params = [(k, str(v)) for k, v in (("cas", cas), ("acquire", acquire)) if v is not None]
         data = value.encode() if isinstance(value, str) else value
-        reply = self._request("put", f"/v1/kv/{key}", f"put {key}", params=params, body=data, dc=dc, retry_it=True)
+        reply = self._request("put", f"/v1/kv/{key}", f"put {key}", params=params, body=data, dc=dc, retry_it=retry)
         return self._json(f"put {key}", reply, _bool)
 
     def delete(self, key: str, *, cas: int | None = None, recurse: bool = False, dc: str | None = None) -> bool:

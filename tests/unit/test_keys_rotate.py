@@ -54,7 +54,7 @@ class FakeKV:
             return self.index, {k: v for k, v in self.kv.items() if k.startswith(prefix)}
 
     def put(self, key: str, value: str | bytes, *, cas: int | None = None, acquire: str | None = None,
-            dc: str | None = None) -> bool:
+            dc: str | None = None, retry: bool = True) -> bool:
         if self.before_put is not None:
             racer, self.before_put = self.before_put, None
             racer(self, key)
