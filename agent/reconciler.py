@@ -135,7 +135,7 @@ class Reconciler:
 
     def renew_peer(self, node: str, peer: PeerConfig) -> None:
         """Make node's peer again on the device (same key, endpoint, allowed IPs): a fresh entry
-        with no handshake state, which initiates one with the next packet (agent.rotation.KICK_MS)."""
+        with no handshake state, which initiates one with the next packet (agent.rotation_peer.KICK_MS)."""
         with self.lock:
             self.device.apply([PeerChange(public_key=peer.public_key, remove=True, name=node)])
             self.device.apply([PeerChange(public_key=peer.public_key, endpoint=peer.endpoint,

@@ -30,11 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from wiremesh.clustermesh import ConsulError, ConsulStore, InvalidRecord, NodeRecord, layout
-from wiremesh.clustermesh import Rotation, RotationReady, ready_value, rotation_value, sign_request
+from wiremesh.clustermesh import Rotation, RotationReady, rotation_value, sign_request
 from wiremesh.keys import KeyMaterialError, NodeIdentity, PrivateKey, read_key_file, write_key_file
 from wiremesh.keys import (
     COMMIT_LEAD_MS,
-    PEER_WATCH_MS,
     SWITCH_DEFER_MS,
     commit_order,
     committed_step,
@@ -45,18 +44,11 @@ from wiremesh.keys import (
 )
 
 from .kvwriter import SyncWriter, Writer
+from .rotation_peer import PeerPart
 from .nodestate import write_state_file
 
 log = logging.getLogger("wiremesh.rotation")
 HOLD_DUE_MS = 300  # a change due this recently is not done yet, or just was: no pass is held for a later one
-# A peer whose new key got no handshake this long after it was taken, although something came
-# from the node on it, is made again on the device (once): the node's and this peer's handshake
-# initiations crossed (each answers the other's and rejects the answer to its own), and
-# wireguard-go would try again only after 5 s. A fresh peer entry initiates at once. With nothing
-# received, it waits KICK_IDLE_MS (a loaded host's handshake may take that long): making the
-# entry again drops what it holds queued.
-KICK_MS = 150
-KICK_IDLE_MS = 1000
 
 
 def now_ms() -> int:
@@ -93,10 +85,6 @@ class Rotator:
         self._ready_seen: dict[str, int] = {}  # peer -> when its readiness was first seen (unix ms)
         self.rotation: Rotation | None = None  # ours, as last written by us
         self.epoch = self._read_epoch()
-        # peer side: rotating node id -> the next key we said we are ready for
-        self.ready_sent: dict[str, str] = {}
-        self.taken: dict[str, tuple[str, int]] = {}  # node id -> (new key, when we took it, ms)
-        self._kicked: set[str] = set()  # taken peers already made again (KICK_MS)
         self.wake: int | None = None
         self.switched_before_stop = False
         self._me = f"{cluster}/{node}"
@@ -113,6 +101,8 @@ class Rotator:
         # node's (both rejected; wireguard-go tries again 5 s later): peers take the key from
         # the data plane (agent.staged), the record says it once every peer did (or failed to).
         self._held: tuple[str, str, int, int] | None = None  # (old key, new key, switch time, old epoch)
+        # This node's part in the other nodes' rotations (agent.rotation_peer).
+        self.peer = PeerPart(cluster, node, self.writer, identity, clock, self._wake_at)
 
     # --- start-up ----------------------------------------------------------------------------
     def recover(self, device_public_key: str | None) -> PrivateKey | None:
@@ -494,28 +484,6 @@ class Rotator:
                         cas=0 if mine is None else None, unless=_active)
         log.info("rotation %s: asked by the cluster's rotate_every (%d s)", rot.id, every_s)
 
-    # --- the peer side ------------------------------------------------------------------------
-    def take_part(self, announced: Mapping[str, NodeRecord]) -> None:
-        """Say we are ready for every announced next key (node id -> record); drop stale words."""
-        for nid, rec in announced.items():
-            if not rec.next_public_key:
-                continue
-            if self.ready_sent.get(nid) == rec.next_public_key:
-                continue
-            rcluster, _, rnode = nid.partition("/")
-            self.writer.put(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode),
-                            ready_value(RotationReady(rec.next_public_key), self._me, nid, self.identity))
-            self.ready_sent[nid] = rec.next_public_key
-        for nid in [n for n in self.ready_sent if not announced.get(n) or not announced[n].next_public_key]:
-            rcluster, _, rnode = nid.partition("/")
-            self.writer.delete(layout.rotation_ready_key(self.cluster, self.node, rcluster, rnode))
-            del self.ready_sent[nid]
-        for nid, (_key, at) in list(self.taken.items()):
-            self._wake_at(at + PEER_WATCH_MS)
-            if nid not in self._kicked:
-                self._wake_at(at + KICK_MS)
-                self._wake_at(at + KICK_IDLE_MS)
-
     def hold_until(self, quiet_ms: int) -> int | None:
         """Until when (unix ms) the loop should hold a pass: this node's switch time, if it comes
         within `quiet_ms` (the pass then sets the key first, on the dot); None if it does not, or
@@ -526,37 +494,6 @@ class Rotator:
         if now - HOLD_DUE_MS <= self.switch_at <= now:
             return None
         return self.switch_at if now < self.switch_at <= now + quiet_ms else None
-
-    def took(self, nid: str, new_key: str) -> None:
-        """The reconciler replaced node `nid`'s key by `new_key` (a rotation): watch for its handshake."""
-        self.taken[nid] = (new_key, self.clock())
-        self._kicked.discard(nid)
-
-    def kicks_due(self, handshakes: Mapping[str, float], received: Mapping[str, int] | None = None) -> list[str]:
-        """Peers (node ids) whose new key got no handshake KICK_MS after it was taken although
-        the device `received` bytes on it (or none KICK_IDLE_MS after), once each: the agent
-        makes them again on the device (see KICK_MS)."""
-        now, due = self.clock(), []
-        for nid, (key, at) in self.taken.items():
-            if nid in self._kicked or handshakes.get(key, 0.0) * 1000 >= at - 1000:
-                continue
-            crossed = (received or {}).get(key, 1) > 0
-            if now >= at + (KICK_MS if crossed else KICK_IDLE_MS):
-                self._kicked.add(nid)
-                due.append(nid)
-        return due
-
-    def check_taken(self, handshakes: Mapping[str, float]) -> None:
-        """Stop watching taken keys that made a handshake, or that PEER_WATCH_MS passed for (a
-        key is taken only on the node's proof: never given back; its laggard is the rotating
-        node's to report)."""
-        now = self.clock()
-        for nid, (key, at) in list(self.taken.items()):
-            if handshakes.get(key, 0.0) * 1000 >= at - 1000:
-                del self.taken[nid]
-            elif now >= at + PEER_WATCH_MS:
-                log.warning("rotation of %s: no handshake on its new key %d ms after it was taken", nid, PEER_WATCH_MS)
-                del self.taken[nid]
 
     def _wake_at(self, t: int) -> None:
         if t > self.clock() and (self.wake is None or t < self.wake):

@@ -113,7 +113,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
     agent.proofs.watch(desired.staged, {n: announced[n].switch_at for n in desired.staged if n in announced})
     for node, key in replaced:  # we took a node's new key: start the handshake now
         if node in announced and announced[node].next_public_key == key:
-            rotator.took(node, key)  # a rotation's: gone back from if no handshake comes on it
+            rotator.peer.took(node, key)  # a rotation's: gone back from if no handshake comes on it
         if node in desired.peers:
             _poke([(node, desired.peers[node])])
     if snap is None:
@@ -132,13 +132,13 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
         snap.rotations.rotations.get(cfg.node), set(desired.peers), agent.readiness.view(announced, signed),
         lambda: {n: hs.get(p.public_key, 0.0) for hs in [handshakes(agent)] for n, p in desired.peers.items()},
         switched, agent.publisher, agent.registration.republish.set, announced)
-    rotator.take_part(announced)
+    rotator.peer.take_part(announced)
     if agent.config is not None and agent.config.rotate_every:
         rotator.schedule(agent.config.rotate_every, sorted(snap.nodes), snap.rotations.rotations, key_mtime_ms(agent))
-    if rotator.taken:
+    if rotator.peer.taken:
         peers = device_peers(agent)
         hs = {k: p.latest_handshake for k, p in peers.items()}
-        for nid in rotator.kicks_due(hs, {k: p.rx_bytes for k, p in peers.items()}):
+        for nid in rotator.peer.kicks_due(hs, {k: p.rx_bytes for k, p in peers.items()}):
             if nid in desired.peers:
                 log.info("rotation of %s: no handshake on its new key yet; making its peer again", nid)
                 try:
@@ -146,7 +146,7 @@ def rotation_pass(agent: Agent, desired: DesiredState) -> None:
                 except TunnelError as e:
                     log.warning("rotation of %s: peer not made again: %s", nid, e)
                 _poke([(nid, desired.peers[nid])])
-        rotator.check_taken(hs)
+        rotator.peer.check_taken(hs)
 
 
 def staging(agent: Agent) -> bool:

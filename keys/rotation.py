@@ -66,7 +66,7 @@ COMMIT_LEAD_MS = 1000  # switch_at = commit + this: every live peer has seen the
 READY_TIMEOUT_MS = 15000  # staged this long with peers not ready: abandoned (nothing was changed)
 ORDER_TIMEOUT_MS = 3 * READY_TIMEOUT_MS  # waiting this long for nodes before it to commit: abandoned
 CONFIRM_TIMEOUT_MS = 15000  # after the switch: peers that did not handshake on the new key lag
-PEER_WATCH_MS = 6000  # a peer watches a key it took this long for a handshake (agent.rotation.KICK_MS)
+PEER_WATCH_MS = 6000  # a peer watches a key it took this long for a handshake (agent.rotation_peer.KICK_MS)
 SWITCH_SPACING_MS = 300  # switch times of different nodes are at least this far apart
 SWITCH_DEFER_MS = 2000  # a node's switch waits at most this long for the switches committed before it
 

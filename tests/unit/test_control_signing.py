@@ -302,7 +302,7 @@ def test_the_rotator_signs_its_progress_its_own_requests_and_its_readiness(tmp_p
     rot.drive(request, {f"{C}/n2"}, {}, dict, lambda _k: True, lambda _at: True, lambda: None, {})
     assert accepted().state == "staged" and accepted().id == request.id
     staged2 = dataclasses.replace(signed_record("n2", N2, ID2), next_public_key=NXT)
-    rot.take_part({f"{C}/n2": staged2})
+    rot.peer.take_part({f"{C}/n2": staged2})
     word = RotationReady.from_json(store.kv[layout.rotation_ready_key(C, "n1", C, "n2")])
     verify_ready(word, f"{C}/n1", f"{C}/n2", signed_record("n1", N1, ID1))
 

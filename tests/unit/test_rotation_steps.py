@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent.rotation import KICK_IDLE_MS, KICK_MS, Rotator
+from wiremesh.agent.rotation import Rotator
+from wiremesh.agent.rotation_peer import KICK_IDLE_MS, KICK_MS
 from wiremesh.clustermesh import NodeRecord, layout
 from wiremesh.clustermesh.consul_values import KVItem
 from wiremesh.clustermesh.rotation import Rotation, RotationReady
@@ -238,20 +239,20 @@ def test_the_peer_side_says_ready_once_and_never_gives_a_taken_key_back(rig: Any
     nxt = PrivateKey.generate().public_key().base64
     staged = NodeRecord("b", "c", other.endpoint, other.public_key, "10.240.2.0/24", "10.240.2.1",
                         next_public_key=nxt)
-    rot.take_part({"c/b": staged})
+    rot.peer.take_part({"c/b": staged})
     rk = layout.rotation_ready_key("c", "a", "c", "b")
     assert RotationReady.from_json(store.kv[rk]) == RotationReady(nxt)
     assert rot.wake is None  # staged: nothing to take yet
     del store.kv[rk]
     at = T + COMMIT_LEAD_MS
-    rot.take_part({"c/b": dataclasses.replace(staged, switch_at=at)})
+    rot.peer.take_part({"c/b": dataclasses.replace(staged, switch_at=at)})
     assert rk not in store.kv  # said once
     assert rot.wake is None  # committed: nothing to do by the clock (the key is taken on the proof)
-    rot.took("c/b", nxt)
+    rot.peer.took("c/b", nxt)
     clock.now += PEER_WATCH_MS
-    rot.check_taken({})
-    assert rot.taken == {}  # no longer watched, never given back
-    rot.take_part({"c/b": other})  # the rotation ended: the word is taken back
+    rot.peer.check_taken({})
+    assert rot.peer.taken == {}  # no longer watched, never given back
+    rot.peer.take_part({"c/b": other})  # the rotation ended: the word is taken back
     assert rk not in store.kv
 
 
@@ -390,25 +391,25 @@ def test_a_commit_under_way_is_decided_only_by_its_answer(rig: Any) -> None:
 def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: Any) -> None:
     rot, store, clock, key, switched = rig
     new = PrivateKey.generate().public_key().base64
-    rot.took("c/b", new)
+    rot.peer.took("c/b", new)
     clock.now += KICK_MS - 1
-    assert rot.kicks_due({}, {new: 148}) == []
+    assert rot.peer.kicks_due({}, {new: 148}) == []
     clock.now += 1
-    assert rot.kicks_due({}, {new: 0}) == []  # nothing came back yet: a slow handshake, not a crossed one
-    assert rot.kicks_due({}, {new: 148}) == ["c/b"]  # crossed handshakes: the peer is made again
-    assert rot.kicks_due({}) == []  # once
-    assert rot.kicks_due({new: clock.now / 1000}) == []
+    assert rot.peer.kicks_due({}, {new: 0}) == []  # nothing came back yet: a slow handshake, not a crossed one
+    assert rot.peer.kicks_due({}, {new: 148}) == ["c/b"]  # crossed handshakes: the peer is made again
+    assert rot.peer.kicks_due({}) == []  # once
+    assert rot.peer.kicks_due({new: clock.now / 1000}) == []
     other = PrivateKey.generate().public_key().base64
-    rot.took("c/c", other)
+    rot.peer.took("c/c", other)
     clock.now += KICK_MS
-    assert rot.kicks_due({other: clock.now / 1000}) == []  # its handshake came: nothing to do
+    assert rot.peer.kicks_due({other: clock.now / 1000}) == []  # its handshake came: nothing to do
     idle = PrivateKey.generate().public_key().base64
-    rot.took("c/d", idle)
+    rot.peer.took("c/d", idle)
     clock.now += KICK_IDLE_MS - 1
     done = {other: clock.now / 1000}
-    assert rot.kicks_due(done, {idle: 0}) == []
+    assert rot.peer.kicks_due(done, {idle: 0}) == []
     clock.now += 1
-    assert rot.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
+    assert rot.peer.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
 
 
 def test_after_its_switch_the_record_says_the_commit_until_the_rotation_ends(rig: Any) -> None:
