@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -65,13 +65,17 @@ def announced_next_keys(nodes: Mapping[str, NodeRecord], departed: Mapping[str, 
 
 
 def unseen_switches(cluster: str, me: str, nodes: Mapping[str, NodeRecord], fed: FederationView,
-                    proven: frozenset[str]) -> dict[str, int]:
-    """Other nodes whose commit this agent sees and whose switch it has not seen on the data
-    plane yet: node id -> switch time (agent.rotation.Rotator.switch_due)."""
-    out = {f"{cluster}/{n}": r.switch_at for n, r in nodes.items()
-           if n != me and r.switch_at and r.next_public_key and r.next_public_key not in proven}
+                    proven: frozenset[str], settling: Collection[str] = ()) -> dict[str, int]:
+    """Other nodes whose commit this agent sees and whose switch it has not seen settle on the
+    data plane yet: node id -> switch time (agent.rotation.Rotator.switch_due). Settled: the
+    switch proven and, once this node took the new key, a handshake on it (`settling`: node
+    ids whose taken key has none yet). A switch right after a neighbour's proof, before that
+    handshake, dropped what both had queued for each other (9 pings under a CPU hog)."""
+    def unseen(nid: str, r: NodeRecord) -> bool:
+        return bool(r.switch_at and r.next_public_key and (r.next_public_key not in proven or nid in settling))
+    out = {f"{cluster}/{n}": r.switch_at for n, r in nodes.items() if n != me and unseen(f"{cluster}/{n}", r)}
     out.update((f"{c}/{n}", r.switch_at) for c, ns in fed.nodes.items() if c != cluster for n, r in ns.items()
-               if r.switch_at and r.next_public_key and r.next_public_key not in proven)
+               if unseen(f"{c}/{n}", r))
     return out
 
 
@@ -180,7 +184,7 @@ class Pass:
         r = a.rotator
         departed = a.departures.held()
         proven = a.proofs.proven(announced_next_keys(snap.nodes, departed, fed))
-        unseen = unseen_switches(a.cfg.cluster, a.cfg.node, snap.nodes, fed, proven) if r.switch_at else {}
+        unseen = unseen_switches(a.cfg.cluster, a.cfg.node, snap.nodes, fed, proven, r.peer.taken) if r.switch_at else {}
         key = r.next_key if r.switch_due(unseen) and r.next_key is not None else a.key  # the switch: planned like the rest
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,

@@ -53,7 +53,7 @@ only on seeing every peer's readiness, so of two nodes staged at once the later 
 the earlier one's commit before its own. Switch times alone do not keep the switches apart: a
 node switches when its commit's write returns, late when Consul is slow. So a node whose switch
 is due also waits (SWITCH_DEFER_MS at most) until every switch committed before its own has
-shown on its data plane (`switch_waits_for`). Clock skew between hosts matters only to how
+settled on its data plane: proven, and a handshake made on the key it took (`switch_waits_for`). Clock skew between hosts matters only to how
 closely peers watch the data plane around a switch time (agent.staged.LEAD_MS).
 """
 
