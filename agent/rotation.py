@@ -252,7 +252,9 @@ class Rotator:
         elif self.rotation.state in ("staged", "committed"):
             step = committed_step(now, self.switch_at)
             if step.action == "switch" and self._defer_until > now:
-                self.wake = self._defer_until  # (a proof of the awaited switch wakes the loop sooner)
+                # (A proof of the awaited switch wakes the loop at once; the handshake on the key
+                # taken does not: looked for every 50 ms.)
+                self.wake = min(self._defer_until, now + 50)
             elif step.action == "switch":
                 self._switch(now, switch, republish)
             else:
