@@ -459,7 +459,6 @@ def _committed(rot: Rotator, clock: Any, switched: list[PrivateKey]) -> int:
 def test_a_switch_is_held_until_the_earlier_one_shows_on_the_data_plane(rig: Any) -> None:
     """Two commits that came back late from a slow Consul made two nodes switch 110 ms apart:
     each addressed the other's old key and neither tunnel came back for 12 s."""
-    from wiremesh.keys import SWITCH_DEFER_MS
     rot, store, clock, key, switched = rig
     at = _committed(rot, clock, switched)
     earlier = {"b/0": at - SWITCH_SPACING_MS}
