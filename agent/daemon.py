@@ -101,7 +101,10 @@ def _raise_priority() -> None:
     to the millisecond, and on a host whose cores are busy a pass waited 100-1 500 ms for a CPU
     (measured under two CPU hogs): the node's switch came after its peers had taken the key.
     Called before any thread starts (Linux nice is per thread; new threads and the wireguard-go
-    the agent starts inherit it). Without the privilege, it says so once and goes on."""
+    the agent starts inherit it). Without the privilege, it says so once and goes on. With the
+    kernel's autogroups, nice counts only within a session: the agent leaves its own session's
+    alone (it may be an operator's terminal; a systemd service has a cgroup of its own, and the
+    lab's keeper sets it), and gives wireguard-go's new session its nice (tunnels.sched)."""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > AGENT_NICE:
             os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)

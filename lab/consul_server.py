@@ -13,6 +13,7 @@ from typing import Any
 
 from wiremesh.agent import AGENT_NICE
 from wiremesh.clustermesh import ConsulError, ConsulOptions, ConsulReason, ConsulStore
+from wiremesh.tunnels import set_session_nice
 
 from .errors import LabError
 from .netns import NetnsExecutor, enter_cmd, pid_alive
@@ -110,6 +111,7 @@ def _agents_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, CONSUL_NICE)
     except OSError:
         pass  # (without the privilege: as it was)
+    set_session_nice(CONSUL_NICE)  # its session too: per-process nice counts only within it (tunnels.sched)
 
 
 def start(netns: str, config: Path, log_file: Path) -> int:

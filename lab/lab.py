@@ -47,7 +47,9 @@ from wiremesh.clustermesh import (
     overlay_address,
     wizard,
 )
+from wiremesh.agent import AGENT_NICE
 from wiremesh.errors import WiremeshError
+from wiremesh.tunnels import set_session_nice
 
 from . import consul_server, netns, pods, secure, services, stop, teardown
 from .topology import ClusterSpec
@@ -65,6 +67,11 @@ Progress = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _agent_session_priority() -> None:
+    """(In the keeper, after setsid.) Its session, which the agent's is, at the agent's nice."""
+    set_session_nice(AGENT_NICE)
 
 
 def _env(*assignments: str) -> list[str]:
@@ -537,6 +544,9 @@ class Lab:
                 + [sys.executable, str(Path(__file__).with_name("keeper.py")), str(pidfile), "--"]
                 + (wrapper or []) + [wiremesh_binary(), "agent", "--config", f"{node.dir}/agent.toml"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                # The keeper's session is the agent's: at the agent's priority, as a host's
+                # systemd unit would be (tunnels.sched: per-process nice counts only within a session).
+                preexec_fn=_agent_session_priority,
             )
         deadline = time.monotonic() + 10
         while (pid := _read_pid(pidfile)) is None:

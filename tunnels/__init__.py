@@ -18,6 +18,7 @@ from .links import (
     set_mtu,
 )
 from .netns import NetnsExecutor
+from .sched import set_session_nice
 from .pods import PodInterface, add_pod_interface, check_pod_interface, del_pod_interface, set_pod_mtu
 from .podstate import Attachment, CniState, NodeInfo, NodeStateUnavailable, NoFreeAddress
 from .vxlan import VXLAN_PORT, VxlanSpec, delete_vxlan, ensure_vxlan, read_vxlan, vtep_mac
@@ -27,6 +28,7 @@ from .bpf import (CGROUP2, PIN_ROOT, Backend, BpfError, Frontend, ServiceEntry, 
                   ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
 
 __all__ = [
+    "set_session_nice",
     "add_pod_interface",
     "as_status",
     "Attachment",

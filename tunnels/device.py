@@ -14,6 +14,7 @@ from wiremesh.keys import PrivateKey
 
 from . import links
 from .errors import DeviceNotFound, KernelUnsupported, TunnelError
+from .sched import set_session_nice
 from .model import DeviceState, PeerChange
 from .uapi import UAPIClient, format_set, socket_path
 
@@ -117,6 +118,7 @@ class UserspaceDevice(WireGuardDevice):
                 [binary, "-f", self.name],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True, close_fds=True, env=env,
+                preexec_fn=set_session_nice,  # its new session at this process's nice (tunnels.sched)
             )
         if self.pid_file:
             self.pid_file.write_text(f"{proc.pid}\n")
