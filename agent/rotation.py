@@ -192,6 +192,8 @@ class Rotator:
         if held is not None:  # switched, not ended: as committed (see _held)
             return replace(rec, public_key=held[0], next_public_key=held[1], switch_at=held[2], key_epoch=held[3])
         nxt = self.next_key.public_key().base64 if self.next_key is not None else ""
+        if nxt == rec.public_key:  # switched, the next key not dropped yet: it is the current one
+            nxt = ""
         at = self.switch_at  # (the commit's own write adds its time itself: agent.registration)
         return replace(rec, next_public_key=nxt, switch_at=at if nxt else 0, key_epoch=self.epoch)
 
@@ -382,14 +384,20 @@ class Rotator:
     def _switch(self, now: int, switch: Callable[[PrivateKey], bool | None], republish: Callable[[], None]) -> None:
         assert self.rotation is not None and self.next_key is not None
         key, at = self.next_key, self.switch_at
-        if switch(key) is False:  # the device does not hold it yet (planned a moment before the time)
-            self.wake = now + 1
-            return
+        # The record as committed, before the agent takes the new key as its own (`switch`):
+        # the registration thread builds the record at any moment, and in between it said the
+        # new key as current *and* next, a record every peer refused (the node's tunnels cut
+        # for 2 s, seen at 30 nodes). The held record is the commit's, so setting it early
+        # changes nothing on the wire.
         try:
             old = read_key_file(self.key_file).public_key().base64
             self._held = (old, key.public_key().base64, at, self.epoch)
         except (KeyMaterialError, OSError):
             self._held = None  # (the record then says the new key at once)
+        if switch(key) is False:  # the device does not hold it yet (planned a moment before the time)
+            self._held = None
+            self.wake = now + 1
+            return
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0

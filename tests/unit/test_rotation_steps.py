@@ -483,3 +483,25 @@ def test_a_switch_waits_for_an_earlier_one_only_so_long(rig: Any) -> None:
     assert rot.switch_due({"b/0": at - 1})  # (its node may have stopped: never held for good)
     drive(rot, rot.rotation, {}, switched)
     assert len(switched) == 1
+
+
+def test_a_record_built_during_the_switch_never_names_the_current_key_as_next(rig: Any) -> None:
+    """The registration thread builds the record at any moment; built while the agent had taken
+    the new key as its own but the rotator had not yet marked the switch, it said the new key as
+    current and as next: refused by every peer, which cut the node for 2 s (seen at 30 nodes)."""
+    rot, store, clock, key, switched = rig
+    at = _committed(rot, clock, switched)
+    clock.now = at
+    seen: list[NodeRecord] = []
+
+    def switch(new: PrivateKey) -> bool:
+        # the agent takes the key as its own here; a record built now (another thread):
+        seen.append(rot.announce(record(new)))
+        seen.append(rot.announce(record(key)))
+        return True
+    rot.drive(rot.rotation, {"c/b"}, {}, lambda: {}, switch, lambda _at: True, lambda: None, {})
+    assert rot.rotation.state == "switched" and len(seen) == 2
+    for rec in seen:  # as committed: the old key, the new one next
+        assert (rec.public_key, rec.next_public_key) == (key.public_key().base64, read_key_file(rot.key_file).public_key().base64)
+    after = rot.announce(record(read_key_file(rot.key_file)))
+    assert after.next_public_key != after.public_key  # (a record never names its current key as next)
