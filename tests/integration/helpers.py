@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import contextlib
-import os
 import re
 import socket
 import subprocess
@@ -17,9 +16,7 @@ from typing import Any
 
 import pytest
 
-from wiremesh.agent import AGENT_NICE
 from wiremesh.keys import read_key_file
-from wiremesh.tunnels import set_session_nice
 from wiremesh.lab import Lab
 from wiremesh.lab.udpbuf import (  # noqa: F401 - the tests' names
     enlarge_udp_buffers,
@@ -165,12 +162,6 @@ def _icmp(s: socket.socket) -> bool:
     return s.proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
 
 
-def instrument_priority() -> None:
-    """(In a measuring child, after setsid.) The agents' priority, for its whole session."""
-    os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
-    set_session_nice(AGENT_NICE)
-
-
 class FastPinger:
     """`ping -D -i INTERVAL` (1 000/s by default) inside a node or pod, replies written to a
     file (a pipe would fill and stall ping); `.stop()` returns (sent, lost, gaps) as ping_losses
@@ -180,11 +171,8 @@ class FastPinger:
         self.node, self.addr, self.out, self.interval = node, addr, out, interval
         self._f = open(out, "w")
         self.started = self.stopped = time.monotonic()
-        # The instrument, not a workload: at the agents' priority (a session of its own:
-        # tunnels.sched), so that a CPU hog does not make it send in bursts.
         self.proc = lab.popen(node, "ping", "-n", "-D", "-i", str(interval), "-W", "1", addr,
-                              stdout=self._f, stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=instrument_priority)
+                              stdout=self._f, stderr=subprocess.STDOUT)
         # ping's own receive buffer (64 KiB: ~100 replies) overflows when a busy host leaves it
         # without CPU for 0.1 s: replies the mesh delivered, counted lost (/proc/net/raw drops).
         # 4 MiB holds seconds of them; the count is then the mesh's alone.
