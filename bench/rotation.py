@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -133,7 +132,6 @@ def within_budget(pairs: list[tuple[str, str]], rate: int, budget: int) -> list[
 
 
 def _instrument_priority() -> None:
-    os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     set_session_nice(AGENT_NICE)
 
 

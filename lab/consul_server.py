@@ -100,18 +100,14 @@ def write_client_config(path: Path, *, datacenter: str, node_name: str, data_dir
 CONSUL_NICE = AGENT_NICE - 5
 
 
-def _agents_priority() -> None:
+def _consul_priority() -> None:
     """(In the child, before exec.) Consul ahead of the agents (nice CONSUL_NICE). On a host, the
     servers have machines of their own; in the lab they share the cores with every node's agent
     and wireguard-go, which run ahead of ordinary work (nice AGENT_NICE). Left at nice 0, a
     30-node lab under load starved its Consul server: writes timed out (1.7 s), sessions lapsed,
     and rotations were abandoned for readiness that Consul had not answered yet; at the agents'
     priority it still stood for seconds at a time (one Consul among 60 busy processes)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, CONSUL_NICE)
-    except OSError:
-        pass  # (without the privilege: as it was)
-    set_session_nice(CONSUL_NICE)  # its session too: per-process nice counts only within it (tunnels.sched)
+    set_session_nice(CONSUL_NICE)  # the process and its session (tunnels.sched)
 
 
 def start(netns: str, config: Path, log_file: Path) -> int:
@@ -120,7 +116,7 @@ def start(netns: str, config: Path, log_file: Path) -> int:
         proc = subprocess.Popen(
             enter_cmd(netns, None) + [consul_binary(), "agent", f"-config-file={config}"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            preexec_fn=_agents_priority,
+            preexec_fn=_consul_priority,
         )
     return proc.pid
 

@@ -18,11 +18,14 @@ AUTOGROUP = "/proc/self/autogroup"
 
 
 def set_session_nice(nice: int | None = None) -> None:
-    """Give this process's session (its autogroup) the nice `nice`, this process's own if None.
+    """Give this process (when `nice` is given) and its session (its autogroup) the nice `nice`;
+    the session this process's own nice if None.
 
     For a child started in a new session: call it first thing (Popen's preexec_fn runs after
     setsid). Without the privilege, or without autogroups, nothing changes."""
     try:
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         value = os.getpriority(os.PRIO_PROCESS, 0) if nice is None else nice
         with open(AUTOGROUP, "w") as f:
             f.write(f"{value}\n")
