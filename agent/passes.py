@@ -65,14 +65,20 @@ def announced_next_keys(nodes: Mapping[str, NodeRecord], departed: Mapping[str, 
 
 
 def unseen_switches(cluster: str, me: str, nodes: Mapping[str, NodeRecord], fed: FederationView,
-                    proven: frozenset[str], settling: Collection[str] = ()) -> dict[str, int]:
+                    proven: frozenset[str], settling: Collection[str] = (),
+                    taking: Collection[str] = ()) -> dict[str, int]:
     """Other nodes whose commit this agent sees and whose switch it has not seen settle on the
     data plane yet: node id -> switch time (agent.rotation.Rotator.switch_due). Settled: the
     switch proven and, once this node took the new key, a handshake on it (`settling`: node
-    ids whose taken key has none yet). A switch right after a neighbour's proof, before that
-    handshake, dropped what both had queued for each other (9 pings under a CPU hog)."""
+    ids whose taken key has none yet; `taking`: next keys proven since the last pass planned,
+    which this pass takes, so no handshake can be on them yet). A switch right after a
+    neighbour's proof, before that handshake, dropped what both had queued for each other (9
+    pings under a CPU hog; 58 at 30 nodes when the switch came in the very pass that took the
+    neighbour's key: its handshake had not started, and the node's own switch then left it
+    waiting for the neighbour to take the new key in turn)."""
     def unseen(nid: str, r: NodeRecord) -> bool:
-        return bool(r.switch_at and r.next_public_key and (r.next_public_key not in proven or nid in settling))
+        return bool(r.switch_at and r.next_public_key and (
+            r.next_public_key not in proven or r.next_public_key in taking or nid in settling))
     out = {f"{cluster}/{n}": r.switch_at for n, r in nodes.items() if n != me and unseen(f"{cluster}/{n}", r)}
     out.update((f"{c}/{n}", r.switch_at) for c, ns in fed.nodes.items() if c != cluster for n, r in ns.items()
                if unseen(f"{c}/{n}", r))
@@ -96,6 +102,9 @@ class Pass:
         self.desired: DesiredState | None = None  # as of the last planned pass (status endpoint)
         self._times: dict[str, float] = {}  # stage -> seconds, of the pass under way
         self._slow_logged = 0.0
+        # Next keys proven as of the last pass that took them (reconciled and told the rotator):
+        # one proven since is taken by the pass under way, with no handshake on it yet.
+        self.planned_proofs: frozenset[str] = frozenset()
 
     def run(self, full: bool) -> bool:
         """One pass; False if a stage failed (and the retry is scheduled)."""
@@ -154,6 +163,7 @@ class Pass:
             return
         self._stage("report", a.report, desired, res, full)
         self._stage("rotation", rotation_pass, a, desired)
+        self.planned_proofs = inputs.proven_keys
 
     def _switch_anyway(self) -> None:
         """This node's switch time came while a stage before the reconciler failed: the device
@@ -184,7 +194,8 @@ class Pass:
         r = a.rotator
         departed = a.departures.held()
         proven = a.proofs.proven(announced_next_keys(snap.nodes, departed, fed))
-        unseen = unseen_switches(a.cfg.cluster, a.cfg.node, snap.nodes, fed, proven, r.peer.taken) if r.switch_at else {}
+        unseen = unseen_switches(a.cfg.cluster, a.cfg.node, snap.nodes, fed, proven, r.peer.taken,
+                                 proven - self.planned_proofs) if r.switch_at else {}
         key = r.next_key if r.switch_due(unseen) and r.next_key is not None else a.key  # the switch: planned like the rest
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,

@@ -398,6 +398,7 @@ class Rotator:
             self._held = None
             self.wake = now + 1
             return
+        self.peer.switched(now)
         os.replace(self.next_file, self.key_file)
         self._write_epoch(self.epoch + 1)
         self.next_key, self.switch_at = None, 0

@@ -233,6 +233,9 @@ def measure(n: int, modes: list[int], rates: list[int], max_pairs: int, timeout:
                 src = Path(lab.node(name).dir) / "agent.log"
                 if src.exists():
                     shutil.copy(src, dest / f"{name}.log")
+                for wg in Path(lab.node(name).dir).glob("wireguard-go-*.log"):  # (WIREMESH_WG_LOG_LEVEL)
+                    if wg.stat().st_size:
+                        shutil.copy(wg, dest / f"{name}.{wg.name}")
             log(f"{n} nodes: agent logs in {dest}")
         log(f"{n} nodes: lab down")
         lab.down()

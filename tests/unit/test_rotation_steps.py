@@ -412,6 +412,22 @@ def test_a_taken_key_without_a_handshake_is_kicked_once_then_rolled_back(rig: An
     assert rot.peer.kicks_due(done, {idle: 0}) == ["c/d"]  # nothing at all for a second: made again all the same
 
 
+def test_a_key_taken_before_this_nodes_own_switch_is_never_kicked(rig: Any) -> None:
+    """Its handshake waits for the peer to take this node's new key: making the entry again
+    would drop what this node holds queued for the peer."""
+    rot, store, clock, key, switched = rig
+    new = PrivateKey.generate().public_key().base64
+    rot.peer.took("c/b", new)
+    clock.now += 50
+    rot.peer.switched(clock.now)
+    clock.now += KICK_IDLE_MS
+    assert rot.peer.kicks_due({}, {new: 148}) == []
+    later = PrivateKey.generate().public_key().base64
+    rot.peer.took("c/c", later)  # taken after the switch: kicked as ever
+    clock.now += KICK_MS
+    assert rot.peer.kicks_due({}, {new: 148, later: 148}) == ["c/c"]
+
+
 def test_after_its_switch_the_record_says_the_commit_until_the_rotation_ends(rig: Any) -> None:
     """Peers take the new key from the data plane: a record with the new key as its public key
     before every peer saw the node's first handshake would make a late peer start its own."""

@@ -200,3 +200,6 @@ def test_switches_unseen_are_the_committed_next_keys_not_proven(make_node: MakeN
     # n4's key taken, no handshake on it yet: its switch has not settled here
     assert unseen_switches("lab", "n1", nodes, fed, frozenset({OTHER.base64}), {"lab/n4"}) == \
         {"lab/n3": 1000, "lab/n4": 1100, "west/r1": 1000}
+    # n4's key proven since the last pass: this pass takes it, no handshake can be on it yet
+    assert unseen_switches("lab", "n1", nodes, fed, frozenset({OTHER.base64}), (), {OTHER.base64}) == \
+        {"lab/n3": 1000, "lab/n4": 1100, "west/r1": 1000}
