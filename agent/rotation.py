@@ -169,7 +169,11 @@ class Rotator:
             return False
         if not self._due_since:
             self._due_since = now
-        waits = switch_waits_for(self._me, self.switch_at, unseen or {})
+        unseen = unseen or {}
+        # A node waited for once is waited for until its switch shows (or the bound): its switch
+        # time may move later meanwhile (a commit retried after a write of unknown outcome), and
+        # going at once on seeing that switched both together (cut 15 s at 30 nodes).
+        waits = sorted(set(switch_waits_for(self._me, self.switch_at, unseen)) | (set(self._deferred_for) & set(unseen)))
         if waits and now < self._due_since + SWITCH_DEFER_MS:
             if self._deferred_for != waits:
                 self._deferred_for = waits

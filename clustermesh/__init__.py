@@ -74,6 +74,8 @@ from .records import (
 from .revocation import CHUNK_ENTRIES, MAX_CHUNKS, PRUNE_AFTER_S, RevocationFull, Revocations
 from .rollover import announce, cluster_signers, commit, next_key_path, old_key_path, promote_key_files
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
+from .selector import Selector, SelectorError
+from .selector import parse as parse_selector
 from .services import (
     AFFINITIES,
     PROTOCOLS,
@@ -93,6 +95,9 @@ from .tokens import InvalidToken, TokenFileError, check_private, check_token, re
 from .watch import Endpoint
 
 __all__ = [
+    "Selector",
+    "SelectorError",
+    "parse_selector",
     "check_token",
     "check_private",
     "InvalidToken",

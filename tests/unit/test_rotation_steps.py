@@ -489,6 +489,22 @@ def test_a_switch_is_held_until_the_earlier_one_shows_on_the_data_plane(rig: Any
     assert len(switched) == 1
 
 
+def test_a_switch_held_for_a_node_stays_held_when_that_nodes_switch_time_moves_later(rig: Any) -> None:
+    """Seen at 30 nodes: a node retried its commit after a write of unknown outcome, with a new
+    switch time later than this node's. Going at once on seeing it, this node switched together
+    with it; neither reached the other for 15 s."""
+    rot, store, clock, key, switched = rig
+    at = _committed(rot, clock, switched)
+    clock.now = at
+    assert not rot.switch_due({"b/0": at - 500})
+    clock.now += 50
+    assert not rot.switch_due({"b/0": at + 540})  # its commit again, later than ours: still held
+    clock.now += 50
+    assert rot.switch_due({})  # its switch was seen
+    drive(rot, rot.rotation, {}, switched)
+    assert len(switched) == 1
+
+
 def test_a_switch_waits_for_an_earlier_one_only_so_long(rig: Any) -> None:
     from wiremesh.keys import SWITCH_DEFER_MS
     rot, store, clock, key, switched = rig
