@@ -75,6 +75,8 @@ from .revocation import CHUNK_ENTRIES, MAX_CHUNKS, PRUNE_AFTER_S, RevocationFull
 from .rollover import announce, cluster_signers, commit, next_key_path, old_key_path, promote_key_files
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
 from .selector import Selector, SelectorError
+from .policy import PeerMatch, Policy, PortRange, Rule, check_policy_name, parse_policy
+from .verdict import Decision, FlowEnd, FlowVerdict, decide, flow, policy_id, selecting
 from .selector import parse as parse_selector
 from .services import (
     AFFINITIES,
@@ -95,6 +97,19 @@ from .tokens import InvalidToken, TokenFileError, check_private, check_token, re
 from .watch import Endpoint
 
 __all__ = [
+    "Decision",
+    "FlowEnd",
+    "FlowVerdict",
+    "PeerMatch",
+    "Policy",
+    "PortRange",
+    "Rule",
+    "check_policy_name",
+    "decide",
+    "flow",
+    "parse_policy",
+    "policy_id",
+    "selecting",
     "Selector",
     "SelectorError",
     "parse_selector",

@@ -26,8 +26,15 @@ from .targets import FdbTarget, PodMtuTarget, MtuTarget, NeighbourTarget, RouteT
 from .model import STAGED_PSK, DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 from .bpf import (CGROUP2, PIN_ROOT, Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
                   ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
+from .bpf import Interval, PolicyDatapath, PolicyMaps, RuleEntry, RuleKey, policy_model
 
 __all__ = [
+    "Interval",
+    "PolicyDatapath",
+    "PolicyMaps",
+    "RuleEntry",
+    "RuleKey",
+    "policy_model",
     "set_session_nice",
     "add_pod_interface",
     "as_status",
