@@ -87,7 +87,7 @@ def rule_id(name: str) -> int:
 
 
 def _cidrs(policies: Iterable[Policy]) -> set[ipaddress.IPv4Network]:
-    out = set()
+    out: set[ipaddress.IPv4Network] = set()
     for p in policies:
         for r in (*p.ingress, *p.egress):
             if r.peer is not None:
@@ -156,11 +156,11 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
     for c in cidrs:
         ipcache[c] = ids[f"cidr:{c}"]
     for ip, key in groups.items():
-        ipcache[ipaddress.ip_network(f"{ip}/32")] = ids[key]
+        ipcache[ipaddress.IPv4Network(f"{ip}/32")] = ids[key]
     # One peer per identity, as the reference sees it.
     peers: dict[int, FlowEnd] = {}
-    for ip, (c, labels) in inp.endpoints.items():
-        peers.setdefault(ids[groups[ip]], FlowEnd(ip, c, labels))
+    for ip, (cl, labels) in inp.endpoints.items():
+        peers.setdefault(ids[groups[ip]], FlowEnd(ip, cl, labels))
     for ep in inp.local:
         peers.setdefault(ids[groups[ep.ip]], FlowEnd(ep.ip, inp.cluster, ep.labels))
     nets = [*cidrs, *pods]
@@ -198,9 +198,14 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
             endpoints[ep.ifindex] = (ep.ifindex, flags)
             rules.update(mine)
     names = {v: k for k, v in rule_names.items()}
-    identities = {i: (k.split("\0")[0], frozenset(tuple(kv.split("=", 1)) for kv in k.split("\0")[1:] if kv))
+    identities = {i: (k.split("\0")[0], frozenset(_pair(kv) for kv in k.split("\0")[1:] if kv))
                   for k, i in ids.items() if not k.startswith(("cidr:", "unknown:"))}
     return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), identities, names, skipped)
+
+
+def _pair(kv: str) -> tuple[str, str]:
+    k, _, v = kv.partition("=")
+    return k, v
 
 
 def _proto_entries(ifindex: int, me: FlowEnd, chosen: list[Policy], dname: str, dnum: int, proto: str, pnum: int,

@@ -37,7 +37,9 @@ from .control import (
     ready_value,
     rotation_value,
     sign_request,
+    sign_policy,
     sign_service,
+    verify_policy,
     verify_ready,
     verify_rotation,
     verify_service,
@@ -98,6 +100,8 @@ from .watch import Endpoint
 
 __all__ = [
     "Decision",
+    "sign_policy",
+    "verify_policy",
     "FlowEnd",
     "FlowVerdict",
     "PeerMatch",

@@ -73,3 +73,22 @@ def mesh_key(cluster: str) -> str:
 def revoked_prefix(cluster: str) -> str:
     """The cluster's revocation list, in chunks (revocation.py): revoked/000, revoked/001, ..."""
     return f"{ROOT}/clusters/{cluster}/revoked/"
+
+
+def policies_prefix(cluster: str) -> str:
+    """Network policies of one cluster (clustermesh.policy): they select that cluster's endpoints."""
+    return f"{ROOT}/clusters/{cluster}/policies/"
+
+
+def policy_key(cluster: str, name: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/policies/{name}"
+
+
+def mesh_policies_prefix() -> str:
+    """Mesh-wide network policies: written into every member cluster's own Consul (KV is per
+    datacenter), each agent reads its local copy."""
+    return f"{ROOT}/policies/"
+
+
+def mesh_policy_key(name: str) -> str:
+    return f"{ROOT}/policies/{name}"
