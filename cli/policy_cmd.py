@@ -130,10 +130,10 @@ def apply(ctx: Ctx, path: Path, mesh: bool, cluster_name: str | None, signing_ke
         config = load_cluster_config(store, cluster) if dc is None else _remote_config(store, cluster, dc)
         signer = operator_key(config, signing_key_path if cluster == cluster_name else None, "policies")
         for p in policies:
-            stored = p if mesh else replace(p, cluster=cluster)
+            stored = replace(p, cluster="" if mesh else cluster)
             if signer is not None:
                 stored = sign_policy(stored, signer)
-            key = layout.mesh_policy_key(p.name) if mesh else layout.policy_key(cluster, p.name)
+            key = layout.mesh_policy_key(cluster, p.name) if mesh else layout.policy_key(cluster, p.name)
             result = _write(store, key, stored, dc)
             scope = f"mesh (in {cluster})" if mesh else cluster
             info(f"policy {p.name}: {result} for {scope}")
@@ -156,7 +156,7 @@ def stored_policies(store: ConsulStore, cluster: str, dc: str | None = None) -> 
     holds them: `dc`), and the records it skips (key, reason)."""
     good: list[Policy] = []
     bad: list[tuple[str, str]] = []
-    for prefix in (layout.policies_prefix(cluster), layout.mesh_policies_prefix()):
+    for prefix in (layout.policies_prefix(cluster), layout.mesh_policies_prefix(cluster)):
         _, items = store.list(prefix, dc=dc)
         for key, item in sorted(items.items()):
             try:
@@ -200,7 +200,7 @@ def delete(ctx: Ctx, name: str, mesh: bool, cluster_name: str | None, config_pat
     places = _member_dcs(store, cluster_name) if mesh else {cluster_name: None}
     out = []
     for cluster, dc in sorted(places.items()):
-        key = layout.mesh_policy_key(name) if mesh else layout.policy_key(cluster, name)
+        key = layout.mesh_policy_key(cluster, name) if mesh else layout.policy_key(cluster, name)
         existed = store.get(key, dc=dc) is not None
         store.delete(key, dc=dc)
         result = "deleted" if existed else "not defined"

@@ -84,11 +84,21 @@ def policy_key(cluster: str, name: str) -> str:
     return f"{ROOT}/clusters/{cluster}/policies/{name}"
 
 
-def mesh_policies_prefix() -> str:
-    """Mesh-wide network policies: written into every member cluster's own Consul (KV is per
-    datacenter), each agent reads its local copy."""
-    return f"{ROOT}/policies/"
+def mesh_policies_prefix(cluster: str) -> str:
+    """Mesh-wide network policies as one member cluster holds them: the CLI writes each into every
+    member cluster's own Consul (KV is per datacenter), under the cluster's prefix, so an agent
+    reads them with the rest of its cluster (one watch)."""
+    return f"{ROOT}/clusters/{cluster}/mesh-policies/"
 
 
-def mesh_policy_key(name: str) -> str:
-    return f"{ROOT}/policies/{name}"
+def mesh_policy_key(cluster: str, name: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/mesh-policies/{name}"
+
+
+def endpoints_prefix(cluster: str) -> str:
+    """Each node's endpoints (its pods' IPs and labels: clustermesh.endpoints)."""
+    return f"{ROOT}/clusters/{cluster}/endpoints/"
+
+
+def endpoints_key(cluster: str, node: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/endpoints/{node}"
