@@ -23,6 +23,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from wiremesh.clustermesh import Decision, FlowEnd, Policy, decide, selecting
 from wiremesh.tunnels import Interval, PolicyMaps, RuleEntry, RuleKey, policy_model as pm
@@ -243,3 +244,19 @@ def emulate(maps: PolicyMaps, ifindex: int, peer_ip: str, protocol: str, port: i
         if iv.lo <= port <= iv.hi:
             return iv.action == pm.ALLOW, iv.rule
     return e.default_action == pm.ALLOW, e.default_rule
+
+
+def policy_inputs(cluster: str, node: str, pods: Sequence[LocalEndpoint], policies: Iterable[Policy],
+                  endpoints: Mapping[str, Mapping[str, Any]], pod_cidrs: Sequence[str]) -> PolicyInputs:
+    """The plan's view of network policy: this node's pods and every endpoint of the mesh
+    (`endpoints`: cluster -> node -> its EndpointsRecord), each with the built-in labels
+    `cluster` and `node`."""
+    everyone: dict[str, tuple[str, Mapping[str, str]]] = {}
+    for c, by_node in sorted(endpoints.items()):
+        for n, rec in sorted(by_node.items()):
+            for e in rec.endpoints:
+                everyone[e.ip] = (c, {**e.labels, "cluster": c, "node": n})
+    local = [LocalEndpoint(p.ifindex, p.ip, {**p.labels, "cluster": cluster, "node": node}) for p in pods]
+    for p in local:
+        everyone[p.ip] = (cluster, p.labels)
+    return PolicyInputs(cluster, local, everyone, list(policies), tuple(pod_cidrs))

@@ -11,7 +11,7 @@ from .build import build_object
 from .errors import BpfAttachError, BpfBuildError, BpfError, BpfLoadError, BpfMapError, BpfMapFull, BpfUnavailable
 from .lb import PROGRAMS, ServiceLB, pin_dir_for, read_pinned
 from .model import Backend, Frontend, ServiceEntry, ServiceKey
-from .policy import PolicyDatapath
+from .policy import PolicyDatapath, remove_pins as remove_policy_pins
 from . import policy_model
 from .policy_model import Interval, PolicyMaps, RuleEntry, RuleKey
 from .system import BPFFS, CGROUP2, PIN_ROOT, cgroup_for, ensure_cgroup2, mount_bpffs, remove_cgroup
@@ -19,6 +19,7 @@ from .system import BPFFS, CGROUP2, PIN_ROOT, cgroup_for, ensure_cgroup2, mount_
 __all__ = [
     "Interval",
     "PolicyDatapath",
+    "remove_policy_pins",
     "PolicyMaps",
     "RuleEntry",
     "RuleKey",

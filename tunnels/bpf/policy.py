@@ -139,6 +139,18 @@ class PolicyDatapath:
         return SyncReport(written, deleted)
 
 
+def remove_pins(pin_dir: str | Path) -> list[str]:
+    """Unpin the policy maps of a node (its programs go with the veths; the maps with their last
+    pin and program). Returns the pins removed."""
+    out = []
+    for name in MAPS:
+        p = Path(pin_dir) / name
+        if p.exists():
+            p.unlink()
+            out.append(name)
+    return out
+
+
 def _write(m: libbpf.BpfMap, entries: Iterable[tuple[bytes, bytes]]) -> int:
     pairs = list(entries)
     if not pairs:
