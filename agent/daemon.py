@@ -73,6 +73,7 @@ from .registration import Registration
 from .passes import Pass
 from .planner import DesiredState, tunnel_mtu
 from .pokes import Pokes
+from .policy_link import EndpointsPublisher, load_policy
 from .reconciler import ReconcileResult, Reconciler
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
@@ -149,7 +150,7 @@ class Agent:
         self.device = open_device(cfg.interface, cfg.backend, state_dir=cfg.state_dir)
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event,
                                          on_published=self._wake.set)
-        cni = CniState(cfg.state_dir)
+        cni = self.cni = CniState(cfg.state_dir)
         self.reconciler = Reconciler(self.device, pods=lambda: [(p.netns, p.container_id, p.ifname)
                                                                 for p in cni.attachments()])
         self.service_backends = ServiceBackends(self.store, self.supervisor.follow, self._wake.set)
@@ -157,6 +158,7 @@ class Agent:
         self.rotator = Rotator(self.store, cfg.cluster, cfg.node, cfg.key_file, writer=self.kv_writer,
                                consul_up=lambda: self._consul_ok, identity=self.registration.identity)
         self.publisher = RecordPublisher(self.registration, self.rotator)
+        self.endpoints = EndpointsPublisher(cfg.cluster, cfg.node, self.kv_writer, self.registration.identity)
         self.proofs = SwitchProofs(self.device, self._wake.set, consul_up=lambda: self._consul_ok)
         self.pokes = Pokes()  # new peers' first handshakes (agent.rotation_link)
         self.readiness = ReadinessWatch(self.store, f"{cfg.cluster}/{cfg.node}", self.stop_event, self._wake.set,
@@ -252,6 +254,9 @@ class Agent:
         lb = load_service_lb(self.cfg.service_cgroup, self.cfg.pin_dir)
         if lb is not None:
             self.reconciler.attach_services(lb)
+        dp = load_policy(self.cfg.pin_dir)
+        if dp is not None:
+            self.reconciler.attach_policy(dp)
         self.ensure_device()
 
     def ensure_device(self, desired: DesiredState | None = None) -> None:

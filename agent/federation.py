@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from wiremesh.clustermesh import (
     ClusterSnapshot,
+    EndpointsRecord,
     ConsulError,
     ConsulStore,
     Membership,
@@ -63,6 +64,7 @@ class FederationView:
     mesh_synced: bool  # False: membership unknown yet, every foreign peer is kept
     signed: frozenset[str] = frozenset()  # remote clusters whose config requires signed records
     departed: dict[str, dict[str, NodeRecord]] = field(default_factory=dict)  # cluster -> node -> last record, held
+    endpoints: dict[str, dict[str, EndpointsRecord]] = field(default_factory=dict)  # cluster -> node -> its pods
 
 
 class Federation:
@@ -101,7 +103,7 @@ class Federation:
 
     def view(self) -> FederationView:
         with self.lock:
-            nodes, frozen, signed, departed = {}, set(), set(), {}
+            nodes, frozen, signed, departed, endpoints = {}, set(), set(), {}, {}
             for name, r in self.remotes.items():
                 if r.refused:
                     continue
@@ -109,13 +111,14 @@ class Federation:
                     frozen.add(r.member.pod_cidr)
                 else:
                     nodes[name] = dict(r.snapshot.nodes)
+                    endpoints[name] = dict(r.snapshot.endpoints)
                     if r.departures is not None and (held := r.departures.held()):
                         departed[name] = held
                     if r.snapshot.config is not None and r.snapshot.config.require_signed:
                         signed.add(name)
             members = dict(self.membership.members) if self.membership else {}
             return FederationView(nodes, members, frozenset(frozen), self.membership is not None, frozenset(signed),
-                                  departed)
+                                  departed, endpoints)
 
     def next_departure_end(self) -> float | None:
         """When the earliest hold of a remote node ends (time.monotonic()): a pass is due then."""

@@ -37,6 +37,7 @@ from .federation import FederationView
 from .planner import DesiredState, DeviceSpec, LocalNode, PassInputs, plan
 from .reconciler import ReconcileResult
 from .rotation import now_ms
+from .policy_link import local_pods
 from .rotation_link import rotation_pass, staging
 from .watchdog import Watchdog
 
@@ -200,7 +201,10 @@ class Pass:
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed)
+        pods = local_pods(a.cni) if a.reconciler.policy is not None else None
+        if pods is not None:
+            a.endpoints.publish(pods)  # (the writer thread writes it, only when it changed)
+        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed, pods=pods)
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

@@ -25,9 +25,10 @@ from wiremesh.clustermesh import ClusterConfig, ClusterSnapshot, NodeRecord, ove
 from wiremesh.keys import PrivateKey
 from wiremesh.keys import peer_key
 from wiremesh.tunnels import Backend as LBBackend
-from wiremesh.tunnels import Frontend, PeerConfig, Route, VxlanSpec, vtep_mac
+from wiremesh.tunnels import Frontend, PeerConfig, PolicyMaps, Route, VxlanSpec, vtep_mac
 
 from .federation import FederationView
+from .policy_plan import LocalEndpoint, plan_policy, policy_inputs
 from .service_plan import BackendsView, certified_places, plan_services
 
 WIREGUARD_OVERHEAD = 80  # outer IPv6 header 40 + UDP 8 + WireGuard data header 16 + auth tag 16
@@ -81,6 +82,9 @@ class DesiredState:
     # Global services (agent.service_plan): frontend -> backends, and frontends left as they are.
     services: Mapping[Frontend, tuple[LBBackend, ...]] = field(default_factory=dict)
     keep_services: frozenset[Frontend] = frozenset()
+    # Network policy (agent.policy_plan): the maps' content (None: no datapath), the pods' veths.
+    policy: PolicyMaps | None = None
+    policy_veths: frozenset[int] = frozenset()
 
     def kept(self, cidr: str) -> bool:
         """True if a peer or route for `cidr` must survive pruning although it is not desired."""
@@ -151,6 +155,8 @@ class PassInputs:
     # a short hold (agent.departures): a node whose session lapsed while its agent restarted
     # slowly registers again within it, and its tunnels never drop.
     departed: Mapping[str, NodeRecord] = field(default_factory=dict)
+    # This node's pods (host veth ifindex, IP, labels) where the policy datapath is loaded; None: not.
+    pods: tuple[LocalEndpoint, ...] | None = None
 
 
 def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState:
@@ -169,6 +175,8 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                         keep_foreign=not fed.mesh_synced, memo=memo, now_ms=inputs.now_ms,
                         proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)
+    if inputs.pods is not None:
+        desired = _with_policy(desired, inputs)
     if inputs.backends is None:
         return desired
     ids = {n: m.id for n, m in fed.members.items()} | {me.cluster: me.config.id}
@@ -177,6 +185,22 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
     st = plan_services(me.cluster, inputs.snapshot.services, inputs.backends, ids, places)
     return replace(desired, services=st.frontends, keep_services=st.unsettled,
                    skipped=desired.skipped + tuple(f"service {s}" for s in st.skipped))
+
+
+def _with_policy(desired: DesiredState, inputs: PassInputs) -> DesiredState:
+    """The policy section (agent.policy_plan): the maps, and the veths the programs go on."""
+    me, fed, snap = inputs.local, inputs.federation, inputs.snapshot
+    assert inputs.pods is not None
+    if not fed.mesh_synced or fed.frozen_cidrs:
+        # A remote cluster not read yet (an agent just started): its endpoints would count as
+        # unknown and allowed flows from them be dropped. The maps keep enforcing as they are.
+        return desired
+    cidrs = [me.config.pod_cidr, *(m.pod_cidr for n, m in sorted(fed.members.items()) if n != me.cluster)]
+    pi = policy_inputs(me.cluster, me.name, inputs.pods, snap.policies.values(),
+                       {**fed.endpoints, me.cluster: snap.endpoints}, cidrs)
+    pp = plan_policy(pi)
+    return replace(desired, policy=pp.maps, policy_veths=frozenset(p.ifindex for p in inputs.pods),
+                   skipped=desired.skipped + tuple(f"policy for {ip}: {why}" for ip, why in sorted(pp.skipped.items())))
 
 
 def with_departed(nodes: Mapping[str, NodeRecord], departed: Mapping[str, NodeRecord]) -> Mapping[str, NodeRecord]:

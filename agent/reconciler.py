@@ -30,6 +30,7 @@ from wiremesh.tunnels import (
     NeighbourTarget,
     PodMtuTarget,
     RouteTarget,
+    PolicyDatapath,
     ServiceLB,
     ServiceTarget,
     VxlanSpec,
@@ -42,6 +43,7 @@ from wiremesh.tunnels import (
 from .objects import BACKOFF_MAX, BACKOFF_MIN, ObjectStatus, StatusTable, sync
 from .peers import LINGER_S, PEER, PeerTarget  # noqa: F401 - LINGER_S: the reconciler's to tell
 from .planner import DesiredState, DeviceSpec
+from .policy_link import PolicyTarget
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class Reconciler:
         self.pod_mtu = PodMtuTarget(pods) if pods is not None else None
         self._pod_mtu_applied: int | None = None
         self._clock = clock
+        self.policy: PolicyTarget | None = None  # network policy (attach_policy), where eBPF works
 
     def reconcile(self, desired: DesiredState, *, prune: bool, full: bool = False) -> ReconcileResult:
         """One pass. Pruning only when `prune` (after the first sync); `full` re-reads everything."""
@@ -112,6 +115,8 @@ class Reconciler:
                 errors = self._overlay(desired, prune, now, res)
                 self._overlay_applied = overlay if not errors else None
             self._services(desired, prune, full, now, res)
+            if self.policy is not None and desired.policy is not None:
+                res.errors += self.policy.sync(desired.policy, desired.policy_veths, full)
             return res
 
     # --- device -------------------------------------------------------------------------------
@@ -245,6 +250,10 @@ class Reconciler:
         self.services = ServiceTarget(lb)
         self._services_applied = None
 
+    def attach_policy(self, dp: PolicyDatapath) -> None:
+        """Enforce network policy through `dp` from now on (loaded by the agent once at start)."""
+        self.policy = PolicyTarget(dp)
+
     def forget_overlay(self) -> None:
         """Make the next pass re-read everything (after the device was re-created)."""
         self._overlay_applied = None
@@ -253,6 +262,8 @@ class Reconciler:
         self._services_applied = None
         if self.services is not None:
             self.services.fresh = True
+        if self.policy is not None:
+            self.policy.forget()
 
     def next_retry(self) -> float | None:
         times = [t for t in (self.table.next_retry(), self.peers.next_retry()) if t is not None]

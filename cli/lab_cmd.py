@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from wiremesh.clustermesh import check_labels
 from wiremesh.lab import DEFAULT_TOPOLOGY, Lab, LabError, list_labs, load_topology
 
 from .output import Ctx, emit
@@ -209,12 +210,24 @@ def pod() -> None:
 @name_option
 @click.argument("pod_name", metavar="NAME")
 @click.option("--node", required=True, help="The node the pod runs on.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="A label of the pod (repeatable); network policies select pods by their labels.")
 @click.pass_obj
-def pod_add(obj: Any, name: str, pod_name: str, node: str) -> None:
+def pod_add(obj: Any, name: str, pod_name: str, node: str, labels: tuple[str, ...]) -> None:
     """Create pod NAME on NODE through the CNI plugin (CNI ADD)."""
     _require_root()
-    p = Lab(name).load().add_pod(pod_name, node)
-    click.echo(f"pod {p.name} on {p.node}: {p.address}", err=True)
+    given: dict[str, str] = {}
+    for text in labels:
+        k, eq, v = text.partition("=")
+        if not eq:
+            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="--label")
+        given[k] = v
+    try:
+        check_labels(given, "--label")
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--label: ").removeprefix("--label."), param_hint="--label") from None
+    p = Lab(name).load().add_pod(pod_name, node, given)
+    click.echo(f"pod {p.name} on {p.node}: {p.address}" + (f" ({', '.join(labels)})" if labels else ""), err=True)
 
 
 @pod.command("del")

@@ -26,6 +26,7 @@ COMMANDS = {
     "keys": "wiremesh.cli.keys_cmd:keys",
     "lab": "wiremesh.cli.lab_cmd:lab",
     "node": "wiremesh.cli.node_cmd:node",
+    "policy": "wiremesh.cli.policy_cmd:policy",
     "service": "wiremesh.cli.service_cmd:service",
     "setup": "wiremesh.cli.setup_cmd:setup",
     "status": "wiremesh.cli.status:status",

@@ -37,7 +37,9 @@ from .control import (
     ready_value,
     rotation_value,
     sign_request,
+    sign_policy,
     sign_service,
+    verify_policy,
     verify_ready,
     verify_rotation,
     verify_service,
@@ -74,7 +76,11 @@ from .records import (
 from .revocation import CHUNK_ENTRIES, MAX_CHUNKS, PRUNE_AFTER_S, RevocationFull, Revocations
 from .rollover import announce, cluster_signers, commit, next_key_path, old_key_path, promote_key_files
 from .rotation import Rotation, RotationReady, parse_ready, parse_rotations
-from .selector import Selector, SelectorError
+from .selector import BUILTIN_LABELS, Selector, SelectorError, check_labels
+from .policy import PeerMatch, Policy, PortRange, Rule, check_policy_name, parse_policy
+from .endpoints import EndpointEntry, EndpointsRecord, sign_endpoints
+from .policy_records import parse_policies
+from .verdict import Decision, FlowEnd, FlowVerdict, decide, flow, policy_id, selecting
 from .selector import parse as parse_selector
 from .services import (
     AFFINITIES,
@@ -95,6 +101,27 @@ from .tokens import InvalidToken, TokenFileError, check_private, check_token, re
 from .watch import Endpoint
 
 __all__ = [
+    "Decision",
+    "EndpointEntry",
+    "EndpointsRecord",
+    "parse_policies",
+    "sign_endpoints",
+    "sign_policy",
+    "verify_policy",
+    "FlowEnd",
+    "FlowVerdict",
+    "PeerMatch",
+    "Policy",
+    "PortRange",
+    "Rule",
+    "check_policy_name",
+    "decide",
+    "flow",
+    "parse_policy",
+    "policy_id",
+    "selecting",
+    "BUILTIN_LABELS",
+    "check_labels",
     "Selector",
     "SelectorError",
     "parse_selector",

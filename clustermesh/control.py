@@ -34,11 +34,13 @@ from wiremesh.keys import Certificate, CertificateError, NodeIdentity, SigningKe
 from .errors import InvalidRecord
 from .records import ClusterConfig, NodeRecord
 from .rotation import Rotation, RotationReady
+from .policy import Policy
 from .services import ServiceDef
 from .signed import ClusterKeys, _certificate, _signed_by, check_valid, keys_id
 
 # Domain tags: a signature made for one kind of document is never valid for another.
 SERVICE_DOMAIN = b"wiremesh-service-v1\n"
+POLICY_DOMAIN = b"wiremesh-policy-v1\n"
 REQUEST_DOMAIN = b"wiremesh-rotation-request-v1\n"
 PROGRESS_DOMAIN = b"wiremesh-rotation-v1\n"
 READY_DOMAIN = b"wiremesh-rotation-ready-v1\n"
@@ -92,6 +94,26 @@ def verify_service(trust: Trust, raw: bytes | str, svc: ServiceDef, key: str | N
     doc.pop("signature", None)
     try:
         _operator_verify(trust, SERVICE_DOMAIN, doc, svc.signature, "signature", key)
+    except CertificateError as e:
+        raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
+
+
+# --- network policies ---------------------------------------------------------------------------
+def sign_policy(policy: Policy, key: SigningKey) -> Policy:
+    """`policy` signed by the operator's `key` (the signing key of the cluster it is stored in)."""
+    unsigned = replace(policy, signature="")
+    return replace(unsigned, signature=key.sign(POLICY_DOMAIN, json.loads(unsigned.to_json())))
+
+
+def verify_policy(trust: Trust, raw: bytes | str, policy: Policy, key: str | None = None) -> None:
+    """Raise InvalidRecord("signature") unless the cluster's signing key signed this policy."""
+    if not policy.signature:
+        raise InvalidRecord("signature", f"missing: cluster {trust.cluster!r} requires policies signed by "
+                                         "its operator", key)
+    doc = json.loads(raw)
+    doc.pop("signature", None)
+    try:
+        _operator_verify(trust, POLICY_DOMAIN, doc, policy.signature, "signature", key)
     except CertificateError as e:
         raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
 

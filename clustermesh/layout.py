@@ -73,3 +73,32 @@ def mesh_key(cluster: str) -> str:
 def revoked_prefix(cluster: str) -> str:
     """The cluster's revocation list, in chunks (revocation.py): revoked/000, revoked/001, ..."""
     return f"{ROOT}/clusters/{cluster}/revoked/"
+
+
+def policies_prefix(cluster: str) -> str:
+    """Network policies of one cluster (clustermesh.policy): they select that cluster's endpoints."""
+    return f"{ROOT}/clusters/{cluster}/policies/"
+
+
+def policy_key(cluster: str, name: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/policies/{name}"
+
+
+def mesh_policies_prefix(cluster: str) -> str:
+    """Mesh-wide network policies as one member cluster holds them: the CLI writes each into every
+    member cluster's own Consul (KV is per datacenter), under the cluster's prefix, so an agent
+    reads them with the rest of its cluster (one watch)."""
+    return f"{ROOT}/clusters/{cluster}/mesh-policies/"
+
+
+def mesh_policy_key(cluster: str, name: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/mesh-policies/{name}"
+
+
+def endpoints_prefix(cluster: str) -> str:
+    """Each node's endpoints (its pods' IPs and labels: clustermesh.endpoints)."""
+    return f"{ROOT}/clusters/{cluster}/endpoints/"
+
+
+def endpoints_key(cluster: str, node: str) -> str:
+    return f"{ROOT}/clusters/{cluster}/endpoints/{node}"

@@ -332,3 +332,29 @@ def parse(text: str) -> Selector:
     if not text.strip():
         return Selector(All())
     return Selector(_Parser(text).parse())
+
+
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
+MAX_LABELS = 64
+BUILTIN_LABELS = ("cluster", "node")  # set by the agent for every endpoint; never given by a pod
+
+
+def check_labels(labels: object, where: str = "labels", *, builtin_ok: bool = False) -> dict[str, str]:
+    """A pod's labels, validated (Kubernetes' rules: `[prefix/]name` keys, values of at most 63
+    letters, digits, '-', '_' and '.'); ValueError names the label and the reason."""
+    if not isinstance(labels, dict):
+        raise ValueError(f"{where}: must be a mapping of label names to values")
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{where}: {len(labels)} labels; at most {MAX_LABELS}")
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
+            raise ValueError(f"{where}: {str(k)[:64]!r} is not a label name ([prefix/]name: letters, digits, "
+                             "'-', '_', '.')")
+        if k in BUILTIN_LABELS and not builtin_ok:
+            raise ValueError(f"{where}.{k}: set by wiremesh itself (the endpoint's {k})")
+        if not isinstance(v, str) or not _LABEL_VALUE.fullmatch(v):
+            raise ValueError(f"{where}.{k}: {str(v)[:64]!r} is not a label value (at most 63 letters, digits, "
+                             "'-', '_', '.')")
+        out[k] = v
+    return out

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from wiremesh.keys import Certificate
 
 from . import layout
-from .control import ControlMemo, Trust
+from .control import ControlMemo, Trust, verify_policy
+from .endpoints import EndpointsRecord, parse_endpoints
+from .policy import Policy
+from .policy_records import parse_policies
 from .anchor import Anchor, apply_settings
 from .claims import Seen, check_epoch, seen_of, settle_keys
 from .errors import InvalidRecord
@@ -54,6 +57,9 @@ class ClusterSnapshot:
     anchor: Anchor | None = None
     seen: Mapping[str, Seen] = field(default_factory=dict)
     kept: frozenset[str] = frozenset()
+    # Network policy: the cluster's and the mesh-wide policies (by key), each node's endpoints.
+    policies: dict[str, Policy] = field(default_factory=dict)
+    endpoints: dict[str, EndpointsRecord] = field(default_factory=dict)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,6 +81,7 @@ class ParseCache:
         self.revocations = RevocationCache()
         self.control = ControlMemo()  # service definitions' and rotations' checks (clustermesh.control)
         self.accepted: dict[str, tuple[NodeRecord, Certificate | None]] = {}  # the last accepted record per node
+        self.policies: dict[str, Policy] = {}  # the last good policy per key (clustermesh.policy_records)
 
 
 def _node_alone(key: str, name: str, cluster: str, item: KVItem) -> tuple[NodeRecord, Network]:
@@ -256,14 +263,29 @@ def parse_cluster(
                                          last=memo.rotations if trust else None)
     rejected.extend(Rejected(k, reason) for k, reason in refused)
     memo.sweep(set(items))
+    policies, refused = parse_policies({k: v.value for k, v in items.items()
+                                        if k.startswith((layout.policies_prefix(cluster), layout.mesh_policies_prefix(cluster)))},
+                                       cluster, _policy_check(trust) if trust else None, cache.policies)
+    rejected.extend(Rejected(k, reason) for k, reason in refused)
+    epfx = layout.endpoints_prefix(cluster)
+    endpoints, refused = parse_endpoints({k: v.value for k, v in items.items() if k.startswith(epfx)}, cluster, epfx,
+                                         nodes, signed)
+    rejected.extend(Rejected(k, reason) for k, reason in refused)
 
     for key in items:
         if not (key == ckey or key.startswith((ipfx, npfx, layout.cluster_prefix(cluster) + "rotations/",
                                                 layout.cluster_prefix(cluster) + "services/",
-                                                layout.revoked_prefix(cluster)))):
+                                                layout.revoked_prefix(cluster), layout.policies_prefix(cluster),
+                                                layout.mesh_policies_prefix(cluster), epfx))):
             rejected.append(Rejected(key, "unknown key in the cluster's prefix"))
     return ClusterSnapshot(cluster, index, config, nodes, leases, tuple(rejected), services, rotations, revoked,
-                           anchor, seen, frozenset(kept))
+                           anchor, seen, frozenset(kept), policies, endpoints)
+
+
+def _policy_check(trust: Trust) -> Callable[[str, bytes, Policy], None]:
+    def check(key: str, raw: bytes, p: Policy) -> None:
+        verify_policy(trust, raw, p, key)
+    return check
 
 
 def _check_pod(rec: NodeRecord, name: str, config: ClusterConfig, pod_range: Network, leases: Mapping[str, str],

@@ -34,7 +34,7 @@ DEFAULT_DENY = "default deny: selected, and no rule allows it"
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
+class FlowEnd:
     """One end of a flow as policy sees it."""
 
     ip: str
@@ -70,7 +70,7 @@ def policy_id(p: Policy) -> str:
     return f"{p.cluster or 'mesh'}/{p.name}"
 
 
-def selecting(policies: Iterable[Policy], ep: Endpoint, direction: str) -> list[Policy]:
+def selecting(policies: Iterable[Policy], ep: FlowEnd, direction: str) -> list[Policy]:
     """The policies that apply to `ep` in `direction`, in evaluation order."""
     labels = ep.labels or {}
     out = [p for p in policies if (not p.cluster or p.cluster == ep.cluster) and p.applies(direction)
@@ -78,7 +78,7 @@ def selecting(policies: Iterable[Policy], ep: Endpoint, direction: str) -> list[
     return sorted(out, key=lambda p: (p.order, p.name, p.cluster))
 
 
-def peer_matches(m: PeerMatch | None, peer: Endpoint) -> bool:
+def peer_matches(m: PeerMatch | None, peer: FlowEnd) -> bool:
     if m is None:
         return True
     if m.selector is not None and (peer.labels is None or not m.selector.matches(peer.labels)):
@@ -92,7 +92,7 @@ def peer_matches(m: PeerMatch | None, peer: Endpoint) -> bool:
     return not m.clusters or peer.cluster in m.clusters
 
 
-def decide(policies: Iterable[Policy], ep: Endpoint, peer: Endpoint, direction: str,
+def decide(policies: Iterable[Policy], ep: FlowEnd, peer: FlowEnd, direction: str,
            protocol: str, port: int) -> Decision:
     """One direction of one endpoint (see the module's docstring)."""
     chosen = selecting(policies, ep, direction)
@@ -113,7 +113,7 @@ def decide(policies: Iterable[Policy], ep: Endpoint, peer: Endpoint, direction: 
     return Decision(False, reason=DEFAULT_DENY)
 
 
-def flow(policies: Iterable[Policy], src: Endpoint, dst: Endpoint, protocol: str, port: int) -> FlowVerdict:
+def flow(policies: Iterable[Policy], src: FlowEnd, dst: FlowEnd, protocol: str, port: int) -> FlowVerdict:
     """A new flow from `src` to `dst`: the source's egress and the destination's ingress."""
     ps = list(policies)
     return FlowVerdict(decide(ps, src, dst, "egress", protocol, port), decide(ps, dst, src, "ingress", protocol, port))

@@ -22,10 +22,13 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from wiremesh.errors import WiremeshError
+
+from .labels import pod_labels
 
 if TYPE_CHECKING:
     from wiremesh.tunnels import CniState, NodeInfo
@@ -220,11 +223,18 @@ def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     if not Path(netns).exists():
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {netns} does not exist")
     mtu = conf.get("mtu") or node.pod_mtu
+    try:
+        labels = pod_labels(conf, env)
+    except ValueError as e:
+        raise CniError(INVALID_CONFIG, f"pod labels: {e}") from None
     with state.locked():
         old = state.load(cid, ifname)
         if old is not None:
             if old.netns == netns and not check_pod_interface(netns, cid, ifname, old.address, old.gateway):
                 iface = PodInterface(old.host_ifname, "", ifname, "", old.address, old.gateway, mtu)
+                if old.labels != labels:  # (the same pod, labelled anew)
+                    old = Attachment(**{**asdict(old), "labels": labels})
+                    state.save(old)
                 return _result(conf["cniVersion"], old, iface)  # ADD again: the same answer
             _remove(state, cid, ifname)
         try:
@@ -233,7 +243,7 @@ def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
             raise CniError(INTERNAL, f"no free pod address on this node: {e}") from None
         try:
             iface = add_pod_interface(netns, cid, ifname, f"{ip}/32", node.overlay_ip, mtu)
-            a = Attachment(cid, ifname, netns, f"{ip}/32", node.overlay_ip, iface.host_ifname)
+            a = Attachment(cid, ifname, netns, f"{ip}/32", node.overlay_ip, iface.host_ifname, labels)
             state.save(a)
         except BaseException as e:
             _remove(state, cid, ifname)

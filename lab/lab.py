@@ -641,8 +641,8 @@ class Lab:
         self.save()
         return result
 
-    def add_pod(self, name: str, node: str) -> "pods.Pod":
-        return pods.add_pod(self, name, node)
+    def add_pod(self, name: str, node: str, labels: dict[str, str] | None = None) -> "pods.Pod":
+        return pods.add_pod(self, name, node, labels)
 
     def del_pod(self, name: str) -> None:
         pods.del_pod(self, name)

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ class Pod:
     container_id: str
     address: str
     ifname: str = "eth0"
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def ip(self) -> str:
@@ -66,7 +67,7 @@ def pods(lab: "Lab") -> dict[str, Pod]:
     return {n: Pod(**d) for n, d in lab.state.get("pods", {}).items()}
 
 
-def add_pod(lab: "Lab", name: str, node: str) -> Pod:
+def add_pod(lab: "Lab", name: str, node: str, labels: dict[str, str] | None = None) -> Pod:
     if not _POD_NAME.fullmatch(name):
         raise LabError(f"pod name: {name!r} must be 1-24 lowercase letters, digits or dashes")
     if name in pods(lab) or name in lab.nodes or name == "hub":
@@ -75,10 +76,13 @@ def add_pod(lab: "Lab", name: str, node: str) -> Pod:
     ns = f"{lab.prefix}pod-{name}"
     cid = f"{lab.name}-{name}"
     lab.state.setdefault("pods", {})[name] = {"name": name, "node": node, "netns": ns, "container_id": cid,
-                                              "address": ""}
+                                              "address": "", "labels": dict(labels or {})}
     lab.save()
     netns_add(ns)
-    code, out = run_cni(lab, node, "ADD", cid, str(netns_path(ns)))
+    conf = cni_config(lab, node)
+    if labels:
+        conf["args"] = {"labels": dict(labels)}  # (as a runtime passes a pod's labels: cni.labels)
+    code, out = run_cni(lab, node, "ADD", cid, str(netns_path(ns)), conf)
     if code != 0 or not out:
         netns_del(ns)
         del lab.state["pods"][name]

@@ -139,7 +139,7 @@ def join_cgroup(node: "Node | None") -> list[str]:
 def unload_lookups(lab: "Lab", progress: Progress = _quiet) -> list[str]:
     """Detach and unpin every node's eBPF lookup and remove the lab's cgroups (processes must be
     gone). Also what the state does not name: every pin directory and cgroup of the lab's name."""
-    from wiremesh.tunnels import PIN_ROOT, ServiceLB, remove_cgroup
+    from wiremesh.tunnels import PIN_ROOT, ServiceLB, remove_cgroup, remove_policy_pins
 
     removed = []
     root = cgroup_root(lab)
@@ -150,6 +150,7 @@ def unload_lookups(lab: "Lab", progress: Progress = _quiet) -> list[str]:
             pins.setdefault(d, root / d.name[len(lab.name) + 1:])
     for pin, group in sorted(pins.items()):
         if pin.exists():
+            remove_policy_pins(pin)  # (network policy's maps, beside the lookup's)
             ServiceLB(pin, group).unload()
             removed.append(f"eBPF lookup {pin}")
     if root.exists():

@@ -173,11 +173,14 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$stamp" ] || [ "$here/pyproject.toml" 
 fi
 
 # The eBPF service load balancer is compiled here from its source (never a committed binary).
+# (and the network policy datapath beside it)
 bpf_obj=$here/tunnels/bpf/build/lb.bpf.o
-if [ ! -f "$bpf_obj" ] || [ "$here/tunnels/bpf/lb.bpf.c" -nt "$bpf_obj" ]; then
-    begin "compile the eBPF service load balancer"
+pol_obj=$here/tunnels/bpf/build/policy.bpf.o
+if [ ! -f "$bpf_obj" ] || [ "$here/tunnels/bpf/lb.bpf.c" -nt "$bpf_obj" ] ||
+   [ ! -f "$pol_obj" ] || [ "$here/tunnels/bpf/policy.bpf.c" -nt "$pol_obj" ]; then
+    begin "compile the eBPF service load balancer and network policy"
     "$venv/bin/python" -m wiremesh.tunnels.bpf build
-    finish "eBPF: compiled ${bpf_obj#"$here"/} (clang $(clang -dumpversion))"
+    finish "eBPF: compiled ${bpf_obj#"$here"/} and ${pol_obj#"$here"/} (clang $(clang -dumpversion))"
 fi
 
 # Container runtimes look for CNI plugins in /opt/cni/bin; the plugin's "type" is its file name.

@@ -11,6 +11,7 @@ from .links import (
     ensure_address,
     ensure_link_up,
     link_exists,
+    link_index,
     link_mtu,
     mtu_of_address,
     owned_routes,
@@ -26,8 +27,16 @@ from .targets import FdbTarget, PodMtuTarget, MtuTarget, NeighbourTarget, RouteT
 from .model import STAGED_PSK, DeviceState, PeerChange, PeerConfig, PeerStatus, normalize_cidr, split_endpoint
 from .bpf import (CGROUP2, PIN_ROOT, Backend, BpfError, Frontend, ServiceEntry, ServiceKey, ServiceLB, build_object, cgroup_for,
                   ensure_cgroup2, mount_bpffs, pin_dir_for, read_pinned, remove_cgroup)
+from .bpf import Interval, PolicyDatapath, PolicyMaps, RuleEntry, RuleKey, policy_model, remove_policy_pins
 
 __all__ = [
+    "Interval",
+    "PolicyDatapath",
+    "remove_policy_pins",
+    "PolicyMaps",
+    "RuleEntry",
+    "RuleKey",
+    "policy_model",
     "set_session_nice",
     "add_pod_interface",
     "as_status",
@@ -56,6 +65,7 @@ __all__ = [
     "kernel_module_available",
     "KernelUnsupported",
     "link_exists",
+    "link_index",
     "link_mtu",
     "mount_bpffs",
     "mtu_of_address",

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from wiremesh.errors import WiremeshError
@@ -43,6 +43,7 @@ class Attachment:
     address: str  # a.b.c.d/32
     gateway: str
     host_ifname: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)  # the pod's (cni.labels); network policy selects by them
 
 
 @dataclass(frozen=True, slots=True)

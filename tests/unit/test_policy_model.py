@@ -9,7 +9,7 @@ import yaml
 
 from wiremesh.clustermesh import InvalidRecord
 from wiremesh.clustermesh.policy import Policy, parse_policy
-from wiremesh.clustermesh.verdict import DEFAULT_DENY, NO_POLICY, Endpoint, decide, flow
+from wiremesh.clustermesh.verdict import DEFAULT_DENY, NO_POLICY, FlowEnd, decide, flow
 
 ISSUE_EXAMPLE = """
 name: api-from-frontend
@@ -23,10 +23,10 @@ ingress:
 egress: []
 """
 
-FE = Endpoint("10.240.1.5", "east", {"app": "frontend", "cluster": "east"})
-OTHER = Endpoint("10.240.1.6", "east", {"app": "other", "cluster": "east"})
-API = Endpoint("10.241.1.5", "west", {"app": "api", "cluster": "west"})
-WORLD = Endpoint("192.0.2.1", "", None)
+FE = FlowEnd("10.240.1.5", "east", {"app": "frontend", "cluster": "east"})
+OTHER = FlowEnd("10.240.1.6", "east", {"app": "other", "cluster": "east"})
+API = FlowEnd("10.241.1.5", "west", {"app": "api", "cluster": "west"})
+WORLD = FlowEnd("192.0.2.1", "", None)
 
 
 def doc(text: str) -> Any:
@@ -77,7 +77,7 @@ def test_cidrs_clusters_and_unknown_peers() -> None:
         {"action": "allow", "from": {"selector": "all()"}, "ports": [{"protocol": "icmp"}]},
     ]})
     assert decide([p], API, WORLD, "ingress", "tcp", 22).allowed  # by CIDR
-    stranger = Endpoint("198.51.100.1", "", None)
+    stranger = FlowEnd("198.51.100.1", "", None)
     assert not decide([p], API, stranger, "ingress", "icmp", 0).allowed  # a selector never matches an unknown peer
     assert decide([p], API, FE, "ingress", "udp", 60).allowed and not decide([p], API, FE, "ingress", "udp", 61).allowed
     assert decide([p], API, FE, "ingress", "icmp", 0).allowed

@@ -1,4 +1,5 @@
-"""Compiling lb.bpf.c into the object the loader opens (never committed: built on each machine)."""
+"""Compiling the eBPF sources (lb.bpf.c, policy.bpf.c) into the objects the loaders open (never
+committed: built on each machine)."""
 
 from __future__ import annotations
 
@@ -22,27 +23,34 @@ def compile_command(source: Path, output: Path) -> list[str]:
             f"-I/usr/include/{platform.machine()}-linux-gnu", "-c", str(source), "-o", str(output)]
 
 
+POLICY_SOURCE = SOURCE.with_name("policy.bpf.c")
+POLICY_OBJECT = BUILD_DIR / "policy.bpf.o"
+SOURCES = {OBJECT: SOURCE, POLICY_OBJECT: POLICY_SOURCE}
+
+
 def needs_build(obj: Path = OBJECT) -> bool:
-    return not obj.exists() or obj.stat().st_mtime < SOURCE.stat().st_mtime
+    return not obj.exists() or obj.stat().st_mtime < SOURCES[obj].stat().st_mtime
 
 
-def build_object(force: bool = False) -> Path:
-    """The compiled object, rebuilt when missing, older than its source, or `force`d."""
-    if not force and not needs_build():
-        return OBJECT
+def build_object(force: bool = False, obj: Path = OBJECT) -> Path:
+    """The compiled object (`OBJECT`: the service LB; `POLICY_OBJECT`: network policy), rebuilt
+    when missing, older than its source, or `force`d."""
+    source = SOURCES[obj]
+    if not force and not needs_build(obj):
+        return obj
     if shutil.which("clang") is None:
-        raise BpfUnavailable("clang not found: it compiles the eBPF service load balancer "
-                             f"({SOURCE.name}); install clang, llvm and libbpf-dev (scripts/setup.sh)")
+        raise BpfUnavailable(f"clang not found: it compiles {source.name}; install clang, llvm and "
+                             "libbpf-dev (scripts/setup.sh)")
     if not HELPERS.exists():
         raise BpfUnavailable(f"{HELPERS} not found: install libbpf-dev (scripts/setup.sh)")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = BUILD_DIR / f".{OBJECT.name}.{os.getpid()}.tmp"  # several agents may build at once
+    tmp = BUILD_DIR / f".{obj.name}.{os.getpid()}.tmp"  # several agents may build at once
     try:
-        proc = subprocess.run(compile_command(SOURCE, tmp), capture_output=True, text=True)
+        proc = subprocess.run(compile_command(source, tmp), capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise BpfBuildError(f"clang failed on {SOURCE} (exit {proc.returncode}):\n{tail}")
-        os.replace(tmp, OBJECT)
+            raise BpfBuildError(f"clang failed on {source} (exit {proc.returncode}):\n{tail}")
+        os.replace(tmp, obj)
     finally:
         tmp.unlink(missing_ok=True)
-    return OBJECT
+    return obj

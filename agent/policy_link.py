@@ -1,0 +1,95 @@
+"""Network policy on the node: the datapath's loading, the pass's target, the endpoints it publishes.
+
+- `load_policy`: the tc programs and pinned maps (tunnels.PolicyDatapath), adopted after a
+  restart (pinned maps keep enforcing meanwhile); None where eBPF is unavailable (logged once).
+- `local_pods`: this node's pods as the CNI plugin recorded them, with their veths' ifindex.
+- `PolicyTarget`: the reconciler's step: the maps first (so a new pod is enforced from its first
+  packet), then the programs onto veths that lack them.
+- `EndpointsPublisher`: this node's endpoints record in Consul (signed by its identity),
+  written through the writer thread only when it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from wiremesh.clustermesh import EndpointEntry, EndpointsRecord, layout, sign_endpoints
+from wiremesh.keys import NodeIdentity
+from wiremesh.tunnels import BpfError, CniState, PolicyDatapath, PolicyMaps, TunnelError, link_index
+
+from .kvwriter import Writer
+from .policy_plan import LocalEndpoint
+
+log = logging.getLogger("wiremesh.policy")
+
+
+def load_policy(pin_dir: Path) -> PolicyDatapath | None:
+    try:
+        dp = PolicyDatapath(pin_dir).load_or_adopt()
+    except BpfError as e:
+        log.warning("network policy not enforced on this node: %s", e)
+        return None
+    log.info("network policy datapath loaded (maps pinned in %s)", pin_dir)
+    return dp
+
+
+def local_pods(cni: CniState) -> tuple[LocalEndpoint, ...]:
+    out = []
+    for a in cni.attachments():
+        try:
+            idx = link_index(a.host_ifname)
+        except TunnelError:
+            continue  # (its veth is gone: the CNI DEL is on its way)
+        out.append(LocalEndpoint(idx, a.address.split("/")[0], dict(a.labels)))
+    return tuple(sorted(out, key=lambda p: p.ifindex))
+
+
+class PolicyTarget:
+    """The policy maps and the programs on pod veths, as the pass plans them."""
+
+    def __init__(self, dp: PolicyDatapath) -> None:
+        self.dp = dp
+        self._applied: tuple[PolicyMaps, frozenset[int]] | None = None
+        self._attached: set[int] = set()
+
+    def forget(self) -> None:
+        self._applied = None
+        self._attached.clear()
+
+    def sync(self, maps: PolicyMaps, veths: frozenset[int], full: bool) -> int:
+        """Errors (0: all applied)."""
+        if not full and self._applied == (maps, veths):
+            return 0
+        try:
+            report = self.dp.sync(maps)
+            for ifindex in sorted(veths):
+                if full or ifindex not in self._attached:
+                    self.dp.attach(ifindex)
+            self._attached = set(veths)
+        except (BpfError, TunnelError) as e:
+            log.warning("network policy: %s (tried again on the next pass)", e)
+            self._applied = None
+            return 1
+        if report.written or report.deleted:
+            log.info("network policy: %d map entries written, %d removed (%d endpoints enforced)",
+                     report.written, report.deleted, len(maps.endpoints))
+        self._applied = (maps, veths)
+        return 0
+
+
+class EndpointsPublisher:
+    """This node's endpoints record, written when it changed (the writer thread keeps the newest)."""
+
+    def __init__(self, cluster: str, node: str, writer: Writer, identity: NodeIdentity | None) -> None:
+        self.cluster, self.node, self.writer, self.identity = cluster, node, writer, identity
+        self._written: str | None = None
+
+    def publish(self, pods: tuple[LocalEndpoint, ...] | Mapping[str, str]) -> None:
+        entries = tuple(EndpointEntry(p.ip, dict(p.labels)) for p in pods if isinstance(p, LocalEndpoint))
+        rec = sign_endpoints(EndpointsRecord(self.node, self.cluster, entries), self.identity)
+        value = rec.to_json()
+        if value != self._written:
+            self.writer.put(layout.endpoints_key(self.cluster, self.node), value)
+            self._written = value

@@ -1,0 +1,124 @@
+"""Network policy end to end (issue 18): two federated clusters, real agents, the tc programs on
+the pods' veths.
+
+Pods `fe` (east, app=frontend), `other` (east, app=other) and `api` (west, app=api, serving TCP on
+8080 and 8081). Before any policy both clients reach both ports; with the issue's policy in west
+only fe reaches api:8080; deleting it restores both; a mesh-wide policy does the same.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from wiremesh.clustermesh import layout, parse_policy, sign_policy
+from wiremesh.lab import Lab, load_topology
+from wiremesh.lab import signing as lab_signing
+
+from .conftest import new_lab_name
+from .helpers import wait_until
+
+SERVE = r"""
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.sendall(b"ok"); c.close()
+for p in (8080, 8081):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+CONNECT = r"""
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as c:
+        print("ok" if c.recv(2) == b"ok" else "bad")
+except OSError as e:
+    print("fail", e)
+"""
+
+ISSUE_POLICY = {"name": "api-from-frontend", "selector": 'app == "api"', "order": 100, "ingress": [
+    {"action": "allow", "from": {"selector": 'app == "frontend"'}, "ports": [{"port": 8080, "protocol": "tcp"}]},
+    {"action": "deny"}]}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(new_lab_name())
+    server: subprocess.Popen[str] | None = None
+    try:
+        lab.up(topology=load_topology(clusters=2, nodes=1))
+        lab.add_pod("fe", "east-node1", {"app": "frontend"})
+        lab.add_pod("other", "east-node1", {"app": "other"})
+        lab.add_pod("api", "west-node1", {"app": "api"})
+        server = lab.popen("api", sys.executable, "-c", SERVE, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield lab
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        lab.down()
+
+
+def reaches(lab: Lab, pod: str, port: int, timeout: float = 1.0) -> bool:
+    api = lab.pods["api"].ip
+    p = lab.run(pod, sys.executable, "-c", CONNECT, api, str(port), str(timeout), timeout=30)
+    return p.stdout.strip() == "ok"
+
+
+def matrix(lab: Lab) -> dict[tuple[str, int], bool]:
+    return {(pod, port): reaches(lab, pod, port, 0.7) for pod in ("fe", "other") for port in (8080, 8081)}
+
+
+def put_policy(lab: Lab, cluster: str, doc: dict[str, object], mesh: bool = False) -> str:
+    p = parse_policy({**doc, **({} if mesh else {"cluster": cluster})})
+    key_ = lab_signing.operator_key(lab, cluster)
+    if key_ is not None:
+        p = sign_policy(p, key_)
+    key = layout.mesh_policy_key(cluster, p.name) if mesh else layout.policy_key(cluster, p.name)
+    lab.consul(lambda s: s.put(key, p.to_json()), cluster)
+    return key
+
+
+OPEN = {("fe", 8080): True, ("fe", 8081): True, ("other", 8080): True, ("other", 8081): True}
+ENFORCED = {("fe", 8080): True, ("fe", 8081): False, ("other", 8080): False, ("other", 8081): False}
+
+
+def test_labels_reach_the_endpoint_records(lab: Lab) -> None:
+    def published() -> bool:
+        items = lab.consul(lambda s: s.list(layout.endpoints_prefix("east"))[1], "east")
+        return any(b'"frontend"' in i.value for i in items.values())
+    wait_until(published, 30, interval=0.2, what="east's endpoints record to carry fe's labels")
+
+
+def test_the_issue_policy_in_west_then_deleted(lab: Lab) -> None:
+    wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both clients to reach both ports")
+    key = put_policy(lab, "west", ISSUE_POLICY)
+    try:
+        wait_until(lambda: matrix(lab) == ENFORCED, 30, interval=0.2, what="only fe -> api:8080 to pass")
+    finally:
+        lab.consul(lambda s: s.delete(key), "west")
+    wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
+
+
+def test_the_same_policy_mesh_wide(lab: Lab) -> None:
+    keys = [put_policy(lab, c, ISSUE_POLICY, mesh=True) for c in ("east", "west")]
+    try:
+        wait_until(lambda: matrix(lab) == ENFORCED, 30, interval=0.2, what="only fe -> api:8080 to pass")
+    finally:
+        for c, k in zip(("east", "west"), keys):
+            lab.consul(lambda s, k=k: s.delete(k), c)
+    wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
+
+
+def test_no_iptables_rule_of_wiremesh(lab: Lab) -> None:
+    for node in lab.nodes:
+        out = lab.run(node, "iptables-save", timeout=30).stdout
+        assert "wiremesh" not in out.lower() and "wm_pol" not in out
