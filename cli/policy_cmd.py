@@ -13,6 +13,7 @@ import yaml
 from wiremesh.clustermesh import (
     ConsulStore,
     FlowEnd,
+    default_signing_key_path,
     InvalidRecord,
     Policy,
     flow,
@@ -23,6 +24,7 @@ from wiremesh.clustermesh import (
     sign_policy,
 )
 from wiremesh.errors import WiremeshError
+from wiremesh.keys import read_signing_key
 
 from .operator_key import SIGNING_KEY_OPTION, operator_key
 from .output import Ctx, emit, info
@@ -118,7 +120,9 @@ def _write(store: ConsulStore, key: str, p: Policy, dc: str | None) -> str:
 def apply(ctx: Ctx, path: Path, mesh: bool, cluster_name: str | None, signing_key_path: Path | None,
           config_path: Path | None) -> None:
     """Create or update the policies of FILE (idempotent). Every policy of the file is checked
-    before anything is written: a mistake writes nothing."""
+    before anything is written: a mistake writes nothing. With --mesh each member cluster's copy
+    is signed with that cluster's key, looked for beside --signing-key's file and in
+    ~/.config/wiremesh/signing/ (matched by its public key)."""
     try:
         policies = read_documents(path)
     except InvalidRecord as e:
@@ -128,7 +132,8 @@ def apply(ctx: Ctx, path: Path, mesh: bool, cluster_name: str | None, signing_ke
     rows, out = [], []
     for cluster, dc in sorted(places.items()):
         config = load_cluster_config(store, cluster) if dc is None else _remote_config(store, cluster, dc)
-        signer = operator_key(config, signing_key_path if cluster == cluster_name else None, "policies")
+        signer = operator_key(config, _key_for(config, signing_key_path) if cluster != cluster_name else signing_key_path,
+                              "policies")
         for p in policies:
             stored = replace(p, cluster="" if mesh else cluster)
             if signer is not None:
@@ -141,6 +146,24 @@ def apply(ctx: Ctx, path: Path, mesh: bool, cluster_name: str | None, signing_ke
             out.append({"policy": p.name, "scope": "mesh" if mesh else cluster, "written_in": cluster,
                         "result": result, "signed": bool(stored.signature)})
     emit(ctx, {"policies": out}, ["policy", "scope", "written in", "result"], rows)
+
+
+def _key_for(config: Any, given: Path | None) -> Path | None:
+    """Another member cluster's signing key for `--mesh`: a key file beside the given one (or in
+    the default directory) whose public key is that cluster's; None: none found (operator_key
+    then refuses where the cluster requires signatures, or writes unsigned)."""
+    if config is None or not config.signing_key:
+        return None
+    want = config.signing_key
+    default = default_signing_key_path(config.name)
+    places = ([given, *sorted(given.parent.glob("*.key"))] if given is not None else []) + [default]
+    for path in places:
+        try:
+            if path.is_file() and read_signing_key(path).public_key().base64 == want:
+                return path
+        except (OSError, ValueError, WiremeshError):
+            continue
+    return None
 
 
 def _remote_config(store: ConsulStore, cluster: str, dc: str) -> Any:
