@@ -73,7 +73,7 @@ from .registration import Registration
 from .passes import Pass
 from .planner import DesiredState, tunnel_mtu
 from .pokes import Pokes
-from .policy_link import EndpointsPublisher, load_policy
+from .policy_link import EndpointsPublisher, VerdictCollector, load_policy
 from .reconciler import ReconcileResult, Reconciler
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
@@ -257,6 +257,8 @@ class Agent:
         dp = load_policy(self.cfg.pin_dir)
         if dp is not None:
             self.reconciler.attach_policy(dp)
+            self.metrics.registry.register(VerdictCollector(
+                dp.counts, lambda: self.loop_pass.desired.policy_rules if self.loop_pass.desired else {}))
         self.ensure_device()
 
     def ensure_device(self, desired: DesiredState | None = None) -> None:

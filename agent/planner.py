@@ -85,6 +85,7 @@ class DesiredState:
     # Network policy (agent.policy_plan): the maps' content (None: no datapath), the pods' veths.
     policy: PolicyMaps | None = None
     policy_veths: frozenset[int] = frozenset()
+    policy_rules: Mapping[int, tuple[str, str]] = field(default_factory=dict)  # rule id -> (name, verdict)
 
     def kept(self, cidr: str) -> bool:
         """True if a peer or route for `cidr` must survive pruning although it is not desired."""
@@ -200,6 +201,7 @@ def _with_policy(desired: DesiredState, inputs: PassInputs) -> DesiredState:
                        {**fed.endpoints, me.cluster: snap.endpoints}, cidrs)
     pp = plan_policy(pi)
     return replace(desired, policy=pp.maps, policy_veths=frozenset(p.ifindex for p in inputs.pods),
+                   policy_rules={i: (n, pp.rule_verdicts[i]) for i, n in pp.rule_names.items()},
                    skipped=desired.skipped + tuple(f"policy for {ip}: {why}" for ip, why in sorted(pp.skipped.items())))
 
 

@@ -7,13 +7,17 @@
   packet), then the programs onto veths that lack them.
 - `EndpointsPublisher`: this node's endpoints record in Consul (signed by its identity),
   written through the writer thread only when it changed.
+- `VerdictCollector`: `wiremesh_policy_verdicts_total{rule, verdict}` in /metrics, read from the
+  programs' per-rule counters at each scrape.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from wiremesh.clustermesh import EndpointEntry, EndpointsRecord, layout, sign_endpoints
 from wiremesh.keys import NodeIdentity
@@ -93,3 +97,24 @@ class EndpointsPublisher:
         if value != self._written:
             self.writer.put(layout.endpoints_key(self.cluster, self.node), value)
             self._written = value
+
+
+class VerdictCollector:
+    """Packets of new flows each rule decided (the datapath counts them per rule id; the last plan
+    names them). Rule id 0 is the default deny of an endpoint a policy selects."""
+
+    def __init__(self, counts: Callable[[], Mapping[int, int]], rules: Callable[[], Mapping[int, tuple[str, str]]]) -> None:
+        self.counts, self.rules = counts, rules
+
+    def collect(self) -> Iterator[Metric]:
+        fam = CounterMetricFamily("wiremesh_policy_verdicts", "Packets of new flows decided by network policy, by "
+                                  "the deciding rule", labels=["rule", "verdict"])
+        try:
+            counts = self.counts()
+        except (BpfError, OSError):
+            counts = {}
+        names = self.rules()
+        for rid, n in sorted(counts.items()):
+            name, verdict = names.get(rid, ("default deny", "deny") if rid == 0 else (f"rule {rid:08x} (gone)", "unknown"))
+            fam.add_metric([name, verdict], n)
+        yield fam

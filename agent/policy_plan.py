@@ -57,6 +57,7 @@ class PolicyPlan:
     maps: PolicyMaps
     identities: Mapping[int, tuple[str, frozenset[tuple[str, str]]]] = field(default_factory=dict)
     rule_names: Mapping[int, str] = field(default_factory=dict)  # rule id -> "cluster/policy ingress[i]"
+    rule_verdicts: Mapping[int, str] = field(default_factory=dict)  # rule id -> "allow" | "deny"
     skipped: Mapping[str, str] = field(default_factory=dict)  # endpoint ip -> why it is not enforced
 
 
@@ -118,11 +119,11 @@ def _cuts(policies: Sequence[Policy], direction: str, proto: str) -> list[int]:
     return sorted(cuts)
 
 
-def _entry(decisions: list[tuple[int, int, Decision]], ids: dict[str, int], direction: str) -> RuleEntry:
+def _entry(decisions: list[tuple[int, int, Decision]], ids: _RuleIds, direction: str) -> RuleEntry:
     """Port segments (lo, hi, decision) -> intervals + the most common answer as the default."""
     merged: list[tuple[int, int, tuple[int, int]]] = []
     for lo, hi, d in decisions:
-        word = (pm.ALLOW if d.allowed else pm.DENY, _rid(d, ids, direction))
+        word = (pm.ALLOW if d.allowed else pm.DENY, ids.of(d, direction))
         if merged and merged[-1][2] == word and merged[-1][1] + 1 == lo:
             merged[-1] = (merged[-1][0], hi, word)
         else:
@@ -137,11 +138,22 @@ def _entry(decisions: list[tuple[int, int, Decision]], ids: dict[str, int], dire
     return RuleEntry(ivs, default[0], default[1])
 
 
-def _rid(d: Decision, ids: dict[str, int], direction: str) -> int:
-    if d.rule < 0:
-        return 0
-    name = f"{d.policy} {direction}[{d.rule}]"
-    return ids.setdefault(name, rule_id(name))
+class _RuleIds:
+    """Each deciding rule's id (counters, events) with its name and verdict, as the plan meets them.
+    Ids are a hash of the name: the same on every node and across restarts."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.verdicts: dict[int, str] = {}
+
+    def of(self, d: Decision, direction: str) -> int:
+        if d.rule < 0:
+            return 0  # the default deny
+        name = f"{d.policy} {direction}[{d.rule}]"
+        rid = rule_id(name)
+        self.names[rid] = name
+        self.verdicts[rid] = "allow" if d.allowed else "deny"
+        return rid
 
 
 def plan_policy(inp: PolicyInputs) -> PolicyPlan:
@@ -177,7 +189,7 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
     if world is not None:
         peers[pm.WORLD_IDENTITY] = FlowEnd(world, "", None)
 
-    rule_names: dict[str, int] = {}
+    rule_ids = _RuleIds()
     endpoints: dict[int, tuple[int, int]] = {}
     rules: dict[RuleKey, RuleEntry] = {}
     skipped: dict[str, str] = {}
@@ -191,17 +203,16 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
                     continue
                 flags |= pm.ENFORCE_INGRESS if dnum == pm.INGRESS else pm.ENFORCE_EGRESS
                 for proto, pnum in pm.PROTOCOLS.items():
-                    mine.update(_proto_entries(ep.ifindex, me, chosen, dname, dnum, proto, pnum, peers, rule_names))
+                    mine.update(_proto_entries(ep.ifindex, me, chosen, dname, dnum, proto, pnum, peers, rule_ids))
         except PolicyTooFine as e:
             skipped[ep.ip] = str(e)  # (the caller keeps this endpoint's last good entries)
             continue
         if flags:
             endpoints[ep.ifindex] = (ep.ifindex, flags)
             rules.update(mine)
-    names = {v: k for k, v in rule_names.items()}
     identities = {i: (k.split("\0")[0], frozenset(_pair(kv) for kv in k.split("\0")[1:] if kv))
                   for k, i in ids.items() if not k.startswith(("cidr:", "unknown:"))}
-    return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), identities, names, skipped)
+    return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), identities, rule_ids.names, rule_ids.verdicts, skipped)
 
 
 def _pair(kv: str) -> tuple[str, str]:
@@ -210,7 +221,7 @@ def _pair(kv: str) -> tuple[str, str]:
 
 
 def _proto_entries(ifindex: int, me: FlowEnd, chosen: list[Policy], dname: str, dnum: int, proto: str, pnum: int,
-                   peers: Mapping[int, FlowEnd], names: dict[str, int]) -> dict[RuleKey, RuleEntry]:
+                   peers: Mapping[int, FlowEnd], names: _RuleIds) -> dict[RuleKey, RuleEntry]:
     cuts = _cuts(chosen, dname, proto) if proto in ("tcp", "udp") else [0, 1]
     per_identity: dict[int, RuleEntry] = {}
     for ident, peer in peers.items():

@@ -8,6 +8,7 @@ only fe reaches api:8080; deleting it restores both; a mesh-wide policy does the
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,11 +99,23 @@ def test_labels_reach_the_endpoint_records(lab: Lab) -> None:
     wait_until(published, 30, interval=0.2, what="east's endpoints record to carry fe's labels")
 
 
+def verdicts(lab: Lab, node: str) -> dict[tuple[str, str], float]:
+    n = lab.node(node)
+    _, body = lab.http_get(n.health_url + "/metrics", cluster=n.cluster)
+    out = {}
+    for m in re.finditer(r'^wiremesh_policy_verdicts_total\{rule="([^"]*)",verdict="([^"]*)"\} (\S+)$', body.decode(), re.M):
+        out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
 def test_the_issue_policy_in_west_then_deleted(lab: Lab) -> None:
     wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both clients to reach both ports")
     key = put_policy(lab, "west", ISSUE_POLICY)
     try:
         wait_until(lambda: matrix(lab) == ENFORCED, 30, interval=0.2, what="only fe -> api:8080 to pass")
+        counted = verdicts(lab, "west-node1")
+        assert counted.get(("west/api-from-frontend ingress[0]", "allow"), 0) > 0, counted
+        assert counted.get(("west/api-from-frontend ingress[1]", "deny"), 0) > 0, counted
     finally:
         lab.consul(lambda s: s.delete(key), "west")
     wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class PolicyDatapath:
         try:
             libbpf.load_object(obj, f"{path} (maps pinned in {self.pin_dir})")
             self._maps = {name: libbpf.BpfMap.of(obj, name) for name in MAPS[:3]}
+            counts = libbpf.BpfMap.of(obj, "wm_pol_counts")
+            counts.value_size = 8 * possible_cpus()  # a per-CPU map: one u64 per possible CPU
+            self._maps["wm_pol_counts"] = counts
             self._progs = {name: libbpf.program_fd(libbpf.find_program(obj, name)) for name in (FROM_POD, TO_POD)}
         except BaseException:
             libbpf.close_object(obj)
@@ -118,6 +122,17 @@ class PolicyDatapath:
             rules=dict(decode_rule(k, v) for k, v in m["wm_pol_rules"].items()),
         )
 
+    def counts(self) -> dict[int, int]:
+        """Packets decided per rule id since the maps were made (summed over CPUs; 0: default deny)."""
+        m = self._maps.get("wm_pol_counts")
+        if m is None:
+            return {}
+        out = {}
+        for k, v in m.items():
+            out[int.from_bytes(k, sys.byteorder)] = sum(int.from_bytes(v[i:i + 8], sys.byteorder)
+                                                        for i in range(0, len(v), 8))
+        return out
+
     def sync(self, want: PolicyMaps) -> SyncReport:
         """Make the maps hold `want` (see the module's docstring for the order)."""
         have = self.read()
@@ -137,6 +152,15 @@ class PolicyDatapath:
         for n in set(have.ipcache) - set(want.ipcache):
             deleted += self._maps["wm_pol_ipcache"].delete(IPCACHE_KEY.pack(n.prefixlen, n.network_address.packed))
         return SyncReport(written, deleted)
+
+
+def possible_cpus() -> int:
+    """The kernel's possible CPUs (per-CPU map values hold one slot each), e.g. "0-3" -> 4."""
+    n = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
 
 
 def remove_pins(pin_dir: str | Path) -> list[str]:
