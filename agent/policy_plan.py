@@ -271,3 +271,10 @@ def policy_inputs(cluster: str, node: str, pods: Sequence[LocalEndpoint], polici
     for p in local:
         everyone[p.ip] = (cluster, p.labels)
     return PolicyInputs(cluster, local, everyone, list(policies), tuple(pod_cidrs))
+
+
+def identities_of(sets: Sequence[tuple[str, Mapping[str, str]]]) -> list[int]:
+    """The identity of each (cluster, labels) as the plan numbers it (`wiremesh endpoint list`)."""
+    keys = [_label_key(c, labels) for c, labels in sets]
+    ids = allocate(keys)
+    return [ids[k] for k in keys]

@@ -23,6 +23,7 @@ from .output import Ctx
 COMMANDS = {
     "agent": "wiremesh.cli.agent_cmd:agent",
     "cluster": "wiremesh.cli.cluster:cluster",
+    "endpoint": "wiremesh.cli.endpoint_cmd:endpoint",
     "keys": "wiremesh.cli.keys_cmd:keys",
     "lab": "wiremesh.cli.lab_cmd:lab",
     "node": "wiremesh.cli.node_cmd:node",

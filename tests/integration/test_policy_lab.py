@@ -8,10 +8,12 @@ only fe reaches api:8080; deleting it restores both; a mesh-wide policy does the
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +108,22 @@ def verdicts(lab: Lab, node: str) -> dict[tuple[str, str], float]:
     for m in re.finditer(r'^wiremesh_policy_verdicts_total\{rule="([^"]*)",verdict="([^"]*)"\} (\S+)$', body.decode(), re.M):
         out[(m.group(1), m.group(2))] = float(m.group(3))
     return out
+
+
+def test_endpoint_list_shows_every_clusters_pods_with_labels_and_identity(lab: Lab) -> None:
+    wm = str(Path(sys.executable).with_name("wiremesh"))
+
+    def listed() -> dict[str, dict[str, object]]:
+        p = subprocess.run(lab.exec_argv("east-node1", [wm, "-o", "json", "endpoint", "list"]),
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return {e["ip"]: e for e in json.loads(p.stdout)["endpoints"]}
+    wait_until(lambda: {lab.pods[p].ip for p in ("fe", "other", "api")} <= set(listed()), 30, interval=0.3,
+               what="every pod in `endpoint list`")
+    eps = listed()
+    api = eps[lab.pods["api"].ip]
+    assert api["cluster"] == "west" and api["labels"] == {"app": "api", "cluster": "west", "node": "west-node1"}
+    assert len({e["identity"] for e in eps.values()}) == len(eps)  # three label sets, three identities
 
 
 def test_the_issue_policy_in_west_then_deleted(lab: Lab) -> None:
