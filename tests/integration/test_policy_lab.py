@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -146,6 +147,25 @@ def test_the_same_policy_mesh_wide(lab: Lab) -> None:
     finally:
         for c, k in zip(("east", "west"), keys):
             lab.consul(lambda s, k=k: s.delete(k), c)
+    wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
+
+
+def test_enforcement_never_pauses_while_the_agent_is_killed_and_restarted(lab: Lab) -> None:
+    """The programs stay on the veths and the maps pinned: with the agent of west-node1 gone, and
+    as it starts again (adopting them), denied stays denied and allowed passes."""
+    key = put_policy(lab, "west", ISSUE_POLICY)
+    try:
+        wait_until(lambda: matrix(lab) == ENFORCED, 30, interval=0.2, what="only fe -> api:8080 to pass")
+        lab.stop_agent("west-node1", signal.SIGKILL)
+        assert matrix(lab) == ENFORCED  # no agent at all
+        lab.start_agent("west-node1")
+        seen = []
+        while lab.health("west-node1").get("status") != "ok" and len(seen) < 200:
+            seen.append(matrix(lab))  # through its start-up
+        seen.append(matrix(lab))
+        assert all(m == ENFORCED for m in seen), [m for m in seen if m != ENFORCED][:3]
+    finally:
+        lab.consul(lambda s: s.delete(key), "west")
     wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
 
 
