@@ -59,7 +59,7 @@ from wiremesh.tunnels import (
     vtep_mac,
 )
 
-from wiremesh.tunnels import CniState
+from wiremesh.tunnels import CniState, policy_ready
 
 from . import __version__
 from .config import AgentConfig
@@ -74,6 +74,7 @@ from .passes import Pass
 from .planner import DesiredState, tunnel_mtu
 from .pokes import Pokes
 from .policy_link import EndpointsPublisher, VerdictCollector, load_policy
+from .policy_plan import LocalEndpoint
 from .reconciler import ReconcileResult, Reconciler
 from .kvwriter import KVWriter
 from .readiness import ReadinessWatch
@@ -151,6 +152,7 @@ class Agent:
         self.registration = Registration(self.store, cfg, self._record, self.metrics, self.stop_event,
                                          on_published=self._wake.set)
         cni = self.cni = CniState(cfg.state_dir)
+        self.pods: tuple[LocalEndpoint, ...] = ()  # this node's pods as the last pass gathered them (policy)
         self.reconciler = Reconciler(self.device, pods=lambda: [(p.netns, p.container_id, p.ifname)
                                                                 for p in cni.attachments()])
         self.service_backends = ServiceBackends(self.store, self.supervisor.follow, self._wake.set)
@@ -256,10 +258,14 @@ class Agent:
             self.reconciler.attach_services(lb)
         dp = load_policy(self.cfg.pin_dir)
         if dp is not None:
-            self.reconciler.attach_policy(dp)
+            self.reconciler.attach_policy(dp, self._policy_synced)
             self.metrics.registry.register(VerdictCollector(
                 dp.counts, lambda: self.loop_pass.desired.policy_rules if self.loop_pass.desired else {}))
         self.ensure_device()
+
+    def _policy_synced(self, veths: frozenset[int]) -> None:
+        """The pods whose veths are under policy now: the CNI plugin's ADD waits for its pod's."""
+        policy_ready.write_ready(self.cfg.state_dir, [p.host_ifname for p in self.pods if p.ifindex in veths])
 
     def ensure_device(self, desired: DesiredState | None = None) -> None:
         """Create the device if it is missing and give it identity, port, address, MTU and link up.
@@ -550,6 +556,9 @@ class Agent:
                          ("staged-watch", lambda: self.proofs.run(self.stop_event)),
                          ("watchdog", lambda: self.watchdog.run(self.stop_event))):
             self.supervisor.spawn(name, fn)
+        if self.reconciler.policy is not None:  # a CNI ADD wakes the loop (tunnels.policy_ready)
+            self.supervisor.spawn("policy-wake", lambda: policy_ready.serve_wake(
+                self.cfg.state_dir, self._wake.set, self.stop_event))
 
     def shutdown(self, remove_record: bool = True) -> None:
         """Stop every loop; with `remove_record`, end the session so the record goes at once.

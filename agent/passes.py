@@ -203,6 +203,7 @@ class Pass:
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
         pods = local_pods(a.cni) if a.reconciler.policy is not None else None
         if pods is not None:
+            a.pods = pods
             a.endpoints.publish(pods)  # (the writer thread writes it, only when it changed)
         return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed, pods=pods)
 

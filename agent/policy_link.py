@@ -46,15 +46,17 @@ def local_pods(cni: CniState) -> tuple[LocalEndpoint, ...]:
             idx = link_index(a.host_ifname)
         except TunnelError:
             continue  # (its veth is gone: the CNI DEL is on its way)
-        out.append(LocalEndpoint(idx, a.address.split("/")[0], dict(a.labels)))
+        out.append(LocalEndpoint(idx, a.address.split("/")[0], dict(a.labels), a.host_ifname))
     return tuple(sorted(out, key=lambda p: p.ifindex))
 
 
 class PolicyTarget:
     """The policy maps and the programs on pod veths, as the pass plans them."""
 
-    def __init__(self, dp: PolicyDatapath) -> None:
+    def __init__(self, dp: PolicyDatapath, on_synced: Callable[[frozenset[int]], None] = lambda _v: None) -> None:
+        """`on_synced(veths)`: called after every sync that left `veths` (ifindexes) under policy."""
         self.dp = dp
+        self.on_synced = on_synced
         self._applied: tuple[PolicyMaps, frozenset[int]] | None = None
         self._attached: set[int] = set()
 
@@ -76,6 +78,7 @@ class PolicyTarget:
             log.warning("network policy: %s (tried again on the next pass)", e)
             self._applied = None
             return 1
+        self.on_synced(veths)
         if report.written or report.deleted:
             log.info("network policy: %d map entries written, %d removed (%d endpoints enforced)",
                      report.written, report.deleted, len(maps.endpoints))

@@ -41,6 +41,7 @@ class LocalEndpoint:
     ifindex: int  # the host side of its veth
     ip: str
     labels: Mapping[str, str]
+    host_ifname: str = ""  # (that veth's name: the CNI plugin waits for it, tunnels.policy_ready)
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,9 +250,10 @@ class Reconciler:
         self.services = ServiceTarget(lb)
         self._services_applied = None
 
-    def attach_policy(self, dp: PolicyDatapath) -> None:
-        """Enforce network policy through `dp` from now on (loaded by the agent once at start)."""
-        self.policy = PolicyTarget(dp)
+    def attach_policy(self, dp: PolicyDatapath, on_synced: Callable[[frozenset[int]], None] = lambda _v: None) -> None:
+        """Enforce network policy through `dp` from now on (loaded by the agent once at start);
+        `on_synced(veths)` after each sync (agent.policy_link.PolicyTarget)."""
+        self.policy = PolicyTarget(dp, on_synced)
 
     def forget_overlay(self) -> None:
         """Make the next pass re-read everything (after the device was re-created)."""

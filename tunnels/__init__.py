@@ -19,6 +19,7 @@ from .links import (
     set_mtu,
 )
 from .netns import NetnsExecutor
+from . import policy_ready
 from .sched import set_session_nice
 from .pods import PodInterface, add_pod_interface, check_pod_interface, del_pod_interface, set_pod_mtu
 from .podstate import Attachment, CniState, NodeInfo, NodeStateUnavailable, NoFreeAddress
@@ -30,6 +31,7 @@ from .bpf import (CGROUP2, PIN_ROOT, Backend, BpfError, Frontend, ServiceEntry, 
 from .bpf import Interval, PolicyDatapath, PolicyMaps, RuleEntry, RuleKey, policy_model, remove_policy_pins
 
 __all__ = [
+    "policy_ready",
     "Interval",
     "PolicyDatapath",
     "remove_policy_pins",
