@@ -177,7 +177,7 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                         proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)
     if inputs.pods is not None:
-        desired = _with_policy(desired, inputs)
+        desired = _with_policy(desired, inputs, memo)
     if inputs.backends is None:
         return desired
     ids = {n: m.id for n, m in fed.members.items()} | {me.cluster: me.config.id}
@@ -188,8 +188,9 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                    skipped=desired.skipped + tuple(f"service {s}" for s in st.skipped))
 
 
-def _with_policy(desired: DesiredState, inputs: PassInputs) -> DesiredState:
-    """The policy section (agent.policy_plan): the maps, and the veths the programs go on."""
+def _with_policy(desired: DesiredState, inputs: PassInputs, memo: dict[str, Any] | None) -> DesiredState:
+    """The policy section (agent.policy_plan): the maps, and the veths the programs go on. The
+    last compile is reused while its inputs are equal (10 000 rules take seconds to compile)."""
     me, fed, snap = inputs.local, inputs.federation, inputs.snapshot
     assert inputs.pods is not None
     if not fed.mesh_synced or fed.frozen_cidrs:
@@ -199,7 +200,13 @@ def _with_policy(desired: DesiredState, inputs: PassInputs) -> DesiredState:
     cidrs = [me.config.pod_cidr, *(m.pod_cidr for n, m in sorted(fed.members.items()) if n != me.cluster)]
     pi = policy_inputs(me.cluster, me.name, inputs.pods, snap.policies.values(),
                        {**fed.endpoints, me.cluster: snap.endpoints}, cidrs)
-    pp = plan_policy(pi)
+    last = memo.get("policy") if memo is not None else None
+    if last is not None and last[0] == pi:
+        pp = last[1]
+    else:
+        pp = plan_policy(pi)
+        if memo is not None:
+            memo["policy"] = (pi, pp)
     return replace(desired, policy=pp.maps, policy_veths=frozenset(p.ifindex for p in inputs.pods),
                    policy_rules={i: (n, pp.rule_verdicts[i]) for i, n in pp.rule_names.items()},
                    skipped=desired.skipped + tuple(f"policy for {ip}: {why}" for ip, why in sorted(pp.skipped.items())))
@@ -291,7 +298,7 @@ def plan_mesh(
         elif vxlan_mode:
             skipped.append(f"{name}: its record has no vtep_mac; routed over WireGuard instead")
     if memo is not None and len(memo) > len(peers):
-        for gone in [k for k in memo if k not in peers]:
+        for gone in [k for k in memo if k not in peers and "/" in k]:  # (node ids; "policy" is the policy section's)
             del memo[gone]
     local_range = config.pod_network
     claimed = [ipaddress.ip_network(p.pod_cidr) for p in nodes.values()] if remotes else []

@@ -9,8 +9,9 @@ covers is WORLD; one in a pod CIDR with no endpoint known is that CIDR's "unknow
 which matches no selector and no cluster (denied where a policy selects, until learnt).
 
 Verdicts. For each local endpoint and each direction some policy selects it in, for each
-protocol, the plan asks clustermesh.decide (the reference) about every identity at every port
-interval the rules distinguish, merges equal neighbours, makes the most common answer the
+protocol, the plan decides (as clustermesh.decide, the reference, but only over the rules
+whose peer can match: agent.policy_index) every identity at every port interval the rules
+distinguish, merges equal neighbours, makes the most common answer the
 interval list's default and the most common list the entry for ANY_IDENTITY, and writes only
 the identities that differ from it. `emulate` reads the result back as the datapath does, which
 is what `wiremesh policy check` prints and what the tests hold against the reference.
@@ -20,13 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wiremesh.clustermesh import Decision, FlowEnd, Policy, decide, selecting
+from wiremesh.clustermesh import Decision, FlowEnd, Policy, selecting
 from wiremesh.tunnels import Interval, PolicyMaps, RuleEntry, RuleKey, policy_model as pm
+
+from .policy_index import Cand, RuleIndex
 
 DIRS = {"ingress": pm.INGRESS, "egress": pm.EGRESS}
 _PORT_MAX = 65535
@@ -98,16 +102,27 @@ def _cidrs(policies: Iterable[Policy]) -> set[ipaddress.IPv4Network]:
     return out
 
 
-def _inside(net: ipaddress.IPv4Network, others: Iterable[ipaddress.IPv4Network]) -> str | None:
-    """An address of `net` in none of the `others` that lie strictly inside it (those have their
-    own identity in the LPM trie): the one the reference is asked about for `net`'s identity."""
-    inner = [o for o in others if o != net and o.subnet_of(net)]
-    size = net.num_addresses
-    for i in range(65):
-        a = net.network_address + min(size - 1, (size - 1) - i * max(1, size // 64))
-        if not any(a in o for o in inner):
-            return str(a)
-    return None  # (covered by more specific nets throughout: its identity never shows)
+class _Nets:
+    """The rule CIDRs and pod CIDRs, sorted by first address: those inside a net by bisection."""
+
+    def __init__(self, nets: Iterable[ipaddress.IPv4Network]) -> None:
+        self.nets = sorted(set(nets), key=lambda n: (int(n.network_address), n.prefixlen))
+        self.starts = [int(n.network_address) for n in self.nets]
+
+    def inside(self, net: ipaddress.IPv4Network) -> str | None:
+        """An address of `net` in none of the nets strictly inside it (those have their own
+        identity in the LPM trie): the one the reference is asked about for `net`'s identity."""
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        inner = [n for n in self.nets[bisect_left(self.starts, lo):bisect_right(self.starts, hi)]
+                 if n.prefixlen > net.prefixlen]
+        if not inner:
+            return str(net.network_address + (net.num_addresses - 1))
+        size = net.num_addresses
+        for i in range(65):
+            a = net.network_address + min(size - 1, (size - 1) - i * max(1, size // 64))
+            if not any(a in o for o in inner):
+                return str(a)
+        return None  # (covered by more specific nets throughout: its identity never shows)
 
 
 def _cuts(policies: Sequence[Policy], direction: str, proto: str) -> list[int]:
@@ -177,16 +192,16 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
         peers.setdefault(ids[groups[ip]], FlowEnd(ip, cl, labels))
     for ep in inp.local:
         peers.setdefault(ids[groups[ep.ip]], FlowEnd(ep.ip, inp.cluster, ep.labels))
-    nets = [*cidrs, *pods]
+    nets = _Nets([*cidrs, *pods])
     for c in cidrs:
-        rep = _inside(c, nets)
+        rep = nets.inside(c)
         if rep is not None:
             peers[ids[f"cidr:{c}"]] = FlowEnd(rep, "", None)
     for c in pods:
-        rep = _inside(c, nets)
+        rep = nets.inside(c)
         if rep is not None:
             peers[ids[f"unknown:{c}"]] = FlowEnd(rep, "", None)
-    world = _inside(ipaddress.IPv4Network("0.0.0.0/0"), nets)
+    world = nets.inside(ipaddress.IPv4Network("0.0.0.0/0"))
     if world is not None:
         peers[pm.WORLD_IDENTITY] = FlowEnd(world, "", None)
 
@@ -203,8 +218,10 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
                 if not chosen:
                     continue
                 flags |= pm.ENFORCE_INGRESS if dnum == pm.INGRESS else pm.ENFORCE_EGRESS
+                idx = RuleIndex(chosen, dname)
+                cands = {ident: idx.candidates(peer) for ident, peer in peers.items()}
                 for proto, pnum in pm.PROTOCOLS.items():
-                    mine.update(_proto_entries(ep.ifindex, me, chosen, dname, dnum, proto, pnum, peers, rule_ids))
+                    mine.update(_proto_entries(ep.ifindex, idx, cands, dnum, proto, pnum, rule_ids))
         except PolicyTooFine as e:
             skipped[ep.ip] = str(e)  # (the caller keeps this endpoint's last good entries)
             continue
@@ -221,13 +238,17 @@ def _pair(kv: str) -> tuple[str, str]:
     return k, v
 
 
-def _proto_entries(ifindex: int, me: FlowEnd, chosen: list[Policy], dname: str, dnum: int, proto: str, pnum: int,
-                   peers: Mapping[int, FlowEnd], names: _RuleIds) -> dict[RuleKey, RuleEntry]:
-    cuts = _cuts(chosen, dname, proto) if proto in ("tcp", "udp") else [0, 1]
+def _proto_entries(ifindex: int, idx: RuleIndex, cands: Mapping[int, tuple[Cand, ...]], dnum: int, proto: str,
+                   pnum: int, names: _RuleIds) -> dict[RuleKey, RuleEntry]:
+    cuts = _cuts(idx.chosen, idx.direction, proto) if proto in ("tcp", "udp") else [0, 1]
+    memo: dict[tuple[Cand, ...], RuleEntry] = {}  # identities whose peer matches the same rules decide alike
     per_identity: dict[int, RuleEntry] = {}
-    for ident, peer in peers.items():
-        segs = [(lo, nxt - 1, decide(chosen, me, peer, dname, proto, lo)) for lo, nxt in zip(cuts, cuts[1:])]
-        per_identity[ident] = _entry(segs, names, dname)
+    for ident, cs in cands.items():
+        e = memo.get(cs)
+        if e is None:
+            segs = [(lo, nxt - 1, idx.decide(cs, proto, lo)) for lo, nxt in zip(cuts, cuts[1:])]
+            e = memo[cs] = _entry(segs, names, idx.direction)
+        per_identity[ident] = e
     common = Counter(per_identity.values()).most_common(1)
     out = {}
     if common:
