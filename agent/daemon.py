@@ -139,6 +139,7 @@ class Agent:
         self._first_sync = False
         self._consul_ok = False
         self._rejoined_at = 0.0  # when the local Consul came back after an outage (time.monotonic())
+        self.created_at = time.monotonic()  # (network policy waits for remote clusters this long at most: POLICY_WAIT_S)
         self._logged_rejects: dict[str, str] = {}
         self._peers = (0, 0)  # desired, programmed: as of the last reconcile
         self._last_republish = 0.0
@@ -257,7 +258,9 @@ class Agent:
         if lb is not None:
             self.reconciler.attach_services(lb)
         dp = load_policy(self.cfg.pin_dir)
-        if dp is not None:
+        if dp is None:
+            policy_ready.clear_ready(self.cfg.state_dir)  # (CNI ADD then waits for nothing)
+        else:
             self.reconciler.attach_policy(dp, self._policy_synced)
             self.metrics.registry.register(VerdictCollector(
                 dp.counts, lambda: self.loop_pass.desired.policy_rules if self.loop_pass.desired else {}))
@@ -265,7 +268,7 @@ class Agent:
 
     def _policy_synced(self, veths: frozenset[int]) -> None:
         """The pods whose veths are under policy now: the CNI plugin's ADD waits for its pod's."""
-        policy_ready.write_ready(self.cfg.state_dir, [p.host_ifname for p in self.pods if p.ifindex in veths])
+        policy_ready.write_ready(self.cfg.state_dir, {p.host_ifname: p.ifindex for p in self.pods if p.ifindex in veths})
 
     def ensure_device(self, desired: DesiredState | None = None) -> None:
         """Create the device if it is missing and give it identity, port, address, MTU and link up.

@@ -86,6 +86,9 @@ def unseen_switches(cluster: str, me: str, nodes: Mapping[str, NodeRecord], fed:
     return out
 
 
+POLICY_WAIT_S = 30.0  # after a start, network policy waits this long at most for every member cluster
+
+
 class PassFailed(Exception):
     """A stage of the pass raised; the loop retries after a backoff."""
 
@@ -201,11 +204,14 @@ class Pass:
         local = LocalNode(name=a.cfg.node, cluster=a.cfg.cluster, config=a.config,
                           device=DeviceSpec(key, a.listen_port), pod_cidr=a.pod_cidr, underlay_mtu=a.underlay_mtu,
                           persistent_keepalive=a.cfg.persistent_keepalive, wg_device=a.cfg.interface)
-        pods = local_pods(a.cni) if a.reconciler.policy is not None else None
+        found = local_pods(a.cni)
+        a.endpoints.publish(found)  # (published where no datapath loaded too; written only when it changed)
+        pods = found if a.reconciler.policy is not None else None
         if pods is not None:
             a.pods = pods
-            a.endpoints.publish(pods)  # (the writer thread writes it, only when it changed)
-        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed, pods=pods)
+        waits = time.monotonic() - a.created_at < POLICY_WAIT_S
+        return PassInputs(local, snap, fed, backends, now_ms(), proven_keys=proven, departed=departed, pods=pods,
+                          policy_waits=waits)
 
     def apply(self, desired: DesiredState, full: bool) -> ReconcileResult | None:
         a = self.agent

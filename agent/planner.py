@@ -158,6 +158,9 @@ class PassInputs:
     departed: Mapping[str, NodeRecord] = field(default_factory=dict)
     # This node's pods (host veth ifindex, IP, labels) where the policy datapath is loaded; None: not.
     pods: tuple[LocalEndpoint, ...] | None = None
+    # Policy waits for every member cluster's endpoints after a start, but not for ever: a member
+    # never read (its pods then unknown, denied where selected) must not stop local policy.
+    policy_waits: bool = True
 
 
 def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState:
@@ -177,7 +180,11 @@ def plan(inputs: PassInputs, memo: dict[str, Any] | None = None) -> DesiredState
                         proven_keys=inputs.proven_keys)
     desired = replace(desired, device=me.device)
     if inputs.pods is not None:
-        desired = _with_policy(desired, inputs, memo)
+        try:
+            desired = _with_policy(desired, inputs, memo)
+        except Exception as e:  # noqa: BLE001 - a policy the compiler cannot take must not stop peers and routes
+            desired = replace(desired, skipped=desired.skipped + (f"policy: not planned, the maps stay as they are "
+                                                                  f"({type(e).__name__}: {e})",))
     if inputs.backends is None:
         return desired
     ids = {n: m.id for n, m in fed.members.items()} | {me.cluster: me.config.id}
@@ -193,7 +200,7 @@ def _with_policy(desired: DesiredState, inputs: PassInputs, memo: dict[str, Any]
     last compile is reused while its inputs are equal (10 000 rules take seconds to compile)."""
     me, fed, snap = inputs.local, inputs.federation, inputs.snapshot
     assert inputs.pods is not None
-    if not fed.mesh_synced or fed.frozen_cidrs:
+    if not fed.mesh_synced or (fed.frozen_cidrs and inputs.policy_waits):
         # A remote cluster not read yet (an agent just started): its endpoints would count as
         # unknown and allowed flows from them be dropped. The maps keep enforcing as they are.
         return desired

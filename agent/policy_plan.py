@@ -111,18 +111,18 @@ class _Nets:
 
     def inside(self, net: ipaddress.IPv4Network) -> str | None:
         """An address of `net` in none of the nets strictly inside it (those have their own
-        identity in the LPM trie): the one the reference is asked about for `net`'s identity."""
+        identity in the LPM trie): the one the reference is asked about for `net`'s identity.
+        None when they cover all of it (its identity then never shows)."""
         lo, hi = int(net.network_address), int(net.broadcast_address)
         inner = [n for n in self.nets[bisect_left(self.starts, lo):bisect_right(self.starts, hi)]
                  if n.prefixlen > net.prefixlen]
-        if not inner:
-            return str(net.network_address + (net.num_addresses - 1))
-        size = net.num_addresses
-        for i in range(65):
-            a = net.network_address + min(size - 1, (size - 1) - i * max(1, size // 64))
-            if not any(a in o for o in inner):
-                return str(a)
-        return None  # (covered by more specific nets throughout: its identity never shows)
+        free = lo  # the first address not covered so far (inner is sorted by first address)
+        for n in inner:
+            start, end = int(n.network_address), int(n.broadcast_address)
+            if start > free:
+                break
+            free = max(free, end + 1)
+        return str(ipaddress.IPv4Address(free)) if free <= hi else None
 
 
 def _cuts(policies: Sequence[Policy], direction: str, proto: str) -> list[int]:
@@ -177,13 +177,13 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
     for ep in inp.local:
         groups[ep.ip] = _label_key(inp.cluster, ep.labels)
     cidrs = _cidrs(inp.policies)
-    pods = [ipaddress.IPv4Network(c) for c in inp.pod_cidrs if ipaddress.IPv4Network(c) not in cidrs]
+    pods = sorted({ipaddress.IPv4Network(c) for c in inp.pod_cidrs}, key=str)
     ids = allocate([*groups.values(), *(f"cidr:{c}" for c in cidrs), *(f"unknown:{c}" for c in pods)])
     ipcache: dict[ipaddress.IPv4Network, int] = {}
-    for c in pods:
-        ipcache[c] = ids[f"unknown:{c}"]
     for c in cidrs:
         ipcache[c] = ids[f"cidr:{c}"]
+    for c in pods:  # (a rule naming a pod CIDR itself matches none of it: its addresses are pods)
+        ipcache[c] = ids[f"unknown:{c}"]
     for ip, key in groups.items():
         ipcache[ipaddress.IPv4Network(f"{ip}/32")] = ids[key]
     # One peer per identity, as the reference sees it.
@@ -209,25 +209,31 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
     endpoints: dict[int, tuple[int, int]] = {}
     rules: dict[RuleKey, RuleEntry] = {}
     skipped: dict[str, str] = {}
+    unknown = frozenset(ids[f"unknown:{c}"] for c in pods)
     for ep in inp.local:
         me = FlowEnd(ep.ip, inp.cluster, ep.labels)
-        flags, mine = 0, {}
+        selected = [(dname, dnum, chosen) for dname, dnum in DIRS.items()
+                    if (chosen := selecting(inp.policies, me, dname))]
+        if not selected:
+            continue
+        flags = 0
+        for _dname, dnum, _chosen in selected:
+            flags |= pm.ENFORCE_INGRESS if dnum == pm.INGRESS else pm.ENFORCE_EGRESS
+        mine: dict[RuleKey, RuleEntry] = {}
         try:
-            for dname, dnum in DIRS.items():
-                chosen = selecting(inp.policies, me, dname)
-                if not chosen:
-                    continue
-                flags |= pm.ENFORCE_INGRESS if dnum == pm.INGRESS else pm.ENFORCE_EGRESS
+            for dname, dnum, chosen in selected:
                 idx = RuleIndex(chosen, dname)
                 cands = {ident: idx.candidates(peer) for ident, peer in peers.items()}
                 for proto, pnum in pm.PROTOCOLS.items():
-                    mine.update(_proto_entries(ep.ifindex, idx, cands, dnum, proto, pnum, rule_ids))
+                    mine.update(_proto_entries(ep.ifindex, idx, cands, dnum, proto, pnum, rule_ids, unknown))
         except PolicyTooFine as e:
-            skipped[ep.ip] = str(e)  # (the caller keeps this endpoint's last good entries)
-            continue
-        if flags:
-            endpoints[ep.ifindex] = (ep.ifindex, flags)
-            rules.update(mine)
+            # Closed, never open: the endpoint's selected directions deny everything until its
+            # policies are simpler (left out of the maps, its veth would pass all).
+            skipped[ep.ip] = f"{e}: everything denied to it in its selected directions until its policies are simpler"
+            mine = {RuleKey(ep.ifindex, pm.ANY_IDENTITY, pnum, dnum): RuleEntry((), pm.DENY, 0)
+                    for _dname, dnum, _chosen in selected for pnum in pm.PROTOCOLS.values()}
+        endpoints[ep.ifindex] = (ep.ifindex, flags)
+        rules.update(mine)
     identities = {i: (k.split("\0")[0], frozenset(_pair(kv) for kv in k.split("\0")[1:] if kv))
                   for k, i in ids.items() if not k.startswith(("cidr:", "unknown:"))}
     return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), identities, rule_ids.names, rule_ids.verdicts, skipped)
@@ -239,22 +245,29 @@ def _pair(kv: str) -> tuple[str, str]:
 
 
 def _proto_entries(ifindex: int, idx: RuleIndex, cands: Mapping[int, tuple[Cand, ...]], dnum: int, proto: str,
-                   pnum: int, names: _RuleIds) -> dict[RuleKey, RuleEntry]:
+                   pnum: int, names: _RuleIds, unknown: frozenset[int] = frozenset()) -> dict[RuleKey, RuleEntry]:
+    """One endpoint's entries for one direction and protocol. An address in a pod CIDR whose
+    endpoint is not known yet (`unknown`) is denied outright: it may be a pod a deny rule names."""
     cuts = _cuts(idx.chosen, idx.direction, proto) if proto in ("tcp", "udp") else [0, 1]
     memo: dict[tuple[Cand, ...], RuleEntry] = {}  # identities whose peer matches the same rules decide alike
     per_identity: dict[int, RuleEntry] = {}
     for ident, cs in cands.items():
+        if ident in unknown:
+            per_identity[ident] = RuleEntry((), pm.DENY, 0)
+            continue
         e = memo.get(cs)
         if e is None:
             segs = [(lo, nxt - 1, idx.decide(cs, proto, lo)) for lo, nxt in zip(cuts, cuts[1:])]
             e = memo[cs] = _entry(segs, names, idx.direction)
         per_identity[ident] = e
-    common = Counter(per_identity.values()).most_common(1)
+    common = Counter(e for i, e in per_identity.items() if i not in unknown).most_common(1)
     out = {}
     if common:
         any_entry = common[0][0]
         out[RuleKey(ifindex, pm.ANY_IDENTITY, pnum, dnum)] = any_entry
-        out.update((RuleKey(ifindex, i, pnum, dnum), e) for i, e in per_identity.items() if e != any_entry)
+        closed = not any(iv.action == pm.ALLOW for iv in any_entry.intervals) and any_entry.default_action == pm.DENY
+        out.update((RuleKey(ifindex, i, pnum, dnum), e) for i, e in per_identity.items()
+                   if e != any_entry and not (i in unknown and closed))
     else:  # no peer known at all: deny (selected)
         out[RuleKey(ifindex, pm.ANY_IDENTITY, pnum, dnum)] = RuleEntry((), pm.DENY, 0)
     return out

@@ -17,13 +17,19 @@ CNI_ARG_LABELS = {"K8S_POD_NAMESPACE": "namespace", "K8S_POD_NAME": "pod"}
 
 
 def pod_labels(conf: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
-    """The labels of the pod being added; ValueError names the bad one."""
+    """The labels of the pod being added; ValueError names the bad one. CNI_ARGS' pod identity
+    comes last: labels in the network config cannot pass for another namespace or pod."""
     out: dict[str, str] = {}
-    for part in env.get("CNI_ARGS", "").split(";"):
-        k, eq, v = part.partition("=")
-        if eq and k.strip() in CNI_ARG_LABELS:
-            out[CNI_ARG_LABELS[k.strip()]] = v.strip()
     for where, holder in (("args.labels", conf.get("args")), ("runtimeConfig.labels", conf.get("runtimeConfig"))):
         if isinstance(holder, dict) and "labels" in holder:
             out.update(check_labels(holder["labels"], where))
+    for part in env.get("CNI_ARGS", "").split(";"):
+        k, eq, v = part.partition("=")
+        name = CNI_ARG_LABELS.get(k.strip()) if eq else None
+        if name is None:
+            continue
+        try:
+            out.update(check_labels({name: v.strip()}, "CNI_ARGS"))
+        except ValueError:
+            out.pop(name, None)  # (a pod name longer than a label value: no such label, never a wrong one)
     return check_labels(out, "labels")

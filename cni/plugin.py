@@ -210,7 +210,7 @@ def _remove(state: CniState, cid: str, ifname: str) -> None:
 
 def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     from wiremesh.tunnels import (Attachment, NodeStateUnavailable, NoFreeAddress, PodInterface, TunnelError,
-                                  policy_ready,
+                                  link_index, policy_ready,
                                   add_pod_interface, check_pod_interface)
 
     state = _state(conf)
@@ -248,7 +248,7 @@ def cmd_add(conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
             state.save(a)
             # Under network policy from its first packet: the agent writes its maps and puts the
             # programs on the veth before ADD returns (tunnels.policy_ready).
-            if not policy_ready.wait_ready(state.state_dir, iface.host_ifname):
+            if not policy_ready.wait_ready(state.state_dir, iface.host_ifname, link_index(iface.host_ifname)):
                 raise CniError(TRY_AGAIN_LATER, f"the wiremesh agent did not put {ifname} under network policy "
                                                 f"within {policy_ready.WAIT_S:.0f} s (is it running?)")
         except BaseException as e:

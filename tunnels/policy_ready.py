@@ -3,11 +3,12 @@
 Network policy must hold from a pod's first packet: a pod whose veth has no program yet would be
 open to everything for up to a pass. So, where the agent enforces policy:
 
-    <state_dir>/policy/ready.json   the agent, after each policy sync: {"veths": [host ifnames]}
+    <state_dir>/policy/ready.json   the agent, after each policy sync: {"veths": {host ifname: ifindex}}
     <state_dir>/policy/wake.sock    the agent's datagram socket: any datagram wakes its loop
 
 CNI ADD saves the attachment, sends a datagram to wake.sock, and waits until ready.json lists the
-pod's host ifname (its maps written and programs attached), a bounded time; no ready.json means
+pod's host ifname with its ifindex (its maps written and programs attached: a veth made again
+under the same name is a new one), a bounded time; no ready.json means
 the node enforces no policy and there is nothing to wait for. Files only, in `tunnels` below both
 users, like podstate.
 """
@@ -19,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 WAIT_S = 10.0
@@ -33,12 +34,12 @@ def wake_socket(state_dir: Path) -> Path:
     return Path(state_dir) / "policy" / "wake.sock"
 
 
-def write_ready(state_dir: Path, veths: Iterable[str]) -> None:
-    """The agent: these pods' veths are under policy now (atomic replace)."""
+def write_ready(state_dir: Path, veths: Mapping[str, int]) -> None:
+    """The agent: these pods' veths (name -> ifindex) are under policy now (atomic replace)."""
     path = ready_file(state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"veths": sorted(set(veths))}))
+    tmp.write_text(json.dumps({"veths": dict(sorted(veths.items()))}))
     os.replace(tmp, path)
 
 
@@ -51,14 +52,14 @@ def enforced(state_dir: Path) -> bool:
     return ready_file(state_dir).exists()
 
 
-def is_ready(state_dir: Path, host_ifname: str) -> bool:
+def is_ready(state_dir: Path, host_ifname: str, ifindex: int) -> bool:
     try:
-        return host_ifname in json.loads(ready_file(state_dir).read_text()).get("veths", [])
+        return bool(json.loads(ready_file(state_dir).read_text()).get("veths", {}).get(host_ifname) == ifindex)
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def wait_ready(state_dir: Path, host_ifname: str, timeout: float = WAIT_S) -> bool:
+def wait_ready(state_dir: Path, host_ifname: str, ifindex: int, timeout: float = WAIT_S) -> bool:
     """The CNI plugin: wake the agent and wait until `host_ifname` is under policy. True at once
     where the node enforces no policy."""
     if not enforced(state_dir):
@@ -70,10 +71,10 @@ def wait_ready(state_dir: Path, host_ifname: str, timeout: float = WAIT_S) -> bo
         pass  # (the agent is away: the wait below says so)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if is_ready(state_dir, host_ifname):
+        if is_ready(state_dir, host_ifname, ifindex):
             return True
         time.sleep(0.02)
-    return is_ready(state_dir, host_ifname)
+    return is_ready(state_dir, host_ifname, ifindex)
 
 
 def serve_wake(state_dir: Path, wake: Callable[[], None], stop: threading.Event) -> None:

@@ -158,6 +158,37 @@ def test_an_enforced_pod_takes_only_what_its_rules_allow_and_replies_pass(rig: R
     assert connects(rig, 8081)
 
 
+def test_a_pod_under_an_ingress_policy_still_gets_the_replies_to_what_it_opens(rig: Rig) -> None:
+    """Its egress is not enforced, but the answers come in through its enforced ingress: the
+    flow it opened is in conntrack, so they pass."""
+    def listen_fe() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((FE, 9000))
+        s.listen(8)
+        return s
+    srv = run_in_netns(rig.ns(rig.fe), listen_fe)
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(srv, stop), daemon=True)
+    t.start()
+    try:
+        run_in_netns(rig.ns(rig.node), rig.dp.attach, rig.api_ifindex)
+        rig.dp.sync(only_fe_to_8080(rig))
+
+        def api_to_fe() -> bool:
+            try:
+                with socket.create_connection((FE, 9000), timeout=1.0) as c:
+                    return c.recv(2) == b"ok"
+            except OSError:
+                return False
+        assert run_in_netns(rig.ns(rig.api), api_to_fe)
+        assert not connects(rig, 8081, timeout=0.5)  # (and its ingress is still enforced)
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+
+
 def test_a_restarted_agent_keeps_enforcing_without_a_gap(rig: Rig) -> None:
     run_in_netns(rig.ns(rig.node), rig.dp.attach, rig.api_ifindex)
     rig.dp.sync(only_fe_to_8080(rig))

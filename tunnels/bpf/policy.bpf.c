@@ -10,8 +10,9 @@
  *                   (and a default for ports outside them), compiled in userspace from the
  *                   ordered policies (agent: the plan's policy section; clustermesh.verdict is
  *                   the reference it is checked against)
- *   wm_pol_ct       LRU {endpoint, dir, 5-tuple} -> last seen: a flow allowed in a direction
- *                   passes from then on, and so do its replies (looked up reversed)
+ *   wm_pol_ct       LRU {endpoint, dir, 5-tuple} -> last seen: a flow allowed (or not enforced)
+ *                   in a direction passes from then on, and so do its replies (looked up
+ *                   reversed), also where the other direction is enforced
  *   wm_pol_counts   per-CPU rule id -> packets decided by it (verdict counters)
  *   wm_pol_events   ring buffer: one event per dropped new flow (the observability work reads it)
  *
@@ -256,8 +257,13 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 		hit->last_seen = now;
 		return TC_ACT_OK;
 	}
-	if (!(ep->flags & (dir == WM_DIR_INGRESS ? WM_ENFORCE_INGRESS : WM_ENFORCE_EGRESS)))
+	if (!(ep->flags & (dir == WM_DIR_INGRESS ? WM_ENFORCE_INGRESS : WM_ENFORCE_EGRESS))) {
+		/* Not enforced this way, but its replies come back the other way, which may be: a
+		 * pod under an ingress policy still gets the answers to what it opens itself. */
+		seen.last_seen = now;
+		bpf_map_update_elem(&wm_pol_ct, &ct, &seen, BPF_ANY);
 		return TC_ACT_OK;
+	}
 	identity = identity_of(dir == WM_DIR_INGRESS ? ip->saddr : ip->daddr);
 	{
 		__u8 proto = ip->protocol;

@@ -7,8 +7,9 @@ programs replaces the old ones in place on every veth (tc.F_REPLACE): no moment 
 program, never an empty map (no allow-all gap, no deny-all gap).
 
 `sync(maps)` writes the difference between what the maps hold and `maps` (a PolicyMaps the
-plan computed): new and changed entries first, removed ones after, so a flow never meets a
-half-written policy that denies more than either the old or the new one.
+plan computed): new and changed entries first (an identity's own entries before the fallback,
+rules before the ipcache that points at them), removed ones after, so a new flow meets the old
+or the new verdict, not a mix that allows what neither allows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from . import libbpf, tc
 from .build import POLICY_OBJECT, build_object, needs_build
 from .errors import BpfUnavailable
 from .policy_model import (
+    ANY_IDENTITY,
     ENDPOINT_KEY,
     ENDPOINT_VALUE,
     IPCACHE_KEY,
@@ -137,11 +139,15 @@ class PolicyDatapath:
         """Make the maps hold `want` (see the module's docstring for the order)."""
         have = self.read()
         written = deleted = 0
-        # Up: ipcache and rules before the endpoints that use them.
+        # Up: an identity's own entries, then the ANY_IDENTITY fallbacks (a fallback that turns
+        # to allow must find the denied identities' entries there already), then the ipcache
+        # (an address's new identity must find its entries), then the endpoints that use them.
+        changed = [(k, e) for k, e in want.rules.items() if have.rules.get(k) != e]
+        for fallback in (False, True):
+            written += _write(self._maps["wm_pol_rules"], (encode_rule(k, e) for k, e in changed
+                                                           if (k.identity == ANY_IDENTITY) == fallback))
         written += _write(self._maps["wm_pol_ipcache"], (encode_ipcache(n, i) for n, i in want.ipcache.items()
                                                          if have.ipcache.get(n) != i))
-        written += _write(self._maps["wm_pol_rules"], (encode_rule(k, e) for k, e in want.rules.items()
-                                                       if have.rules.get(k) != e))
         written += _write(self._maps["wm_pol_endpoints"], (encode_endpoint(i, *v) for i, v in want.endpoints.items()
                                                            if have.endpoints.get(i) != v))
         # Down: endpoints first, then what nothing uses any more.
