@@ -267,8 +267,13 @@ class Agent:
         self.ensure_device()
 
     def _policy_synced(self, veths: frozenset[int]) -> None:
-        """The pods whose veths are under policy now: the CNI plugin's ADD waits for its pod's."""
-        policy_ready.write_ready(self.cfg.state_dir, {p.host_ifname: p.ifindex for p in self.pods if p.ifindex in veths})
+        """The pods whose veths are under policy now: the CNI plugin's ADD waits for its pod's.
+        A full or read-only state dir fails the ADDs that wait (logged once), never the pass."""
+        try:
+            policy_ready.write_ready(self.cfg.state_dir, {p.host_ifname: p.ifindex for p in self.pods if p.ifindex in veths})
+        except OSError as e:
+            self._once("policy-ready", f"state dir: cannot write {policy_ready.ready_file(self.cfg.state_dir)} "
+                                       f"({e.strerror or e}); new pods wait for it in vain")
 
     def ensure_device(self, desired: DesiredState | None = None) -> None:
         """Create the device if it is missing and give it identity, port, address, MTU and link up.
@@ -561,7 +566,9 @@ class Agent:
             self.supervisor.spawn(name, fn)
         if self.reconciler.policy is not None:  # a CNI ADD wakes the loop (tunnels.policy_ready)
             self.supervisor.spawn("policy-wake", lambda: policy_ready.serve_wake(
-                self.cfg.state_dir, self._wake.set, self.stop_event))
+                self.cfg.state_dir, self._wake.set, self.stop_event,
+                lambda e: self._once("policy-wake", f"state dir: no wake socket for the CNI plugin "
+                                                    f"({e.strerror or e}); new pods wait for the next pass")))
 
     def shutdown(self, remove_record: bool = True) -> None:
         """Stop every loop; with `remove_record`, end the session so the record goes at once.

@@ -39,8 +39,11 @@ def write_ready(state_dir: Path, veths: Mapping[str, int]) -> None:
     path = ready_file(state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"veths": dict(sorted(veths.items()))}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"veths": dict(sorted(veths.items()))}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def clear_ready(state_dir: Path) -> None:
@@ -77,22 +80,32 @@ def wait_ready(state_dir: Path, host_ifname: str, ifindex: int, timeout: float =
     return is_ready(state_dir, host_ifname, ifindex)
 
 
-def serve_wake(state_dir: Path, wake: Callable[[], None], stop: threading.Event) -> None:
-    """The agent's thread: every datagram on wake.sock wakes its loop."""
+def serve_wake(state_dir: Path, wake: Callable[[], None], stop: threading.Event,
+               failed: Callable[[OSError], None] = lambda _e: None) -> None:
+    """The agent's thread: every datagram on wake.sock wakes its loop. A socket that cannot be
+    made (a full or read-only state dir) is tried again every few seconds (`failed` told)."""
     path = wake_socket(state_dir)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.bind(str(path))
-        s.settimeout(0.5)
-        while not stop.is_set():
+    while not stop.is_set():
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
-                s.recv(64)
-            except TimeoutError:
-                continue
+                s.bind(str(path))
             except OSError:
-                if stop.is_set():
-                    break
-                time.sleep(0.1)
-                continue
-            wake()
+                s.close()
+                raise
+        except OSError as e:
+            failed(e)
+            stop.wait(5.0)
+            continue
+        with s:
+            s.settimeout(0.5)
+            while not stop.is_set():
+                try:
+                    s.recv(64)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break  # (made again above)
+                wake()
