@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from itertools import groupby
 
-from wiremesh.clustermesh import DEFAULT_DENY, Decision, FlowEnd, Policy, Rule, peer_matches, policy_id
+from wiremesh.clustermesh import Decision, FlowEnd, Policy, Rule, peer_matches, policy_word, resolve
 
 Cand = tuple[int, int]  # (policy index in `chosen`, rule index in its direction)
 
@@ -62,20 +62,9 @@ class RuleIndex:
 
     def decide(self, cands: tuple[Cand, ...], protocol: str, port: int) -> Decision:
         """clustermesh.decide for a peer whose matching rules are `cands` (from `candidates`)."""
-        for _order, group in groupby(_by_policy(cands), key=lambda pc: self.chosen[pc[0]].order):
-            words: list[Decision] = []
-            for pi, rules in group:
-                for ri in rules:
-                    r = self.rules[(pi, ri)]
-                    if not r.ports or any(pr.matches(protocol, port) for pr in r.ports):
-                        words.append(Decision(r.action == "allow", policy_id(self.chosen[pi]), ri))
-                        break
-            denied = [w for w in words if not w.allowed]
-            if denied:
-                return denied[0]
-            if words:
-                return words[0]
-        return Decision(False, reason=DEFAULT_DENY)
+        return resolve([policy_word(self.chosen[pi], ((ri, self.rules[(pi, ri)]) for ri in ris), protocol, port)
+                        for pi, ris in group]
+                       for _order, group in groupby(_by_policy(cands), key=lambda pc: self.chosen[pc[0]].order))
 
 
 def _by_policy(cands: tuple[Cand, ...]) -> list[tuple[int, list[int]]]:

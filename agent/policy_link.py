@@ -91,15 +91,16 @@ class EndpointsPublisher:
 
     def __init__(self, cluster: str, node: str, writer: Writer, identity: NodeIdentity | None) -> None:
         self.cluster, self.node, self.writer, self.identity = cluster, node, writer, identity
-        self._written: str | None = None
+        self._written: tuple[EndpointEntry, ...] | None = None
 
-    def publish(self, pods: tuple[LocalEndpoint, ...] | Mapping[str, str]) -> None:
-        entries = tuple(EndpointEntry(p.ip, dict(p.labels)) for p in pods if isinstance(p, LocalEndpoint))
+    def publish(self, pods: tuple[LocalEndpoint, ...]) -> None:
+        """Called every pass: builds, signs and hands over a record only when the pods changed."""
+        entries = tuple(EndpointEntry(p.ip, dict(p.labels)) for p in pods)
+        if entries == self._written:
+            return
         rec = sign_endpoints(EndpointsRecord(self.node, self.cluster, entries), self.identity)
-        value = rec.to_json()
-        if value != self._written:
-            self.writer.put(layout.endpoints_key(self.cluster, self.node), value)
-            self._written = value
+        self.writer.put(layout.endpoints_key(self.cluster, self.node), rec.to_json())
+        self._written = entries
 
 
 class VerdictCollector:

@@ -60,7 +60,6 @@ class PolicyInputs:
 @dataclass(frozen=True, slots=True)
 class PolicyPlan:
     maps: PolicyMaps
-    identities: Mapping[int, tuple[str, frozenset[tuple[str, str]]]] = field(default_factory=dict)
     rule_names: Mapping[int, str] = field(default_factory=dict)  # rule id -> "cluster/policy ingress[i]"
     rule_verdicts: Mapping[int, str] = field(default_factory=dict)  # rule id -> "allow" | "deny"
     skipped: Mapping[str, str] = field(default_factory=dict)  # endpoint ip -> why it is not enforced
@@ -234,14 +233,7 @@ def plan_policy(inp: PolicyInputs) -> PolicyPlan:
                     for _dname, dnum, _chosen in selected for pnum in pm.PROTOCOLS.values()}
         endpoints[ep.ifindex] = (ep.ifindex, flags)
         rules.update(mine)
-    identities = {i: (k.split("\0")[0], frozenset(_pair(kv) for kv in k.split("\0")[1:] if kv))
-                  for k, i in ids.items() if not k.startswith(("cidr:", "unknown:"))}
-    return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), identities, rule_ids.names, rule_ids.verdicts, skipped)
-
-
-def _pair(kv: str) -> tuple[str, str]:
-    k, _, v = kv.partition("=")
-    return k, v
+    return PolicyPlan(PolicyMaps(ipcache, endpoints, rules), rule_ids.names, rule_ids.verdicts, skipped)
 
 
 def _proto_entries(ifindex: int, idx: RuleIndex, cands: Mapping[int, tuple[Cand, ...]], dnum: int, proto: str,

@@ -80,7 +80,7 @@ from .selector import BUILTIN_LABELS, Selector, SelectorError, check_labels
 from .policy import PeerMatch, Policy, PortRange, Rule, check_policy_name, parse_policy
 from .endpoints import EndpointEntry, EndpointsRecord, sign_endpoints
 from .policy_records import parse_policies
-from .verdict import DEFAULT_DENY, Decision, FlowEnd, FlowVerdict, decide, flow, peer_matches, policy_id, selecting
+from .verdict import DEFAULT_DENY, Decision, FlowEnd, FlowVerdict, decide, flow, peer_matches, policy_id, policy_word, resolve, selecting
 from .selector import parse as parse_selector
 from .services import (
     AFFINITIES,
@@ -104,6 +104,8 @@ __all__ = [
     "DEFAULT_DENY",
     "Decision",
     "peer_matches",
+    "policy_word",
+    "resolve",
     "EndpointEntry",
     "EndpointsRecord",
     "parse_policies",

@@ -27,7 +27,7 @@ import ipaddress
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from wiremesh.keys import Certificate, CertificateError, NodeIdentity, SigningKey, VerifyKey
 
@@ -78,44 +78,46 @@ def _operator_verify(trust: Trust, domain: bytes, doc: Any, signature: str, fiel
                 raise
 
 
-# --- service definitions -------------------------------------------------------------------------
+# --- operator-signed definitions: services, network policies ------------------------------------
+Signable = TypeVar("Signable", ServiceDef, Policy)
+_DOMAINS: dict[type, tuple[bytes, str]] = {ServiceDef: (SERVICE_DOMAIN, "service definitions"),
+                                           Policy: (POLICY_DOMAIN, "policies")}
+
+
+def _operator_sign(obj: Signable, key: SigningKey) -> Signable:
+    """`obj` signed by the operator's `key` (the signing key of the cluster it is stored in)."""
+    unsigned = replace(obj, signature="")
+    return replace(unsigned, signature=key.sign(_DOMAINS[type(obj)][0], json.loads(unsigned.to_json())))
+
+
+def _operator_check(trust: Trust, raw: bytes | str, obj: ServiceDef | Policy, key: str | None) -> None:
+    """Raise InvalidRecord("signature") unless the cluster's signing key signed `obj` (as `raw`)."""
+    domain, what = _DOMAINS[type(obj)]
+    if not obj.signature:
+        raise InvalidRecord("signature", f"missing: cluster {trust.cluster!r} requires {what} signed by its "
+                                         "operator", key)
+    doc = json.loads(raw)  # parsed before by from_json: a JSON object within the size limit
+    doc.pop("signature", None)
+    try:
+        _operator_verify(trust, domain, doc, obj.signature, "signature", key)
+    except CertificateError as e:
+        raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
+
+
 def sign_service(svc: ServiceDef, key: SigningKey) -> ServiceDef:
-    """`svc` signed by the operator's `key` (the cluster's signing key)."""
-    unsigned = replace(svc, signature="")
-    return replace(unsigned, signature=key.sign(SERVICE_DOMAIN, json.loads(unsigned.to_json())))
+    return _operator_sign(svc, key)
 
 
 def verify_service(trust: Trust, raw: bytes | str, svc: ServiceDef, key: str | None = None) -> None:
-    """Raise InvalidRecord("signature") unless the cluster's signing key signed this definition."""
-    if not svc.signature:
-        raise InvalidRecord("signature", f"missing: cluster {trust.cluster!r} requires service definitions "
-                                         "signed by its operator", key)
-    doc = json.loads(raw)  # parsed before by ServiceDef.from_json: a JSON object within the size limit
-    doc.pop("signature", None)
-    try:
-        _operator_verify(trust, SERVICE_DOMAIN, doc, svc.signature, "signature", key)
-    except CertificateError as e:
-        raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
+    _operator_check(trust, raw, svc, key)
 
 
-# --- network policies ---------------------------------------------------------------------------
 def sign_policy(policy: Policy, key: SigningKey) -> Policy:
-    """`policy` signed by the operator's `key` (the signing key of the cluster it is stored in)."""
-    unsigned = replace(policy, signature="")
-    return replace(unsigned, signature=key.sign(POLICY_DOMAIN, json.loads(unsigned.to_json())))
+    return _operator_sign(policy, key)
 
 
 def verify_policy(trust: Trust, raw: bytes | str, policy: Policy, key: str | None = None) -> None:
-    """Raise InvalidRecord("signature") unless the cluster's signing key signed this policy."""
-    if not policy.signature:
-        raise InvalidRecord("signature", f"missing: cluster {trust.cluster!r} requires policies signed by "
-                                         "its operator", key)
-    doc = json.loads(raw)
-    doc.pop("signature", None)
-    try:
-        _operator_verify(trust, POLICY_DOMAIN, doc, policy.signature, "signature", key)
-    except CertificateError as e:
-        raise InvalidRecord("signature", _forged(e, "the cluster's signing key"), key) from None
+    _operator_check(trust, raw, policy, key)
 
 
 # --- rotation requests and progress -------------------------------------------------------------

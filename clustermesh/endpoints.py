@@ -14,7 +14,6 @@ a policy selects), never labelled by whoever could write the key. Pure: no Consu
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -140,6 +139,3 @@ def parse_endpoints(items: Mapping[str, bytes], cluster: str, prefix: str, nodes
         out[name] = rec
     return out, refused
 
-
-def endpoints_json(rec: EndpointsRecord) -> dict[str, Any]:
-    return json.loads(rec.to_json())  # type: ignore[no-any-return]

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
-from .policy import PeerMatch, Policy
+from .policy import PeerMatch, Policy, Rule
 
 NO_POLICY = "no policy selects it"
 DEFAULT_DENY = "default deny: selected, and no rule allows it"
@@ -98,18 +98,30 @@ def decide(policies: Iterable[Policy], ep: FlowEnd, peer: FlowEnd, direction: st
     chosen = selecting(policies, ep, direction)
     if not chosen:
         return Decision(True, reason=NO_POLICY)
-    for _order, group in groupby(chosen, key=lambda p: p.order):
-        words: list[Decision] = []
-        for p in group:
-            for i, r in enumerate(p.rules(direction)):
-                if peer_matches(r.peer, peer) and (not r.ports or any(pr.matches(protocol, port) for pr in r.ports)):
-                    words.append(Decision(r.action == "allow", policy_id(p), i))
-                    break
-        denied = [w for w in words if not w.allowed]
+    return resolve([policy_word(p, ((i, r) for i, r in enumerate(p.rules(direction)) if peer_matches(r.peer, peer)),
+                                protocol, port) for p in group]
+                   for _order, group in groupby(chosen, key=lambda p: p.order))
+
+
+def policy_word(p: Policy, rules: Iterable[tuple[int, Rule]], protocol: str, port: int) -> Decision | None:
+    """A policy's word on a flow: the first of `rules` (index, rule; their peer matches) whose
+    ports match it; None when none does."""
+    for i, r in rules:
+        if not r.ports or any(pr.matches(protocol, port) for pr in r.ports):
+            return Decision(r.action == "allow", policy_id(p), i)
+    return None
+
+
+def resolve(orders: Iterable[Iterable[Decision | None]]) -> Decision:
+    """The verdict from the selecting policies' words, one group per order, lowest first: in the
+    first group with a word a deny wins, else an allow; no word at all is the default deny."""
+    for words in orders:
+        said = [w for w in words if w is not None]
+        denied = [w for w in said if not w.allowed]
         if denied:
             return denied[0]
-        if words:
-            return words[0]
+        if said:
+            return said[0]
     return Decision(False, reason=DEFAULT_DENY)
 
 

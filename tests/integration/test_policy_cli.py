@@ -21,17 +21,7 @@ from .test_store import MASTER, Consul
 WIREMESH = Path(sys.executable).with_name("wiremesh")
 HOME: dict[str, str] = {}  # the commands' $HOME (no operator signing key of the user's own is found)
 
-API_POLICY = """
-name: api-from-frontend
-selector: app == "api"
-order: 100
-ingress:
-  - action: allow
-    from: {selector: app == "frontend"}
-    ports: [{port: 8080, protocol: tcp}]
-  - action: deny
-egress: []
-"""
+POLICY_FILE = Path(__file__).resolve().parents[2] / "lab" / "policies" / "api-from-frontend.yaml"  # (the README's)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +50,8 @@ def west(consul: Consul) -> str:
     return "west"
 
 
-def test_apply_list_check_delete(consul: Consul, west: str, tmp_path: Path) -> None:
-    f = tmp_path / "api.yaml"
-    f.write_text(API_POLICY)
+def test_apply_list_check_delete(consul: Consul, west: str) -> None:
+    f = POLICY_FILE
     p = run(consul, "-o", "json", "policy", "apply", "-f", str(f), "--cluster", west)
     assert p.returncode == 0, p.stderr
     assert [r["result"] for r in json.loads(p.stdout)["policies"]] == ["created"]

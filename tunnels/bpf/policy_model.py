@@ -31,7 +31,6 @@ RULE_KEY = struct.Struct("=IIBBH")  # endpoint, identity, proto, dir, pad
 INTERVAL = struct.Struct("=HHB3xI")  # lo, hi, action, rule id
 RULE_HEAD = struct.Struct("=BBHI")  # count, default action, pad, default rule id
 RULE_VALUE_SIZE = RULE_HEAD.size + MAX_INTERVALS * INTERVAL.size
-COUNT_KEY = struct.Struct("=I")
 
 
 @dataclass(frozen=True, slots=True, order=True)
