@@ -14,12 +14,12 @@ initiation shows on the locked entry 9-13 ms after the switch; 0 of 3 000 pings 
 
 The watch is a thread (`run`) that wakes the loop when a staged entry was used. It reads the
 device every POLL_S only while a switch may be happening: from LEAD_MS before a committed
-switch time until the switch is seen (TAIL_MS after it at most), or while Consul is away from this agent and a
-node it staged may have committed unseen; otherwise every SLOW_POLL_S (a safety net). Read
-all the time, 30 agents of a 30-node lab with five nodes staged at once spent most of two cores
-on it. At start-up, and whenever a new next key is announced, `proven` reads the device once
-itself: a peer whose agent restarted after taking a key keeps it (the device has a handshake on
-it) instead of locking it again.
+switch time until the switch is seen (TAIL_MS after it at most), or while Consul is away from
+this agent and a node it staged may have committed unseen; otherwise every SLOW_POLL_S (a
+commit seen late). Read every POLL_S all the time, 30 agents of a 30-node lab with five nodes
+staged at once spent most of two cores on it. At start-up, and whenever a new next key is
+announced, `proven` reads the device once itself: a peer whose agent restarted after taking a
+key keeps it (the device has a handshake on it) instead of locking it again.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ from wiremesh.tunnels import PeerConfig, PeerStatus, TunnelError, WireGuardDevic
 log = logging.getLogger("wiremesh.rotation")
 
 POLL_S = 0.02  # how often the device is read while a switch may be happening (N's queue: 128 packets)
-SLOW_POLL_S = 1.0  # otherwise, while staged entries exist
+# Otherwise, while staged entries exist. A peer said it is ready: the node may commit at once,
+# and a commit this agent sees late (a slow Consul answer, a long pass) would leave the node's
+# switch unseen until the next read: at 1 s, 87 pings lost at 100/s in the 30-node bench
+# (the proof came 1.5 s after the switch; the node queues 128 packets). At 0.25 s, a device
+# read is 4/s per agent per rotation under way, not 50/s.
+SLOW_POLL_S = 0.25
 LEAD_MS = 200  # a committed switch time's window opens this long before it (clock skew, a late pass)
 # It closes when the node's switch is proven, at the latest this long after the switch time: a
 # node switches late when its host is starved (its commit's write slow, a UAPI call that hung):

@@ -148,7 +148,8 @@ def test_the_watch_wakes_the_loop_when_a_staged_entry_is_used() -> None:
 
 def test_the_device_is_read_often_only_while_a_switch_may_be_happening() -> None:
     keys = {"committed-soon": 100_000, "committed-long-ago": 1_000, "uncommitted": 0}
-    assert hot(keys, 99_000, consul_up=True) == (set(), (100_000 - LEAD_MS - 99_000) / 1000)
+    assert hot(keys, 99_000, consul_up=True) == (set(), min(SLOW_POLL_S, (100_000 - LEAD_MS - 99_000) / 1000))
+    assert hot(keys, 100_000 - LEAD_MS - 100, consul_up=True) == (set(), 0.1)  # (the window opens then)
     assert hot(keys, 100_000 - LEAD_MS, consul_up=True)[0] == {"committed-soon"}
     assert hot(keys, 100_000 + 2_000, consul_up=True)[0] == {"committed-soon"}  # (a late switch)
     assert hot(keys, 100_000 + 6_000, consul_up=True)[0] == {"committed-soon"}  # (a starved host's: 5.6 s seen)
@@ -203,3 +204,12 @@ def test_switches_unseen_are_the_committed_next_keys_not_proven(make_node: MakeN
     # n4's key proven since the last pass: this pass takes it, no handshake can be on it yet
     assert unseen_switches("lab", "n1", nodes, fed, frozenset({OTHER.base64}), (), {OTHER.base64}) == \
         {"lab/n3": 1000, "lab/n4": 1100, "west/r1": 1000}
+
+
+def test_a_proven_switch_postpones_the_periodic_full_pass_not_an_asked_one() -> None:
+    from wiremesh.agent.daemon import full_pass_now
+
+    assert full_pass_now(asked=False, due=True, proof_waiting=False)
+    assert not full_pass_now(asked=False, due=True, proof_waiting=True)  # the quick pass first
+    assert full_pass_now(asked=True, due=False, proof_waiting=True)  # SIGHUP, a new port: as asked
+    assert not full_pass_now(asked=False, due=False, proof_waiting=False)
