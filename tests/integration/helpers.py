@@ -241,3 +241,26 @@ def tunnel_diagnosis(lab: Lab, a: str, b: str, lines: int = 15) -> str:
         tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
         out += [f"--- {n}: wg show wm0", wg.stdout.strip() or wg.stderr.strip(), f"--- {n}: agent.log", *tail]
     return "\n".join(out)
+
+
+def agent_log_near(lab: Lab, nodes: list[str], t: float, before: float = 1.0, after: float = 0.5,
+                   most: int = 15) -> str:
+    """Each node's agent.log lines from `before` s before unix time `t` to `after` s after it (at
+    most `most` each): what the agents did around a ping gap, for a failure's message (CI shows
+    only that)."""
+    import datetime
+
+    out = []
+    for n in nodes:
+        log = Path(lab.node(n).dir) / "agent.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        near = []
+        for line in lines:
+            try:
+                at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if t - before <= at <= t + after:
+                near.append(line[:240])
+        out += [f"--- {n}: agent.log {before:.1f} s before to {after:.1f} s after the gap", *near[:most]]
+    return "\n".join(out)

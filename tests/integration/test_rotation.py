@@ -35,6 +35,7 @@ from wiremesh.lab.topology import load_topology
 
 from .conftest import new_lab_name
 from .helpers import (
+    agent_log_near,
     IPERF_PORT,
     FastPinger,
     keep_agent_logs,
@@ -626,7 +627,7 @@ def test_consul_outage_during_a_rotation(rot: Lab, phase: str, tmp_path: Path,
     old = record_key(lab, node)
     epoch = node_record(lab, node).key_epoch  # type: ignore[union-attr]
     watchers = ["east-node3", "west-node1"]
-    tun_before = tun_queue_drops(lab)
+    tun_before, udp_before = tun_queue_drops(lab), udp_rcvbuf_errors(lab)
     pingers = [FastPinger(lab, p, lab.overlay_ip(node), tmp_path / f"outage-{p}.txt") for p in watchers]
     states: list[str] = []
     marks: dict[str, int] = {}
@@ -670,6 +671,7 @@ def test_consul_outage_during_a_rotation(rot: Lab, phase: str, tmp_path: Path,
         lab.start_consul(cluster_of(lab, node))
         results = [p.stop() for p in pingers]
         tun_drops = {n: v - tun_before[n] for n, v in tun_queue_drops(lab).items()}
+        udp_drops = {n: v - udp_before[n] for n, v in udp_rcvbuf_errors(lab).items()}
     end = rotation(lab, node)
     assert end is not None
     counted(f"Consul outage while {phase}: the node during the outage went {' -> '.join(dict.fromkeys(states))}; "
@@ -688,5 +690,7 @@ def test_consul_outage_during_a_rotation(rot: Lab, phase: str, tmp_path: Path,
                 f"of {sent} packets{' (' + describe_gaps(gaps, marks) + ')' if gaps else ''}")
         if lost:
             lost_any.append(f"{p} -> {node}: lost {lost} of {sent}: {describe_gaps(gaps, marks)}")
+            if gaps and gaps[0][2]:
+                lost_any.append(agent_log_near(lab, [p, node], gaps[0][2]))
     assert not lost_any, (f"{phase}: " + "; ".join(lost_any) + f"; states: {' -> '.join(dict.fromkeys(states))}"
-                          f"; wm0 transmit-queue drops per node: {tun_drops}")
+                          f"; wm0 transmit-queue drops per node: {tun_drops}; UDP receive-buffer drops: {udp_drops}")
