@@ -314,6 +314,9 @@ class Agent:
         delay = 0.2
         prefix = layout.cluster_prefix(self.cfg.cluster)
         cache = ParseCache()  # records are parsed again only when their ModifyIndex changed
+        # The policies last in force stand in for records refused at start (agent.trust).
+        cache.policies = self.trust.load_policies()
+        kept_policies = dict(cache.policies)
         last_config = self.config  # the watch's own: as of its last snapshot (the loop owns self.config)
         anchor, seen = self.anchor, self.trust.load_seen()
         saved = True
@@ -334,6 +337,8 @@ class Agent:
                     if snap.seen != seen:
                         seen = dict(snap.seen)
                         self.trust.save_seen(seen)
+                    if snap.policies != kept_policies and self.trust.save_policies(snap.policies):
+                        kept_policies = dict(snap.policies)
                     if not self._consul_ok:
                         log.info("Consul watch is up (index %d, %d nodes)", snap.index, len(snap.nodes))
                         if self._first_sync:  # back after an outage: records may be re-registering

@@ -1,5 +1,5 @@
 """What this agent trusts and remembers, across restarts: its cluster's signing key (the anchor)
-and the newest record it accepted of each node.
+and the newest record it accepted of each node, and the last good version of each network policy.
 
 The anchor is pinned by the node's own config (`cluster_signing_key`, or `cluster_key_file`:
 by default cluster.pub beside key_file, which `wiremesh node enroll` writes). A node enrolled
@@ -9,7 +9,12 @@ other key can have). The anchor moves on from the pinned key only through a sign
 accepted. state_dir/nodes-seen.json remembers each node's newest accepted key and epoch
 (clustermesh.claims), so an old record written back is refused after a restart too.
 
-Both files are small, written atomically (agent.nodestate.write_state_file) and only read back
+state_dir/policies-good.json keeps every policy record in force, as last accepted: a record
+made invalid while the agent was down must not open what its last good version closed (the
+snapshot's parser stands it in for a refused value, clustermesh.policy_records); a policy
+deleted from Consul goes from it with the first snapshot.
+
+These files are small, written atomically (agent.nodestate.write_state_file) and only read back
 by this agent: an unreadable one is logged and ignored (the agent then starts from its pin).
 """
 
@@ -20,7 +25,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from wiremesh.clustermesh import Anchor, ClusterConfig, InvalidRecord, Seen, resolve_anchor
+from wiremesh.clustermesh import Anchor, ClusterConfig, InvalidRecord, Policy, Seen, resolve_anchor
 from wiremesh.errors import WiremeshError
 from wiremesh.keys import CERT_DOMAIN, KeyMaterialError, NodeIdentity, VerifyKey
 
@@ -31,6 +36,7 @@ from .nodestate import write_state_file
 log = logging.getLogger("wiremesh.agent")
 ANCHOR_FILE = "anchor.json"
 SEEN_FILE = "nodes-seen.json"
+POLICIES_FILE = "policies-good.json"
 MAX_PIN_BYTES = 256
 
 
@@ -74,6 +80,7 @@ class TrustState:
     def __init__(self, state_dir: Path, cluster: str) -> None:
         self.anchor_file = state_dir / ANCHOR_FILE
         self.seen_file = state_dir / SEEN_FILE
+        self.policies_file = state_dir / POLICIES_FILE
         self.cluster = cluster
 
     def _read(self, path: Path) -> dict[str, object] | None:
@@ -115,6 +122,24 @@ class TrustState:
     def save_seen(self, seen: Mapping[str, Seen]) -> bool:
         doc = {"cluster": self.cluster, "nodes": {n: s.to_dict() for n, s in sorted(seen.items())}}
         return write_state_file(self.seen_file, json.dumps(doc, separators=(",", ":")) + "\n")
+
+    def load_policies(self) -> dict[str, Policy]:
+        """The policies last in force (record key -> policy); one that no longer parses is dropped."""
+        d = self._read(self.policies_file)
+        if d is None or d.get("cluster") != self.cluster or not isinstance(d.get("policies"), dict):
+            return {}
+        out: dict[str, Policy] = {}
+        docs: dict[str, object] = d["policies"]  # type: ignore[assignment]
+        for key, doc in docs.items():
+            try:
+                out[str(key)] = Policy.from_json(json.dumps(doc), str(key))
+            except InvalidRecord as e:
+                log.warning("state dir: %s: %s; dropped", self.policies_file, e)
+        return out
+
+    def save_policies(self, policies: Mapping[str, Policy]) -> bool:
+        doc = {"cluster": self.cluster, "policies": {k: json.loads(p.to_json()) for k, p in sorted(policies.items())}}
+        return write_state_file(self.policies_file, json.dumps(doc, separators=(",", ":")) + "\n")
 
 
 def pin_anchor(trust: TrustState, pin: str | None, identity: NodeIdentity | None,

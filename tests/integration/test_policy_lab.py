@@ -171,6 +171,33 @@ def test_enforcement_never_pauses_while_the_agent_is_killed_and_restarted(lab: L
     wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
 
 
+def test_a_record_spoilt_while_the_agent_is_down_never_opens_anything(lab: Lab) -> None:
+    """The policy in force is kept in the agent's state dir: a record made invalid while the
+    agent was stopped is refused at its start, and the kept version goes on enforcing (before,
+    the agent started with no last good version and the policy's endpoints were open)."""
+    key = put_policy(lab, "west", ISSUE_POLICY)
+    try:
+        wait_until(lambda: matrix(lab) == ENFORCED, 30, interval=0.2, what="only fe -> api:8080 to pass")
+        kept = Path(lab.node("west-node1").dir) / "policies-good.json"
+        wait_until(lambda: kept.exists() and key in kept.read_text(), 10, interval=0.1, what=f"{kept} to hold {key}")
+        lab.stop_agent("west-node1")
+        bad = {**ISSUE_POLICY, "cluster": "west", "ingress": [{"action": "allow-everyone"}]}
+        lab.consul(lambda s: s.put(key, json.dumps(bad).encode()), "west")
+        started = time.time()
+        lab.start_agent("west-node1")
+        node_dir = Path(lab.node("west-node1").dir)
+        log, ready = node_dir / "agent.log", node_dir / "policy" / "ready.json"
+        wait_until(lambda: "ingress[0].action" in log.read_text(errors="replace"), 30, interval=0.2,
+                   what="the refused record to be logged")
+        # the maps synced by the restarted agent (it writes which veths are under policy then)
+        wait_until(lambda: ready.exists() and ready.stat().st_mtime >= started, 40, interval=0.2,
+                   what="the restarted agent to sync its policy maps")
+        assert matrix(lab) == ENFORCED
+    finally:
+        lab.consul(lambda s: s.delete(key), "west")
+    wait_until(lambda: matrix(lab) == OPEN, 30, interval=0.2, what="both to pass again once deleted")
+
+
 POD_LOOP = 20  # (the issue says 50; 20 keeps the suite's time on a busy 2-core machine)
 
 
