@@ -118,13 +118,15 @@ class StoppedEarly(AgentError):
     """SIGTERM arrived while the agent was still waiting for Consul: a clean exit."""
 
 
-def full_pass_now(asked: bool, due: bool, proof_waiting: bool) -> bool:
+def full_pass_now(asked: bool, due: bool, proof_waiting: bool, postponed: bool = False) -> bool:
     """Whether the pass about to run is a full one: `asked` (SIGHUP, a new listen port, a failed
     full pass's retry) or the periodic resync `due`, unless a peer's switch was just proven
     (`proof_waiting`): the pass that takes its key must be quick, the node queues only 128
     packets for this one, and a full resync re-reads the device and every route (2.6 s seen at
-    30 nodes under load, 87 pings lost). The resync then comes with the next pass."""
-    return asked or (due and not proof_waiting)
+    30 nodes under load, 87 pings lost). The resync then comes with the next pass: it is put
+    off once only (`postponed`: the last pass was put off), so passes that keep failing before
+    they take the proof never hold off the resync that may repair them."""
+    return asked or (due and (postponed or not proof_waiting))
 
 
 class Agent:
@@ -491,6 +493,7 @@ class Agent:
 
     def _reconcile_loop(self) -> None:
         next_full = time.monotonic() + self.cfg.resync_interval
+        postponed = False  # the last pass was to be a full one and was not (full_pass_now)
         while not self.stop_event.is_set():
             # Sleep until something happens: a snapshot, a federation change, SIGHUP, stop, the
             # earliest retry of an object that failed, or the next full pass.
@@ -514,7 +517,9 @@ class Agent:
             self._wake.clear()
             if self.stop_event.is_set():
                 return
-            full = full_pass_now(self._full_pass.is_set(), time.monotonic() >= next_full, self.proofs.news())
+            due = time.monotonic() >= next_full
+            full = full_pass_now(self._full_pass.is_set(), due, self.proofs.news(), postponed)
+            postponed = due and not full
             self._full_pass.clear()
             if not self.reconcile_once(full=full) and full:
                 self._full_pass.set()  # the retry is a full pass too

@@ -37,8 +37,8 @@ POLL_S = 0.02  # how often the device is read while a switch may be happening (N
 # Otherwise, while staged entries exist. A peer said it is ready: the node may commit at once,
 # and a commit this agent sees late (a slow Consul answer, a long pass) would leave the node's
 # switch unseen until the next read: at 1 s, 87 pings lost at 100/s in the 30-node bench
-# (the proof came 1.5 s after the switch; the node queues 128 packets). At 0.25 s, a device
-# read is 4/s per agent per rotation under way, not 50/s.
+# (the proof came 1.5 s after the switch; the node queues 128 packets). At 0.25 s, each agent
+# reads its device 4 times a second while staged keys wait, not 50.
 SLOW_POLL_S = 0.25
 LEAD_MS = 200  # a committed switch time's window opens this long before it (clock skew, a late pass)
 # It closes when the node's switch is proven, at the latest this long after the switch time: a

@@ -9,10 +9,11 @@ other key can have). The anchor moves on from the pinned key only through a sign
 accepted. state_dir/nodes-seen.json remembers each node's newest accepted key and epoch
 (clustermesh.claims), so an old record written back is refused after a restart too.
 
-state_dir/policies-good.json keeps every policy record in force, as last accepted: a record
-made invalid while the agent was down must not open what its last good version closed (the
+state_dir/policies-good.json keeps every policy as last accepted from Consul: a record made
+invalid while the agent was down must not open what its last good version closed (the
 snapshot's parser stands it in for a refused value, clustermesh.policy_records); a policy
-deleted from Consul goes from it with the first snapshot.
+deleted from Consul goes from it with the first snapshot. It protects what this agent saw and
+saved before it stopped (a state dir that took the write).
 
 These files are small, written atomically (agent.nodestate.write_state_file) and only read back
 by this agent: an unreadable one is logged and ignored (the agent then starts from its pin).
@@ -25,7 +26,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from wiremesh.clustermesh import Anchor, ClusterConfig, InvalidRecord, Policy, Seen, resolve_anchor
+from wiremesh.clustermesh import Anchor, ClusterConfig, InvalidRecord, Policy, Seen, parse_policy, resolve_anchor
 from wiremesh.errors import WiremeshError
 from wiremesh.keys import CERT_DOMAIN, KeyMaterialError, NodeIdentity, VerifyKey
 
@@ -131,14 +132,16 @@ class TrustState:
         out: dict[str, Policy] = {}
         docs: dict[str, object] = d["policies"]  # type: ignore[assignment]
         for key, doc in docs.items():
-            try:
-                out[str(key)] = Policy.from_json(json.dumps(doc), str(key))
+            try:  # (as a document: a record near the size limit must not be dropped for it here)
+                out[str(key)] = parse_policy(doc, str(key))
             except InvalidRecord as e:
                 log.warning("state dir: %s: %s; dropped", self.policies_file, e)
         return out
 
     def save_policies(self, policies: Mapping[str, Policy]) -> bool:
-        doc = {"cluster": self.cluster, "policies": {k: json.loads(p.to_json()) for k, p in sorted(policies.items())}}
+        docs = {k: {**p.as_dict(), **({"signature": p.signature} if p.signature else {})}
+                for k, p in sorted(policies.items())}
+        doc = {"cluster": self.cluster, "policies": docs}
         return write_state_file(self.policies_file, json.dumps(doc, separators=(",", ":")) + "\n")
 
 

@@ -244,10 +244,10 @@ def tunnel_diagnosis(lab: Lab, a: str, b: str, lines: int = 15) -> str:
 
 
 def agent_log_near(lab: Lab, nodes: list[str], t: float, before: float = 1.0, after: float = 0.5,
-                   most: int = 15) -> str:
-    """Each node's agent.log lines from `before` s before unix time `t` to `after` s after it (at
-    most `most` each): what the agents did around a ping gap, for a failure's message (CI shows
-    only that)."""
+                   most: int = 25) -> str:
+    """Each node's agent.log lines from `before` s before unix time `t` to `after` s after it (the
+    `most` nearest `t` each): what the agents did around a ping gap, for a failure's message (CI
+    shows only that)."""
     import datetime
 
     out = []
@@ -261,6 +261,7 @@ def agent_log_near(lab: Lab, nodes: list[str], t: float, before: float = 1.0, af
             except ValueError:
                 continue
             if t - before <= at <= t + after:
-                near.append(line[:240])
-        out += [f"--- {n}: agent.log {before:.1f} s before to {after:.1f} s after the gap", *near[:most]]
+                near.append((abs(at - t), len(near), line[:240]))
+        kept = sorted(sorted(near)[:most], key=lambda x: x[1])
+        out += [f"--- {n}: agent.log {before:.1f} s before to {after:.1f} s after the gap", *(x[2] for x in kept)]
     return "\n".join(out)

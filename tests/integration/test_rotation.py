@@ -688,6 +688,7 @@ def test_consul_outage_during_a_rotation(rot: Lab, phase: str, tmp_path: Path,
         if lost:
             lost_any.append(f"{p} -> {node}: lost {lost} of {sent}: {describe_gaps(gaps, marks)}")
             if gaps and gaps[0][2]:
-                lost_any.append(agent_log_near(lab, [p, node], gaps[0][2]))
+                a, b = gaps[0][2], gaps[0][3]
+                lost_any.append(agent_log_near(lab, [p, node], a, after=(b - a if b else 0) + 0.5))
     assert not lost_any, (f"{phase}: " + "; ".join(lost_any) + f"; states: {' -> '.join(dict.fromkeys(states))}"
                           f"; wm0 transmit-queue drops per node: {tun_drops}; UDP receive-buffer drops: {udp_drops}")

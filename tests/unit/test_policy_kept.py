@@ -45,3 +45,15 @@ def test_an_unreadable_or_foreign_file_keeps_nothing(tmp_path: Path) -> None:
     assert trust.load_policies() == {}
     trust.policies_file.write_text(json.dumps({"cluster": C, "policies": {KEY: {"name": 5}}}))
     assert trust.load_policies() == {}  # (the one entry does not parse: dropped, logged)
+
+
+def test_a_policy_near_the_record_limit_is_kept_too(tmp_path: Path) -> None:
+    """Kept as a document, not a record: the record size limit (16 KiB, checked on what Consul
+    holds; the policy written back with its defaults can be longer) never drops a policy that was
+    accepted."""
+    rules = [{"action": "allow", "from": {"cidrs": [f"10.{i}.{j}.0/24" for j in range(60)]}} for i in range(24)]
+    p = parse_policy({**DOC, "ingress": rules}, KEY)
+    trust = TrustState(tmp_path, C)
+    assert trust.save_policies({KEY: p})
+    assert trust.policies_file.stat().st_size > 16 * 1024
+    assert TrustState(tmp_path, C).load_policies() == {KEY: p}

@@ -213,3 +213,5 @@ def test_a_proven_switch_postpones_the_periodic_full_pass_not_an_asked_one() -> 
     assert not full_pass_now(asked=False, due=True, proof_waiting=True)  # the quick pass first
     assert full_pass_now(asked=True, due=False, proof_waiting=True)  # SIGHUP, a new port: as asked
     assert not full_pass_now(asked=False, due=False, proof_waiting=False)
+    # put off once only: the pass after one put off is full, proof or not
+    assert full_pass_now(asked=False, due=True, proof_waiting=True, postponed=True)
