@@ -107,13 +107,19 @@ class TrustState:
     def save_anchor(self, anchor: Anchor) -> bool:
         return write_state_file(self.anchor_file, json.dumps(anchor.to_dict(), indent=1, sort_keys=True) + "\n")
 
-    def load_seen(self) -> dict[str, Seen]:
-        d = self._read(self.seen_file)
-        if d is None or d.get("cluster") != self.cluster or not isinstance(d.get("nodes"), dict):
+    def _entries(self, path: Path, field: str) -> dict[str, object]:
+        """`field` of a {"cluster": ..., field: {...}} file of this cluster ({} if not that)."""
+        d = self._read(path)
+        if d is None or d.get("cluster") != self.cluster or not isinstance(d.get(field), dict):
             return {}
+        return d[field]  # type: ignore[return-value]
+
+    def _write_entries(self, path: Path, field: str, entries: Mapping[str, object]) -> bool:
+        return write_state_file(path, json.dumps({"cluster": self.cluster, field: entries}, separators=(",", ":")) + "\n")
+
+    def load_seen(self) -> dict[str, Seen]:
         seen: dict[str, Seen] = {}
-        nodes: dict[str, object] = d["nodes"]  # type: ignore[assignment]
-        for name, v in nodes.items():
+        for name, v in self._entries(self.seen_file, "nodes").items():
             try:
                 seen[str(name)] = Seen.from_dict(v)
             except ValueError:
@@ -121,17 +127,12 @@ class TrustState:
         return seen
 
     def save_seen(self, seen: Mapping[str, Seen]) -> bool:
-        doc = {"cluster": self.cluster, "nodes": {n: s.to_dict() for n, s in sorted(seen.items())}}
-        return write_state_file(self.seen_file, json.dumps(doc, separators=(",", ":")) + "\n")
+        return self._write_entries(self.seen_file, "nodes", {n: s.to_dict() for n, s in sorted(seen.items())})
 
     def load_policies(self) -> dict[str, Policy]:
         """The policies last in force (record key -> policy); one that no longer parses is dropped."""
-        d = self._read(self.policies_file)
-        if d is None or d.get("cluster") != self.cluster or not isinstance(d.get("policies"), dict):
-            return {}
         out: dict[str, Policy] = {}
-        docs: dict[str, object] = d["policies"]  # type: ignore[assignment]
-        for key, doc in docs.items():
+        for key, doc in self._entries(self.policies_file, "policies").items():
             try:  # (as a document: a record near the size limit must not be dropped for it here)
                 out[str(key)] = parse_policy(doc, str(key))
             except InvalidRecord as e:
@@ -139,10 +140,8 @@ class TrustState:
         return out
 
     def save_policies(self, policies: Mapping[str, Policy]) -> bool:
-        docs = {k: {**p.as_dict(), **({"signature": p.signature} if p.signature else {})}
-                for k, p in sorted(policies.items())}
-        doc = {"cluster": self.cluster, "policies": docs}
-        return write_state_file(self.policies_file, json.dumps(doc, separators=(",", ":")) + "\n")
+        return self._write_entries(self.policies_file, "policies", {
+            k: {**p.as_dict(), **({"signature": p.signature} if p.signature else {})} for k, p in sorted(policies.items())})
 
 
 def pin_anchor(trust: TrustState, pin: str | None, identity: NodeIdentity | None,

@@ -270,17 +270,19 @@ def delay_consul(lab: Lab, node: str, stack: ExitStack) -> str:
 
 
 # --parallel 2 (beyond the issue's acceptance, which rotates one node at a time): two neighbours
-# rotating at once. xfail since issue 10 (a handshake after one took the other's new key waited
-# for wireguard-go's 5 s retry; mended by the switch that waits for the neighbour's handshake,
-# agent.passes.unseen_switches). It then passed in about ten runs, and the marker was dropped;
-# the next run under a CPU hog lost 4 pings in 12 ms, 27.6 s after the last switch (no UDP or
-# tun queue drop counted): a short blip far from any switch, like the 6 pings lost at Consul's
-# return in the outage test (stop 23's CI). Not explained yet: reported, not hidden.
-_PARALLEL_FLAKE = pytest.mark.xfail(strict=False, reason="short ping blips (4 packets in 12 ms) far from any switch, "
-                                    "seen once under a CPU hog; not explained yet (issue 17 notes)")
+# rotating at once. It once lost 4 pings in 12 ms, 27.6 s after the last switch, under a CPU hog
+# (no UDP or tun queue drop counted): a short blip far from any switch, like the 6 pings lost at
+# Consul's return in the outage test (stop 23's CI). Not explained yet, so such a blip alone (every
+# gap at most BLIP_S, at most BLIP_PACKETS lost) marks the case xfail once everything else in it
+# held; a longer hole (the 5 s retry of issue 10) or any other failure fails it.
+BLIP_S, BLIP_PACKETS = 0.1, 20
 
 
-@pytest.mark.parametrize("how", ["one at a time", pytest.param("parallel 2", marks=_PARALLEL_FLAKE), "consul delay"])
+def _blip(lost: int, gaps: list[Gap]) -> bool:
+    return 0 < lost <= BLIP_PACKETS and all(t and t_after and t_after - t <= BLIP_S for _a, _b, t, t_after in gaps)
+
+
+@pytest.mark.parametrize("how", ["one at a time", "parallel 2", "consul delay"])
 def test_rotate_all_under_traffic(rot: Lab, how: str, tmp_path: Path, counted: Callable[[str, float, str], None],
                                   timing: Callable[[str, float], None]) -> None:
     lab = rot
@@ -334,14 +336,15 @@ def test_rotate_all_under_traffic(rot: Lab, how: str, tmp_path: Path, counted: C
         for r in res:
             assert r["state"] == "done" and not r["error"], f"{how}: {r}"
             counted(f"{how}: {r['node']} rotation (record: requested to done)", r["seconds"] * 1000, "ms")
-    failures = []
+    failures, blips = [], []
     switches = {f"{n}'s switch": r.switch_at for n in nodes if (r := rotation(lab, n)) is not None}
     for (a, b), (sent, lost, gaps) in results.items():
         rate = sent / (pingers[(a, b)].stopped - pingers[(a, b)].started)
         counted(f"{how}: ping {a} -> {b} (ping -i 0.001; {rate:.0f}/s achieved): sent", sent, "packets")
         counted(f"{how}: ping {a} -> {b}: lost", lost, "packets")
         if lost or sent < 5000:
-            failures.append(f"ping {a} -> {b}: lost {lost} of {sent} ({describe_gaps(gaps, switches)})")
+            where = blips if how == "parallel 2" and sent >= 5000 and _blip(lost, gaps) else failures
+            where.append(f"ping {a} -> {b}: lost {lost} of {sent} ({describe_gaps(gaps, switches)})")
     for (a, b), client in clients.items():
         d = iperf3_json(tmp_path / f"iperf-{a}-{b}.json")
         summary = d.get("end", {})
@@ -358,6 +361,8 @@ def test_rotate_all_under_traffic(rot: Lab, how: str, tmp_path: Path, counted: C
         assert record_key(lab, n) != before[n], f"{n} kept its old key"
         for m in nodes:
             assert before[n] not in wg_peers(lab, m), f"{m} still lists {n}'s old key"
+    if blips:
+        pytest.xfail(f"{how}: a short blip, not explained yet (issue 17 notes): " + "; ".join(blips))
 
 
 # --- (b) the rotating agent SIGKILLed at each step ---------------------------------------------------
